@@ -1,0 +1,1 @@
+"""Adapter formats, validation and registry (LoRA, prefix, prompt, bottleneck)."""

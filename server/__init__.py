@@ -1,0 +1,1 @@
+"""swapyard's serving side: HTTP API -> router -> engine -> model."""

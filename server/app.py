@@ -1,0 +1,61 @@
+"""The FastAPI application: loads the model once at start-up and wires HTTP -> router -> engine."""
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from transformers import AutoConfig, AutoTokenizer
+
+from server.api import api
+from server.default_model import ensure_default_model
+from server.engine.factory import build_engine
+from server.errors import install_error_handlers
+from server.router import Router
+from server.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def resolve_model(settings: ServeSettings) -> tuple[Path, str]:
+    """The model folder to load and the name clients use for it."""
+    path = settings.model or ensure_default_model(settings.cache_dir)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--model {path}: not an HF model folder (no config.json)")
+    return path, settings.served_model_name or path.name
+
+
+def context_length(path: Path, requested: int | None) -> int:
+    config = AutoConfig.from_pretrained(path)
+    native = getattr(config, "max_position_embeddings", None) or _DEFAULT_MAX_MODEL_LEN
+    if requested is not None and requested > native:
+        raise SystemExit(f"--max-model-len {requested} exceeds the model's context of {native} tokens")
+    return requested or min(native, _DEFAULT_MAX_MODEL_LEN)
+
+
+def build_app(settings: ServeSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        path, name = resolve_model(settings)
+        max_model_len = context_length(path, settings.max_model_len)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        engine = build_engine(settings, path, tokenizer, max_model_len)
+        await engine.start()
+        app.state.router = Router(engine, tokenizer, name, max_model_len)
+        log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(api)
+    return app
+
+
+def run_server(settings: ServeSettings) -> None:
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

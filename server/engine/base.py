@@ -1,0 +1,65 @@
+"""The contract between the router and any engine (torch or vLLM)."""
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(BaseModel):
+    """Per-request sampling; temperature 0 means greedy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = no top-k filter
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    model: str  # the name the client asked for; labels metrics and, later, selects the adapter
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class GenerationOutput:
+    """One step of one request: the new text (possibly empty while a stop string is pending)."""
+
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    queue_time: float | None = None  # seconds from arrival to first scheduled; set on the first output
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine(Protocol):
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream outputs until one is finished; closing the iterator early aborts the request."""
+        ...

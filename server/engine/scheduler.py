@@ -1,0 +1,154 @@
+"""Continuous batching: new requests are prefilled between decode steps, finished ones leave at once.
+
+All methods run on the engine thread. `running[i]` lives in cache slot i, so every batch covers a
+contiguous slot range: a prefill batch the newly admitted tail, a decode batch all of them.
+"""
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from server.engine.base import GenerationOutput, GenerationRequest
+from server.engine.detokenizer import IncrementalText
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import make_generator, sample
+from server.metrics import ENGINE_BATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    emit: Callable[[GenerationOutput], None]
+    text: IncrementalText
+    generator: torch.Generator | None
+    reserved_len: int  # prompt + max_tokens, capped at the context: what the KV cache must hold
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+    first_scheduled: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.generated)
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, *, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, kv_cache_bytes: int):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.max_num_batched_tokens, self.kv_cache_bytes = max_num_batched_tokens, kv_cache_bytes
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def new_sequence(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> Sequence:
+        sampling = request.sampling
+        reserved = min(len(request.prompt_token_ids) + sampling.max_tokens, self.max_model_len)
+        return Sequence(request, emit, IncrementalText(self.tokenizer, sampling.stop),
+                        make_generator(sampling, self.runner.device), reserved)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = deque(s for s in self.waiting if s.request.request_id != request_id)
+        for seq in self.running:
+            if seq.request.request_id == request_id:
+                self._release(seq)
+                return
+
+    def abort_all(self, reason: str) -> None:
+        for seq in [*self.waiting, *self.running]:
+            seq.emit(GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "abort", reason))
+        self.waiting.clear()
+        self.running.clear()
+
+    def step(self) -> None:
+        batch, phase, inputs, starts = self._schedule()
+        ENGINE_BATCH_SIZE.labels(phase=phase).observe(len(batch))
+        try:
+            logits = self.runner.forward(batch[0].slot, inputs, starts)
+            tokens = sample(logits, [s.request.sampling for s in batch], [s.generator for s in batch])
+        except Exception as exc:  # a failed batch fails its own requests, never the engine
+            log.exception("%s step failed for %d sequences", phase, len(batch))
+            self._finish_all(batch, [self._failure(s, exc) for s in batch])
+            return
+        self._finish_all(batch, [self._advance(s, t) for s, t in zip(batch, tokens)])
+
+    def _schedule(self) -> tuple[list[Sequence], str, list[list[int]], list[int]]:
+        admitted = self._admit()
+        if admitted:
+            return admitted, "prefill", [s.request.prompt_token_ids for s in admitted], [0] * len(admitted)
+        batch = self.running
+        return batch, "decode", [[s.generated[-1]] for s in batch], [s.length - 1 for s in batch]
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots while the prefill and KV-cache budgets allow."""
+        new: list[Sequence] = []
+        reserve = max((s.reserved_len for s in self.running), default=0)
+        width = 0
+        while self.waiting and len(self.running) + len(new) < self.max_num_seqs:
+            seq = self.waiting[0]
+            next_width = max(width, len(seq.request.prompt_token_ids))
+            next_reserve = max(reserve, seq.reserved_len)
+            num_slots = len(self.running) + len(new) + 1
+            over_tokens = next_width * (len(new) + 1) > self.max_num_batched_tokens
+            over_memory = self.runner.cache.bytes_needed(num_slots, next_reserve) > self.kv_cache_bytes
+            # A lone sequence always runs, whatever the budgets, so nothing waits forever.
+            if num_slots > 1 and (over_tokens or over_memory):
+                break
+            self.waiting.popleft()
+            new.append(seq)
+            width, reserve = next_width, next_reserve
+        if new:
+            self.runner.cache.ensure(len(self.running) + len(new), reserve)
+            now = time.monotonic()
+            for seq in new:
+                seq.slot, seq.first_scheduled = len(self.running), now
+                self.running.append(seq)
+        return new
+
+    def _advance(self, seq: Sequence, token: int) -> GenerationOutput:
+        seq.generated.append(token)
+        if token in self.runner.eos_token_ids:
+            text, reason = seq.text.flush(), "stop"
+        else:
+            text, stopped = seq.text.add(token)
+            reason = "stop" if stopped else None
+            if reason is None and (len(seq.generated) >= seq.request.sampling.max_tokens
+                                   or seq.length >= self.max_model_len):
+                text, reason = text + seq.text.flush(), "length"
+        queue_time = seq.first_scheduled - seq.request.arrival_time if len(seq.generated) == 1 else None
+        return GenerationOutput(text, [token], len(seq.request.prompt_token_ids), len(seq.generated), reason,
+                                queue_time=queue_time)
+
+    @staticmethod
+    def _failure(seq: Sequence, exc: Exception) -> GenerationOutput:
+        return GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "error",
+                                f"generation failed: {exc}")
+
+    def _finish_all(self, batch: list[Sequence], outputs: list[GenerationOutput]) -> None:
+        for seq, out in zip(batch, outputs):
+            seq.emit(out)
+        # Highest slot first, so a sequence moved down into a freed slot is never one still to release.
+        for seq, out in sorted(zip(batch, outputs), key=lambda pair: -pair[0].slot):
+            if out.is_finished:
+                self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free `seq`'s slot by moving the last running sequence into it, keeping slots contiguous."""
+        last = self.running.pop()
+        if last is not seq:
+            self.runner.cache.move(last.slot, seq.slot, last.length)
+            last.slot = seq.slot
+            self.running[seq.slot] = last

@@ -1,0 +1,55 @@
+"""Prometheus metrics. Request metrics carry a `model` label: the base model's name or the adapter's."""
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from server.engine.base import GenerationOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+QUEUE_TIME = Histogram("swapyard_request_queue_time_seconds", "Arrival to first scheduled step.",
+                       ["model"], buckets=_LATENCY_BUCKETS)
+TIME_TO_FIRST_TOKEN = Histogram("swapyard_time_to_first_token_seconds", "Arrival to first generated token.",
+                                ["model"], buckets=_LATENCY_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram("swapyard_inter_token_latency_seconds", "Time between consecutive tokens.",
+                                ["model"], buckets=_LATENCY_BUCKETS)
+E2E_LATENCY = Histogram("swapyard_e2e_request_latency_seconds", "Arrival to last token.",
+                        ["model"], buckets=_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("swapyard_prompt_tokens", "Prompt tokens processed.", ["model"])
+GENERATION_TOKENS = Counter("swapyard_generation_tokens", "Tokens generated.", ["model"])
+REQUESTS = Counter("swapyard_requests", "Finished requests by finish reason.", ["model", "finish_reason"])
+RUNNING = Gauge("swapyard_requests_running", "Requests generating tokens.", ["model"])
+WAITING = Gauge("swapyard_requests_waiting", "Requests waiting for their first token.", ["model"])
+ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
+                              ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+
+class RequestMetrics:
+    """Records one request's latencies from the outputs the client receives."""
+
+    def __init__(self, model: str, num_prompt_tokens: int, arrival_time: float):
+        self.model, self.arrival_time = model, arrival_time
+        self._num_prompt_tokens = num_prompt_tokens
+        self._last_token_time: float | None = None
+        WAITING.labels(model).inc()
+
+    def observe(self, out: GenerationOutput) -> None:
+        now = time.monotonic()
+        if out.queue_time is not None:
+            QUEUE_TIME.labels(self.model).observe(out.queue_time)
+        if out.token_ids:
+            if self._last_token_time is None:
+                TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self.arrival_time)
+                WAITING.labels(self.model).dec()
+                RUNNING.labels(self.model).inc()
+            else:
+                INTER_TOKEN_LATENCY.labels(self.model).observe(now - self._last_token_time)
+            self._last_token_time = now
+            GENERATION_TOKENS.labels(self.model).inc(len(out.token_ids))
+
+    def close(self, finish_reason: str) -> None:
+        (RUNNING if self._last_token_time is not None else WAITING).labels(self.model).dec()
+        PROMPT_TOKENS.labels(self.model).inc(self._num_prompt_tokens)
+        E2E_LATENCY.labels(self.model).observe(time.monotonic() - self.arrival_time)
+        REQUESTS.labels(self.model, finish_reason).inc()

@@ -1,0 +1,108 @@
+"""Routing: resolve the requested model, render and check the prompt, run it, record its metrics."""
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from server.errors import APIError
+from server.metrics import RequestMetrics
+from server.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
+
+
+@dataclass
+class Completed:
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+def usage_of(out: GenerationOutput) -> Usage:
+    return Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_generated_tokens,
+                 total_tokens=out.num_prompt_tokens + out.num_generated_tokens)
+
+
+def raise_for_failure(out: GenerationOutput) -> None:
+    """Engine-side endings that are not a normal finish become API errors."""
+    if out.finish_reason == "abort":
+        raise APIError(503, out.error or "request aborted", type="server_error", code="aborted")
+    if out.finish_reason == "error":
+        raise APIError(500, out.error or "generation failed", type="server_error")
+
+
+class Router:
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, base_model: str, max_model_len: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.base_model, self.max_model_len = base_model, max_model_len
+        self._created = int(time.time())
+
+    def models(self) -> ModelList:
+        card = ModelCard(id=self.base_model, created=self._created, root=self.base_model,
+                         max_model_len=self.max_model_len)
+        return ModelList(data=[card])
+
+    def resolve(self, name: str) -> str:
+        if name != self.base_model:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return name
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in messages]
+        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+
+    def text_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if max(prompt) >= len(self.tokenizer) or min(prompt) < 0:
+            raise APIError(400, f"prompt holds a token id outside the vocabulary (0..{len(self.tokenizer) - 1})",
+                           param="prompt")
+        return prompt
+
+    def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
+              prompt_param: str) -> GenerationRequest:
+        model = self.resolve(body.model)
+        limit, num_prompt = self.max_model_len, len(prompt_ids)
+        if num_prompt >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                                f"{num_prompt} tokens. Please shorten it.", param=prompt_param,
+                           code="context_length_exceeded")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the "
+                                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        sampling = SamplingParams(
+            max_tokens=max_tokens or limit - num_prompt,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            seed=body.seed,
+            stop=body.stop_strings(),
+        )
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, model)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Engine outputs for one request; leaving early (client gone) aborts it in the engine."""
+        metrics = RequestMetrics(request.model, len(request.prompt_token_ids), request.arrival_time)
+        finish_reason = "abort"
+        try:
+            async with aclosing(self.engine.generate(request)) as outputs:
+                async for out in outputs:
+                    metrics.observe(out)
+                    finish_reason = out.finish_reason or finish_reason
+                    yield out
+        finally:
+            metrics.close(finish_reason)
+
+    async def complete(self, request: GenerationRequest) -> Completed:
+        parts: list[str] = []
+        async with aclosing(self.stream(request)) as outputs:
+            async for out in outputs:
+                raise_for_failure(out)
+                parts.append(out.text)
+        return Completed("".join(parts), out.finish_reason, usage_of(out))

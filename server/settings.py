@@ -1,0 +1,44 @@
+"""Typed settings for `swapyard serve`; field docstrings are the CLI's help text."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "swapyard"
+
+
+class EngineSettings(BaseModel):
+    """What an engine needs to load a model and bound its batches."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    model: Path | None = None
+    """Local HF causal-LM folder to serve (default: the embedded SmolLM2-135M-Instruct)."""
+    engine: Literal["auto", "torch", "vllm"] = "auto"
+    """Backend: `torch` (transformers, CPU or GPU), `vllm`, or `auto` (vLLM on a GPU, else torch)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the torch engine runs (auto: cuda when available)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight and KV-cache dtype (auto: float32 on CPU, where bf16 matmuls are slower, bfloat16 on GPU)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + completion in tokens (default: the model's context, at most 4096)."""
+    max_num_seqs: int = Field(64, gt=0)
+    """Most sequences decoded together in one step."""
+    max_num_batched_tokens: int = Field(4096, gt=0)
+    """Token budget of one prefill step (padded batch size x longest new prompt)."""
+    kv_cache_memory_gb: float = Field(8.0, gt=0)
+    """KV-cache memory the torch engine may reserve; requests wait in the queue beyond it."""
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    """Where the converted default model (and later adapters) are kept."""
+
+
+class ServeSettings(EngineSettings):
+    served_model_name: str | None = None
+    """Name clients put in `model` for the base model (default: the model folder's name)."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port to listen on."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the server and uvicorn."""
