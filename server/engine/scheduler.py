@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer
 
-from server.engine.base import GenerationOutput, GenerationRequest
+from server.engine.base import FinishReason, GenerationOutput, GenerationRequest
 from server.engine.detokenizer import IncrementalText
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import make_generator, sample
@@ -67,9 +67,11 @@ class Scheduler:
                 self._release(seq)
                 return
 
-    def abort_all(self, reason: str) -> None:
+    def abort_all(self, finish_reason: FinishReason, message: str) -> None:
+        """End every request, e.g. at shutdown ("abort") or after an unexpected engine failure ("error")."""
         for seq in [*self.waiting, *self.running]:
-            seq.emit(GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "abort", reason))
+            seq.emit(GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), finish_reason,
+                                      message))
         self.waiting.clear()
         self.running.clear()
 

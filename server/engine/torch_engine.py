@@ -70,11 +70,15 @@ class TorchEngine:
                 messages.append(self._inbox.get_nowait())
             for message in messages:
                 if message is _STOP:
-                    scheduler.abort_all("the server is shutting down")
+                    scheduler.abort_all("abort", "the server is shutting down")
                     return
                 if isinstance(message, Sequence):
                     scheduler.add(message)
                 else:
                     scheduler.abort(message)
             if scheduler.has_work:
-                scheduler.step()
+                try:
+                    scheduler.step()
+                except Exception as exc:  # e.g. out of memory growing the cache: fail in-flight work, keep serving
+                    log.exception("engine step failed")
+                    scheduler.abort_all("error", f"engine error: {exc}")
