@@ -32,7 +32,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    model: str  # the name the client asked for; labels metrics and, later, selects the adapter
+    model: str  # the name the client asked for; labels the metrics
+    adapter: str | None = None  # the adapter to run with, None for the base model
     arrival_time: float = field(default_factory=time.monotonic)
 
 

@@ -6,6 +6,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from adapters.prefix import PrefixAdapter
+from adapters.prompt import PromptAdapter
+from server.engine.adapter_bank import AdapterBank, Resident
 from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, SlotKVCache
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 
 
 class ModelRunner:
-    def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, max_num_seqs: int):
+    def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, max_num_seqs: int,
+                 max_resident_adapters: int):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -50,14 +54,23 @@ class ModelRunner:
             config.num_hidden_layers, config.num_key_value_heads, head_dim,
             max_slots=max_num_seqs, max_len=max_model_len, dtype=self.dtype, device=self.device,
         )
+        self.adapters = AdapterBank(self.model, max_resident_adapters)
         log.info("torch engine: %s on %s (%s)", model_path, self.device, self.dtype)
 
+    def write_prefix(self, slot: int, adapter: PrefixAdapter) -> None:
+        """Prefix tuning: the learned keys/values become the first cache positions of the sequence."""
+        n = adapter.num_virtual_tokens
+        self.cache.k[:, slot, :, :n] = adapter.keys.to(self.cache.k)
+        self.cache.v[:, slot, :, :n] = adapter.values.to(self.cache.v)
+
     @torch.inference_mode()
-    def forward(self, first_slot: int, inputs: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Row i feeds `inputs[i]` at positions starts[i]... into slot first_slot + i.
+    def forward(self, first_slot: int, inputs: list[list[int]], starts: list[int],
+                residents: list[Resident | None]) -> torch.Tensor:
+        """Row i feeds `inputs[i]` at positions starts[i]... into slot first_slot + i, with its own adapter.
 
         Rows are left-padded, so every row's last token is the last column and `logits_to_keep=1`
-        computes the LM head for that token only. Returns logits (batch, vocab) in float32.
+        computes the LM head for that token only. A negative id -k-1 stands for soft-prompt row k of the
+        row's prompt-tuning adapter. Returns logits (batch, vocab) in float32.
         """
         width = max(map(len, inputs))
         ids = torch.full((len(inputs), width), self.pad_token_id, dtype=torch.long)
@@ -70,5 +83,19 @@ class ModelRunner:
             valid[row, width - n :] = True
         ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
         kv_batch = KVBatch.build(self.cache, first_slot, positions, valid)
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, kv_batch=kv_batch)
+        self.adapters.bind(residents)
+        out = self.model(**self._embed(ids, residents), position_ids=positions, use_cache=False, logits_to_keep=1,
+                         kv_batch=kv_batch)
         return out.logits[:, -1].float()
+
+    def _embed(self, ids: torch.Tensor, residents: list[Resident | None]) -> dict[str, torch.Tensor]:
+        """Token ids, or input embeddings when some row carries soft-prompt positions."""
+        soft = ids < 0
+        if not soft.any():
+            return {"input_ids": ids}
+        embeds = self.model.get_input_embeddings()(ids.clamp(min=0))
+        for row, resident in enumerate(residents):
+            if resident is not None and isinstance(resident.adapter, PromptAdapter) and soft[row].any():
+                prompt = resident.adapter.embeddings.to(embeds)
+                embeds[row, soft[row]] = prompt[-1 - ids[row, soft[row]]]
+        return {"inputs_embeds": embeds}

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer
 
+from adapters.base import AdapterError
+from adapters.prefix import PrefixAdapter
+from adapters.prompt import PromptAdapter
+from server.engine.adapter_bank import Resident
 from server.engine.base import FinishReason, GenerationOutput, GenerationRequest
 from server.engine.detokenizer import IncrementalText
 from server.engine.model_runner import ModelRunner
@@ -28,14 +32,25 @@ class Sequence:
     emit: Callable[[GenerationOutput], None]
     text: IncrementalText
     generator: torch.Generator | None
-    reserved_len: int  # prompt + max_tokens, capped at the context: what the KV cache must hold
+    resident: Resident | None = None  # the adapter version this sequence runs with, held until it ends
+    num_virtual: int = 0  # prefix/prompt-tuning positions before the prompt
+    reserved_len: int = 0  # what the KV cache must hold: virtual + prompt + max_tokens, capped at the context
     generated: list[int] = field(default_factory=list)
     slot: int = -1
     first_scheduled: float | None = None
 
     @property
     def length(self) -> int:
-        return len(self.request.prompt_token_ids) + len(self.generated)
+        return self.num_virtual + len(self.request.prompt_token_ids) + len(self.generated)
+
+    def prefill(self) -> tuple[list[int], int]:
+        """(tokens to feed, position of the first): soft-prompt rows ride along as negative ids,
+        a prefix is already in the cache, so the prompt starts after it."""
+        prompt = self.request.prompt_token_ids
+        adapter = self.resident.adapter if self.resident is not None else None
+        if isinstance(adapter, PromptAdapter):
+            return [-1 - k for k in range(self.num_virtual)] + prompt, 0
+        return prompt, self.num_virtual
 
 
 class Scheduler:
@@ -49,19 +64,32 @@ class Scheduler:
 
     def new_sequence(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> Sequence:
         sampling = request.sampling
-        reserved = min(len(request.prompt_token_ids) + sampling.max_tokens, self.max_model_len)
         return Sequence(request, emit, IncrementalText(self.tokenizer, sampling.stop),
-                        make_generator(sampling, self.runner.device), reserved)
+                        make_generator(sampling, self.runner.device))
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        request = seq.request
+        try:
+            if request.adapter is not None:
+                seq.resident = self.runner.adapters.acquire(request.adapter)
+                seq.num_virtual = seq.resident.adapter.num_virtual_tokens
+            if seq.length >= self.max_model_len:
+                raise AdapterError("messages", f"{seq.num_virtual} virtual + {len(request.prompt_token_ids)} prompt "
+                                               f"tokens exceed the context of {self.max_model_len}")
+        except AdapterError as exc:
+            self._finish(seq, GenerationOutput("", [], len(request.prompt_token_ids), 0, "error", str(exc)))
+            return
+        seq.reserved_len = min(seq.length + request.sampling.max_tokens, self.max_model_len)
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> None:
-        self.waiting = deque(s for s in self.waiting if s.request.request_id != request_id)
+        for seq in [s for s in self.waiting if s.request.request_id == request_id]:
+            self.waiting.remove(seq)
+            self._drop_adapter(seq)
         for seq in self.running:
             if seq.request.request_id == request_id:
                 self._release(seq)
@@ -70,8 +98,8 @@ class Scheduler:
     def abort_all(self, finish_reason: FinishReason, message: str) -> None:
         """End every request, e.g. at shutdown ("abort") or after an unexpected engine failure ("error")."""
         for seq in [*self.waiting, *self.running]:
-            seq.emit(GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), finish_reason,
-                                      message))
+            self._finish(seq, GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated),
+                                               finish_reason, message))
         self.waiting.clear()
         self.running.clear()
 
@@ -79,7 +107,7 @@ class Scheduler:
         batch, phase, inputs, starts = self._schedule()
         ENGINE_BATCH_SIZE.labels(phase=phase).observe(len(batch))
         try:
-            logits = self.runner.forward(batch[0].slot, inputs, starts)
+            logits = self.runner.forward(batch[0].slot, inputs, starts, [s.resident for s in batch])
             tokens = sample(logits, [s.request.sampling for s in batch], [s.generator for s in batch])
         except Exception as exc:  # a failed batch fails its own requests, never the engine
             log.exception("%s step failed for %d sequences", phase, len(batch))
@@ -90,7 +118,8 @@ class Scheduler:
     def _schedule(self) -> tuple[list[Sequence], str, list[list[int]], list[int]]:
         admitted = self._admit()
         if admitted:
-            return admitted, "prefill", [s.request.prompt_token_ids for s in admitted], [0] * len(admitted)
+            inputs, starts = zip(*(s.prefill() for s in admitted))
+            return admitted, "prefill", list(inputs), list(starts)
         batch = self.running
         return batch, "decode", [[s.generated[-1]] for s in batch], [s.length - 1 for s in batch]
 
@@ -101,7 +130,7 @@ class Scheduler:
         width = 0
         while self.waiting and len(self.running) + len(new) < self.max_num_seqs:
             seq = self.waiting[0]
-            next_width = max(width, len(seq.request.prompt_token_ids))
+            next_width = max(width, len(seq.prefill()[0]))
             next_reserve = max(reserve, seq.reserved_len)
             num_slots = len(self.running) + len(new) + 1
             over_tokens = next_width * (len(new) + 1) > self.max_num_batched_tokens
@@ -118,6 +147,8 @@ class Scheduler:
             for seq in new:
                 seq.slot, seq.first_scheduled = len(self.running), now
                 self.running.append(seq)
+                if seq.resident is not None and isinstance(seq.resident.adapter, PrefixAdapter):
+                    self.runner.write_prefix(seq.slot, seq.resident.adapter)
         return new
 
     def _advance(self, seq: Sequence, token: int) -> GenerationOutput:
@@ -139,6 +170,16 @@ class Scheduler:
         return GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "error",
                                 f"generation failed: {exc}")
 
+    def _finish(self, seq: Sequence, out: GenerationOutput) -> None:
+        """Emit a final output for a sequence that is in no batch."""
+        seq.emit(out)
+        self._drop_adapter(seq)
+
+    def _drop_adapter(self, seq: Sequence) -> None:
+        if seq.resident is not None:
+            self.runner.adapters.release(seq.resident)
+            seq.resident = None
+
     def _finish_all(self, batch: list[Sequence], outputs: list[GenerationOutput]) -> None:
         for seq, out in zip(batch, outputs):
             seq.emit(out)
@@ -149,6 +190,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         """Free `seq`'s slot by moving the last running sequence into it, keeping slots contiguous."""
+        self._drop_adapter(seq)
         last = self.running.pop()
         if last is not seq:
             self.runner.cache.move(last.slot, seq.slot, last.length)

@@ -1,17 +1,19 @@
 """The pure-torch engine: an asyncio front over a scheduler that runs on its own thread."""
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from adapters.loading import Adapter
 from server.engine.base import GenerationOutput, GenerationRequest
 from server.engine.model_runner import ModelRunner
-from server.engine.scheduler import Scheduler, Sequence
+from server.engine.scheduler import Scheduler
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,8 @@ class TorchEngine:
                  max_model_len: int):
         self.max_model_len = max_model_len
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
-                             max_num_seqs=settings.max_num_seqs)
+                             max_num_seqs=settings.max_num_seqs,
+                             max_resident_adapters=settings.max_resident_adapters)
         self._scheduler = Scheduler(
             runner, tokenizer.backend_tokenizer, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -41,6 +44,13 @@ class TorchEngine:
         self._inbox.put(_STOP)
         await asyncio.to_thread(self._thread.join)
 
+    async def load_adapter(self, name: str, adapter: Adapter) -> None:
+        """Serve `adapter` as `name` from the next step; requests already running keep their version."""
+        await self._on_engine_thread(lambda: self._scheduler.runner.adapters.load(name, adapter))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._on_engine_thread(lambda: self._scheduler.runner.adapters.unload(name))
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
@@ -51,7 +61,8 @@ class TorchEngine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        self._inbox.put(self._scheduler.new_sequence(request, emit))
+        seq = self._scheduler.new_sequence(request, emit)
+        self._inbox.put(lambda: self._scheduler.add(seq))
         finished = False
         try:
             while not finished:
@@ -60,7 +71,19 @@ class TorchEngine:
                 yield out
         finally:
             if not finished:  # the consumer left early (client disconnect): free the slot
-                self._inbox.put(request.request_id)
+                self._inbox.put(lambda: self._scheduler.abort(request.request_id))
+
+    async def _on_engine_thread(self, work: Callable[[], None]) -> None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(work())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self._inbox.put(run)
+        await asyncio.wrap_future(done)
 
     def _loop(self) -> None:
         scheduler = self._scheduler
@@ -72,10 +95,7 @@ class TorchEngine:
                 if message is _STOP:
                     scheduler.abort_all("abort", "the server is shutting down")
                     return
-                if isinstance(message, Sequence):
-                    scheduler.add(message)
-                else:
-                    scheduler.abort(message)
+                message()
             if scheduler.has_work:
                 try:
                     scheduler.step()

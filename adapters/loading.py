@@ -1,0 +1,34 @@
+"""One dispatch from an adapter folder to a validated adapter of the kind its config names."""
+
+from pathlib import Path
+
+from peft import PeftConfig
+
+from adapters.base import CONFIG_FILE, AdapterError, BaseModelSpec, read_config, read_weights
+from adapters.bottleneck import BottleneckAdapter, load_bottleneck, parse_bottleneck_config
+from adapters.lora import LoraAdapter, load_lora
+from adapters.prefix import PrefixAdapter, load_prefix
+from adapters.prompt import PromptAdapter, load_prompt
+
+Adapter = LoraAdapter | PrefixAdapter | PromptAdapter | BottleneckAdapter
+PEFT_TYPES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING", "BOTTLENECK")
+
+
+def load_adapter(folder: Path, base: BaseModelSpec, *, max_lora_rank: int) -> Adapter:
+    """Read and check an adapter folder against the base; every problem is an AdapterError naming its field."""
+    raw = read_config(folder)
+    peft_type = raw.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise AdapterError("peft_type", f"`{peft_type}` is not supported; accepted: {', '.join(PEFT_TYPES)}")
+    tensors = read_weights(folder)
+    if peft_type == "BOTTLENECK":
+        return load_bottleneck(parse_bottleneck_config(raw), tensors, base)
+    try:
+        config = PeftConfig.from_peft_type(**raw)
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(CONFIG_FILE, str(exc)) from exc
+    if peft_type == "LORA":
+        return load_lora(config, tensors, base, max_lora_rank)
+    if peft_type == "PREFIX_TUNING":
+        return load_prefix(config, tensors, base)
+    return load_prompt(config, tensors, base)

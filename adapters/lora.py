@@ -1,0 +1,76 @@
+"""LoRA in PEFT's format: y = W x + scale * B (A x) on any linear layer of the base.
+
+scale is alpha / r, or alpha / sqrt(r) with rsLoRA; `alpha_pattern` overrides alpha per module as in PEFT.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+
+from adapters.base import WEIGHTS_FILE, AdapterError, BaseModelSpec, expect_shape
+
+# PEFT saves `base_model.model.<module>.lora_A.weight` (the adapter name is dropped on save).
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    a: torch.Tensor  # (rank, in_features)
+    b: torch.Tensor  # (out_features, rank)
+    scale: float
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    kind: ClassVar[str] = "lora"
+    num_virtual_tokens: ClassVar[int] = 0
+    layers: dict[str, LoraWeights]  # base module name -> weights
+
+    @property
+    def rank(self) -> int:
+        return max(w.a.shape[0] for w in self.layers.values())
+
+
+def _refuse_unsupported(config: LoraConfig) -> None:
+    if config.use_dora:
+        raise AdapterError("use_dora", "DoRA adapters are not supported")
+    if config.bias != "none":
+        raise AdapterError("bias", f"`{config.bias}`: only bias='none' is supported")
+    if config.modules_to_save:
+        raise AdapterError("modules_to_save", "fully fine-tuned extra modules are not supported")
+    if config.fan_in_fan_out:
+        raise AdapterError("fan_in_fan_out", "only nn.Linear targets (fan_in_fan_out=false) are supported")
+
+
+def load_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], base: BaseModelSpec, max_rank: int) -> LoraAdapter:
+    _refuse_unsupported(config)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(WEIGHTS_FILE, f"unexpected tensor `{key}` in a LoRA adapter")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor.float()
+    if not parts:
+        raise AdapterError(WEIGHTS_FILE, "holds no LoRA weights")
+    layers = {}
+    for module, pair in sorted(parts.items()):
+        if module not in base.linear_shapes:
+            raise AdapterError("target_modules", f"`{module}` is not a linear layer of the base model")
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(WEIGHTS_FILE, f"`{module}` needs both lora_A and lora_B")
+        out_features, in_features = base.linear_shapes[module]
+        rank = pair["A"].shape[0]
+        if rank > max_rank:
+            raise AdapterError("r", f"rank {rank} of `{module}` exceeds the server's max_lora_rank {max_rank}")
+        expect_shape(f"{module}.lora_A", pair["A"], (rank, in_features))
+        expect_shape(f"{module}.lora_B", pair["B"], (out_features, rank))
+        alpha_key = get_pattern_key(list(config.alpha_pattern), module)
+        alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        layers[module] = LoraWeights(pair["A"], pair["B"], scale)
+    return LoraAdapter(layers)

@@ -1,0 +1,237 @@
+"""Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
+
+LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0 holds zeros: "no adapter");
+each forward gathers every row's weights and runs batched matmuls (the BGMV of Punica / S-LoRA).
+Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
+written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
+All methods run on the engine thread, between forward passes.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapters.base import AdapterError
+from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
+from adapters.loading import Adapter
+from adapters.lora import LoraAdapter
+
+
+def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A zero stack of at least `shape`, keeping what `stack` held."""
+    if stack is not None and all(have >= want for have, want in zip(stack.shape, shape)):
+        return stack
+    if stack is not None:
+        shape = tuple(max(have, want) for have, want in zip(stack.shape, shape))
+    grown = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if stack is not None:
+        grown[tuple(slice(0, n) for n in stack.shape)] = stack
+    return grown
+
+
+@dataclass
+class RowAdapters:
+    """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
+
+    lora: torch.Tensor | None = None  # [batch]
+    bottleneck: torch.Tensor | None = None  # [batch]
+    bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
+    bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
+
+
+class BatchedLoraLinear(nn.Module):
+    """y = base(x) + B[slot] (A[slot] x) with the slot chosen per row; scale is folded into B."""
+
+    def __init__(self, base: nn.Linear, rows: "AdapterBank"):
+        super().__init__()
+        self.base, self._bank = base, rows
+        self.a: torch.Tensor | None = None  # (slots, rank, in)
+        self.b: torch.Tensor | None = None  # (slots, out, rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
+        y = self.base(x)
+        index = self._bank.rows.lora
+        if index is None or self.a is None:
+            return y
+        a, b = self.a[index], self.b[index]  # (batch, rank, in), (batch, out, rank)
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+    def store(self, slot: int, a: torch.Tensor, b: torch.Tensor, num_slots: int) -> None:
+        rank = a.shape[0]
+        self.a = _grow(self.a, (num_slots, rank, self.base.in_features), self.base.weight)
+        self.b = _grow(self.b, (num_slots, self.base.out_features, rank), self.base.weight)
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :rank] = a
+        self.b[slot, :, :rank] = b
+
+
+@dataclass
+class _Bottlenecks:
+    """Stacked bottleneck weights: (slots, layers, 2 positions, ...), plus per-slot scaling and activation."""
+
+    down_weight: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    up_weight: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    scaling: dict[int, float] = field(default_factory=dict)
+    activation: dict[int, str] = field(default_factory=dict)
+    module_names: tuple[str, str, str] | None = None  # layers, attn, mlp: hooked once, shared by all
+
+
+@dataclass(eq=False)
+class Resident:
+    """One loaded adapter version; sequences hold it, so a replaced version lives until they finish."""
+
+    name: str
+    adapter: Adapter
+    slot: int  # in the LoRA or bottleneck stacks; 0 for prefix/prompt
+    num_active: int = 0
+    is_retired: bool = False
+
+
+class AdapterBank:
+    def __init__(self, model: nn.Module, max_adapters: int):
+        self.model, self.max_adapters = model, max_adapters
+        self.rows = RowAdapters()
+        self._by_name: dict[str, Resident] = {}
+        self._free_slots = list(range(max_adapters, 0, -1))
+        self._lora_modules: dict[str, BatchedLoraLinear] = {}
+        self._bottlenecks = _Bottlenecks()
+        self._dtype = next(model.parameters()).dtype
+        self._device = next(model.parameters()).device
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def load(self, name: str, adapter: Adapter) -> None:
+        """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
+        if not self._free_slots:
+            raise AdapterError("capacity", f"all {self.max_adapters} adapter slots are in use")
+        slot = self._free_slots.pop()
+        try:
+            if isinstance(adapter, LoraAdapter):
+                self._store_lora(slot, adapter)
+            elif isinstance(adapter, BottleneckAdapter):
+                self._store_bottleneck(slot, adapter)
+        except Exception:
+            self._free_slots.append(slot)
+            raise
+        previous = self._by_name.get(name)
+        self._by_name[name] = Resident(name, adapter, slot)
+        if previous is not None:
+            self._retire(previous)
+
+    def unload(self, name: str) -> None:
+        resident = self._by_name.pop(name, None)
+        if resident is not None:
+            self._retire(resident)
+
+    def acquire(self, name: str) -> Resident:
+        resident = self._by_name.get(name)
+        if resident is None:
+            raise AdapterError("model", f"adapter `{name}` is not loaded")
+        resident.num_active += 1
+        return resident
+
+    def release(self, resident: Resident) -> None:
+        resident.num_active -= 1
+        if resident.is_retired and resident.num_active == 0:
+            self._free(resident)
+
+    def _retire(self, resident: Resident) -> None:
+        resident.is_retired = True
+        if resident.num_active == 0:
+            self._free(resident)
+
+    def _free(self, resident: Resident) -> None:
+        # No row points at a free slot, so its stale weights are harmless until the next store overwrites them.
+        if isinstance(resident.adapter, (LoraAdapter, BottleneckAdapter)):
+            self._free_slots.append(resident.slot)
+
+    # -- per forward pass --------------------------------------------------------------------------------
+
+    def bind(self, residents: list[Resident | None]) -> None:
+        """Point every row at its adapter's slot for the next forward pass."""
+        slots = [r.slot if r is not None else 0 for r in residents]
+
+        def index_for(kind: type) -> torch.Tensor | None:
+            if not any(r is not None and isinstance(r.adapter, kind) for r in residents):
+                return None
+            kept = [s if r is not None and isinstance(r.adapter, kind) else 0 for s, r in zip(slots, residents)]
+            return torch.tensor(kept, device=self._device)
+
+        rows = RowAdapters(lora=index_for(LoraAdapter), bottleneck=index_for(BottleneckAdapter))
+        if rows.bottleneck is not None:
+            bn, kept = self._bottlenecks, rows.bottleneck.tolist()
+            rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in kept], device=self._device,
+                                                   dtype=self._dtype)
+            for name in sorted({bn.activation.get(s, "relu") for s in kept}):
+                members = [i for i, s in enumerate(kept) if bn.activation.get(s, "relu") == name]
+                rows.bottleneck_activations.append((name, torch.tensor(members, device=self._device)))
+        self.rows = rows
+
+    # -- LoRA --------------------------------------------------------------------------------------------
+
+    def _store_lora(self, slot: int, adapter: LoraAdapter) -> None:
+        modules = dict(self.model.named_modules())
+        for name, weights in adapter.layers.items():
+            wrapper = self._lora_modules.get(name) or self._wrap_linear(name, modules[name])
+            wrapper.store(slot, weights.a.to(self._device, self._dtype),
+                          (weights.b * weights.scale).to(self._device, self._dtype), self.max_adapters + 1)
+
+    def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
+        parent_name, _, child = name.rpartition(".")
+        wrapper = BatchedLoraLinear(linear, self)
+        setattr(self.model.get_submodule(parent_name), child, wrapper)
+        self._lora_modules[name] = wrapper
+        return wrapper
+
+    # -- bottleneck --------------------------------------------------------------------------------------
+
+    def _store_bottleneck(self, slot: int, adapter: BottleneckAdapter) -> None:
+        c, bn = adapter.config, self._bottlenecks
+        names = (c.layers_module, c.attn_module, c.mlp_module)
+        if bn.module_names is None:
+            self._hook_bottlenecks(adapter)
+            bn.module_names = names
+        elif bn.module_names != names:
+            raise AdapterError("layers_module", f"bottleneck adapters on this server wrap {bn.module_names}, "
+                                                f"this one {names}")
+        slots, layers, r, hidden = self.max_adapters + 1, c.num_layers, c.bottleneck_size, c.hidden_size
+        like = next(self.model.parameters())
+        bn.down_weight = _grow(bn.down_weight, (slots, layers, 2, r, hidden), like)
+        bn.down_bias = _grow(bn.down_bias, (slots, layers, 2, r), like)
+        bn.up_weight = _grow(bn.up_weight, (slots, layers, 2, hidden, r), like)
+        bn.up_bias = _grow(bn.up_bias, (slots, layers, 2, hidden), like)
+        for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
+            stack[slot].zero_()
+        bn.down_weight[slot, :, :, :r] = adapter.down_weight.to(like)
+        bn.down_bias[slot, :, :, :r] = adapter.down_bias.to(like)
+        bn.up_weight[slot, :, :, :, :r] = adapter.up_weight.to(like)
+        bn.up_bias[slot] = adapter.up_bias.to(like)
+        bn.scaling[slot], bn.activation[slot] = c.scaling, c.non_linearity
+
+    def _hook_bottlenecks(self, adapter: BottleneckAdapter) -> None:
+        for layer in range(adapter.config.num_layers):
+            for p, position in enumerate(POSITIONS):
+                module = self.model.get_submodule(adapter.module_name(layer, position))
+                module.register_forward_hook(self._bottleneck_hook(layer, p))
+
+    def _bottleneck_hook(self, layer: int, p: int):
+        def hook(_module, _inputs, output):
+            if self.rows.bottleneck is None:
+                return output
+            return with_delta(output, lambda h: h + self._bottleneck_delta(h, layer, p))
+        return hook
+
+    def _bottleneck_delta(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
+        """h (batch, tokens, hidden) -> each row's scaling * up(act(down(h))); zero for rows without one."""
+        rows, bn = self.rows, self._bottlenecks
+        index = rows.bottleneck
+        down = torch.bmm(h, bn.down_weight[index, layer, p].transpose(1, 2)) + bn.down_bias[index, layer, p][:, None]
+        activated = torch.empty_like(down)
+        for name, members in rows.bottleneck_activations:
+            activated[members] = ACTIVATIONS[name](down[members])
+        up = torch.bmm(activated, bn.up_weight[index, layer, p].transpose(1, 2)) + bn.up_bias[index, layer, p][:, None]
+        return up * rows.bottleneck_scaling[:, None, None]
