@@ -23,6 +23,10 @@ class AdapterError(ValueError):
         self.field = field
 
 
+class AdapterCapacityError(AdapterError):
+    """Every adapter slot is pinned or busy: the client should retry later."""
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """The shapes an adapter is checked against, read from the base model's config without loading weights."""

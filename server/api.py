@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from server.engine.base import GenerationOutput, GenerationRequest
-from server.errors import APIError
+from adapters.base import AdapterError
+from server.errors import APIError, adapter_api_error
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     Completion, CompletionChoice, CompletionRequest, DeltaMessage, ErrorResponse, ModelList, new_id,
@@ -35,18 +36,19 @@ def _sse_stream(router: Router, request: GenerationRequest, include_usage: bool,
     async def events() -> AsyncIterator[str]:
         if first is not None:
             yield _sse(first)
-        async for out in router.stream(request):
-            try:
+        try:
+            async for out in router.stream(request):
                 raise_for_failure(out)
-            except APIError as err:
-                yield _sse(err.body)
-                break
-            if out.text:
-                yield _sse(chunk(out.text, None))
-            if out.is_finished:
-                yield _sse(chunk("", out.finish_reason))
-                if include_usage:
-                    yield _sse(usage_chunk(usage_of(out)))
+                if out.text:
+                    yield _sse(chunk(out.text, None))
+                if out.is_finished:
+                    yield _sse(chunk("", out.finish_reason))
+                    if include_usage:
+                        yield _sse(usage_chunk(usage_of(out)))
+        except AdapterError as exc:  # headers are sent: the error travels as an event, as OpenAI's do
+            yield _sse(adapter_api_error(exc).body)
+        except APIError as err:
+            yield _sse(err.body)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -8,6 +8,10 @@ import uvicorn
 from fastapi import FastAPI
 from transformers import AutoConfig, AutoTokenizer
 
+from adapters.base import BaseModelSpec
+from adapters.registry import AdapterRegistry
+from server.adapter_api import adapter_api
+from server.adapter_manager import AdapterManager
 from server.api import api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
@@ -44,7 +48,11 @@ def build_app(settings: ServeSettings) -> FastAPI:
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine = build_engine(settings, path, tokenizer, max_model_len)
         await engine.start()
-        app.state.router = Router(engine, tokenizer, name, max_model_len)
+        registry = AdapterRegistry(settings.adapter_store or settings.cache_dir / "adapters")
+        adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
+                                  max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank)
+        app.state.router = Router(engine, adapters, tokenizer, name, max_model_len)
+        app.state.settings = settings
         log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
         try:
             yield
@@ -54,6 +62,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(api)
+    app.include_router(adapter_api)
     return app
 
 

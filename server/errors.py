@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.base import AdapterCapacityError, AdapterError
+from adapters.registry import AdapterExists
 from server.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -20,15 +22,22 @@ class APIError(Exception):
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
 
 
-def error_json(status_code: int, body: ErrorResponse) -> JSONResponse:
-    return JSONResponse(status_code=status_code, content=body.model_dump())
+def error_json(status_code: int, body: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content=body.model_dump(), headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+def adapter_api_error(exc: AdapterError) -> APIError:
+    """A bad adapter is the client's 400; a taken name 409; a full device 503 (retry)."""
+    status = 409 if isinstance(exc, AdapterExists) else 503 if isinstance(exc, AdapterCapacityError) else 400
+    return APIError(status, str(exc), param=exc.field, code="invalid_adapter" if status == 400 else None,
+                    type="server_error" if status == 503 else "invalid_request_error")
+
+
+def invalid_request(errors: list[dict]) -> APIError:
+    """The first of pydantic's validation errors as a 400 naming the field."""
+    first = errors[0]
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -36,11 +45,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_json(exc.status_code, exc.body)
 
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+        error = adapter_api_error(exc)
+        retry = {"Retry-After": "1"} if error.status_code == 503 else None
+        return error_json(error.status_code, error.body, retry)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_json(400, ErrorResponse(error=ErrorBody(message=message, type="invalid_request_error",
-                                                             param=param)))
+        error = invalid_request(exc.errors())
+        return error_json(error.status_code, error.body)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

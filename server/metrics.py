@@ -21,6 +21,11 @@ GENERATION_TOKENS = Counter("swapyard_generation_tokens", "Tokens generated.", [
 REQUESTS = Counter("swapyard_requests", "Finished requests by finish reason.", ["model", "finish_reason"])
 RUNNING = Gauge("swapyard_requests_running", "Requests generating tokens.", ["model"])
 WAITING = Gauge("swapyard_requests_waiting", "Requests waiting for their first token.", ["model"])
+ADAPTER_LOADS = Counter("swapyard_adapter_loads", "Adapters loaded onto the engine's device.", ["model"])
+ADAPTER_EVICTIONS = Counter("swapyard_adapter_evictions", "Adapters evicted to make room (LRU).", ["model"])
+ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checking and loading one adapter.",
+                              ["model"], buckets=_LATENCY_BUCKETS)
+RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 

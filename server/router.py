@@ -2,11 +2,12 @@
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from server.adapter_manager import AdapterManager
 from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from server.errors import APIError
 from server.metrics import RequestMetrics
@@ -34,20 +35,27 @@ def raise_for_failure(out: GenerationOutput) -> None:
 
 
 class Router:
-    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, base_model: str, max_model_len: int):
-        self.engine, self.tokenizer = engine, tokenizer
+    def __init__(self, engine: Engine, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase,
+                 base_model: str, max_model_len: int):
+        self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
         self.base_model, self.max_model_len = base_model, max_model_len
         self._created = int(time.time())
 
     def models(self) -> ModelList:
-        card = ModelCard(id=self.base_model, created=self._created, root=self.base_model,
+        base = ModelCard(id=self.base_model, created=self._created, root=self.base_model,
                          max_model_len=self.max_model_len)
-        return ModelList(data=[card])
+        adapters = [ModelCard(id=r.name, created=int(r.created_at), root=self.base_model, parent=self.base_model,
+                              max_model_len=self.max_model_len) for r in self.adapters.registry.list()]
+        return ModelList(data=[base, *adapters])
 
-    def resolve(self, name: str) -> str:
-        if name != self.base_model:
+    def resolve(self, name: str) -> tuple[str | None, int]:
+        """(adapter name or None for the base, virtual tokens it adds before the prompt)."""
+        if name == self.base_model:
+            return None, 0
+        record = self.adapters.get(name)
+        if record is None:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        return name
+        return name, record.num_virtual_tokens
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -65,8 +73,9 @@ class Router:
 
     def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
               prompt_param: str) -> GenerationRequest:
-        model = self.resolve(body.model)
-        limit, num_prompt = self.max_model_len, len(prompt_ids)
+        adapter, num_virtual = self.resolve(body.model)
+        # Soft-prompt and prefix positions take context like prompt tokens do.
+        limit, num_prompt = self.max_model_len - num_virtual, len(prompt_ids)
         if num_prompt >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
                                 f"{num_prompt} tokens. Please shorten it.", param=prompt_param,
@@ -84,20 +93,23 @@ class Router:
             seed=body.seed,
             stop=body.stop_strings(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, model)
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Engine outputs for one request; leaving early (client gone) aborts it in the engine."""
         metrics = RequestMetrics(request.model, len(request.prompt_token_ids), request.arrival_time)
         finish_reason = "abort"
         try:
-            async with aclosing(self.engine.generate(request)) as outputs:
+            async with self._adapter_held(request.adapter), aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
                     metrics.observe(out)
                     finish_reason = out.finish_reason or finish_reason
                     yield out
         finally:
             metrics.close(finish_reason)
+
+    def _adapter_held(self, adapter: str | None):
+        return self.adapters.use(adapter) if adapter is not None else nullcontext()
 
     async def complete(self, request: GenerationRequest) -> Completed:
         parts: list[str] = []

@@ -44,5 +44,11 @@ class ServeSettings(EngineSettings):
     """Address to listen on."""
     port: int = Field(8000, ge=0, le=65535)
     """Port to listen on."""
+    adapter_store: Path | None = None
+    """Folder of the adapter registry (SQLite) and store (default: CACHE_DIR/adapters)."""
+    adapter_roots: list[Path] = []
+    """Server folders adapters may be registered from by path (default: none, uploads only)."""
+    max_upload_mb: int = Field(1024, gt=0)
+    """Largest adapter archive accepted, packed or unpacked."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server and uvicorn."""

@@ -33,7 +33,7 @@ def make_peft_adapter(kind: str, model_path: Path, out: Path, seed: int = 0) -> 
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.mul_(0.02)
+                param.mul_(0.1)
             elif kind == "prefix" and "prompt_encoder" in name:
                 param.mul_(0.5)
             elif kind == "prompt" and "prompt_encoder" in name:
@@ -52,7 +52,7 @@ def make_bottleneck(num_layers: int, hidden: int, out: Path, seed: int = 0, posi
         return torch.randn(*shape, generator=gen) * std
 
     BottleneckAdapter(config, rand(num_layers, 2, size, hidden, std=0.05), rand(num_layers, 2, size, std=0.05),
-                      rand(num_layers, 2, hidden, size, std=0.05), rand(num_layers, 2, hidden, std=0.01)).save(out)
+                      rand(num_layers, 2, hidden, size, std=0.2), rand(num_layers, 2, hidden, std=0.01)).save(out)
     return out
 
 

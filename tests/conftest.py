@@ -1,10 +1,14 @@
 """Shared fixtures. Every test runs against the embedded SmolLM2 on the real torch engine over real HTTP:
-one uvicorn server on a loopback port per test session, since loading the model costs seconds.
-The context is cut to 1024 tokens so that context-limit errors are cheap to provoke."""
+one uvicorn server on a loopback port per test session, since loading the model costs seconds
+(tests that need other settings, or a restart, start their own with `running_server`).
+The context is cut to 1024 tokens so that context-limit errors are cheap to provoke.
+Adapters are small random ones of every kind (tests/adapter_factory.py), made once per session."""
 
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -12,12 +16,15 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapter_factory import KINDS, make_adapter
 from server.app import build_app
-from server.default_model import DEFAULT_MODEL_NAME
-from server.settings import ServeSettings
+from server.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.settings import DEFAULT_CACHE_DIR, ServeSettings
 
 MODEL = DEFAULT_MODEL_NAME
 MAX_MODEL_LEN = 1024
+MODEL_PATH = default_model_dir(DEFAULT_CACHE_DIR)
+MAX_UPLOAD_MB = 32
 
 
 def free_port() -> int:
@@ -26,10 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def base_url():
-    settings = ServeSettings(engine="torch", max_model_len=MAX_MODEL_LEN, port=free_port())
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.port,
+@contextmanager
+def running_server(**settings):
+    """A real uvicorn server for the app on a free loopback port; yields its base URL."""
+    config = ServeSettings(engine="torch", max_model_len=MAX_MODEL_LEN, port=free_port(),
+                           max_upload_mb=MAX_UPLOAD_MB, **settings)
+    server = uvicorn.Server(uvicorn.Config(build_app(config), host="127.0.0.1", port=config.port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -37,9 +46,32 @@ def base_url():
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{settings.port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory) -> Path:
+    """The one server folder adapters may be registered from by path."""
+    return tmp_path_factory.mktemp("adapter-root")
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(adapter_root) -> dict[str, Path]:
+    """One adapter folder per kind, plus a second LoRA ("lora2") for version swaps."""
+    dirs = {kind: make_adapter(kind, MODEL_PATH, adapter_root / kind) for kind in KINDS}
+    dirs["lora2"] = make_adapter("lora", MODEL_PATH, adapter_root / "lora2", seed=1)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def base_url(tmp_path_factory, adapter_root):
+    with running_server(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
+                        max_resident_adapters=6) as url:
+        yield url
 
 
 @pytest.fixture

@@ -82,5 +82,7 @@ def test_text_completion_stream_and_whole_agree(oai):
 
 
 def test_models_and_health(oai, http):
-    assert [m.id for m in oai.models.list()] == [MODEL]
+    base, *adapters = oai.models.list().data
+    assert base.id == MODEL and base.parent is None
+    assert all(m.parent == MODEL for m in adapters)  # adapters registered by other tests
     assert http.get("/health").json() == {"status": "ok"}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adapters.base import AdapterError
+from adapters.base import AdapterCapacityError, AdapterError
 from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter
@@ -57,10 +57,10 @@ class BatchedLoraLinear(nn.Module):
         a, b = self.a[index], self.b[index]  # (batch, rank, in), (batch, out, rank)
         return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
-    def store(self, slot: int, a: torch.Tensor, b: torch.Tensor, num_slots: int) -> None:
+    def store(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         rank = a.shape[0]
-        self.a = _grow(self.a, (num_slots, rank, self.base.in_features), self.base.weight)
-        self.b = _grow(self.b, (num_slots, self.base.out_features, rank), self.base.weight)
+        self.a = _grow(self.a, (slot + 1, rank, self.base.in_features), self.base.weight)
+        self.b = _grow(self.b, (slot + 1, self.base.out_features, rank), self.base.weight)
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.a[slot, :rank] = a
@@ -106,17 +106,19 @@ class AdapterBank:
 
     def load(self, name: str, adapter: Adapter) -> None:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
-        if not self._free_slots:
-            raise AdapterError("capacity", f"all {self.max_adapters} adapter slots are in use")
-        slot = self._free_slots.pop()
-        try:
-            if isinstance(adapter, LoraAdapter):
-                self._store_lora(slot, adapter)
-            elif isinstance(adapter, BottleneckAdapter):
-                self._store_bottleneck(slot, adapter)
-        except Exception:
-            self._free_slots.append(slot)
-            raise
+        slot = 0  # prefix and prompt adapters need no stacked weights
+        if isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
+            if not self._free_slots:
+                raise AdapterCapacityError("capacity", f"all {self.max_adapters} adapter slots are in use")
+            slot = self._free_slots.pop()
+            try:
+                if isinstance(adapter, LoraAdapter):
+                    self._store_lora(slot, adapter)
+                else:
+                    self._store_bottleneck(slot, adapter)
+            except Exception:
+                self._free_slots.append(slot)
+                raise
         previous = self._by_name.get(name)
         self._by_name[name] = Resident(name, adapter, slot)
         if previous is not None:
@@ -146,7 +148,7 @@ class AdapterBank:
 
     def _free(self, resident: Resident) -> None:
         # No row points at a free slot, so its stale weights are harmless until the next store overwrites them.
-        if isinstance(resident.adapter, (LoraAdapter, BottleneckAdapter)):
+        if resident.slot:
             self._free_slots.append(resident.slot)
 
     # -- per forward pass --------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class AdapterBank:
         for name, weights in adapter.layers.items():
             wrapper = self._lora_modules.get(name) or self._wrap_linear(name, modules[name])
             wrapper.store(slot, weights.a.to(self._device, self._dtype),
-                          (weights.b * weights.scale).to(self._device, self._dtype), self.max_adapters + 1)
+                          (weights.b * weights.scale).to(self._device, self._dtype))
 
     def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")
@@ -198,7 +200,7 @@ class AdapterBank:
         elif bn.module_names != names:
             raise AdapterError("layers_module", f"bottleneck adapters on this server wrap {bn.module_names}, "
                                                 f"this one {names}")
-        slots, layers, r, hidden = self.max_adapters + 1, c.num_layers, c.bottleneck_size, c.hidden_size
+        slots, layers, r, hidden = slot + 1, c.num_layers, c.bottleneck_size, c.hidden_size
         like = next(self.model.parameters())
         bn.down_weight = _grow(bn.down_weight, (slots, layers, 2, r, hidden), like)
         bn.down_bias = _grow(bn.down_bias, (slots, layers, 2, r), like)

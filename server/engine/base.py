@@ -3,9 +3,12 @@
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from adapters.loading import Adapter
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -60,6 +63,12 @@ class Engine(Protocol):
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
+
+    async def load_adapter(self, name: str, adapter: "Adapter") -> None:
+        """Serve `adapter` under `name` from now on; requests already running keep the version they hold."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream outputs until one is finished; closing the iterator early aborts the request."""

@@ -27,7 +27,8 @@ class TorchEngine:
         self.max_model_len = max_model_len
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
                              max_num_seqs=settings.max_num_seqs,
-                             max_resident_adapters=settings.max_resident_adapters)
+                             # Headroom: a replaced version holds its slot until its running requests end.
+                             max_resident_adapters=2 * settings.max_resident_adapters)
         self._scheduler = Scheduler(
             runner, tokenizer.backend_tokenizer, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,

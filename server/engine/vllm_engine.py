@@ -14,6 +14,8 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from adapters.base import AdapterError
+from adapters.loading import Adapter
 from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
 from server.settings import EngineSettings
 
@@ -44,6 +46,12 @@ class VLLMEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+    async def load_adapter(self, name: str, adapter: Adapter) -> None:
+        raise AdapterError("model", f"the vLLM engine does not serve adapters yet; serve `{name}` with --engine torch")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Nothing is ever loaded (see load_adapter)."""
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)

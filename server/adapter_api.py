@@ -1,0 +1,127 @@
+"""Admin routes for the adapter registry: register (server path or archive upload), list, show, delete."""
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.archive import confine, extract_archive
+from adapters.base import AdapterError
+from adapters.registry import AdapterRecord
+from server.errors import APIError, invalid_request
+from server.router import Router
+from server.settings import ServeSettings
+
+adapter_api = APIRouter(prefix="/v1/adapters")
+
+
+class RegisterAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str | None = None  # a folder on the server, inside --adapter-roots; or upload `file` as multipart
+    replace: bool = False  # swap the version served under an existing name
+    pinned: bool = False  # never evicted from the device
+
+
+class AdapterCard(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    kind: str
+    version: int
+    num_virtual_tokens: int
+    num_bytes: int
+    pinned: bool
+    source: str
+    created: int
+
+    @classmethod
+    def of(cls, r: AdapterRecord) -> "AdapterCard":
+        return cls(id=r.name, kind=r.kind, version=r.version, num_virtual_tokens=r.num_virtual_tokens,
+                   num_bytes=r.num_bytes, pinned=r.is_pinned, source=r.source, created=int(r.created_at))
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+def get_router(request: Request) -> Router:
+    return request.app.state.router
+
+
+def get_settings(request: Request) -> ServeSettings:
+    return request.app.state.settings
+
+
+async def _read_upload(request: Request, limit: int, staging: Path) -> tuple[RegisterAdapter, Path]:
+    """A multipart registration: form fields plus the archive in `file`, size-checked before reading."""
+    length = request.headers.get("content-length")
+    if length is None:
+        raise APIError(411, "uploads need a Content-Length header")
+    if int(length) > limit:
+        raise APIError(413, f"upload of {length} bytes exceeds the limit of {limit}", param="file")
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise APIError(400, "multipart registration needs the archive in a `file` field", param="file")
+    fields = {k: v for k, v in form.items() if k != "file"}
+    try:
+        body = RegisterAdapter.model_validate({**fields, "replace": fields.get("replace") == "true",
+                                              "pinned": fields.get("pinned") == "true"})
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from exc
+    archive = staging / "upload"
+    with archive.open("wb") as out:
+        shutil.copyfileobj(upload.file, out)
+    return body, extract_archive(archive, staging / "files", limit)
+
+
+@adapter_api.post("", response_model=AdapterCard, status_code=201)
+async def register_adapter(request: Request, router: Router = Depends(get_router),
+                           settings: ServeSettings = Depends(get_settings)) -> AdapterCard:
+    with tempfile.TemporaryDirectory(prefix="swapyard-upload-") as tmp:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            body, folder = await _read_upload(request, settings.max_upload_mb * 2**20, Path(tmp))
+            source = f"upload:{body.name}"
+        else:
+            try:
+                body = RegisterAdapter.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise invalid_request(exc.errors()) from exc
+            if body.path is None:
+                raise AdapterError("path", "give a server folder in `path`, or upload an archive as multipart")
+            folder = confine(body.path, settings.adapter_roots)
+            source = str(folder)
+        record = await router.adapters.register(body.name, folder, source=source, replace=body.replace,
+                                                is_pinned=body.pinned)
+    return AdapterCard.of(record)
+
+
+@adapter_api.get("", response_model=AdapterList)
+async def list_adapters(router: Router = Depends(get_router)) -> AdapterList:
+    return AdapterList(data=[AdapterCard.of(r) for r in router.adapters.registry.list()])
+
+
+@adapter_api.get("/{name}", response_model=AdapterCard)
+async def show_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
+    record = router.adapters.get(name)
+    if record is None:
+        raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
+    return AdapterCard.of(record)
+
+
+@adapter_api.delete("/{name}", response_model=Deleted)
+async def delete_adapter(name: str, router: Router = Depends(get_router)) -> Deleted:
+    if await router.adapters.unregister(name) is None:
+        raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
+    return Deleted(id=name)

@@ -1,0 +1,93 @@
+"""Keeps the registry (disk) and the engine's resident adapters in step.
+
+At most `max_resident` adapters sit on the engine's device; a request for another one loads it from
+the store, evicting the least recently used adapter that is neither pinned nor serving a request.
+"""
+
+import asyncio
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from adapters.base import AdapterCapacityError, AdapterError, BaseModelSpec
+from adapters.loading import load_adapter
+from adapters.registry import AdapterRecord, AdapterRegistry
+from server.engine.base import Engine
+from server.metrics import ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, RESIDENT_ADAPTERS
+
+
+class AdapterManager:
+    def __init__(self, registry: AdapterRegistry, engine: Engine, base: BaseModelSpec, base_model: str, *,
+                 max_resident: int, max_lora_rank: int):
+        self.registry, self.engine, self.base, self.base_model = registry, engine, base, base_model
+        self.max_resident, self.max_lora_rank = max_resident, max_lora_rank
+        self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._in_use: Counter[str] = Counter()
+        self._lock = asyncio.Lock()  # one load or eviction at a time
+
+    def get(self, name: str) -> AdapterRecord | None:
+        return self.registry.get(name)
+
+    async def register(self, name: str, folder: Path, *, source: str, replace: bool, is_pinned: bool) -> AdapterRecord:
+        """Validate, store and load a new adapter (or a new version: running requests finish on the old)."""
+        if name == self.base_model:
+            raise AdapterError("name", f"`{name}` is the base model's name")
+        start = time.monotonic()
+        adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
+        record = await asyncio.to_thread(self.registry.add, name, adapter.kind, adapter.num_virtual_tokens, folder,
+                                         source=source, replace=replace, is_pinned=is_pinned)
+        async with self._lock:
+            await self._load(name, adapter, start)
+        return record
+
+    async def unregister(self, name: str) -> AdapterRecord | None:
+        record = await asyncio.to_thread(self.registry.remove, name)
+        async with self._lock:
+            if name in self._resident:
+                del self._resident[name]
+                RESIDENT_ADAPTERS.set(len(self._resident))
+                await self.engine.unload_adapter(name)
+        return record
+
+    @asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[None]:
+        """Hold `name` resident (loading it if needed) for the duration of one request."""
+        async with self._lock:
+            if name not in self._resident:
+                record = self.registry.get(name)
+                if record is None:
+                    raise AdapterError("model", f"adapter `{name}` is not registered")
+                start = time.monotonic()
+                adapter = await asyncio.to_thread(load_adapter, self.registry.path(record), self.base,
+                                                  max_lora_rank=self.max_lora_rank)
+                await self._load(name, adapter, start)
+            self._resident.move_to_end(name)
+            self._in_use[name] += 1
+        try:
+            yield
+        finally:
+            self._in_use[name] -= 1
+
+    async def _load(self, name: str, adapter, start: float) -> None:
+        if name not in self._resident:
+            while len(self._resident) >= self.max_resident:
+                await self._evict_one()
+        await self.engine.load_adapter(name, adapter)
+        self._resident[name] = None
+        self._resident.move_to_end(name)
+        RESIDENT_ADAPTERS.set(len(self._resident))
+        ADAPTER_LOADS.labels(name).inc()
+        ADAPTER_LOAD_TIME.labels(name).observe(time.monotonic() - start)
+
+    async def _evict_one(self) -> None:
+        for name in self._resident:
+            record = self.registry.get(name)
+            if self._in_use[name] == 0 and not (record and record.is_pinned):
+                del self._resident[name]
+                await self.engine.unload_adapter(name)
+                ADAPTER_EVICTIONS.labels(name).inc()
+                return
+        raise AdapterCapacityError("capacity", f"all {self.max_resident} resident adapters are pinned or busy; "
+                                               f"retry shortly")

@@ -1,0 +1,103 @@
+"""Every adapter kind, mixed in one batch, gives what PEFT (or, for bottleneck adapters, the reference
+hooks in adapters/bottleneck.py) gives for the same checkpoint, and what the request gets alone."""
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapter_factory import KINDS
+from adapters.base import BaseModelSpec
+from adapters.bottleneck import attach
+from adapters.loading import load_adapter
+from conftest import MODEL, MODEL_PATH, ask
+from server.engine.model_runner import ModelRunner
+
+QUESTION = ask("Write a short poem about the sea.")
+NUM_TOKENS = 16
+LOGIT_ATOL = 1e-3  # float32, different batch shapes: observed differences are ~5e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_PATH)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
+
+
+def reference_model(kind: str, folder):
+    model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype=torch.float32).eval()
+    if kind == "bottleneck":
+        attach(model, load_adapter(folder, BaseModelSpec.from_model(model), max_lora_rank=64))
+        return model
+    return PeftModel.from_pretrained(model, folder).eval()
+
+
+@pytest.fixture(scope="module")
+def references(adapter_dirs, prompt_ids, tokenizer):
+    """Per kind: (last-prompt-token logits, greedy text) from the reference implementation."""
+    ids = torch.tensor([prompt_ids])
+    out = {}
+    for kind in KINDS:
+        model = reference_model(kind, adapter_dirs[kind])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
+                                    do_sample=False)[0, ids.shape[1]:]
+        out[kind] = logits, tokenizer.decode(tokens, skip_special_tokens=True)
+    return out
+
+
+def test_mixed_prefill_logits_match_references(adapter_dirs, references, prompt_ids):
+    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=8,
+                         max_resident_adapters=8)
+    spec = BaseModelSpec.from_model(runner.model)
+    for kind in KINDS:
+        runner.adapters.load(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64))
+    residents = [runner.adapters.acquire(kind) for kind in KINDS]
+    runner.cache.ensure(len(KINDS), 128)
+    inputs, starts = [], []
+    for slot, resident in enumerate(residents):
+        n = resident.adapter.num_virtual_tokens
+        if resident.adapter.kind == "prompt":
+            inputs.append([-1 - k for k in range(n)] + prompt_ids)
+            starts.append(0)
+        else:
+            inputs.append(prompt_ids)
+            starts.append(n)
+        if resident.adapter.kind == "prefix":
+            runner.write_prefix(slot, resident.adapter)
+    logits = runner.forward(0, inputs, starts, residents)
+    for row, kind in enumerate(KINDS):
+        torch.testing.assert_close(logits[row], references[kind][0], atol=LOGIT_ATOL, rtol=0, msg=kind)
+
+
+def _chat(model: str) -> dict:
+    return {"model": model, "messages": QUESTION, "temperature": 0, "max_tokens": NUM_TOKENS}
+
+
+async def _all_at_once(base_url: str, models: list[str]) -> list[str]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=_chat(m)) for m in models))
+    return [r.json()["choices"][0]["message"]["content"] for r in replies]
+
+
+def test_mixed_batch_equals_alone_equals_reference(http, base_url, adapter_dirs, references):
+    names = [f"parity-{kind}" for kind in KINDS]
+    for kind, name in zip(KINDS, names):
+        response = http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
+        assert response.status_code == 201, response.text
+    models = [MODEL, *names] * 2  # each model twice in the same batch
+    together = asyncio.run(_all_at_once(base_url, models))
+    alone = [http.post("/v1/chat/completions", json=_chat(m)).json()["choices"][0]["message"]["content"]
+             for m in models[:len(names) + 1]]
+    assert together == alone * 2
+    for kind, text in zip(KINDS, alone[1:]):
+        assert text == references[kind][1], kind
+    assert len(set(alone)) > 2  # the adapters really change the answer
