@@ -31,9 +31,12 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                     ignore_eos: bool = False) -> tuple[float, list[float], int]:
+    """One streaming chat request: (time to first token, gaps between tokens, completion tokens)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": ignore_eos}
     start = time.perf_counter()
     times, tokens = [], 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -50,12 +53,14 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
     return ttft, [b - a for a, b in zip(times, times[1:])], tokens
 
 
-async def run_clients(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
-    limits = httpx.Limits(max_connections=concurrency)
+async def run_clients(url: str, models: list[str], max_tokens: int, ignore_eos: bool = False) -> dict:
+    """One concurrent stream per entry of `models` (request i asks models[i]); client-side figures."""
+    limits = httpx.Limits(max_connections=len(models))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_stream(client, model, "Hi", 4)  # warm-up
+        await one_stream(client, models[0], "Hi", 4)  # warm-up
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, model, p, max_tokens) for p in prompts(concurrency)))
+        results = await asyncio.gather(*(one_stream(client, m, p, max_tokens, ignore_eos)
+                                         for m, p in zip(models, prompts(len(models)))))
         wall = time.perf_counter() - start
     ttfts = [r[0] for r in results]
     itls = [x for r in results for x in r[1]]
@@ -86,13 +91,17 @@ def generate_baseline(model_path: str, concurrency: int, max_tokens: int) -> dic
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`swapyard serve` in a subprocess on a free port; returns it and its URL once healthy."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *extra])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
+                return proc, f"http://127.0.0.1:{port}"
         except httpx.TransportError:
             time.sleep(0.5)
     proc.kill()
@@ -109,17 +118,12 @@ def main() -> None:
     parser.add_argument("server_args", nargs="*", help="extra `swapyard serve` arguments, after --")
     args = parser.parse_args()
 
-    proc = None
-    url = args.url
+    proc, url = None, args.url
     if url is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = start_server(port, (["--model", args.model] if args.model else []) + args.server_args)
-        url = f"http://127.0.0.1:{port}"
+        proc, url = start_server((["--model", args.model] if args.model else []) + args.server_args)
     try:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]
-        served = asyncio.run(run_clients(url, model["id"], args.concurrency, args.max_tokens))
+        served = asyncio.run(run_clients(url, [model["id"]] * args.concurrency, args.max_tokens))
     finally:
         if proc is not None:
             proc.terminate()

@@ -92,6 +92,7 @@ class Router:
             top_k=body.top_k or 0,
             seed=body.seed,
             stop=body.stop_strings(),
+            ignore_eos=body.ignore_eos,
         )
         return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter)
 

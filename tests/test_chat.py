@@ -86,3 +86,11 @@ def test_models_and_health(oai, http):
     assert base.id == MODEL and base.parent is None
     assert all(m.parent == MODEL for m in adapters)  # adapters registered by other tests
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_ignore_eos_generates_max_tokens(http):
+    body = {"model": MODEL, "messages": CAPITAL, "temperature": 0, "max_tokens": 30}
+    natural = http.post("/v1/chat/completions", json=body).json()
+    forced = http.post("/v1/chat/completions", json={**body, "ignore_eos": True}).json()
+    assert natural["usage"]["completion_tokens"] < 30 and natural["choices"][0]["finish_reason"] == "stop"
+    assert forced["usage"]["completion_tokens"] == 30 and forced["choices"][0]["finish_reason"] == "length"

@@ -1,7 +1,9 @@
 """Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
 
-LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0 holds zeros: "no adapter");
-each forward gathers every row's weights and runs batched matmuls (the BGMV of Punica / S-LoRA).
+LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0: "no adapter"). A LoRA
+layer runs the batch through the A and B of every slot in the range its rows use, at once, with a
+one-hot mask keeping each row's own block: no per-row weight copies, which on a CPU cost more than
+the extra (rank-sized) FLOPs. Bottleneck layers gather each row's weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 All methods run on the engine thread, between forward passes.
@@ -34,37 +36,57 @@ def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 class RowAdapters:
     """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
 
-    lora: torch.Tensor | None = None  # [batch]
+    lora: torch.Tensor | None = None  # [batch], 0 for rows without a LoRA
+    lora_range: tuple[int, int] = (0, 0)  # lowest and highest LoRA slot in the batch
+    _lora_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     bottleneck: torch.Tensor | None = None  # [batch]
     bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
     bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
 
+    def lora_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, slots_in_range * rank): 1 on each row's own slot block."""
+        if rank not in self._lora_masks:
+            low, high = self.lora_range
+            column_slot = torch.arange((high - low + 1) * rank, device=self.lora.device) // rank + low
+            self._lora_masks[rank] = (self.lora[:, None] == column_slot[None, :]).to(dtype)[:, None, :]
+        return self._lora_masks[rank]
+
 
 class BatchedLoraLinear(nn.Module):
-    """y = base(x) + B[slot] (A[slot] x) with the slot chosen per row; scale is folded into B."""
+    """y = base(x) + B[slot] A[slot] x with the slot chosen per row; scale is folded into B."""
 
-    def __init__(self, base: nn.Linear, rows: "AdapterBank"):
+    def __init__(self, base: nn.Linear, bank: "AdapterBank"):
         super().__init__()
-        self.base, self._bank = base, rows
-        self.a: torch.Tensor | None = None  # (slots, rank, in)
-        self.b: torch.Tensor | None = None  # (slots, out, rank)
+        self.base, self._bank = base, bank
+        self.a: torch.Tensor | None = None  # (slots, rank, in); ranks below the widest are zero-padded
+        self.b: torch.Tensor | None = None  # (slots, rank, out): B transposed, so slot ranges flatten to views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
         y = self.base(x)
-        index = self._bank.rows.lora
-        if index is None or self.a is None:
+        rows = self._bank.rows
+        if rows.lora is None or self.a is None or rows.lora_range[0] >= self.a.shape[0]:
             return y
-        a, b = self.a[index], self.b[index]  # (batch, rank, in), (batch, out, rank)
-        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        low, high = rows.lora_range[0], min(rows.lora_range[1], self.a.shape[0] - 1)
+        rank = self.a.shape[1]
+        a = self.a[low : high + 1].reshape(-1, self.base.in_features)  # (slots_in_range * rank, in)
+        b = self.b[low : high + 1].reshape(-1, self.base.out_features)  # (slots_in_range * rank, out)
+        mask = rows.lora_mask(rank, x.dtype)[:, :, : a.shape[0]]
+        return y + ((x @ a.T) * mask) @ b  # (batch, tokens, out)
 
-    def store(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    def store(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Put one adapter's A (rank, in) and B (out, rank) into `slot`; None clears the slot."""
+        if a is None:
+            if self.a is not None and slot < self.a.shape[0]:
+                self.a[slot].zero_()
+                self.b[slot].zero_()
+            return
         rank = a.shape[0]
         self.a = _grow(self.a, (slot + 1, rank, self.base.in_features), self.base.weight)
-        self.b = _grow(self.b, (slot + 1, self.base.out_features, rank), self.base.weight)
+        self.b = _grow(self.b, (slot + 1, rank, self.base.out_features), self.base.weight)
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.a[slot, :rank] = a
-        self.b[slot, :, :rank] = b
+        self.b[slot, :rank] = b.T
 
 
 @dataclass
@@ -164,6 +186,9 @@ class AdapterBank:
             return torch.tensor(kept, device=self._device)
 
         rows = RowAdapters(lora=index_for(LoraAdapter), bottleneck=index_for(BottleneckAdapter))
+        if rows.lora is not None:
+            used = [s for s, r in zip(slots, residents) if r is not None and isinstance(r.adapter, LoraAdapter)]
+            rows.lora_range = (min(used), max(used))
         if rows.bottleneck is not None:
             bn, kept = self._bottlenecks, rows.bottleneck.tolist()
             rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in kept], device=self._device,
@@ -177,10 +202,16 @@ class AdapterBank:
 
     def _store_lora(self, slot: int, adapter: LoraAdapter) -> None:
         modules = dict(self.model.named_modules())
-        for name, weights in adapter.layers.items():
-            wrapper = self._lora_modules.get(name) or self._wrap_linear(name, modules[name])
-            wrapper.store(slot, weights.a.to(self._device, self._dtype),
-                          (weights.b * weights.scale).to(self._device, self._dtype))
+        for name in adapter.layers.keys() - self._lora_modules.keys():
+            self._wrap_linear(name, modules[name])
+        # Every wrapped layer is written, so layers this adapter leaves alone hold no earlier tenant's weights.
+        for name, wrapper in self._lora_modules.items():
+            weights = adapter.layers.get(name)
+            if weights is None:
+                wrapper.store(slot, None, None)
+            else:
+                wrapper.store(slot, weights.a.to(self._device, self._dtype),
+                              (weights.b * weights.scale).to(self._device, self._dtype))
 
     def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")

@@ -24,6 +24,7 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0)  # 0 = no top-k filter
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating through end-of-sequence tokens (benchmarks)
 
     @property
     def is_greedy(self) -> bool:

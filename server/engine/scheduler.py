@@ -153,7 +153,7 @@ class Scheduler:
 
     def _advance(self, seq: Sequence, token: int) -> GenerationOutput:
         seq.generated.append(token)
-        if token in self.runner.eos_token_ids:
+        if token in self.runner.eos_token_ids and not seq.request.sampling.ignore_eos:
             text, reason = seq.text.flush(), "stop"
         else:
             text, stopped = seq.text.add(token)

@@ -26,7 +26,8 @@ _CPU_MEMORY_FRACTION = 0.5
 def to_vllm(sampling: SamplingParams) -> VLLMSamplingParams:
     return VLLMSamplingParams(
         n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, seed=sampling.seed, stop=list(sampling.stop), skip_special_tokens=True,
+        top_k=sampling.top_k, seed=sampling.seed, stop=list(sampling.stop), ignore_eos=sampling.ignore_eos,
+        skip_special_tokens=True,
         output_kind=RequestOutputKind.DELTA,
     )
 
