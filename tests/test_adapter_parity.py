@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_factory import KINDS
+from adapter_factory import KINDS, make_peft_adapter
 from adapters.base import BaseModelSpec
 from adapters.bottleneck import attach
 from adapters.loading import load_adapter
@@ -76,6 +76,22 @@ def test_mixed_prefill_logits_match_references(adapter_dirs, references, prompt_
     logits = runner.forward(0, inputs, starts, residents)
     for row, kind in enumerate(KINDS):
         torch.testing.assert_close(logits[row], references[kind][0], atol=LOGIT_ATOL, rtol=0, msg=kind)
+
+
+def test_reused_slot_keeps_nothing_of_its_previous_tenant(adapter_dirs, prompt_ids, tmp_path):
+    """A LoRA on every linear layer leaves; one on q/v only takes its slot and must match PEFT alone."""
+    qv = make_peft_adapter("lora", MODEL_PATH, tmp_path / "qv", seed=3, lora_targets=["q_proj", "v_proj"])
+    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=2,
+                         max_resident_adapters=1)
+    spec = BaseModelSpec.from_model(runner.model)
+    runner.adapters.load("everywhere", load_adapter(adapter_dirs["lora"], spec, max_lora_rank=64))
+    runner.adapters.unload("everywhere")
+    runner.adapters.load("qv", load_adapter(qv, spec, max_lora_rank=64))
+    runner.cache.ensure(1, 128)
+    logits = runner.forward(0, [prompt_ids], [0], [runner.adapters.acquire("qv")])
+    with torch.no_grad():
+        reference = reference_model("lora", qv)(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
+    torch.testing.assert_close(logits[0], reference, atol=LOGIT_ATOL, rtol=0)
 
 
 def _chat(model: str) -> dict:

@@ -70,8 +70,10 @@ class BatchedLoraLinear(nn.Module):
         rank = self.a.shape[1]
         a = self.a[low : high + 1].reshape(-1, self.base.in_features)  # (slots_in_range * rank, in)
         b = self.b[low : high + 1].reshape(-1, self.base.out_features)  # (slots_in_range * rank, out)
-        mask = rows.lora_mask(rank, x.dtype)[:, :, : a.shape[0]]
-        return y + ((x @ a.T) * mask) @ b  # (batch, tokens, out)
+        shrunk = (x @ a.T).mul_(rows.lora_mask(rank, x.dtype)[:, :, : a.shape[0]])  # (batch, tokens, slots*rank)
+        # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
+        y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
+        return y
 
     def store(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put one adapter's A (rank, in) and B (out, rank) into `slot`; None clears the slot."""
