@@ -77,10 +77,10 @@ class BottleneckAdapter:
         for layer in range(self.config.num_layers):
             for position in self.config.positions:
                 p, key = POSITIONS.index(position), f"layers.{layer}.{position}"
-                tensors[f"{key}.down.weight"] = self.down_weight[layer, p].contiguous()
-                tensors[f"{key}.down.bias"] = self.down_bias[layer, p].contiguous()
-                tensors[f"{key}.up.weight"] = self.up_weight[layer, p].contiguous()
-                tensors[f"{key}.up.bias"] = self.up_bias[layer, p].contiguous()
+                tensors[f"{key}.down.weight"] = self.down_weight[layer, p].detach().contiguous()
+                tensors[f"{key}.down.bias"] = self.down_bias[layer, p].detach().contiguous()
+                tensors[f"{key}.up.weight"] = self.up_weight[layer, p].detach().contiguous()
+                tensors[f"{key}.up.bias"] = self.up_bias[layer, p].detach().contiguous()
         save_file(tensors, folder / WEIGHTS_FILE)
 
 

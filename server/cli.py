@@ -1,5 +1,6 @@
 """`swapyard` command line: subcommands parsed by pydantic-settings from the typed settings."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfi
 
 from server.default_model import ensure_default_model
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
+from training.config import TrainConfig
 
 
 class Serve(ServeSettings):
@@ -31,6 +33,17 @@ class PrepareModel(BaseModel):
         print(ensure_default_model(self.cache_dir))
 
 
+class Train(TrainConfig):
+    """Train a LoRA, prefix, prompt or bottleneck adapter on chat JSONL."""
+
+    def cli_cmd(self) -> None:
+        from training.recipe import train
+
+        summary = train(TrainConfig.model_validate(self.model_dump()))
+        print(json.dumps(summary, indent=2))
+        print(f"adapter written to {self.out}")
+
+
 class Swapyard(BaseSettings):
     """One base model, many hot-swappable adapters."""
 
@@ -40,6 +53,7 @@ class Swapyard(BaseSettings):
 
     serve: CliSubCommand[Serve]
     prepare_model: CliSubCommand[PrepareModel]
+    train: CliSubCommand[Train]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

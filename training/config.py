@@ -1,0 +1,57 @@
+"""Typed training configuration; field docstrings are `swapyard train --help`."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["lora", "prefix", "prompt", "bottleneck"]
+
+# Soft prompts and prefixes start from scratch and need far larger steps than a LoRA update.
+DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2e-4, "prefix": 3e-2, "prompt": 3e-2, "bottleneck": 1e-3}
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+    method: Method
+    """Adapter kind to train."""
+    data: Path
+    """Training data: JSONL, one {"messages": [...]} (OpenAI chat) or {"prompt", "completion"} per line."""
+    out: Path
+    """Output folder: the adapter, metrics.jsonl, loss.png, README.md and checkpoints/."""
+    validation: Path | None = None
+    """Validation data in the same format; evaluated after every epoch."""
+    model: Path | None = None
+    """Base model folder (default: the embedded SmolLM2-135M-Instruct)."""
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    """Default per method: lora 2e-4, prefix 3e-2, prompt 3e-2, bottleneck 1e-3."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(1024, gt=8)
+    """Longer examples are truncated (with a warning naming their line)."""
+    seed: int = 0
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_rslora: bool = False
+    num_virtual_tokens: int = Field(16, gt=0)
+    """Prefix and prompt tuning: learned positions before the prompt."""
+    bottleneck_size: int = Field(16, gt=0)
+    bottleneck_positions: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
+    bottleneck_non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    resume: bool = True
+    """Continue from the last epoch checkpoint in `out` when one is there."""
+    cache_dir: Path = Path.home() / ".cache" / "swapyard"
+    """Where the default model is converted to (see `swapyard prepare-model`)."""
+
+    @model_validator(mode="after")
+    def _default_learning_rate(self) -> "TrainConfig":
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
+        return self

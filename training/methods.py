@@ -1,0 +1,80 @@
+"""The trainable part of each method: PEFT for LoRA / prefix / prompt tuning, our own bottleneck modules.
+
+Each builder freezes the base and returns what the recipe needs: the model to call, the parameters
+to optimize, and how to save or restore the adapter in its serving format.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import (LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType,
+                  get_peft_model, set_peft_model_state_dict)
+from safetensors.torch import load_file
+from torch import nn
+
+from adapters.base import WEIGHTS_FILE, BaseModelSpec
+from adapters.bottleneck import BottleneckAdapter, BottleneckConfig, attach
+from adapters.loading import load_adapter
+from training.config import TrainConfig
+
+
+@dataclass
+class Trainable:
+    model: nn.Module
+    parameters: list[nn.Parameter]
+    num_virtual_tokens: int  # prompt tuning prepends this many positions to the logits
+    save: Callable[[Path], None]
+    restore: Callable[[Path], None]
+
+
+def _peft(model: nn.Module, config: TrainConfig) -> Trainable:
+    if config.method == "lora":
+        peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
+                                 lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules,
+                                 use_rslora=config.use_rslora)
+    elif config.method == "prefix":
+        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    else:
+        # Rows of the real vocabulary's embeddings: a start at the scale the model expects.
+        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+                                         prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    peft_model: PeftModel = get_peft_model(model, peft_config)
+    virtual = config.num_virtual_tokens if config.method == "prompt" else 0
+
+    def restore(folder: Path) -> None:
+        set_peft_model_state_dict(peft_model, load_file(folder / WEIGHTS_FILE))
+
+    return Trainable(peft_model, [p for p in peft_model.parameters() if p.requires_grad], virtual,
+                     lambda folder: peft_model.save_pretrained(folder), restore)
+
+
+def _bottleneck(model: nn.Module, config: TrainConfig) -> Trainable:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    mc = model.config
+    layers, hidden, r = mc.num_hidden_layers, mc.hidden_size, config.bottleneck_size
+    adapter_config = BottleneckConfig(bottleneck_size=r, non_linearity=config.bottleneck_non_linearity,
+                                      positions=config.bottleneck_positions, num_layers=layers, hidden_size=hidden,
+                                      base_model_name_or_path=str(mc.name_or_path))
+    # Houlsby's near-identity start: a small down-projection and a zero up-projection.
+    adapter = BottleneckAdapter(
+        adapter_config,
+        nn.Parameter(torch.randn(layers, 2, r, hidden) * 0.02), nn.Parameter(torch.zeros(layers, 2, r)),
+        nn.Parameter(torch.zeros(layers, 2, hidden, r)), nn.Parameter(torch.zeros(layers, 2, hidden)),
+    )
+    attach(model, adapter)
+    params = [adapter.down_weight, adapter.down_bias, adapter.up_weight, adapter.up_bias]
+
+    def restore(folder: Path) -> None:
+        saved = load_adapter(folder, BaseModelSpec.from_model(model), max_lora_rank=0)
+        with torch.no_grad():
+            for param, value in zip(params, (saved.down_weight, saved.down_bias, saved.up_weight, saved.up_bias)):
+                param.copy_(value)
+
+    return Trainable(model, params, 0, adapter.save, restore)
+
+
+def build_trainable(model: nn.Module, config: TrainConfig) -> Trainable:
+    return _bottleneck(model, config) if config.method == "bottleneck" else _peft(model, config)

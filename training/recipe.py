@@ -1,0 +1,172 @@
+"""The training recipe, written out: setup -> train (epochs of steps, evaluation, checkpoint) -> save.
+
+Nothing is written before the data has been validated. Each epoch ends in a checkpoint
+(checkpoints/epoch-N: the adapter plus optimizer, scheduler and RNG state), so an interrupted run
+started again with the same `out` continues after the last finished epoch.
+"""
+
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+from server.default_model import ensure_default_model
+from training.config import TrainConfig
+from training.data import IGNORE, Tokenized, collate, load_dataset
+from training.methods import Trainable, build_trainable
+from training.report import MetricsLog, model_card, plot_losses
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingCancelled(Exception):
+    pass
+
+
+def _batches(dataset: list[Tokenized], batch_size: int, generator: torch.Generator | None) -> list[list[Tokenized]]:
+    order = torch.randperm(len(dataset), generator=generator).tolist() if generator else range(len(dataset))
+    items = [dataset[i] for i in order]
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
+    done = [(int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("epoch-*") if (p / STATE_FILE).exists()]
+    return max(done) if done else None
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(trainable: Trainable, dataset: list[Tokenized], batch_size: int, pad_id: int,
+             device: torch.device) -> dict:
+    """Token-weighted loss and next-token accuracy over the assistant tokens."""
+    trainable.model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in _batches(dataset, batch_size, None):
+        inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        out = trainable.model(**inputs)
+        logits = out.logits[:, trainable.num_virtual_tokens :]
+        targets = inputs["labels"][:, 1:]
+        mask = targets != IGNORE
+        n = int(mask.sum())
+        loss_sum += float(out.loss) * n
+        correct += int((logits[:, :-1].argmax(-1) == targets)[mask].sum())
+        count += n
+    trainable.model.train()
+    return {"val_loss": loss_sum / count, "val_token_accuracy": correct / count}
+
+
+def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: None,
+          should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Run the recipe; returns the summary also written to the model card."""
+    # -- setup ---------------------------------------------------------------------------------------------
+    model_path = config.model or ensure_default_model(config.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_set, warnings = load_dataset(config.data, tokenizer, config.max_seq_len)
+    val_set = []
+    if config.validation is not None:
+        val_set, val_warnings = load_dataset(config.validation, tokenizer, config.max_seq_len)
+        warnings += val_warnings
+    for warning in warnings:
+        log.warning(warning)
+        on_event({"level": "warning", "message": warning})
+
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    trainable = build_trainable(model, config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = torch.optim.AdamW(trainable.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    start_epoch = 0
+    resumed = _last_checkpoint(config.out) if config.resume else None
+    if resumed is not None:
+        start_epoch, folder = resumed
+        trainable.restore(folder)
+        state = torch.load(folder / STATE_FILE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        on_event({"level": "info", "message": f"resumed after epoch {start_epoch} from {folder}"})
+    metrics = MetricsLog(config.out, keep_before_epoch=start_epoch)
+    step, trained_tokens = start_epoch * steps_per_epoch, 0
+    started = time.monotonic()
+
+    # -- train ---------------------------------------------------------------------------------------------
+    trainable.model.train()
+    for epoch in range(start_epoch, config.epochs):
+        batches = _batches(train_set, config.batch_size, torch.Generator().manual_seed(config.seed + epoch))
+        epoch_tokens, epoch_start = 0, time.monotonic()
+        with tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch") as bar:
+            for i, batch in enumerate(bar):
+                if should_stop():
+                    raise TrainingCancelled(f"cancelled during epoch {epoch + 1}")
+                inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+                loss = trainable.model(**inputs).loss
+                (loss / config.gradient_accumulation_steps).backward()
+                loss = loss.item()
+                epoch_tokens += int(inputs["attention_mask"].sum())
+                if (i + 1) % config.gradient_accumulation_steps and i + 1 != len(batches):
+                    continue
+                torch.nn.utils.clip_grad_norm_(trainable.parameters, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                tokens_per_s = epoch_tokens / (time.monotonic() - epoch_start)
+                record = {"epoch": epoch, "step": step, "train_loss": loss,
+                          "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
+                metrics.write(record)
+                on_event({"level": "info", "message": f"step {step}/{total_steps}: train loss {loss:.4f}",
+                          "data": record})
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        trained_tokens += epoch_tokens
+        if val_set:
+            scores = evaluate(trainable, val_set, config.batch_size, pad_id, device)
+            metrics.write({"epoch": epoch, "step": step, **scores})
+            on_event({"level": "info", "message": f"epoch {epoch + 1}: validation loss {scores['val_loss']:.4f}, "
+                                                  f"token accuracy {scores['val_token_accuracy']:.3f}",
+                      "data": scores})
+        checkpoint = config.out / "checkpoints" / f"epoch-{epoch + 1}"
+        trainable.save(checkpoint)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, checkpoint / STATE_FILE)
+        on_event({"level": "info", "message": f"checkpoint {checkpoint.name} saved",
+                  "data": {"checkpoint": str(checkpoint), "epoch": epoch + 1, "step": step}})
+
+    # -- save ----------------------------------------------------------------------------------------------
+    trainable.save(config.out)
+    records = metrics.read()
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    summary = {
+        "num_train_examples": len(train_set), "num_validation_examples": len(val_set),
+        "steps": step, "trained_tokens": trained_tokens,
+        "final_train_loss": round(train_losses[-1], 4) if train_losses else None,
+        "final_val_loss": round(evals[-1]["val_loss"], 4) if evals else None,
+        "final_val_token_accuracy": round(evals[-1]["val_token_accuracy"], 4) if evals else None,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+    }
+    plot_losses(records, config.out / "loss.png")
+    (config.out / "README.md").write_text(model_card(config, str(model_path), summary))
+    on_event({"level": "info", "message": "training finished", "data": summary})
+    return summary
+

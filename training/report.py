@@ -1,0 +1,66 @@
+"""What a run leaves beside the adapter: metrics.jsonl, loss.png and a model card (README.md)."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from training.config import TrainConfig  # noqa: E402
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, records past the restored epoch are dropped."""
+
+    def __init__(self, out: Path, keep_before_epoch: int):
+        self.path = out / METRICS_FILE
+        kept = [r for r in self.read() if r["epoch"] < keep_before_epoch]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    steps = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    evals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot(*zip(*steps), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def model_card(config: TrainConfig, base_model: str, summary: dict) -> str:
+    hyperparameters = config.model_dump(mode="json", exclude={"data", "validation", "out", "model", "cache_dir",
+                                                              "resume"})
+    lines = [
+        "---", f"base_model: {base_model}", "library_name: swapyard", f"tags: [swapyard, {config.method}]", "---", "",
+        f"# {config.method} adapter for {Path(base_model).name}", "",
+        f"Trained with `swapyard train --method {config.method}` on `{config.data.name}` "
+        f"({summary['num_train_examples']} examples"
+        + (f", validation on `{config.validation.name}` ({summary['num_validation_examples']} examples)"
+           if config.validation else "") + ").", "",
+        "| result | value |", "| --- | --- |",
+        *(f"| {key} | {value} |" for key, value in summary.items()), "",
+        "## Hyperparameters", "", "```json", json.dumps(hyperparameters, indent=2), "```", "",
+        "Serve it: `POST /v1/adapters` with this folder, then name it as the `model` of a chat request.", "",
+    ]
+    return "\n".join(lines)
