@@ -45,14 +45,14 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     return configs[0].parent
 
 
-def confine(path: str, roots: list[Path]) -> Path:
-    """The resolved folder, if it lies inside one of the allowed roots (links resolved first)."""
+def confine(path: str, roots: list[Path], *, field: str = "path", is_dir: bool = True) -> Path:
+    """The resolved folder (or file), if it lies inside one of the allowed roots (links resolved first)."""
     if not roots:
-        raise AdapterError("path", "registering from server paths is disabled; start the server with "
-                                   "--adapter-roots to allow folders, or upload an archive")
+        raise AdapterError(field, "server paths are disabled; start the server with --adapter-roots to allow "
+                                  "them, or upload instead")
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(root.resolve()) for root in roots):
-        raise AdapterError("path", f"`{path}` is outside the allowed adapter roots")
-    if not resolved.is_dir():
-        raise AdapterError("path", f"`{path}` is not a folder")
+        raise AdapterError(field, f"`{path}` is outside the allowed roots")
+    if not (resolved.is_dir() if is_dir else resolved.is_file()):
+        raise AdapterError(field, f"`{path}` is not a {'folder' if is_dir else 'file'}")
     return resolved

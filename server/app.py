@@ -10,9 +10,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from adapters.base import BaseModelSpec
 from adapters.registry import AdapterRegistry
+from training.jobs import JobStore
 from server.adapter_api import adapter_api
 from server.adapter_manager import AdapterManager
 from server.api import api
+from server.job_runner import JobRunner
+from server.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
@@ -53,16 +56,21 @@ def build_app(settings: ServeSettings) -> FastAPI:
                                   max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank)
         app.state.router = Router(engine, adapters, tokenizer, name, max_model_len)
         app.state.settings = settings
+        jobs_root = settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
+        app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
+        await app.state.jobs.start()
         log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
         try:
             yield
         finally:
+            await app.state.jobs.shutdown()
             await engine.shutdown()
 
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(adapter_api)
+    app.include_router(jobs_api)
     return app
 
 

@@ -48,6 +48,10 @@ class ServeSettings(EngineSettings):
     """Folder of the adapter registry (SQLite) and store (default: CACHE_DIR/adapters)."""
     adapter_roots: list[Path] = []
     """Server folders adapters may be registered from by path (default: none, uploads only)."""
+    fine_tuning_dir: Path | None = None
+    """Folder of fine-tuning jobs, their files and outputs (default: CACHE_DIR/fine_tuning)."""
+    training_threads: int | None = Field(1, gt=0)
+    """CPU threads of a training process; 1 leaves the other cores to serving (None: torch's default)."""
     max_upload_mb: int = Field(1024, gt=0)
     """Largest adapter archive accepted, packed or unpacked."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -70,7 +70,7 @@ def adapter_dirs(adapter_root) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def base_url(tmp_path_factory, adapter_root):
     with running_server(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
-                        max_resident_adapters=6) as url:
+                        fine_tuning_dir=tmp_path_factory.mktemp("fine-tuning"), max_resident_adapters=6) as url:
         yield url
 
 

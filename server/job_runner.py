@@ -1,0 +1,124 @@
+"""Runs fine-tuning jobs one at a time, each in its own process, and registers what they train.
+
+Lifecycle: validating_files -> queued -> running -> succeeded | failed | cancelled. A job that was
+running when the server stopped is queued again at start-up and resumes from its last checkpoint.
+"""
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import re
+from pathlib import Path
+
+from adapters.base import AdapterError
+from server.adapter_manager import AdapterManager
+from training.data import DataError, read_examples
+from training.jobs import JobRecord, JobStore
+from training.worker import SUMMARY_FILE, run_job
+
+log = logging.getLogger(__name__)
+
+
+def adapter_name(job: JobRecord) -> str:
+    """What the trained adapter is served as: ft-[suffix-]<last 8 of the job id>."""
+    suffix = re.sub(r"[^A-Za-z0-9._-]", "-", job.suffix or "")[:40]
+    return f"ft-{suffix + '-' if suffix else ''}{job.id[-8:]}"
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, adapters: AdapterManager, num_threads: int | None):
+        self.store, self.adapters, self.num_threads = store, adapters, num_threads
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._process: multiprocessing.Process | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        for job in self.store.jobs_with_status("running"):
+            self.store.set_status(job.id, "queued")
+            self.store.add_event(job.id, "info", "the server restarted; the job resumes from its last checkpoint")
+        self._task = asyncio.create_task(self._loop())
+
+    async def shutdown(self) -> None:
+        """Stop training; a job cut off here stays `running` and resumes at the next start."""
+        self._stopping = True
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def submit(self, job: JobRecord) -> None:
+        self.store.add_job(job)
+        self.store.add_event(job.id, "info", f"created fine-tuning job {job.id}")
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        """The worker sees the status at its next step and stops; a queued job never starts."""
+        self.store.set_status(job_id, "cancelled")
+        self.store.add_event(job_id, "info", "job cancelled")
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            for job in self.store.jobs_with_status("validating_files"):
+                await self._validate(job)
+            queued = self.store.jobs_with_status("queued")
+            if queued:
+                await self._run(queued[0])
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=5)
+            except TimeoutError:
+                pass
+
+    async def _validate(self, job: JobRecord) -> None:
+        for param in ("training_file", "validation_file"):
+            path = job.config["data" if param == "training_file" else "validation"]
+            if path is None:
+                continue
+            try:
+                examples, warnings = await asyncio.to_thread(read_examples, Path(path))
+            except DataError as exc:
+                error = {"code": f"invalid_{param}", "message": str(exc), "param": param}
+                self.store.set_status(job.id, "failed", error=error)
+                self.store.add_event(job.id, "error", str(exc))
+                return
+            self.store.add_event(job.id, "info", f"{param}: {len(examples)} examples validated")
+            for warning in warnings:
+                self.store.add_event(job.id, "warning", warning)
+        if self.store.status(job.id) == "validating_files":
+            self.store.set_status(job.id, "queued")
+
+    async def _run(self, job: JobRecord) -> None:
+        self.store.set_status(job.id, "running")
+        self.store.add_event(job.id, "info", "training started")
+        # spawn, not fork: the server's threads (engine, event loop) must not be copied into the child.
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_job, args=(str(self.store.path), job.id, self.num_threads), name=f"swapyard-{job.id}")
+        self._process.start()
+        await asyncio.to_thread(self._process.join)
+        exit_code, self._process = self._process.exitcode, None
+        if self._stopping or self.store.status(job.id) == "cancelled":
+            return
+        if exit_code != 0:
+            last_error = next((e for e in self.store.events(job.id, None, 50) if e.level == "error"), None)
+            message = last_error.message if last_error else f"the training process exited with code {exit_code}"
+            code = (last_error.data or {}).get("code", "training_error") if last_error else "training_error"
+            self.store.set_status(job.id, "failed", error={"code": code, "message": message, "param": None})
+            return
+        await self._register(job)
+
+    async def _register(self, job: JobRecord) -> None:
+        out = Path(job.config["out"])
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        name = adapter_name(job)
+        try:
+            await self.adapters.register(name, out, source=f"fine-tune:{job.id}", replace=False, is_pinned=False)
+        except AdapterError as exc:
+            self.store.set_status(job.id, "failed", error={"code": "registration_failed", "message": str(exc),
+                                                           "param": None})
+            return
+        self.store.set_status(job.id, "succeeded", fine_tuned_model=name, trained_tokens=summary["trained_tokens"])
+        self.store.add_event(job.id, "info", f"fine-tuned adapter `{name}` is registered and servable", summary)

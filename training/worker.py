@@ -1,0 +1,49 @@
+"""The process a fine-tuning job trains in, apart from the server so that serving keeps its latency.
+
+Exit code 0 means trained (the summary is in OUT/summary.json); anything else failed, and the last
+"error" event says why. A job cancelled through the API stops at its next step.
+"""
+
+import json
+import logging
+import traceback
+from pathlib import Path
+
+import torch
+
+from training.config import TrainConfig
+from training.data import DataError
+from training.jobs import JobStore
+from training.recipe import TrainingCancelled, train
+
+SUMMARY_FILE = "summary.json"
+
+
+def run_job(db_path: str, job_id: str, num_threads: int | None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    store = JobStore(Path(db_path))
+    config = TrainConfig.model_validate(store.get_job(job_id).config)
+    latest: dict = {}
+
+    def on_event(event: dict) -> None:
+        data = event.get("data") or {}
+        latest.update({k: v for k, v in data.items() if k in ("train_loss", "val_loss", "val_token_accuracy")})
+        store.add_event(job_id, event["level"], event["message"], data or None)
+        if "checkpoint" in data:
+            store.add_checkpoint(job_id, data["step"], data["epoch"], data["checkpoint"], dict(latest))
+
+    try:
+        summary = train(config, on_event, should_stop=lambda: store.status(job_id) == "cancelled")
+    except TrainingCancelled as exc:
+        store.add_event(job_id, "info", str(exc))
+        raise SystemExit(3) from exc
+    except DataError as exc:
+        store.add_event(job_id, "error", str(exc), {"code": "invalid_training_file"})
+        raise SystemExit(1) from exc
+    except Exception as exc:  # whatever broke, the job's events must say it
+        store.add_event(job_id, "error", f"training failed: {exc}", {"code": "training_error",
+                                                                     "traceback": traceback.format_exc()[-4000:]})
+        raise SystemExit(1) from exc
+    (config.out / SUMMARY_FILE).write_text(json.dumps(summary))
