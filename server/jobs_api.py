@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.archive import confine
+from server.dependencies import check_upload_size, get_runner, get_settings
 from server.errors import APIError, invalid_request
 from server.job_runner import JobRunner
 from server.settings import ServeSettings
@@ -115,14 +116,6 @@ class Page(BaseModel):
     has_more: bool
 
 
-def get_runner(request: Request) -> JobRunner:
-    return request.app.state.jobs
-
-
-def get_settings(request: Request) -> ServeSettings:
-    return request.app.state.settings
-
-
 def _job_or_404(store: JobStore, job_id: str) -> JobRecord:
     job = store.get_job(job_id)
     if job is None:
@@ -142,10 +135,7 @@ def _training_path(reference: str, param: str, store: JobStore, settings: ServeS
 @jobs_api.post("/v1/files", response_model=FileObject)
 async def upload_file(request: Request, runner: JobRunner = Depends(get_runner),
                       settings: ServeSettings = Depends(get_settings)) -> FileObject:
-    limit = settings.max_upload_mb * 2**20
-    length = request.headers.get("content-length")
-    if length is None or int(length) > limit:
-        raise APIError(413 if length else 411, f"uploads need a Content-Length of at most {limit} bytes", param="file")
+    check_upload_size(request, settings.max_upload_mb * 2**20)
     form = await request.form(max_files=1, max_fields=4)
     upload, purpose = form.get("file"), form.get("purpose")
     if upload is None or isinstance(upload, str):
