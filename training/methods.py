@@ -29,18 +29,21 @@ class Trainable:
     restore: Callable[[Path], None]
 
 
-def _peft(model: nn.Module, config: TrainConfig) -> Trainable:
+def peft_config(config: TrainConfig) -> LoraConfig | PrefixTuningConfig | PromptTuningConfig:
+    """The PEFT config of a LoRA, prefix or prompt run (shared with the TRL comparison benchmark)."""
     if config.method == "lora":
-        peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
-                                 lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules,
-                                 use_rslora=config.use_rslora)
-    elif config.method == "prefix":
-        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
-    else:
-        # Rows of the real vocabulary's embeddings: a start at the scale the model expects.
-        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
-                                         prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
-    peft_model: PeftModel = get_peft_model(model, peft_config)
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, target_modules=config.lora_target_modules,
+                          use_rslora=config.use_rslora)
+    if config.method == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    # Rows of the real vocabulary's embeddings: a start at the scale the model expects.
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+                              prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+
+
+def _peft(model: nn.Module, config: TrainConfig) -> Trainable:
+    peft_model: PeftModel = get_peft_model(model, peft_config(config))
     virtual = config.num_virtual_tokens if config.method == "prompt" else 0
 
     def restore(folder: Path) -> None:

@@ -1,0 +1,111 @@
+"""Training speed and peak memory per method: swapyard's trainer against TRL's SFTTrainer with the
+same PEFT config, data and hyperparameters.
+
+    .venv/bin/pip install -e '.[bench]'       # TRL, only for this comparison
+    .venv/bin/python benchmarks/train_speed.py --examples 200
+
+Every run is its own process (peak RSS is per process): one epoch over the bundled mascot data repeated
+to --examples rows, batch size 4, float32, loss on the assistant's tokens only. TRL has no bottleneck
+adapters, so that method is measured for swapyard alone. Target: swapyard no slower than TRL.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import TrainConfig  # noqa: E402
+
+EXAMPLES = ROOT / "training" / "examples" / "mascot_train.jsonl"
+
+
+def make_data(path: Path, count: int) -> Path:
+    rows = EXAMPLES.read_text().splitlines()
+    path.write_text("\n".join(rows[i % len(rows)] for i in range(count)) + "\n")
+    return path
+
+
+def run_swapyard(config: TrainConfig) -> dict:
+    from training.recipe import train
+
+    summary = train(config)
+    return {"tokens": summary["trained_tokens"], "seconds": summary["train_seconds"]}
+
+
+def run_trl(config: TrainConfig) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from server.default_model import ensure_default_model
+    from training.methods import peft_config
+
+    model_path = ensure_default_model(config.cache_dir)
+    rows = [json.loads(line)["messages"] for line in config.data.read_text().splitlines()]
+    # Prompt-completion form: TRL applies the chat template and puts the loss on the completion only.
+    dataset = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
+    args = SFTConfig(output_dir=str(config.out), num_train_epochs=config.epochs,
+                     per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+                     lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio, seed=config.seed,
+                     max_length=config.max_seq_len, save_strategy="no", report_to=[], logging_steps=10,
+                     completion_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args=args,
+                         train_dataset=dataset, peft_config=peft_config(config),
+                         processing_class=AutoTokenizer.from_pretrained(model_path))
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * config.epochs
+    start = time.monotonic()
+    trainer.train()
+    return {"tokens": tokens, "seconds": time.monotonic() - start}
+
+
+def one(framework: str, method: str, data: Path, out: Path) -> None:
+    config = TrainConfig(method=method, data=data, out=out, epochs=1, batch_size=4, resume=False)
+    result = (run_swapyard if framework == "swapyard" else run_trl)(config)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--methods", nargs="+", default=["lora", "prefix", "prompt", "bottleneck"])
+    parser.add_argument("--one", nargs=2, metavar=("FRAMEWORK", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        one(*args.one, args.data, args.out)
+        return
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="swapyard-train-bench-") as tmp:
+        data = make_data(Path(tmp) / "train.jsonl", args.examples)
+        for method in args.methods:
+            for framework in ("swapyard", "trl") if method != "bottleneck" else ("swapyard",):
+                proc = subprocess.run([sys.executable, __file__, "--one", framework, method, "--data", str(data),
+                                       "--out", f"{tmp}/{framework}-{method}"], capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:  # recorded, not fatal: one framework failing a method says something too
+                    errors = [x for x in proc.stderr.splitlines() if "Error" in x] or ["no result printed"]
+                    run = {"error": errors[-1]}
+                else:
+                    run = json.loads(line[7:])
+                    run["tokens_per_s"] = round(run["tokens"] / run["seconds"], 1)
+                results[f"{method}/{framework}"] = run
+                print(method, framework, run, flush=True)
+        for method in args.methods:
+            if "tokens_per_s" in results.get(f"{method}/trl", {}):
+                ratio = results[f"{method}/swapyard"]["tokens_per_s"] / results[f"{method}/trl"]["tokens_per_s"]
+                results[f"{method}/speedup_vs_trl"] = round(ratio, 3)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
