@@ -65,7 +65,12 @@ class JobRunner:
                 await self._validate(job)
             queued = self.store.jobs_with_status("queued")
             if queued:
-                await self._run(queued[0])
+                try:
+                    await self._run(queued[0])
+                except Exception as exc:  # one broken job must not stop the queue behind it
+                    log.exception("fine-tuning job %s failed", queued[0].id)
+                    self.store.set_status(queued[0].id, "failed", error={"code": "server_error", "message": str(exc),
+                                                                         "param": None})
                 continue
             self._wake.clear()
             try:

@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.settings import DEFAULT_CACHE_DIR
+
 Method = Literal["lora", "prefix", "prompt", "bottleneck"]
 
 # Soft prompts and prefixes start from scratch and need far larger steps than a LoRA update.
@@ -47,7 +49,7 @@ class TrainConfig(BaseModel):
     bottleneck_non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     resume: bool = True
     """Continue from the last epoch checkpoint in `out` when one is there."""
-    cache_dir: Path = Path.home() / ".cache" / "swapyard"
+    cache_dir: Path = DEFAULT_CACHE_DIR
     """Where the default model is converted to (see `swapyard prepare-model`)."""
 
     @model_validator(mode="after")

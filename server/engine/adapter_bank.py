@@ -120,7 +120,8 @@ class AdapterBank:
         self.model, self.max_adapters = model, max_adapters
         self.rows = RowAdapters()
         self._by_name: dict[str, Resident] = {}
-        self._free_slots = list(range(max_adapters, 0, -1))
+        # One pool per stacked kind, lowest slot first: a batch's LoRA slot range stays short.
+        self._free_slots = {kind: list(range(max_adapters, 0, -1)) for kind in ("lora", "bottleneck")}
         self._lora_modules: dict[str, BatchedLoraLinear] = {}
         self._bottlenecks = _Bottlenecks()
         self._dtype = next(model.parameters()).dtype
@@ -132,16 +133,17 @@ class AdapterBank:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
         slot = 0  # prefix and prompt adapters need no stacked weights
         if isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
-            if not self._free_slots:
-                raise AdapterCapacityError("capacity", f"all {self.max_adapters} adapter slots are in use")
-            slot = self._free_slots.pop()
+            free = self._free_slots[adapter.kind]
+            if not free:
+                raise AdapterCapacityError("capacity", f"all {self.max_adapters} {adapter.kind} slots are in use")
+            slot = free.pop()
             try:
                 if isinstance(adapter, LoraAdapter):
                     self._store_lora(slot, adapter)
                 else:
                     self._store_bottleneck(slot, adapter)
             except Exception:
-                self._free_slots.append(slot)
+                free.append(slot)
                 raise
         previous = self._by_name.get(name)
         self._by_name[name] = Resident(name, adapter, slot)
@@ -173,7 +175,7 @@ class AdapterBank:
     def _free(self, resident: Resident) -> None:
         # No row points at a free slot, so its stale weights are harmless until the next store overwrites them.
         if resident.slot:
-            self._free_slots.append(resident.slot)
+            self._free_slots[resident.adapter.kind].append(resident.slot)
 
     # -- per forward pass --------------------------------------------------------------------------------
 
