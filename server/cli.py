@@ -5,8 +5,9 @@ import logging
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
-from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
+from adapters.base import AdapterError
 from server.default_model import ensure_default_model
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
 from training.config import TrainConfig
@@ -44,6 +45,38 @@ class Train(TrainConfig):
         print(f"adapter written to {self.out}")
 
 
+class Merge(BaseModel):
+    """Fold a LoRA adapter into the base weights and write a standalone HF model folder."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    adapter: CliPositionalArg[str]
+    """An adapter folder, or the name of a registered adapter."""
+    out: Path
+    """Folder to write the merged model to."""
+    model: Path | None = None
+    """Base model folder (default: the embedded SmolLM2-135M-Instruct)."""
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    adapter_store: Path | None = None
+    """Registry to look names up in (default: CACHE_DIR/adapters)."""
+
+    def cli_cmd(self) -> None:
+        from adapters.merge import merge_lora
+        from adapters.registry import AdapterRegistry
+
+        folder = Path(self.adapter)
+        if not folder.is_dir():
+            registry = AdapterRegistry(self.adapter_store or self.cache_dir / "adapters")
+            record = registry.get(self.adapter)
+            if record is None:
+                raise SystemExit(f"{self.adapter}: neither an adapter folder nor a registered adapter")
+            folder = registry.path(record)
+        try:
+            print(merge_lora(self.model or ensure_default_model(self.cache_dir), folder, self.out))
+        except AdapterError as exc:
+            raise SystemExit(f"{self.adapter}: {exc}") from exc
+
+
 class Swapyard(BaseSettings):
     """One base model, many hot-swappable adapters."""
 
@@ -54,6 +87,7 @@ class Swapyard(BaseSettings):
     serve: CliSubCommand[Serve]
     prepare_model: CliSubCommand[PrepareModel]
     train: CliSubCommand[Train]
+    merge: CliSubCommand[Merge]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
