@@ -1,0 +1,97 @@
+"""swapyard's vLLM engine vs its torch engine vs vLLM's own OpenAI server (`vllm serve --enable-lora`),
+on the same workload with 0, 1 and 8 distinct LoRAs, side by side.
+
+    .venv/bin/python benchmarks/engines.py --concurrency 32 --max-tokens 64
+
+Each server runs as a subprocess with its default dtype (torch engine: float32 on CPU; vLLM: its own
+choice, bfloat16 on CPU) and gets the same streaming chat requests (ignore_eos, so every run does the
+same work). LoRAs target q_proj/v_proj (PEFT's default), rank 4/8, as in multi_adapter.py.
+"""
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from serve_throughput import run_clients, start_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from adapter_factory import make_adapter  # noqa: E402  (random adapters, shared with the tests)
+
+from server.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: E402
+from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
+
+
+def start_vllm_serve(model: Path, loras: dict[str, Path], max_model_len: int) -> tuple[subprocess.Popen, str]:
+    port = 8100 + int(time.time()) % 500
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+           "--served-model-name", DEFAULT_MODEL_NAME, "--max-model-len", str(max_model_len),
+           "--gpu-memory-utilization", "0.5", "--enable-lora", "--max-loras", str(max(len(loras), 1)),
+           "--max-lora-rank", "64", "--lora-modules", *(f"{name}={path}" for name, path in loras.items())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(1)
+    proc.kill()
+    raise SystemExit("vllm serve did not start")
+
+
+def workloads(url: str, names: list[str], args) -> dict:
+    results = {}
+    for count in (0, 1, 8):
+        models = [DEFAULT_MODEL_NAME] * args.concurrency if count == 0 else \
+            [names[i % count] for i in range(args.concurrency)]
+        r = asyncio.run(run_clients(url, models, args.max_tokens, ignore_eos=True))
+        results[f"{count} adapters"] = {k: round(r[k], 3) for k in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--servers", nargs="+", default=["torch", "vllm", "vllm-serve"],
+                        choices=["torch", "vllm", "vllm-serve"])
+    args = parser.parse_args()
+    model = default_model_dir(DEFAULT_CACHE_DIR)
+    table = {}
+    with tempfile.TemporaryDirectory(prefix="swapyard-engines-") as tmp:
+        root = Path(tmp) / "adapters"
+        loras = {f"lora-{i}": make_adapter("lora", model, root / f"lora-{i}", seed=i,
+                                           lora_targets=["q_proj", "v_proj"]) for i in range(8)}
+        for engine in [s for s in args.servers if s != "vllm-serve"]:
+            proc, url = start_server(["--engine", engine, "--max-model-len", "1024", "--adapter-store",
+                                      f"{tmp}/store-{engine}", "--adapter-roots", json.dumps([str(root)]),
+                                      "--max-loras", "8", "--log-level", "warning"])
+            try:
+                for name, path in loras.items():
+                    httpx.post(f"{url}/v1/adapters", json={"name": name, "path": str(path)},
+                               timeout=120).raise_for_status()
+                table[f"swapyard --engine {engine}"] = workloads(url, list(loras), args)
+            finally:
+                proc.terminate()
+                proc.wait()
+            print(json.dumps(table, indent=2), flush=True)
+        if "vllm-serve" in args.servers:
+            proc, url = start_vllm_serve(model, loras, 1024)
+            try:
+                table["vllm serve --enable-lora"] = workloads(url, list(loras), args)
+            finally:
+                proc.terminate()
+                proc.wait()
+    print(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
