@@ -6,11 +6,14 @@ scale is alpha / r, or alpha / sqrt(r) with rsLoRA; `alpha_pattern` overrides al
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
+from safetensors.torch import save_file
 
 from adapters.base import WEIGHTS_FILE, AdapterError, BaseModelSpec, expect_shape
 
@@ -34,6 +37,10 @@ class LoraAdapter:
     @property
     def rank(self) -> int:
         return max(w.a.shape[0] for w in self.layers.values())
+
+    def scaled(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module -> (A, scale * B): the update is B A with nothing left to scale."""
+        return {module: (w.a, w.b * w.scale) for module, w in self.layers.items()}
 
 
 def _refuse_unsupported(config: LoraConfig) -> None:
@@ -74,3 +81,16 @@ def load_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], base: BaseMo
         scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         layers[module] = LoraWeights(pair["A"], pair["B"], scale)
     return LoraAdapter(layers)
+
+
+def save_lora(folder: Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write module -> (A (rank, in), B (out, rank)) as a PEFT LoRA with scale 1, zero-padded to one rank."""
+    rank = max(a.shape[0] for a, _ in layers.values())
+    tensors = {}
+    for module, (a, b) in layers.items():
+        pad = rank - a.shape[0]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = F.pad(a, (0, 0, 0, pad)).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = F.pad(b, (0, pad)).contiguous()
+    targets = sorted({module.rpartition(".")[2] for module in layers})
+    LoraConfig(r=rank, lora_alpha=rank, target_modules=targets).save_pretrained(str(folder))
+    save_file(tensors, folder / WEIGHTS_FILE)

@@ -36,13 +36,15 @@ class AdapterCard(BaseModel):
     num_virtual_tokens: int
     num_bytes: int
     pinned: bool
+    merged: bool  # folded into the base weights (POST /v1/adapters/{name}/merge)
     source: str
     created: int
 
     @classmethod
-    def of(cls, r: AdapterRecord) -> "AdapterCard":
+    def of(cls, r: AdapterRecord, router: Router) -> "AdapterCard":
         return cls(id=r.name, kind=r.kind, version=r.version, num_virtual_tokens=r.num_virtual_tokens,
-                   num_bytes=r.num_bytes, pinned=r.is_pinned, source=r.source, created=int(r.created_at))
+                   num_bytes=r.num_bytes, pinned=r.is_pinned, merged=router.adapters.merged == r.name,
+                   source=r.source, created=int(r.created_at))
 
 
 class AdapterList(BaseModel):
@@ -93,20 +95,39 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
             source = str(folder)
         record = await router.adapters.register(body.name, folder, source=source, replace=body.replace,
                                                 is_pinned=body.pinned)
-    return AdapterCard.of(record)
+    return AdapterCard.of(record, router)
 
 
 @adapter_api.get("", response_model=AdapterList)
 async def list_adapters(router: Router = Depends(get_router)) -> AdapterList:
-    return AdapterList(data=[AdapterCard.of(r) for r in router.adapters.registry.list()])
+    return AdapterList(data=[AdapterCard.of(r, router) for r in router.adapters.registry.list()])
+
+
+def _record(router: Router, name: str) -> AdapterRecord:
+    record = router.adapters.get(name)
+    if record is None:
+        raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
+    return record
 
 
 @adapter_api.get("/{name}", response_model=AdapterCard)
 async def show_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
-    record = router.adapters.get(name)
-    if record is None:
-        raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
-    return AdapterCard.of(record)
+    return AdapterCard.of(_record(router, name), router)
+
+
+@adapter_api.post("/{name}/merge", response_model=AdapterCard)
+async def merge_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
+    """Fold this LoRA into the base weights: its requests run at base speed, all others stay exact."""
+    _record(router, name)
+    return AdapterCard.of(await router.adapters.merge(name), router)
+
+
+@adapter_api.post("/{name}/unmerge", response_model=AdapterCard)
+async def unmerge_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
+    record = _record(router, name)
+    if not await router.adapters.unmerge(name):
+        raise APIError(409, f"`{name}` is not merged", param="name", code="not_merged")
+    return AdapterCard.of(record, router)
 
 
 @adapter_api.delete("/{name}", response_model=Deleted)

@@ -1,7 +1,8 @@
 """Keeps the registry (disk) and the engine's resident adapters in step.
 
 At most `max_resident` adapters sit on the engine's device; a request for another one loads it from
-the store, evicting the least recently used adapter that is neither pinned nor serving a request.
+the store, evicting the least recently used adapter that is neither pinned, merged nor serving a request.
+At most one LoRA is merged into the base weights; replacing or deleting it unmerges it first.
 """
 
 import asyncio
@@ -15,7 +16,7 @@ from adapters.base import AdapterCapacityError, AdapterError, BaseModelSpec
 from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
 from server.engine.base import Engine
-from server.metrics import ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, RESIDENT_ADAPTERS
+from server.metrics import ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, MERGED_ADAPTER, RESIDENT_ADAPTERS
 
 
 class AdapterManager:
@@ -25,7 +26,8 @@ class AdapterManager:
         self.max_resident, self.max_lora_rank = max_resident, max_lora_rank
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._in_use: Counter[str] = Counter()
-        self._lock = asyncio.Lock()  # one load or eviction at a time
+        self._lock = asyncio.Lock()  # one load, eviction or merge at a time
+        self.merged: str | None = None  # the LoRA folded into the base weights
 
     def get(self, name: str) -> AdapterRecord | None:
         return self.registry.get(name)
@@ -54,6 +56,8 @@ class AdapterManager:
     async def unregister(self, name: str) -> AdapterRecord | None:
         record = await asyncio.to_thread(self.registry.remove, name)
         async with self._lock:
+            if name == self.merged:
+                await self._unmerge()
             if name in self._resident:
                 del self._resident[name]
                 RESIDENT_ADAPTERS.set(len(self._resident))
@@ -64,21 +68,56 @@ class AdapterManager:
     async def use(self, name: str) -> AsyncIterator[None]:
         """Hold `name` resident (loading it if needed) for the duration of one request."""
         async with self._lock:
-            if name not in self._resident:
-                record = self.registry.get(name)
-                if record is None:
-                    raise AdapterError("model", f"adapter `{name}` is not registered")
-                start, folder = time.monotonic(), self.registry.path(record)
-                adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
-                await self._load(name, adapter, folder, start)
-            self._resident.move_to_end(name)
+            await self._ensure_resident(name)
             self._in_use[name] += 1
         try:
             yield
         finally:
             self._in_use[name] -= 1
 
+    async def merge(self, name: str) -> AdapterRecord:
+        """Fold LoRA `name` into the base weights (unmerging the one merged before)."""
+        record = self.registry.get(name)
+        if record is None:
+            raise AdapterError("model", f"adapter `{name}` is not registered")
+        if record.kind != "lora":
+            raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is {record.kind}")
+        async with self._lock:
+            await self._ensure_resident(name)
+            if self.merged not in (None, name):
+                await self._unmerge()
+            await self.engine.merge_adapter(name)
+            self.merged = name
+            MERGED_ADAPTER.labels(name).set(1)
+        return record
+
+    async def unmerge(self, name: str) -> bool:
+        """Restore the base weights if `name` is the merged LoRA; False when it is not."""
+        async with self._lock:
+            if self.merged != name:
+                return False
+            await self._unmerge()
+            return True
+
+    async def _unmerge(self) -> None:
+        if self.merged is not None:
+            await self.engine.unmerge_adapter()
+            MERGED_ADAPTER.labels(self.merged).set(0)
+            self.merged = None
+
+    async def _ensure_resident(self, name: str) -> None:
+        if name not in self._resident:
+            record = self.registry.get(name)
+            if record is None:
+                raise AdapterError("model", f"adapter `{name}` is not registered")
+            start, folder = time.monotonic(), self.registry.path(record)
+            adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
+            await self._load(name, adapter, folder, start)
+        self._resident.move_to_end(name)
+
     async def _load(self, name: str, adapter: Adapter, folder: Path, start: float) -> None:
+        if name == self.merged:  # a new version: the old one leaves the weights first
+            await self._unmerge()
         if name not in self._resident:
             while len(self._resident) >= self.max_resident:
                 await self._evict_one()
@@ -92,7 +131,7 @@ class AdapterManager:
     async def _evict_one(self) -> None:
         for name in self._resident:
             record = self.registry.get(name)
-            if self._in_use[name] == 0 and not (record and record.is_pinned):
+            if self._in_use[name] == 0 and name != self.merged and not (record and record.is_pinned):
                 del self._resident[name]
                 await self.engine.unload_adapter(name)
                 ADAPTER_EVICTIONS.labels(name).inc()

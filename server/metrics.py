@@ -25,6 +25,7 @@ ADAPTER_LOADS = Counter("swapyard_adapter_loads", "Adapters loaded onto the engi
 ADAPTER_EVICTIONS = Counter("swapyard_adapter_evictions", "Adapters evicted to make room (LRU).", ["model"])
 ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checking and loading one adapter.",
                               ["model"], buckets=_LATENCY_BUCKETS)
+MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
 RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -37,6 +37,9 @@ class EngineSettings(BaseModel):
     """vLLM engine: distinct LoRAs in one batch (vLLM's max_loras)."""
     max_cpu_loras: int | None = Field(None, gt=0)
     """vLLM engine: LoRAs cached in host memory (vLLM's max_cpu_loras; default: max_loras)."""
+    torch_beside_vllm: bool = True
+    """vLLM engine: serve prefix and bottleneck adapters, which vLLM cannot run, on a torch engine started
+    beside it on first use (a second copy of the base weights plus its own KV cache)."""
     cache_dir: Path = DEFAULT_CACHE_DIR
     """Where the converted default model (and later adapters) are kept."""
 

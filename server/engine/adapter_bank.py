@@ -6,6 +6,9 @@ one-hot mask keeping each row's own block: no per-row weight copies, which on a 
 the extra (rank-sized) FLOPs. Bottleneck layers gather each row's weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
+One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
+Every other row then gets the fold taken back out by a compensating LoRA (-B'A', which with a row's
+own BA is the [B, -B'][A; A'] of the design), and the original weights are kept to restore exactly.
 All methods run on the engine thread, between forward passes.
 """
 
@@ -42,6 +45,7 @@ class RowAdapters:
     bottleneck: torch.Tensor | None = None  # [batch]
     bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
     bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
+    unmerged: torch.Tensor | None = None  # (batch, 1, 1): 1 for rows the merged LoRA is not theirs
 
     def lora_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """(batch, 1, slots_in_range * rank): 1 on each row's own slot block."""
@@ -60,20 +64,37 @@ class BatchedLoraLinear(nn.Module):
         self.base, self._bank = base, bank
         self.a: torch.Tensor | None = None  # (slots, rank, in); ranks below the widest are zero-padded
         self.b: torch.Tensor | None = None  # (slots, rank, out): B transposed, so slot ranges flatten to views
+        # While a LoRA is merged here: the weight before the fold, and the fold's A (rank, in) and -B^T (rank, out).
+        self._unfolded: torch.Tensor | None = None
+        self._compensation: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
         y = self.base(x)
         rows = self._bank.rows
-        if rows.lora is None or self.a is None or rows.lora_range[0] >= self.a.shape[0]:
-            return y
-        low, high = rows.lora_range[0], min(rows.lora_range[1], self.a.shape[0] - 1)
-        rank = self.a.shape[1]
-        a = self.a[low : high + 1].reshape(-1, self.base.in_features)  # (slots_in_range * rank, in)
-        b = self.b[low : high + 1].reshape(-1, self.base.out_features)  # (slots_in_range * rank, out)
-        shrunk = (x @ a.T).mul_(rows.lora_mask(rank, x.dtype)[:, :, : a.shape[0]])  # (batch, tokens, slots*rank)
-        # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
-        y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
+        if rows.lora is not None and self.a is not None and rows.lora_range[0] < self.a.shape[0]:
+            low, high = rows.lora_range[0], min(rows.lora_range[1], self.a.shape[0] - 1)
+            rank = self.a.shape[1]
+            a = self.a[low : high + 1].reshape(-1, self.base.in_features)  # (slots_in_range * rank, in)
+            b = self.b[low : high + 1].reshape(-1, self.base.out_features)  # (slots_in_range * rank, out)
+            shrunk = (x @ a.T).mul_(rows.lora_mask(rank, x.dtype)[:, :, : a.shape[0]])  # (batch, tokens, slots*rank)
+            # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
+            y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
+        if self._compensation is not None and rows.unmerged is not None:
+            a, negated_b = self._compensation
+            shrunk = (x @ a.T).mul_(rows.unmerged)  # (batch, tokens, rank), zero on the merged adapter's rows
+            y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), negated_b)
         return y
+
+    def fold(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """W += B A (b already scaled); other rows get -B A back through the compensation."""
+        self._unfolded = self.base.weight.detach().clone()
+        self.base.weight.data.addmm_(b, a)
+        self._compensation = (a, -b.T.contiguous())
+
+    def unfold(self) -> None:
+        if self._unfolded is not None:
+            self.base.weight.data.copy_(self._unfolded)
+        self._unfolded = self._compensation = None
 
     def store(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put one adapter's A (rank, in) and B (out, rank) into `slot`; None clears the slot."""
@@ -124,6 +145,7 @@ class AdapterBank:
         self._free_slots = {kind: list(range(max_adapters, 0, -1)) for kind in ("lora", "bottleneck")}
         self._lora_modules: dict[str, BatchedLoraLinear] = {}
         self._bottlenecks = _Bottlenecks()
+        self.merged: Resident | None = None
         self._dtype = next(model.parameters()).dtype
         self._device = next(model.parameters()).device
 
@@ -155,6 +177,25 @@ class AdapterBank:
         if resident is not None:
             self._retire(resident)
 
+    def merge(self, name: str) -> None:
+        """Fold LoRA `name` into the base weights (unmerging any other first)."""
+        resident = self._by_name.get(name)
+        if resident is None or not isinstance(resident.adapter, LoraAdapter):
+            raise AdapterError("model", f"`{name}` is not a loaded LoRA adapter")
+        if self.merged is resident:
+            return
+        self.unmerge()
+        for module, (a, b) in resident.adapter.scaled().items():
+            self._lora_modules[module].fold(a.to(self._device, self._dtype), b.to(self._device, self._dtype))
+        self.merged = resident
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly (from the copies the fold kept)."""
+        if self.merged is not None:
+            for wrapper in self._lora_modules.values():
+                wrapper.unfold()
+            self.merged = None
+
     def acquire(self, name: str) -> Resident:
         resident = self._by_name.get(name)
         if resident is None:
@@ -181,6 +222,10 @@ class AdapterBank:
 
     def bind(self, residents: list[Resident | None]) -> None:
         """Point every row at its adapter's slot for the next forward pass."""
+        merged = self.merged
+        # The merged LoRA is in the base weights: its rows need no slot, every other row the compensation.
+        is_merged = [merged is not None and r is merged for r in residents]
+        residents = [None if m else r for r, m in zip(residents, is_merged)]
         slots = [r.slot if r is not None else 0 for r in residents]
 
         def index_for(kind: type) -> torch.Tensor | None:
@@ -190,6 +235,9 @@ class AdapterBank:
             return torch.tensor(kept, device=self._device)
 
         rows = RowAdapters(lora=index_for(LoraAdapter), bottleneck=index_for(BottleneckAdapter))
+        if merged is not None:
+            unmerged = torch.tensor([not m for m in is_merged], device=self._device, dtype=self._dtype)
+            rows.unmerged = unmerged[:, None, None]
         if rows.lora is not None:
             used = [s for s, r in zip(slots, residents) if r is not None and isinstance(r.adapter, LoraAdapter)]
             rows.lora_range = (min(used), max(used))

@@ -76,6 +76,15 @@ class Engine(Protocol):
 
     async def unload_adapter(self, name: str) -> None: ...
 
+    async def merge_adapter(self, name: str) -> None:
+        """Fold loaded LoRA `name` into the base weights (unmerging any other); the base and every other
+        adapter keep their exact outputs through compensating LoRAs."""
+        ...
+
+    async def unmerge_adapter(self) -> None:
+        """Restore the base weights; a no-op when nothing is merged."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream outputs until one is finished; closing the iterator early aborts the request."""
         ...

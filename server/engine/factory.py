@@ -7,6 +7,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.base import Engine
+from server.engine.hybrid_engine import HybridEngine
 from server.settings import EngineSettings
 
 
@@ -20,10 +21,14 @@ def choose_engine(requested: str) -> str:
 def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
                  max_model_len: int) -> Engine:
     kind = choose_engine(settings.engine)
-    if kind == "vllm":
-        from server.engine.vllm_engine import VLLMEngine
-
-        return VLLMEngine(settings, model_path, max_model_len)
     from server.engine.torch_engine import TorchEngine
 
-    return TorchEngine(settings, model_path, tokenizer, max_model_len)
+    def torch_engine() -> Engine:
+        return TorchEngine(settings, model_path, tokenizer, max_model_len)
+
+    if kind == "torch":
+        return torch_engine()
+    from server.engine.vllm_engine import VLLMEngine
+
+    vllm = VLLMEngine(settings, model_path, max_model_len)
+    return HybridEngine(vllm, torch_engine) if settings.torch_beside_vllm else vllm

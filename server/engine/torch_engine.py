@@ -55,6 +55,13 @@ class TorchEngine:
     async def unload_adapter(self, name: str) -> None:
         await self._on_engine_thread(lambda: self._scheduler.runner.adapters.unload(name))
 
+    async def merge_adapter(self, name: str) -> None:
+        """Between two steps: running requests go on unchanged, the fold's own rows now without a LoRA."""
+        await self._on_engine_thread(lambda: self._scheduler.runner.adapters.merge(name))
+
+    async def unmerge_adapter(self) -> None:
+        await self._on_engine_thread(self._scheduler.runner.adapters.unmerge)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()

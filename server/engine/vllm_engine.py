@@ -3,19 +3,27 @@
 LoRA adapters go to vLLM's multi-LoRA kernels with add_lora/remove_lora: no restart. Each loaded
 version gets its own LoRA id, so a replaced version keeps serving the requests that started on it
 and leaves vLLM when the last of them ends. Prompt-tuning adapters run natively as prompt embeddings
-(enable_prompt_embeds): the soft prompt rows followed by the prompt's token embeddings. vLLM keeps its own Prometheus metrics (`vllm:*`, same
-registry); the router still records ours per model.
+(enable_prompt_embeds): the soft prompt rows followed by the prompt's token embeddings. vLLM keeps its
+own Prometheus metrics (`vllm:*`, same registry); the router still records ours per model.
+
+Merging folds one LoRA into vLLM's weights (reloaded in place by a worker extension) so its requests
+run with no LoRA. Every other request then gets a compensating LoRA: the base -B'A', another LoRA
+[B, -B'][A; A']. A swap waits for running requests to finish and holds new ones until it is done.
 """
 
 import asyncio
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -27,7 +35,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from adapters.base import AdapterError
 from adapters.loading import Adapter
-from adapters.lora import LoraAdapter
+from adapters.lora import LoraAdapter, save_lora
 from adapters.prompt import PromptAdapter
 from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
 from server.settings import EngineSettings
@@ -57,6 +65,47 @@ def read_token_embeddings(model_path: Path) -> torch.Tensor:
     raise AdapterError("model", f"`{name}` is in none of {model_path}'s safetensors files")
 
 
+class SwapGate:
+    """Requests run side by side; a weight swap waits until none is running and holds new ones meanwhile."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._num_running = 0
+        self._is_swapping = False
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._is_swapping)
+            self._num_running += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._num_running -= 1
+                self._changed.notify_all()
+
+    @asynccontextmanager
+    async def swap(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._is_swapping)
+            self._is_swapping = True
+            await self._changed.wait_for(lambda: self._num_running == 0)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._is_swapping = False
+                self._changed.notify_all()
+
+
+@dataclass
+class _Lora:
+    adapter: LoraAdapter
+    request: LoRARequest  # what requests for this name get while nothing is merged
+    compensated: LoRARequest | None = None  # what they get while another LoRA is merged
+
+
 class VLLMEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
@@ -66,26 +115,33 @@ class VLLMEngine:
             gpu_memory_utilization=_CPU_MEMORY_FRACTION if current_platform.is_cpu() else 0.9,
             enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras, enable_prompt_embeds=True,
+            worker_extension_cls="server.engine.vllm_worker.WeightFolding",
         )
-        self._model_path = model_path
+        self._model_path, self._max_lora_rank = model_path, settings.max_lora_rank
         self._token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
         self._prompts: dict[str, PromptAdapter] = {}
         self._llm: AsyncLLM | None = None
-        self._loras: dict[str, LoRARequest] = {}  # name -> the version new requests get
+        self._loras: dict[str, _Lora] = {}  # name -> the version new requests get
         self._in_flight: Counter[int] = Counter()  # LoRA id -> running requests
         self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
         self._ids = count(1)
+        self._gate = SwapGate()
+        self._merged: str | None = None
+        self._unmerging: LoRARequest | None = None  # the base's compensating LoRA while a LoRA is merged
+        self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # compensating LoRAs' files
 
     async def start(self) -> None:
         self._llm = AsyncLLM.from_engine_args(self._args)
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+        shutil.rmtree(self._folders, ignore_errors=True)
 
     def check_adapter(self, adapter: Adapter) -> None:
         if not isinstance(adapter, (LoraAdapter, PromptAdapter)):
             raise AdapterError("peft_type", f"the vLLM engine serves LoRA and prompt-tuning adapters; this is a "
-                                            f"{adapter.kind} adapter (serve it with --engine torch)")
+                                            f"{adapter.kind} adapter (keep --torch-beside-vllm on, or use "
+                                            f"--engine torch)")
 
     async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
         self.check_adapter(adapter)
@@ -94,18 +150,91 @@ class VLLMEngine:
                 self._token_embeddings = await asyncio.to_thread(read_token_embeddings, self._model_path)
             self._prompts[name] = adapter
             return
-        request = LoRARequest(lora_name=name, lora_int_id=next(self._ids), lora_path=str(folder))
-        await self._llm.add_lora(request)  # loads now, so the first request pays no load
+        if self._merged is not None:
+            self._check_compensated_rank(adapter, self._loras[self._merged].adapter)
+        lora = _Lora(adapter, await self._add_lora(name, str(folder)))
+        if self._merged is not None:
+            lora.compensated = await self._compensate(name, adapter)
         previous = self._loras.get(name)
-        self._loras[name] = request
+        self._loras[name] = lora
         if previous is not None:
-            await self._retire(previous.lora_int_id)
+            await self._retire_all(previous)
 
     async def unload_adapter(self, name: str) -> None:
         self._prompts.pop(name, None)
         previous = self._loras.pop(name, None)
         if previous is not None:
-            await self._retire(previous.lora_int_id)
+            await self._retire_all(previous)
+
+    async def merge_adapter(self, name: str) -> None:
+        lora = self._loras.get(name)
+        if lora is None:
+            raise AdapterError("model", f"`{name}` is not a loaded LoRA adapter")
+        for other_name, other in self._loras.items():
+            if other_name != name:
+                self._check_compensated_rank(other.adapter, lora.adapter)
+        async with self._gate.swap():
+            await self._unmerge()
+            merged = lora.adapter.scaled()
+            deltas = self._folders / "deltas.safetensors"
+            await asyncio.to_thread(save_file, {f"{m}.weight": b @ a for m, (a, b) in merged.items()}, deltas)
+            await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path), str(deltas), list(merged)))
+            self._merged = name
+            self._unmerging = await self._write_lora("base", {m: (a, -b) for m, (a, b) in merged.items()})
+            for other_name, other in self._loras.items():
+                if other_name != name:
+                    other.compensated = await self._compensate(other_name, other.adapter)
+
+    async def unmerge_adapter(self) -> None:
+        async with self._gate.swap():
+            await self._unmerge()
+
+    async def _unmerge(self) -> None:
+        """Reload the merged layers as the base has them and drop the compensating LoRAs (none is running)."""
+        if self._merged is None:
+            return
+        modules = list(self._loras[self._merged].adapter.layers)
+        await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path), None, modules))
+        compensations = [self._unmerging] + [lora.compensated for lora in self._loras.values()]
+        for request in filter(None, compensations):
+            await self._retire(request.lora_int_id)
+        for lora in self._loras.values():
+            lora.compensated = None
+        self._merged, self._unmerging = None, None
+
+    def _check_compensated_rank(self, adapter: LoraAdapter, merged: LoraAdapter) -> None:
+        if adapter.rank + merged.rank > self._max_lora_rank:
+            raise AdapterError("r", f"while a rank-{merged.rank} LoRA is merged, a rank-{adapter.rank} LoRA is "
+                                    f"served as one of rank {adapter.rank + merged.rank}, over --max-lora-rank "
+                                    f"{self._max_lora_rank}")
+
+    async def _compensate(self, name: str, adapter: LoraAdapter) -> LoRARequest:
+        """`name`'s LoRA with the merged one taken back out: [B, -B'][A; A'] per layer."""
+        own, merged = adapter.scaled(), self._loras[self._merged].adapter.scaled()
+        layers = {}
+        for module in own.keys() | merged.keys():
+            a, b = own.get(module, (None, None))
+            a_merged, b_merged = merged.get(module, (None, None))
+            parts = [(a, b)] if a is not None else []
+            parts += [(a_merged, -b_merged)] if a_merged is not None else []
+            layers[module] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1))
+        return await self._write_lora(name, layers)
+
+    async def _write_lora(self, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> LoRARequest:
+        lora_id = next(self._ids)
+        folder = self._folders / str(lora_id)
+        await asyncio.to_thread(save_lora, folder, layers)
+        return await self._add_lora(f"{name}-unmerged", str(folder), lora_id)
+
+    async def _add_lora(self, name: str, folder: str, lora_id: int | None = None) -> LoRARequest:
+        request = LoRARequest(lora_name=name, lora_int_id=lora_id or next(self._ids), lora_path=folder)
+        await self._llm.add_lora(request)  # loads now, so the first request pays no load
+        return request
+
+    async def _retire_all(self, lora: _Lora) -> None:
+        await self._retire(lora.request.lora_int_id)
+        if lora.compensated is not None:
+            await self._retire(lora.compensated.lora_int_id)
 
     async def _retire(self, lora_id: int) -> None:
         self._retired.add(lora_id)
@@ -116,24 +245,34 @@ class VLLMEngine:
         self._retired.discard(lora_id)
         del self._in_flight[lora_id]
         await self._llm.remove_lora(lora_id)
+        shutil.rmtree(self._folders / str(lora_id), ignore_errors=True)  # a compensating LoRA's files
+
+    def _lora_for(self, adapter: str | None) -> LoRARequest | None:
+        if adapter is None or adapter in self._prompts:
+            return self._unmerging
+        if adapter == self._merged:
+            return None
+        lora = self._loras.get(adapter)
+        if lora is None:
+            raise AdapterError("model", f"adapter `{adapter}` is not loaded")
+        return lora.compensated or lora.request
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        lora, prompt = None, TokensPrompt(prompt_token_ids=request.prompt_token_ids)
-        if request.adapter in self._prompts:
-            prompt = self._soft_prompt(self._prompts[request.adapter], request.prompt_token_ids)
-        elif request.adapter is not None:
-            lora = self._loras.get(request.adapter)
-            if lora is None:
-                raise AdapterError("model", f"adapter `{request.adapter}` is not loaded")
-            self._in_flight[lora.lora_int_id] += 1
-        try:
-            async for out in self._generate(request, prompt, lora):
-                yield out
-        finally:
+        async with self._gate.request():
+            prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+            if request.adapter in self._prompts:
+                prompt = self._soft_prompt(self._prompts[request.adapter], request.prompt_token_ids)
+            lora = self._lora_for(request.adapter)
             if lora is not None:
-                self._in_flight[lora.lora_int_id] -= 1
-                if lora.lora_int_id in self._retired and self._in_flight[lora.lora_int_id] == 0:
-                    await self._remove(lora.lora_int_id)
+                self._in_flight[lora.lora_int_id] += 1
+            try:
+                async for out in self._generate(request, prompt, lora):
+                    yield out
+            finally:
+                if lora is not None:
+                    self._in_flight[lora.lora_int_id] -= 1
+                    if lora.lora_int_id in self._retired and self._in_flight[lora.lora_int_id] == 0:
+                        await self._remove(lora.lora_int_id)
 
     def _soft_prompt(self, adapter: PromptAdapter, token_ids: list[int]) -> EmbedsPrompt:
         """(virtual + prompt, hidden) embeddings: the soft prompt, then the prompt's tokens, as PEFT feeds them."""

@@ -1,0 +1,76 @@
+"""vLLM for what it runs, a torch engine beside it for the adapter kinds it cannot (prefix, bottleneck).
+
+The torch engine starts on the first such adapter, so a LoRA-only deployment pays nothing for it. It
+holds its own copy of the base weights (the model's size again: 0.5 GB for SmolLM2-135M in float32,
+16 GB for an 8B model in bfloat16) and its own KV cache (up to --kv-cache-memory-gb), on the same device.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from adapters.bottleneck import BottleneckAdapter
+from adapters.loading import Adapter
+from adapters.prefix import PrefixAdapter
+from server.engine.base import Engine, GenerationOutput, GenerationRequest
+
+_SIDE_KINDS = (PrefixAdapter, BottleneckAdapter)
+
+
+class HybridEngine:
+    def __init__(self, main: Engine, build_side: Callable[[], Engine]):
+        self.max_model_len = main.max_model_len
+        self._main, self._build_side = main, build_side
+        self._side: Engine | None = None
+        self._side_started = asyncio.Lock()
+        self._on_side: set[str] = set()  # adapter names the torch engine serves
+
+    async def start(self) -> None:
+        await self._main.start()
+
+    async def shutdown(self) -> None:
+        if self._side is not None:
+            await self._side.shutdown()
+        await self._main.shutdown()
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        if not isinstance(adapter, _SIDE_KINDS):
+            self._main.check_adapter(adapter)
+
+    async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
+        if isinstance(adapter, _SIDE_KINDS):
+            side = await self._side_engine()
+            await side.load_adapter(name, adapter, folder)
+            if name not in self._on_side:  # a new kind under an old name: the main engine lets it go
+                await self._main.unload_adapter(name)
+            self._on_side.add(name)
+            return
+        await self._main.load_adapter(name, adapter, folder)
+        if name in self._on_side:
+            self._on_side.discard(name)
+            await self._side.unload_adapter(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        if name in self._on_side:
+            self._on_side.discard(name)
+            await self._side.unload_adapter(name)
+        else:
+            await self._main.unload_adapter(name)
+
+    async def merge_adapter(self, name: str) -> None:
+        await self._main.merge_adapter(name)  # the torch engine holds no LoRA: its base stays as it is
+
+    async def unmerge_adapter(self) -> None:
+        await self._main.unmerge_adapter()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        engine = self._side if request.adapter in self._on_side else self._main
+        return engine.generate(request)
+
+    async def _side_engine(self) -> Engine:
+        async with self._side_started:
+            if self._side is None:
+                side = self._build_side()
+                await side.start()
+                self._side = side
+        return self._side

@@ -1,0 +1,43 @@
+"""Runs inside vLLM's worker process (AsyncEngineArgs.worker_extension_cls): reloads base linear layers
+with LoRA updates folded in, or as they were, through vLLM's own in-place weight reload."""
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+
+def whole_layers(model: torch.nn.Module, modules: list[str]) -> set[str]:
+    """The checkpoint weights that fill the vLLM layers holding `modules` (q_proj brings k_proj and v_proj
+    along when vLLM fuses them into qkv_proj): a fused layer is only rebuilt once all its shards arrive."""
+    groups = list(getattr(model, "packed_modules_mapping", {}).values())
+    names = set()
+    for module in modules:
+        parent, _, leaf = module.rpartition(".")
+        group = next((g for g in groups if leaf in g), [leaf])
+        names.update(f"{parent}.{shard}.weight" for shard in group)
+    return names
+
+
+class WeightFolding:
+    def swapyard_fold(self, base_path: str, deltas_file: str | None, modules: list[str]) -> None:
+        """Reload `modules` from the base checkpoint, plus the (out, in) deltas in `deltas_file` if given."""
+        names = whole_layers(self.model_runner.get_model(), modules)
+        deltas = load_file(deltas_file) if deltas_file else {}
+        weights = []
+        for file in sorted(Path(base_path).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                for name in names & set(f.keys()):
+                    weight = f.get_tensor(name)
+                    delta = deltas.get(name)
+                    weights.append((name, weight if delta is None else weight.float() + delta))
+        # Every layer left out logs "Failed to load weights" and keeps its weights, as intended here.
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise.level
+        layerwise.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=iter(weights))  # also drops loaded LoRAs; they reload on use
+        finally:
+            layerwise.setLevel(level)
