@@ -27,6 +27,10 @@ class AdapterCapacityError(AdapterError):
     """Every adapter slot is pinned or busy: the client should retry later."""
 
 
+class AdapterLoadError(AdapterError):
+    """A registered adapter's stored files no longer load (corrupted on disk): the server's fault, not the client's."""
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """The shapes an adapter is checked against, read from the base model's config without loading weights."""

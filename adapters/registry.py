@@ -1,8 +1,10 @@
 """Registered adapters: metadata in SQLite, files in a store folder; both survive restarts.
 
 A registration copies the (already validated) files into a fresh version folder and renames it into
-place before the row is committed, so a crash at any point leaves the previous state; folders no row
-points at are swept at start-up.
+place before the row is committed, so a crash at any point (kill -9 included) leaves the previous
+state; folders no row points at are swept at start-up once they are older than `sweep_after_s`.
+Replicas may share one registry folder (a volume): the version is allotted inside an SQLite write
+transaction, and the sweep's age limit spares another replica's registration in progress.
 """
 
 import re
@@ -51,8 +53,8 @@ class AdapterExists(AdapterError):
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, *, sweep_after_s: float = 600.0):
+        self.root, self.sweep_after_s = root, sweep_after_s
         self.store = root / "store"
         self.store.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(root / "registry.sqlite3", check_same_thread=False, isolation_level=None)
@@ -78,21 +80,31 @@ class AdapterRegistry:
         if not NAME_PATTERN.match(name):
             raise AdapterError("name", f"`{name}` must be 1-64 letters, digits, '.', '_' or '-', "
                                        f"starting with a letter or digit")
+        if self.get(name) is not None and not replace:
+            raise _exists(name)
         with self._lock:
-            old = self.get(name)
-            if old is not None and not replace:
-                raise AdapterExists("name", f"an adapter named `{name}` exists; pass replace=true to swap it")
-            version = old.version + 1 if old else 1
-            folder = f"{name}/v{version}-{uuid.uuid4().hex[:8]}"
             staging = self.store / f".staging-{uuid.uuid4().hex}"
             shutil.copytree(files, staging, symlinks=False)
             num_bytes = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+            folder = f"{name}/{uuid.uuid4().hex}"
             (self.store / name).mkdir(exist_ok=True)
             staging.rename(self.store / folder)
-            record = AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens, version=version, folder=folder, num_bytes=num_bytes,
-                                   is_pinned=is_pinned, source=source, created_at=time.time())
-            self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (name, kind, num_virtual_tokens, version, folder, num_bytes, int(is_pinned), source, record.created_at))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # other replicas' registrations wait here
+                old = self.get(name)
+                if old is not None and not replace:
+                    raise _exists(name)
+                record = AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens,
+                                       version=old.version + 1 if old else 1, folder=folder, num_bytes=num_bytes,
+                                       is_pinned=is_pinned, source=source, created_at=time.time())
+                self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 tuple(record.model_dump().values()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                shutil.rmtree(self.store / folder, ignore_errors=True)
+                raise
             if old is not None:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             return record
@@ -108,16 +120,22 @@ class AdapterRegistry:
     def _sweep(self) -> None:
         """Drop files of registrations that never committed (a crash between copy and commit)."""
         kept = {record.folder for record in self.list()}
+        cutoff = time.time() - self.sweep_after_s
         for entry in self.store.iterdir():
             if entry.name.startswith(".staging-"):
-                shutil.rmtree(entry, ignore_errors=True)
+                stale = [entry]
             elif entry.is_dir():
-                for version in entry.iterdir():
-                    if f"{entry.name}/{version.name}" not in kept:
-                        shutil.rmtree(version, ignore_errors=True)
+                stale = [version for version in entry.iterdir() if f"{entry.name}/{version.name}" not in kept]
+            else:
+                continue
+            for folder in stale:
+                if folder.stat().st_mtime <= cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _record(row: tuple) -> AdapterRecord:
-        name, kind, num_virtual_tokens, version, folder, num_bytes, is_pinned, source, created_at = row
-        return AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens, version=version, folder=folder, num_bytes=num_bytes,
-                             is_pinned=bool(is_pinned), source=source, created_at=created_at)
+        return AdapterRecord(**dict(zip(AdapterRecord.model_fields, row)))
+
+
+def _exists(name: str) -> AdapterExists:
+    return AdapterExists("name", f"an adapter named `{name}` exists; pass replace=true to swap it")

@@ -92,7 +92,7 @@ def generate_baseline(model_path: str, concurrency: int, max_tokens: int) -> dic
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """`swapyard serve` in a subprocess on a free port; returns it and its URL once healthy."""
+    """`swapyard serve` in a subprocess on a free port; returns it and its URL once ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -100,7 +100,7 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
                 return proc, f"http://127.0.0.1:{port}"
         except httpx.TransportError:
             time.sleep(0.5)

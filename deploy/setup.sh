@@ -12,7 +12,8 @@ venv=${SWAPYARD_VENV:-.venv}
 stamp="$venv/.swapyard-installed"
 want=$(sha256sum pyproject.toml deploy/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  target=${SWAPYARD_TARGET:-auto}  # cuda | cpu | auto (cuda where nvidia-smi sees a GPU; images set it)
+  if [ "$target" = cuda ] || { [ "$target" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
     pip install -e '.[cuda,dev]'
   else
     # The CPU wheel first, so that nothing below pulls a multi-GB CUDA torch.

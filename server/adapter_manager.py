@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from adapters.base import AdapterCapacityError, AdapterError, BaseModelSpec
+from adapters.base import AdapterCapacityError, AdapterError, AdapterLoadError, BaseModelSpec
 from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
 from server.engine.base import Engine
@@ -24,7 +24,7 @@ class AdapterManager:
                  max_resident: int, max_lora_rank: int):
         self.registry, self.engine, self.base, self.base_model = registry, engine, base, base_model
         self.max_resident, self.max_lora_rank = max_resident, max_lora_rank
-        self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> version, least recently used first
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()  # one load, eviction or merge at a time
         self.merged: str | None = None  # the LoRA folded into the base weights
@@ -44,7 +44,7 @@ class AdapterManager:
                                          source=source, replace=replace, is_pinned=is_pinned)
         async with self._lock:
             try:
-                await self._load(name, adapter, self.registry.path(record), start)
+                await self._load(name, adapter, self.registry.path(record), record.version, start)
             except AdapterCapacityError:
                 raise  # registered all the same: it loads on demand once a slot frees up
             except Exception:
@@ -106,23 +106,28 @@ class AdapterManager:
             self.merged = None
 
     async def _ensure_resident(self, name: str) -> None:
-        if name not in self._resident:
-            record = self.registry.get(name)
-            if record is None:
-                raise AdapterError("model", f"adapter `{name}` is not registered")
+        """Load `name` unless its registered version is resident (another replica may have replaced it)."""
+        record = self.registry.get(name)
+        if record is None:
+            raise AdapterError("model", f"adapter `{name}` is not registered")
+        if self._resident.get(name) != record.version:
             start, folder = time.monotonic(), self.registry.path(record)
-            adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
-            await self._load(name, adapter, folder, start)
+            try:
+                adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
+            except AdapterError as exc:
+                raise AdapterLoadError("model", f"adapter `{name}` (version {record.version}) failed to load from "
+                                                f"the store: {exc}") from exc
+            await self._load(name, adapter, folder, record.version, start)
         self._resident.move_to_end(name)
 
-    async def _load(self, name: str, adapter: Adapter, folder: Path, start: float) -> None:
+    async def _load(self, name: str, adapter: Adapter, folder: Path, version: int, start: float) -> None:
         if name == self.merged:  # a new version: the old one leaves the weights first
             await self._unmerge()
         if name not in self._resident:
             while len(self._resident) >= self.max_resident:
                 await self._evict_one()
         await self.engine.load_adapter(name, adapter, folder)
-        self._resident[name] = None
+        self._resident[name] = version
         self._resident.move_to_end(name)
         RESIDENT_ADAPTERS.set(len(self._resident))
         ADAPTER_LOADS.labels(name).inc()

@@ -4,8 +4,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.engine.base import GenerationRequest
@@ -100,13 +99,3 @@ async def completions(body: CompletionRequest, router: Router = Depends(get_rout
 @api.get("/v1/models", response_model=ModelList)
 async def list_models(router: Router = Depends(get_router)) -> ModelList:
     return router.models()
-
-
-@api.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@api.get("/metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

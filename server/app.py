@@ -1,17 +1,20 @@
 """The FastAPI application: loads the model once at start-up and wires HTTP -> router -> engine."""
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from transformers import AutoConfig, AutoTokenizer
 
 from adapters.base import BaseModelSpec
 from adapters.registry import AdapterRegistry
 from training.jobs import JobStore
 from server.adapter_api import adapter_api
+from server.auth import ApiKeys, require
 from server.adapter_manager import AdapterManager
 from server.api import api
 from server.job_runner import JobRunner
@@ -19,6 +22,8 @@ from server.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
+from server.limits import InFlightLimit
+from server.ops_api import ops_api
 from server.router import Router
 from server.settings import ServeSettings
 
@@ -43,36 +48,64 @@ def context_length(path: Path, requested: int | None) -> int:
     return requested or min(native, _DEFAULT_MAX_MODEL_LEN)
 
 
+async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: str, max_model_len: int) -> None:
+    """Everything slow at start-up, off the event loop: /health answers meanwhile, /ready once it is done."""
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
+    engine = await asyncio.to_thread(build_engine, settings, path, tokenizer, max_model_len)
+    app.state.engine = engine
+    await engine.start()
+    registry = AdapterRegistry(settings.adapter_store or settings.cache_dir / "adapters")
+    adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
+                              max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank)
+    jobs_root = settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
+    app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
+    await app.state.jobs.start()
+    app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
+                              max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit)
+    app.state.phase = "ready"
+    log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
+
+
 def build_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        path, name = resolve_model(settings)
+        path, name = resolve_model(settings)  # bad flags stop the server at once, before it listens
         max_model_len = context_length(path, settings.max_model_len)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        engine = build_engine(settings, path, tokenizer, max_model_len)
-        await engine.start()
-        registry = AdapterRegistry(settings.adapter_store or settings.cache_dir / "adapters")
-        adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
-                                  max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank)
-        app.state.router = Router(engine, adapters, tokenizer, name, max_model_len)
-        app.state.settings = settings
-        jobs_root = settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
-        app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
-        await app.state.jobs.start()
-        log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
+        app.state.settings, app.state.api_keys = settings, ApiKeys.load(settings.api_keys_file)
+        app.state.phase, app.state.router, app.state.engine, app.state.jobs = "loading", None, None, None
+        loading = asyncio.create_task(load_model(app, settings, path, name, max_model_len))
+        loading.add_done_callback(lambda task: _on_loaded(app, task))
         try:
             yield
         finally:
-            await app.state.jobs.shutdown()
-            await engine.shutdown()
+            app.state.phase = "stopping"
+            await asyncio.wait([loading])
+            if app.state.jobs is not None:
+                await app.state.jobs.shutdown()
+            if app.state.engine is not None:
+                await app.state.engine.shutdown()
 
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    app.include_router(api)
-    app.include_router(adapter_api)
-    app.include_router(jobs_api)
+    app.include_router(ops_api)
+    app.include_router(api, dependencies=[require("inference")])
+    app.include_router(adapter_api, dependencies=[require("admin")])
+    app.include_router(jobs_api, dependencies=[require("admin")])
+    app.add_middleware(InFlightLimit, limit=settings.max_num_seqs + settings.max_queued_requests)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 
+def _on_loaded(app: FastAPI, task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        app.state.phase = "failed"
+        log.error("loading the model failed; /health now answers 503", exc_info=task.exception())
+
+
 def run_server(settings: ServeSettings) -> None:
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # On SIGTERM uvicorn stops listening, lets in-flight requests finish (up to the drain timeout), then
+    # runs the lifespan's shutdown, which aborts whatever is left in the engine.
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.drain_timeout_s)

@@ -9,7 +9,11 @@ from server.settings import ServeSettings
 
 
 def get_router(request: Request) -> Router:
-    return request.app.state.router
+    router = request.app.state.router
+    if router is None:
+        raise APIError(503, "the model is still loading; retry shortly (GET /ready says when)",
+                       type="server_error", code="loading", headers={"Retry-After": "5"})
+    return router
 
 
 def get_settings(request: Request) -> ServeSettings:
@@ -17,6 +21,7 @@ def get_settings(request: Request) -> ServeSettings:
 
 
 def get_runner(request: Request) -> JobRunner:
+    get_router(request)  # the runner starts once the model is loaded: until then, the same 503
     return request.app.state.jobs
 
 

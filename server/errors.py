@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.base import AdapterCapacityError, AdapterError
+from adapters.base import AdapterCapacityError, AdapterError, AdapterLoadError
 from adapters.registry import AdapterExists
 from server.protocol import ErrorBody, ErrorResponse
 
@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 class APIError(Exception):
     def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status_code = status_code
+        self.status_code, self.headers = status_code, headers
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
 
 
@@ -27,7 +27,10 @@ def error_json(status_code: int, body: ErrorResponse, headers: dict[str, str] | 
 
 
 def adapter_api_error(exc: AdapterError) -> APIError:
-    """A bad adapter is the client's 400; a taken name 409; a full device 503 (retry)."""
+    """A bad adapter is the client's 400; a taken name 409; a stored adapter that no longer loads 500;
+    a full device 503 (retry)."""
+    if isinstance(exc, AdapterLoadError):
+        return APIError(500, str(exc), param=exc.field, code="adapter_load_failed", type="server_error")
     status = 409 if isinstance(exc, AdapterExists) else 503 if isinstance(exc, AdapterCapacityError) else 400
     return APIError(status, str(exc), param=exc.field, code="invalid_adapter" if status == 400 else None,
                     type="server_error" if status == 503 else "invalid_request_error")
@@ -43,7 +46,7 @@ def invalid_request(errors: list[dict]) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_json(exc.status_code, exc.body)
+        return error_json(exc.status_code, exc.body, exc.headers)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.archive import confine
-from server.dependencies import check_upload_size, get_runner, get_settings
+from server.dependencies import check_upload_size, get_router, get_runner, get_settings
 from server.errors import APIError, invalid_request
 from server.job_runner import JobRunner
+from server.router import Router
 from server.settings import ServeSettings
 from training.config import TrainConfig
 from training.jobs import FINAL, CheckpointRecord, EventRecord, FileRecord, JobRecord, JobStore, new_id
@@ -162,9 +163,9 @@ async def show_file(file_id: str, runner: JobRunner = Depends(get_runner)) -> Fi
 
 
 @jobs_api.post("/v1/fine_tuning/jobs", response_model=JobObject)
-async def create_job(body: CreateJob, request: Request, runner: JobRunner = Depends(get_runner),
-                     settings: ServeSettings = Depends(get_settings)) -> JobObject:
-    router = request.app.state.router
+async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
+                     settings: ServeSettings = Depends(get_settings),
+                     router: Router = Depends(get_router)) -> JobObject:
     if body.model != router.base_model:
         raise APIError(400, f"fine-tuning trains adapters for the served base model `{router.base_model}` only",
                        param="model", code="model_not_available")

@@ -27,6 +27,7 @@ ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checkin
                               ["model"], buckets=_LATENCY_BUCKETS)
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
 RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
+REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 

@@ -36,9 +36,11 @@ def raise_for_failure(out: GenerationOutput) -> None:
 
 class Router:
     def __init__(self, engine: Engine, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase,
-                 base_model: str, max_model_len: int):
+                 base_model: str, max_model_len: int, *, max_prompt_tokens: int | None = None,
+                 max_tokens_limit: int | None = None):
         self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
         self.base_model, self.max_model_len = base_model, max_model_len
+        self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self._created = int(time.time())
 
     def models(self) -> ModelList:
@@ -74,6 +76,12 @@ class Router:
     def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
               prompt_param: str) -> GenerationRequest:
         adapter, num_virtual = self.resolve(body.model)
+        if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
+            raise APIError(400, f"The prompt has {len(prompt_ids)} tokens; this server accepts at most "
+                                f"{self.max_prompt_tokens}.", param=prompt_param, code="prompt_too_long")
+        if self.max_tokens_limit is not None and max_tokens is not None and max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.max_tokens_limit}.",
+                           param="max_tokens", code="max_tokens_exceeded")
         # Soft-prompt and prefix positions take context like prompt tokens do.
         limit, num_prompt = self.max_model_len - num_virtual, len(prompt_ids)
         if num_prompt >= limit:
@@ -86,7 +94,7 @@ class Router:
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
         sampling = SamplingParams(
-            max_tokens=max_tokens or limit - num_prompt,
+            max_tokens=max_tokens or min(limit - num_prompt, self.max_tokens_limit or limit),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,

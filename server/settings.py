@@ -37,6 +37,14 @@ class EngineSettings(BaseModel):
     """vLLM engine: distinct LoRAs in one batch (vLLM's max_loras)."""
     max_cpu_loras: int | None = Field(None, gt=0)
     """vLLM engine: LoRAs cached in host memory (vLLM's max_cpu_loras; default: max_loras)."""
+    tensor_parallel_size: int = Field(1, gt=0)
+    """vLLM engine: GPUs one model is sharded over (vLLM's tensor parallelism)."""
+    pipeline_parallel_size: int = Field(1, gt=0)
+    """vLLM engine: pipeline stages (across nodes with --distributed-executor-backend ray)."""
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    """vLLM engine: how workers are run (default: vLLM's choice; `ray` for more than one node)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vLLM engine on a GPU: share of GPU memory for weights, activations and KV cache."""
     torch_beside_vllm: bool = True
     """vLLM engine: serve prefix and bottleneck adapters, which vLLM cannot run, on a torch engine started
     beside it on first use (a second copy of the base weights plus its own KV cache)."""
@@ -63,3 +71,15 @@ class ServeSettings(EngineSettings):
     """Largest adapter archive accepted, packed or unpacked."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server and uvicorn."""
+    api_keys_file: Path | None = None
+    """File of `inference:KEY` / `admin:KEY` lines (also read: $SWAPYARD_API_KEYS); none: no auth."""
+    max_queued_requests: int = Field(256, ge=0)
+    """Generation requests admitted beyond --max-num-seqs to wait in the queue; past that, 429."""
+    max_prompt_tokens: int | None = Field(None, gt=0)
+    """Longest prompt accepted, in tokens (default: the context length)."""
+    max_tokens_limit: int | None = Field(None, gt=0)
+    """Largest max_tokens a request may ask for; also the default when it asks none (default: the context)."""
+    cors_origins: list[str] = []
+    """Origins browsers may call from (CORS); none by default."""
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM: how long in-flight requests may take to finish before they are aborted."""

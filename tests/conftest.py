@@ -43,11 +43,12 @@ def running_server(**settings):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+    url = f"http://127.0.0.1:{config.port}"
+    while not (server.started and httpx.get(f"{url}/ready").status_code == 200):
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not get ready"
         time.sleep(0.1)
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -38,7 +38,7 @@ def vllm(tmp_path_factory, adapter_root):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "vLLM server did not start"
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
+                if httpx.get(f"{url}/ready").status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(1)

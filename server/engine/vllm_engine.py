@@ -109,10 +109,12 @@ class _Lora:
 class VLLMEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
+        memory = _CPU_MEMORY_FRACTION if current_platform.is_cpu() else settings.gpu_memory_utilization
         self._args = AsyncEngineArgs(
             model=str(model_path), max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
-            dtype=settings.dtype,
-            gpu_memory_utilization=_CPU_MEMORY_FRACTION if current_platform.is_cpu() else 0.9,
+            dtype=settings.dtype, gpu_memory_utilization=memory,
+            tensor_parallel_size=settings.tensor_parallel_size, pipeline_parallel_size=settings.pipeline_parallel_size,
+            distributed_executor_backend=settings.distributed_executor_backend,
             enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras, enable_prompt_embeds=True,
             worker_extension_cls="server.engine.vllm_worker.WeightFolding",
@@ -131,7 +133,8 @@ class VLLMEngine:
         self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # compensating LoRAs' files
 
     async def start(self) -> None:
-        self._llm = AsyncLLM.from_engine_args(self._args)
+        # Off the event loop: the engine core takes about a minute to start, and /health must answer meanwhile.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
 
     async def shutdown(self) -> None:
         self._llm.shutdown()

@@ -1,0 +1,81 @@
+"""API keys: `Authorization: Bearer <key>`, each key with a scope. `inference` keys may call the model
+routes; `admin` keys may also register adapters and run fine-tuning jobs. With no keys configured the
+server is open (a warning says so at start-up). Keys are kept as SHA-256 digests and never logged."""
+
+import hashlib
+import hmac
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, Request
+
+from server.errors import APIError
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["inference", "admin"]
+SCOPES: tuple[Scope, ...] = ("inference", "admin")
+KEYS_ENV = "SWAPYARD_API_KEYS"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_keys(text: str, source: str) -> dict[bytes, Scope]:
+    """`scope:key` entries, one per line or comma-separated; `#` starts a comment."""
+    keys: dict[bytes, Scope] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        for entry in filter(None, (part.strip() for part in line.split("#", 1)[0].split(","))):
+            scope, sep, key = entry.partition(":")
+            if not sep or scope not in SCOPES or not key:
+                # The entry itself is not echoed: it may be a key.
+                raise SystemExit(f"{source}, line {number}: expected `inference:KEY` or `admin:KEY`")
+            keys[_digest(key)] = scope
+    return keys
+
+
+class ApiKeys:
+    def __init__(self, keys: dict[bytes, Scope]):
+        self._keys = keys
+
+    @classmethod
+    def load(cls, file: Path | None) -> "ApiKeys":
+        keys = parse_keys(os.environ.get(KEYS_ENV, ""), KEYS_ENV)
+        if file is not None:
+            keys |= parse_keys(file.read_text(), str(file))
+        if not keys:
+            log.warning("no API keys configured (--api-keys-file, $%s): every route is open", KEYS_ENV)
+        return cls(keys)
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self._keys)
+
+    def scope_of(self, key: str) -> Scope | None:
+        digest = _digest(key)
+        # Compare against every key so the time taken says nothing about which one nearly matched.
+        found = [scope for known, scope in self._keys.items() if hmac.compare_digest(known, digest)]
+        return found[0] if found else None
+
+
+def require(scope: Scope):
+    """A route dependency that lets a request through only with a key of `scope` (or admin)."""
+
+    def check(request: Request) -> None:
+        keys: ApiKeys = request.app.state.api_keys
+        if not keys.is_enabled:
+            return
+        kind, _, token = request.headers.get("authorization", "").partition(" ")
+        granted = keys.scope_of(token.strip()) if kind.lower() == "bearer" else None
+        if granted is None:
+            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                           type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if scope == "admin" and granted != "admin":
+            raise APIError(403, "this API key has the inference scope; this route needs an admin key",
+                           type="permission_error", code="insufficient_scope")
+
+    return Depends(check)

@@ -1,0 +1,26 @@
+"""Operations routes, open without a key: liveness, readiness and Prometheus metrics."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+ops_api = APIRouter()
+
+
+@ops_api.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Live: the process answers (while the model loads too); 503 only if loading failed."""
+    failed = request.app.state.phase == "failed"
+    return JSONResponse({"status": "failed" if failed else "ok"}, status_code=503 if failed else 200)
+
+
+@ops_api.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Ready: the model is loaded and requests are served; 503 while loading (or after a failure)."""
+    phase = request.app.state.phase
+    return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
+
+
+@ops_api.get("/metrics")
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
