@@ -235,7 +235,7 @@ class AdapterBank:
             return torch.tensor(kept, device=self._device)
 
         rows = RowAdapters(lora=index_for(LoraAdapter), bottleneck=index_for(BottleneckAdapter))
-        if merged is not None:
+        if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
             unmerged = torch.tensor([not m for m in is_merged], device=self._device, dtype=self._dtype)
             rows.unmerged = unmerged[:, None, None]
         if rows.lora is not None:
