@@ -3,13 +3,15 @@ result; cancel; bad requests; and a job cut off by a restart resumes instead of 
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import MODEL, ask, running_server
+from conftest import MODEL, ask, free_port, running_server
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "training" / "examples"
 JOBS = "/v1/fine_tuning/jobs"
@@ -119,3 +121,48 @@ def test_job_running_at_shutdown_resumes_after_restart(tmp_path, adapter_root):
         steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl")
                  .read_text().splitlines() if "train_loss" in line]
         assert steps == list(range(1, 31))
+
+
+def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
+    """kill -9 takes the training process down with the server (no orphan writing beside the resumed run);
+    the restarted server resumes from the last checkpoint and the metrics hold each step once."""
+    data = adapter_root / "kill-train.jsonl"
+    shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
+    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--engine", "torch", "--port", str(port),
+                             "--adapter-store", str(dirs["adapter_store"]),
+                             "--fine-tuning-dir", str(dirs["fine_tuning_dir"]),
+                             "--adapter-roots", json.dumps([str(adapter_root)])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            _wait_ready(http, proc)
+            job = http.post(JOBS, json={"model": MODEL, "training_file": str(data),
+                                        "method": {"type": "bottleneck", "hyperparameters": {"epochs": 6}}}).json()
+            _wait(http, job["id"], lambda j: http.get(f"{JOBS}/{j['id']}/checkpoints").json()["data"])
+    finally:
+        proc.kill()
+        proc.wait()
+    metrics = tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl"
+    size = metrics.stat().st_size
+    time.sleep(3)
+    assert metrics.stat().st_size == size  # the trainer died with the server
+
+    with running_server(**dirs) as url, httpx.Client(base_url=url, timeout=60) as http:
+        done = _wait(http, job["id"], _finished)
+        assert done["status"] == "succeeded", done
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line]
+    assert steps == list(range(1, 31))
+
+
+def _wait_ready(http: httpx.Client, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if http.get("/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not get ready")

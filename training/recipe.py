@@ -146,8 +146,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
                       "data": scores})
         checkpoint = config.out / "checkpoints" / f"epoch-{epoch + 1}"
         trainable.save(checkpoint)
+        # The state file marks a checkpoint complete, so it appears whole or not at all (write, then rename).
+        partial = checkpoint / f"{STATE_FILE}.partial"
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, checkpoint / STATE_FILE)
+                    "rng": torch.get_rng_state()}, partial)
+        partial.replace(checkpoint / STATE_FILE)
         on_event({"level": "info", "message": f"checkpoint {checkpoint.name} saved",
                   "data": {"checkpoint": str(checkpoint), "epoch": epoch + 1, "step": step}})
 

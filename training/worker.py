@@ -4,8 +4,12 @@ Exit code 0 means trained (the summary is in OUT/summary.json); anything else fa
 "error" event says why. A job cancelled through the API stops at its next step.
 """
 
+import ctypes
 import json
 import logging
+import os
+import signal
+import sys
 import traceback
 from pathlib import Path
 
@@ -17,9 +21,20 @@ from training.jobs import JobStore
 from training.recipe import TrainingCancelled, train
 
 SUMMARY_FILE = "summary.json"
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def die_with_parent() -> None:
+    """Linux: be killed when the server process dies, even by kill -9; a restarted server resumes the
+    job, and an orphan still training beside it would write the same files."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the server was gone before the call
+            os._exit(1)
 
 
 def run_job(db_path: str, job_id: str, num_threads: int | None) -> None:
+    die_with_parent()
     logging.basicConfig(level=logging.WARNING)
     if num_threads:
         torch.set_num_threads(num_threads)
