@@ -1,4 +1,5 @@
-"""The FastAPI application: loads the model once at start-up and wires HTTP -> router -> engine."""
+"""The FastAPI application: loads the model once, in the background at start-up, and wires
+HTTP -> auth and limits -> router -> engine."""
 
 import asyncio
 import logging
@@ -22,7 +23,7 @@ from server.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
-from server.limits import InFlightLimit
+from server.limits import BodyLimit, InFlightLimit
 from server.ops_api import ops_api
 from server.router import Router
 from server.settings import ServeSettings
@@ -92,6 +93,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
     app.include_router(adapter_api, dependencies=[require("admin")])
     app.include_router(jobs_api, dependencies=[require("admin")])
     app.add_middleware(InFlightLimit, limit=settings.max_num_seqs + settings.max_queued_requests)
+    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * 2**20))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -45,7 +45,10 @@ class ApiKeys:
     def load(cls, file: Path | None) -> "ApiKeys":
         keys = parse_keys(os.environ.get(KEYS_ENV, ""), KEYS_ENV)
         if file is not None:
-            keys |= parse_keys(file.read_text(), str(file))
+            try:
+                keys |= parse_keys(file.read_text(), str(file))
+            except OSError as exc:
+                raise SystemExit(f"--api-keys-file {file}: {exc.strerror}") from exc
         if not keys:
             log.warning("no API keys configured (--api-keys-file, $%s): every route is open", KEYS_ENV)
         return cls(keys)

@@ -1,7 +1,9 @@
-"""Admission control: a bounded number of generation requests in flight (running or queued in the
-engine); past it a request is refused at once with 429 and Retry-After instead of queueing in memory."""
+"""Admission control, so that no client can make the server hold unbounded memory: a bounded number
+of generation requests in flight (running or queued in the engine), past which a request is refused at
+once with 429 and Retry-After; and a bounded JSON body (archives have their own upload limit)."""
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_json
 from server.metrics import REJECTED
@@ -33,3 +35,32 @@ class InFlightLimit:
             await self.app(scope, receive, send)
         finally:
             self.num_in_flight -= 1
+
+
+class BodyLimit:
+    """Refuses non-multipart bodies over `limit` bytes with 413, by Content-Length or while reading."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ())) if scope["type"] == "http" else {}
+        if scope["type"] != "http" or headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+            await self.app(scope, receive, send)
+            return
+        message = f"request body over the limit of {self.limit} bytes"
+        if int(headers.get(b"content-length", b"0") or 0) > self.limit:
+            body = ErrorResponse(error=ErrorBody(message=message, type="invalid_request_error"))
+            await error_json(413, body)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:  # a chunked body declares no length: count what arrives
+            nonlocal received
+            message_in = await receive()
+            received += len(message_in.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, message)  # the app's error handlers turn it into error JSON
+            return message_in
+
+        await self.app(scope, counted, send)

@@ -73,6 +73,8 @@ class ServeSettings(EngineSettings):
     """Log level of the server and uvicorn."""
     api_keys_file: Path | None = None
     """File of `inference:KEY` / `admin:KEY` lines (also read: $SWAPYARD_API_KEYS); none: no auth."""
+    max_request_mb: float = Field(8.0, gt=0)
+    """Largest JSON request body; archives and training files are bounded by --max-upload-mb instead."""
     max_queued_requests: int = Field(256, ge=0)
     """Generation requests admitted beyond --max-num-seqs to wait in the queue; past that, 429."""
     max_prompt_tokens: int | None = Field(None, gt=0)

@@ -56,3 +56,17 @@ def _preflight(url: str) -> httpx.Response:
 def test_cors_only_for_configured_origins(limited, base_url):
     assert _preflight(limited).headers.get("access-control-allow-origin") == "https://app.example"
     assert "access-control-allow-origin" not in _preflight(base_url).headers  # the default server: off
+
+
+def test_oversized_json_body_is_413(base_url):
+    big = {"model": MODEL, "messages": ask("x" * (9 * 2**20))}  # over the default 8 MB
+    assert httpx.post(f"{base_url}/v1/chat/completions", json=big, timeout=60).status_code == 413
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 2**20
+        yield b'"}]}'
+    chunked = httpx.post(f"{base_url}/v1/chat/completions", content=chunks(),
+                         headers={"content-type": "application/json"}, timeout=60)
+    assert chunked.status_code == 413 and "limit" in chunked.json()["error"]["message"]

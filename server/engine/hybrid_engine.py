@@ -70,7 +70,7 @@ class HybridEngine:
     async def _side_engine(self) -> Engine:
         async with self._side_started:
             if self._side is None:
-                side = self._build_side()
+                side = await asyncio.to_thread(self._build_side)  # loads the model: off the event loop
                 await side.start()
                 self._side = side
         return self._side

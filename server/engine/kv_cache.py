@@ -46,8 +46,10 @@ class SlotKVCache:
         layers, heads, dim = self._shape
         for name in ("k", "v"):
             old = getattr(self, name)
-            # empty, not zeros: pages the OS never sees written cost no memory.
-            new = torch.empty(layers, slots, heads, cap, dim, dtype=old.dtype, device=old.device)
+            # zeros, not empty: a row's attention reads the masked positions up to the batch's longest row,
+            # and recycled memory may hold NaN or inf, which poisons the row even at zero weight (0 * NaN).
+            # The KV budget (--kv-cache-memory-gb) bounds what this commits.
+            new = torch.zeros(layers, slots, heads, cap, dim, dtype=old.dtype, device=old.device)
             new[:, :old_slots, :, :old_cap] = old
             setattr(self, name, new)
 
