@@ -2,9 +2,9 @@
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.archive import confine
@@ -17,6 +17,8 @@ from training.config import TrainConfig
 from training.jobs import FINAL, CheckpointRecord, EventRecord, FileRecord, JobRecord, JobStore, new_id
 
 jobs_api = APIRouter()
+
+PageSize = Annotated[int, Query(ge=1, le=1000)]  # bounded: SQLite takes 64-bit limits, and a page must fit memory
 
 # Fields of TrainConfig the server sets itself; the rest are the job's hyperparameters.
 _SERVER_FIELDS = {"method", "data", "validation", "out", "model", "cache_dir", "resume"}
@@ -34,7 +36,7 @@ class CreateJob(BaseModel):
     training_file: str  # a file id from POST /v1/files, or a server path inside --adapter-roots
     validation_file: str | None = None
     suffix: str | None = Field(None, max_length=40)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     method: JobMethod = JobMethod()
 
 
@@ -194,7 +196,7 @@ async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
 
 
 @jobs_api.get("/v1/fine_tuning/jobs", response_model=Page)
-async def list_jobs(after: str | None = None, limit: int = 20, runner: JobRunner = Depends(get_runner)) -> Page:
+async def list_jobs(after: str | None = None, limit: PageSize = 20, runner: JobRunner = Depends(get_runner)) -> Page:
     jobs = runner.store.list_jobs(after, limit + 1)
     return Page(data=[JobObject.of(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
 
@@ -205,7 +207,7 @@ async def show_job(job_id: str, runner: JobRunner = Depends(get_runner)) -> JobO
 
 
 @jobs_api.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=Page)
-async def job_events(job_id: str, after: str | None = None, limit: int = 20,
+async def job_events(job_id: str, after: str | None = None, limit: PageSize = 20,
                      runner: JobRunner = Depends(get_runner)) -> Page:
     _job_or_404(runner.store, job_id)
     anchor = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None

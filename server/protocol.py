@@ -42,8 +42,8 @@ class SamplingFields(_Request):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch generators take
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: Literal[1] = 1
     stream: bool = False

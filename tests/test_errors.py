@@ -23,6 +23,8 @@ def _chat(**fields):
     (CHAT, _chat(max_tokens=MAX_MODEL_LEN), 400, "max_tokens"),
     (CHAT, _chat(temperature=3), 400, "temperature"),
     (CHAT, _chat(n=2), 400, "n"),
+    (CHAT, _chat(seed=2**70), 400, "seed"),  # found by the fuzz test: a 500 from the generator before
+    (CHAT, _chat(top_k=2**70, temperature=1), 400, "top_k"),
     (CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     (CHAT, _chat(messages=ask("word " * MAX_MODEL_LEN)), 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),

@@ -1,5 +1,6 @@
 """Fuzz every route of our OpenAPI spec with schemathesis (random valid and invalid bodies, paths and
-parameters): no request may produce a 5xx. Generation is capped at a few tokens to keep it quick."""
+parameters): no request may produce a 5xx. Generation is capped at a few tokens to keep it quick.
+It found two: an over-64-bit page `limit` (SQLite overflow) and an over-64-bit `seed`."""
 
 import pytest
 import schemathesis
@@ -23,6 +24,7 @@ def fuzzed_server(tmp_path_factory):
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized so that CI is repeatable; drop `derandomize` and raise max_examples to hunt for more.
+@settings(max_examples=50, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_is_a_server_error(case, fuzzed_server):
     case.call_and_validate(base_url=fuzzed_server, checks=[not_a_server_error], timeout=60)
