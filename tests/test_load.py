@@ -1,5 +1,5 @@
 """A bounded load test on loopback: 200 concurrent streaming requests spread over 8 adapters (two of
-each kind) plus nothing else. No request fails, and every stream carries its own adapter's signature:
+each kind). No request fails, and every stream carries its own adapter's signature:
 the greedy text that adapter gives when asked alone, so a response routed to, or mixed with, another
 adapter's rows would show."""
 
