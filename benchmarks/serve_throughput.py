@@ -103,7 +103,8 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
             if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
                 return proc, f"http://127.0.0.1:{port}"
         except httpx.TransportError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)  # /ready answers 503 at once while the model loads: do not spin
     proc.kill()
     raise SystemExit("server did not start")
 

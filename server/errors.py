@@ -21,6 +21,9 @@ class APIError(Exception):
         self.status_code, self.headers = status_code, headers
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
 
+    def response(self) -> JSONResponse:
+        return error_json(self.status_code, self.body, self.headers)
+
 
 def error_json(status_code: int, body: ErrorResponse, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status_code, content=body.model_dump(), headers=headers)
@@ -46,7 +49,7 @@ def invalid_request(errors: list[dict]) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_json(exc.status_code, exc.body, exc.headers)
+        return exc.response()
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:

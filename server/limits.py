@@ -5,9 +5,8 @@ once with 429 and Retry-After; and a bounded JSON body (archives have their own 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_json
+from server.errors import APIError
 from server.metrics import REJECTED
-from server.protocol import ErrorBody, ErrorResponse
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -25,10 +24,9 @@ class InFlightLimit:
             return
         if self.num_in_flight >= self.limit:
             REJECTED.labels("over_capacity").inc()
-            body = ErrorResponse(error=ErrorBody(
-                message=f"the server is at its limit of {self.limit} requests in flight; retry shortly",
-                type="rate_limit_error", code="over_capacity"))
-            await error_json(429, body, {"Retry-After": "1"})(scope, receive, send)
+            refused = APIError(429, f"the server is at its limit of {self.limit} requests in flight; retry shortly",
+                               type="rate_limit_error", code="over_capacity", headers={"Retry-After": "1"})
+            await refused.response()(scope, receive, send)
             return
         self.num_in_flight += 1
         try:
@@ -50,8 +48,7 @@ class BodyLimit:
             return
         message = f"request body over the limit of {self.limit} bytes"
         if int(headers.get(b"content-length", b"0") or 0) > self.limit:
-            body = ErrorResponse(error=ErrorBody(message=message, type="invalid_request_error"))
-            await error_json(413, body)(scope, receive, send)
+            await APIError(413, message).response()(scope, receive, send)
             return
         received = 0
 

@@ -5,6 +5,8 @@ The context is cut to 1024 tokens so that context-limit errors are cheap to prov
 Adapters are small random ones of every kind (tests/adapter_factory.py), made once per session."""
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -52,6 +54,27 @@ def running_server(**settings):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def start_serve_process(log: Path, *args: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`swapyard serve ARGS` as its own process on a free loopback port, returned once /ready answers 200;
+    its output goes to `log` (a pipe nobody reads would stall a chatty server)."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not get ready: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)  # /ready answers 503 at once while the model loads: do not spin
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,13 @@ result; cancel; bad requests; and a job cut off by a restart resumes instead of 
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import MODEL, ask, free_port, running_server
+from conftest import MODEL, ask, running_server, start_serve_process
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "training" / "examples"
 JOBS = "/v1/fine_tuning/jobs"
@@ -129,15 +127,12 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
     data = adapter_root / "kill-train.jsonl"
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
     dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--engine", "torch", "--port", str(port),
-                             "--adapter-store", str(dirs["adapter_store"]),
-                             "--fine-tuning-dir", str(dirs["fine_tuning_dir"]),
-                             "--adapter-roots", json.dumps([str(adapter_root)])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start_serve_process(tmp_path / "serve.log", "--engine", "torch",
+                                    "--adapter-store", str(dirs["adapter_store"]),
+                                    "--fine-tuning-dir", str(dirs["fine_tuning_dir"]),
+                                    "--adapter-roots", json.dumps([str(adapter_root)]))
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            _wait_ready(http, proc)
+        with httpx.Client(base_url=url, timeout=60) as http:
             job = http.post(JOBS, json={"model": MODEL, "training_file": str(data),
                                         "method": {"type": "bottleneck", "hyperparameters": {"epochs": 6}}}).json()
             _wait(http, job["id"], lambda j: http.get(f"{JOBS}/{j['id']}/checkpoints").json()["data"])
@@ -154,15 +149,3 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
         assert done["status"] == "succeeded", done
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line]
     assert steps == list(range(1, 31))
-
-
-def _wait_ready(http: httpx.Client, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if http.get("/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not get ready")

@@ -10,14 +10,11 @@ vLLM would pick bfloat16, whose greedy tokens drift from float32's). Marked slow
 """
 
 import json
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from conftest import MODEL, ask, free_port
+from conftest import MODEL, ask, start_serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +23,11 @@ QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea
 
 @pytest.fixture(scope="module")
 def vllm(tmp_path_factory, adapter_root):
-    port, tmp = free_port(), tmp_path_factory.mktemp("vllm")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--engine", "vllm", "--dtype", "float32",
-                             "--port", str(port), "--max-model-len", "1024", "--adapter-store", str(tmp / "store"),
-                             "--fine-tuning-dir", str(tmp / "ft"), "--adapter-roots", json.dumps([str(adapter_root)])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 400
+    tmp = tmp_path_factory.mktemp("vllm")
+    proc, url = start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len",
+                                    "1024", "--adapter-store", str(tmp / "store"), "--fine-tuning-dir", str(tmp / "ft"),
+                                    "--adapter-roots", json.dumps([str(adapter_root)]), timeout=400)
     try:
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "vLLM server did not start"
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
         with httpx.Client(base_url=url, timeout=120) as client:
             yield client
     finally:
