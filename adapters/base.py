@@ -1,6 +1,7 @@
 """What every adapter kind shares: the base model it must fit, errors, and how files are read."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 # Pickle-based weight files run code when loaded: never read them.
 _PICKLED = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class AdapterError(ValueError):
@@ -74,9 +76,22 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterError(WEIGHTS_FILE, f"missing in {folder}")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(WEIGHTS_FILE, f"not a valid safetensors file ({exc})") from exc
+    for key, tensor in tensors.items():
+        # One NaN or inf in a batch's weights can reach every row batched with it: refuse it here.
+        if not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
+            raise AdapterError(key, "holds NaN or infinite values" if tensor.is_floating_point()
+                               else f"is {tensor.dtype}, adapter weights are floating point")
+    return tensors
+
+
+def check_finite(field: str, value: float) -> float:
+    """A scale computed from config numbers (alpha / r, ...) must stay finite too."""
+    if not math.isfinite(value):
+        raise AdapterError(field, f"gives a non-finite scale ({value})")
+    return value
 
 
 def expect_shape(field: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -90,10 +105,28 @@ def require(field: str, tensors: dict[str, torch.Tensor], key: str) -> torch.Ten
     return tensors[key].float()
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"{text} overflows")
+    return value
+
+
 def read_config(folder: Path) -> dict:
+    """adapter_config.json as a JSON object of finite numbers, bounded in size."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(CONFIG_FILE, f"missing in {folder} (or not a regular file)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(CONFIG_FILE, f"is over {MAX_CONFIG_BYTES} bytes")
     try:
-        return json.loads((folder / CONFIG_FILE).read_text())
-    except FileNotFoundError as exc:
-        raise AdapterError(CONFIG_FILE, f"missing in {folder}") from exc
-    except json.JSONDecodeError as exc:
-        raise AdapterError(CONFIG_FILE, f"not valid JSON ({exc})") from exc
+        config = json.loads(path.read_bytes(), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterError(CONFIG_FILE, f"not valid JSON ({str(exc)[:200]})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(CONFIG_FILE, f"must be a JSON object, not {type(config).__name__}")
+    return config

@@ -39,7 +39,7 @@ class BottleneckConfig(BaseModel):
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     positions: list[Literal["attn", "mlp"]] = Field(default_factory=lambda: list(POSITIONS), min_length=1)
     """Sublayer outputs that get an adapter: ["attn", "mlp"] is Houlsby, ["mlp"] Pfeiffer."""
-    scaling: float = 1.0
+    scaling: float = Field(1.0, allow_inf_nan=False)
     num_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
     layers_module: str = "model.layers"

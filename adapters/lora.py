@@ -15,7 +15,7 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
-from adapters.base import WEIGHTS_FILE, AdapterError, BaseModelSpec, expect_shape
+from adapters.base import WEIGHTS_FILE, AdapterError, BaseModelSpec, check_finite, expect_shape
 
 # PEFT saves `base_model.model.<module>.lora_A.weight` (the adapter name is dropped on save).
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -46,21 +46,38 @@ class LoraAdapter:
 def _refuse_unsupported(config: LoraConfig) -> None:
     if config.use_dora:
         raise AdapterError("use_dora", "DoRA adapters are not supported")
-    if config.bias != "none":
-        raise AdapterError("bias", f"`{config.bias}`: only bias='none' is supported")
+    if config.lora_bias:
+        raise AdapterError("lora_bias", "LoRA B biases are not supported; train with lora_bias=False")
     if config.modules_to_save:
         raise AdapterError("modules_to_save", "fully fine-tuned extra modules are not supported")
     if config.fan_in_fan_out:
         raise AdapterError("fan_in_fan_out", "only nn.Linear targets (fan_in_fan_out=false) are supported")
 
 
+def _unexpected(key: str) -> AdapterError:
+    """Name the feature a tensor that is not a LoRA A or B comes from, and how to save without it."""
+    if ".lora_embedding_" in key:
+        return AdapterError("target_modules", f"`{key}`: LoRA on embedding layers is not supported; leave "
+                                              f"embed_tokens out of target_modules")
+    if key.endswith(".base_layer.weight") or key.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return AdapterError("save_embedding_layers", f"`{key}` is a full base-model weight (PEFT saves it when "
+                                                     f"embed_tokens or lm_head is targeted); save the adapter "
+                                                     f"with save_embedding_layers=False")
+    if key.endswith(".bias"):
+        return AdapterError("bias", f"`{key}`: trained biases (bias='all' or 'lora_only' on a base with "
+                                    f"biases, or lora_bias) are not supported; train with bias='none'")
+    return AdapterError(WEIGHTS_FILE, f"unexpected tensor `{key}` in a LoRA adapter")
+
+
 def load_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], base: BaseModelSpec, max_rank: int) -> LoraAdapter:
+    # bias='all' / 'lora_only' on a base without biases saves LoRA tensors only, which serve exactly:
+    # a bias tensor, if there is one, is refused below by name.
     _refuse_unsupported(config)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise AdapterError(WEIGHTS_FILE, f"unexpected tensor `{key}` in a LoRA adapter")
+            raise _unexpected(key)
         parts.setdefault(match["module"], {})[match["part"]] = tensor.float()
     if not parts:
         raise AdapterError(WEIGHTS_FILE, "holds no LoRA weights")
@@ -78,7 +95,9 @@ def load_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], base: BaseMo
         expect_shape(f"{module}.lora_B", pair["B"], (out_features, rank))
         alpha_key = get_pattern_key(list(config.alpha_pattern), module)
         alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
-        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        scale = check_finite("lora_alpha", alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)
+        if not torch.isfinite(pair["B"] * scale).all():
+            raise AdapterError("lora_alpha", f"scale {scale} times `{module}.lora_B` overflows")
         layers[module] = LoraWeights(pair["A"], pair["B"], scale)
     return LoraAdapter(layers)
 

@@ -1,8 +1,9 @@
 """Registered adapters: metadata in SQLite, files in a store folder; both survive restarts.
 
 A registration copies the (already validated) files into a fresh version folder and renames it into
-place before the row is committed, so a crash at any point (kill -9 included) leaves the previous
-state; folders no row points at are swept at start-up once they are older than `sweep_after_s`.
+place (`stage`); the server loads it into the engine from there, and only then is the row committed
+(`commit`) and the replaced version's files removed. A crash at any point (kill -9 included) leaves the
+previous state; folders no row points at are swept at start-up once they are older than `sweep_after_s`.
 Replicas may share one registry folder (a volume): the version is allotted inside an SQLite write
 transaction, and the sweep's age limit spares another replica's registration in progress.
 """
@@ -19,7 +20,10 @@ from pydantic import BaseModel
 
 from adapters.base import AdapterError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched whole (fullmatch: `$` would let a trailing newline through). Names are kept as given, looked up
+# exactly, and unique ignoring case, so no two differ only by case (nor collide as folders on a
+# case-insensitive filesystem).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -77,23 +81,36 @@ class AdapterRegistry:
     def add(self, name: str, kind: str, num_virtual_tokens: int, files: Path, *, source: str, replace: bool,
             is_pinned: bool) -> AdapterRecord:
         """Copy `files` into the store as the new version of `name`; returns the committed record."""
-        if not NAME_PATTERN.match(name):
+        folder = self.stage(name, files, replace=replace)
+        return self.commit(name, kind, num_virtual_tokens, folder, source=source, replace=replace,
+                           is_pinned=is_pinned)
+
+    def stage(self, name: str, files: Path, *, replace: bool) -> str:
+        """Copy `files` into a fresh version folder of `name`, not yet committed (nothing serves it; the
+        sweep removes it after a crash). Returns the folder, relative to the store."""
+        if not NAME_PATTERN.fullmatch(name):
             raise AdapterError("name", f"`{name}` must be 1-64 letters, digits, '.', '_' or '-', "
                                        f"starting with a letter or digit")
-        if self.get(name) is not None and not replace:
+        if self._taken(name, replace):
             raise _exists(name)
         with self._lock:
             staging = self.store / f".staging-{uuid.uuid4().hex}"
             shutil.copytree(files, staging, symlinks=False)
-            num_bytes = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
             folder = f"{name}/{uuid.uuid4().hex}"
             (self.store / name).mkdir(exist_ok=True)
             staging.rename(self.store / folder)
+        return folder
+
+    def commit(self, name: str, kind: str, num_virtual_tokens: int, folder: str, *, source: str, replace: bool,
+               is_pinned: bool) -> AdapterRecord:
+        """Make a staged folder the served version of `name`, then remove the version it replaces."""
+        num_bytes = sum(f.stat().st_size for f in (self.store / folder).rglob("*") if f.is_file())
+        with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")  # other replicas' registrations wait here
-                old = self.get(name)
-                if old is not None and not replace:
+                if self._taken(name, replace):
                     raise _exists(name)
+                old = self.get(name)
                 record = AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens,
                                        version=old.version + 1 if old else 1, folder=folder, num_bytes=num_bytes,
                                        is_pinned=is_pinned, source=source, created_at=time.time())
@@ -103,11 +120,21 @@ class AdapterRegistry:
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                shutil.rmtree(self.store / folder, ignore_errors=True)
+                self.discard(folder)
                 raise
             if old is not None:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             return record
+
+    def discard(self, folder: str) -> None:
+        """Remove a staged folder that will not be committed."""
+        shutil.rmtree(self.store / folder, ignore_errors=True)
+
+    def _taken(self, name: str, replace: bool) -> bool:
+        """Whether `name` may not be registered: another adapter has it (in any case), or it exists and
+        this is not a replace."""
+        rows = self._db.execute("SELECT name FROM adapters WHERE lower(name) = lower(?)", (name,)).fetchall()
+        return any(row[0] != name or not replace for row in rows)
 
     def remove(self, name: str) -> AdapterRecord | None:
         with self._lock:
@@ -138,4 +165,5 @@ class AdapterRegistry:
 
 
 def _exists(name: str) -> AdapterExists:
-    return AdapterExists("name", f"an adapter named `{name}` exists; pass replace=true to swap it")
+    return AdapterExists("name", f"an adapter named `{name}` (ignoring case) exists; pass replace=true to swap "
+                                 f"an adapter of exactly this name")

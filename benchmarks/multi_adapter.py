@@ -77,7 +77,7 @@ def main() -> None:
             proc.terminate()
             proc.wait()
     base = results["base"]["tokens_per_s"]
-    for name, figures in results.items():
+    for figures in results.values():
         if "tokens_per_s" in figures:
             figures["vs_base"] = round(figures["tokens_per_s"] / base, 3)
     print(json.dumps(results, indent=2))

@@ -1,5 +1,6 @@
 """Admin routes for the adapter registry: register (server path or archive upload), list, show, delete."""
 
+import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -8,10 +9,10 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from adapters.archive import confine, extract_archive
+from adapters.archive import confine, copy_folder, extract_archive
 from adapters.base import AdapterError
 from adapters.registry import AdapterRecord
-from server.dependencies import check_upload_size, get_router, get_settings
+from server.dependencies import get_router, get_settings
 from server.errors import APIError, invalid_request
 from server.router import Router
 from server.settings import ServeSettings
@@ -59,30 +60,37 @@ class Deleted(BaseModel):
 
 
 async def _read_upload(request: Request, limit: int, staging: Path) -> tuple[RegisterAdapter, Path]:
-    """A multipart registration: form fields plus the archive in `file`, size-checked before reading."""
-    check_upload_size(request, limit)
+    """A multipart registration: form fields plus the archive in `file` (the body's size is bounded by
+    the BodyLimit middleware; starlette spools the file to disk)."""
     form = await request.form(max_files=1, max_fields=8)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise APIError(400, "multipart registration needs the archive in a `file` field", param="file")
+    if upload.size is not None and upload.size > limit:
+        raise APIError(413, f"upload of {upload.size} bytes exceeds the limit of {limit}", param="file")
     fields = {k: v for k, v in form.items() if k != "file"}
     try:
         body = RegisterAdapter.model_validate({**fields, "replace": fields.get("replace") == "true",
                                               "pinned": fields.get("pinned") == "true"})
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from exc
-    archive = staging / "upload"
-    with archive.open("wb") as out:
-        shutil.copyfileobj(upload.file, out)
-    return body, extract_archive(archive, staging / "files", limit)
+
+    def unpack() -> Path:  # disk work off the event loop: an archive may unpack to --max-upload-mb
+        archive = staging / "upload"
+        with archive.open("wb") as out:
+            shutil.copyfileobj(upload.file, out)
+        return extract_archive(archive, staging / "files", limit)
+
+    return body, await asyncio.to_thread(unpack)
 
 
 @adapter_api.post("", response_model=AdapterCard, status_code=201)
 async def register_adapter(request: Request, router: Router = Depends(get_router),
                            settings: ServeSettings = Depends(get_settings)) -> AdapterCard:
+    limit = settings.max_upload_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="swapyard-upload-") as tmp:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            body, folder = await _read_upload(request, settings.max_upload_mb * 2**20, Path(tmp))
+            body, folder = await _read_upload(request, limit, Path(tmp))
             source = f"upload:{body.name}"
         else:
             try:
@@ -91,8 +99,10 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
                 raise invalid_request(exc.errors()) from exc
             if body.path is None:
                 raise AdapterError("path", "give a server folder in `path`, or upload an archive as multipart")
-            folder = confine(body.path, settings.adapter_roots)
-            source = str(folder)
+            source_folder = confine(body.path, settings.adapter_roots)
+            # Read from a checked copy: links or devices in the folder are refused, its size is bounded.
+            folder = await asyncio.to_thread(copy_folder, source_folder, Path(tmp) / "files", limit)
+            source = str(source_folder)
         record = await router.adapters.register(body.name, folder, source=source, replace=body.replace,
                                                 is_pinned=body.pinned)
     return AdapterCard.of(record, router)

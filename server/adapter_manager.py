@@ -16,7 +16,9 @@ from adapters.base import AdapterCapacityError, AdapterError, AdapterLoadError, 
 from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
 from server.engine.base import Engine
-from server.metrics import ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, MERGED_ADAPTER, RESIDENT_ADAPTERS
+from server.metrics import (
+    ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, MERGED_ADAPTER, RESIDENT_ADAPTERS, forget_model,
+)
 
 
 class AdapterManager:
@@ -33,24 +35,32 @@ class AdapterManager:
         return self.registry.get(name)
 
     async def register(self, name: str, folder: Path, *, source: str, replace: bool, is_pinned: bool) -> AdapterRecord:
-        """Validate, store and load a new adapter (or a new version: running requests finish on the old)."""
-        if name == self.base_model:
-            raise AdapterError("name", f"`{name}` is the base model's name")
+        """Validate, stage, load into the engine, then commit. All or nothing: an adapter the engine refuses
+        leaves the registry as it was, and a replaced version's files go only once the new one serves.
+        Requests already running finish on the old version."""
+        if name.casefold() == self.base_model.casefold():
+            raise AdapterError("name", f"`{name}` is the base model's name (names are compared ignoring case)")
         start = time.monotonic()
         adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
         self.engine.check_adapter(adapter)
-        is_new = self.registry.get(name) is None
-        record = await asyncio.to_thread(self.registry.add, name, adapter.kind, adapter.num_virtual_tokens, folder,
-                                         source=source, replace=replace, is_pinned=is_pinned)
+        staged = await asyncio.to_thread(self.registry.stage, name, folder, replace=replace)
         async with self._lock:
             try:
-                await self._load(name, adapter, self.registry.path(record), record.version, start)
+                await self._load(name, adapter, self.registry.store / staged, None, start)
             except AdapterCapacityError:
-                raise  # registered all the same: it loads on demand once a slot frees up
-            except Exception:
-                if is_new:  # the engine could not take it: leave no half-registered name behind
-                    await asyncio.to_thread(self.registry.remove, name)
+                pass  # every slot is pinned or busy: registered all the same, it loads on first use
+            except BaseException:
+                await asyncio.to_thread(self.registry.discard, staged)
                 raise
+            try:
+                record = await asyncio.to_thread(self.registry.commit, name, adapter.kind,
+                                                 adapter.num_virtual_tokens, staged, source=source,
+                                                 replace=replace, is_pinned=is_pinned)
+            except BaseException:  # e.g. another replica took the name meanwhile: serve what the registry says
+                await self._drop_resident(name)
+                raise
+            if name in self._resident:
+                self._resident[name] = record.version
         return record
 
     async def unregister(self, name: str) -> AdapterRecord | None:
@@ -58,11 +68,16 @@ class AdapterManager:
         async with self._lock:
             if name == self.merged:
                 await self._unmerge()
-            if name in self._resident:
-                del self._resident[name]
-                RESIDENT_ADAPTERS.set(len(self._resident))
-                await self.engine.unload_adapter(name)
+            await self._drop_resident(name)
+        if record is not None:
+            forget_model(name)
         return record
+
+    async def _drop_resident(self, name: str) -> None:
+        if name in self._resident:
+            del self._resident[name]
+            RESIDENT_ADAPTERS.set(len(self._resident))
+            await self.engine.unload_adapter(name)
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[None]:
@@ -120,7 +135,8 @@ class AdapterManager:
             await self._load(name, adapter, folder, record.version, start)
         self._resident.move_to_end(name)
 
-    async def _load(self, name: str, adapter: Adapter, folder: Path, version: int, start: float) -> None:
+    async def _load(self, name: str, adapter: Adapter, folder: Path, version: int | None, start: float) -> None:
+        """Put `adapter` on the engine as `name` (version None: staged, set once committed)."""
         if name == self.merged:  # a new version: the old one leaves the weights first
             await self._unmerge()
         if name not in self._resident:

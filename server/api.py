@@ -53,7 +53,7 @@ def _sse_stream(router: Router, request: GenerationRequest, include_usage: bool,
 @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={400: {"model": ErrorResponse},
                                                                             404: {"model": ErrorResponse}})
 async def chat_completions(body: ChatCompletionRequest, router: Router = Depends(get_router)):
-    prompt = router.chat_prompt(body.messages)
+    prompt = await router.chat_prompt(body.messages)
     request = router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages")
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
@@ -78,7 +78,7 @@ async def chat_completions(body: ChatCompletionRequest, router: Router = Depends
 @api.post("/v1/completions", response_model=Completion, responses={400: {"model": ErrorResponse},
                                                                   404: {"model": ErrorResponse}})
 async def completions(body: CompletionRequest, router: Router = Depends(get_router)):
-    request = router.build(body, router.text_prompt(body.prompt), body.max_tokens, "prompt")
+    request = router.build(body, await router.text_prompt(body.prompt), body.max_tokens, "prompt")
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
         done = await router.complete(request)

@@ -15,7 +15,7 @@ from adapters.base import BaseModelSpec
 from adapters.registry import AdapterRegistry
 from training.jobs import JobStore
 from server.adapter_api import adapter_api
-from server.auth import ApiKeys, require
+from server.auth import ApiKeyGate, ApiKeys
 from server.adapter_manager import AdapterManager
 from server.api import api
 from server.job_runner import JobRunner
@@ -31,6 +31,10 @@ from server.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 _DEFAULT_MAX_MODEL_LEN = 4096
+_MULTIPART_SLACK = 1 << 16  # form fields and part headers around an upload of --max-upload-mb
+# h11 bounds a request's line and headers (httptools, uvicorn's other parser, does not: a 100 MB header
+# was read whole before any check).
+UVICORN_HTTP = {"http": "h11", "h11_max_incomplete_event_size": 64 * 1024}
 
 
 def resolve_model(settings: ServeSettings) -> tuple[Path, str]:
@@ -72,7 +76,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path, name = resolve_model(settings)  # bad flags stop the server at once, before it listens
         max_model_len = context_length(path, settings.max_model_len)
-        app.state.settings, app.state.api_keys = settings, ApiKeys.load(settings.api_keys_file)
+        app.state.settings = settings
         app.state.phase, app.state.router, app.state.engine, app.state.jobs = "loading", None, None, None
         loading = asyncio.create_task(load_model(app, settings, path, name, max_model_len))
         loading.add_done_callback(lambda task: _on_loaded(app, task))
@@ -86,14 +90,17 @@ def build_app(settings: ServeSettings) -> FastAPI:
             if app.state.engine is not None:
                 await app.state.engine.shutdown()
 
+    api_keys = ApiKeys.load(settings.api_keys_file)  # a bad keys file stops the server before it listens
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    app.include_router(ops_api)
-    app.include_router(api, dependencies=[require("inference")])
-    app.include_router(adapter_api, dependencies=[require("admin")])
-    app.include_router(jobs_api, dependencies=[require("admin")])
+    for routes in (ops_api, api, adapter_api, jobs_api):
+        app.include_router(routes)
+    # Added innermost first: CORS (preflights carry no key), then keys, then sizes, then capacity, so a
+    # request without a key is refused before its body is read or it takes a place in flight.
     app.add_middleware(InFlightLimit, limit=settings.max_num_seqs + settings.max_queued_requests)
-    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * 2**20))
+    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * 2**20),
+                       upload_limit=settings.max_upload_mb * 2**20 + _MULTIPART_SLACK)
+    app.add_middleware(ApiKeyGate, keys=api_keys)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -110,4 +117,4 @@ def run_server(settings: ServeSettings) -> None:
     # On SIGTERM uvicorn stops listening, lets in-flight requests finish (up to the drain timeout), then
     # runs the lifespan's shutdown, which aborts whatever is left in the engine.
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout_s)
+                timeout_graceful_shutdown=settings.drain_timeout_s, **UVICORN_HTTP)

@@ -1,6 +1,7 @@
 """API keys: `Authorization: Bearer <key>`, each key with a scope. `inference` keys may call the model
 routes; `admin` keys may also register adapters and run fine-tuning jobs. With no keys configured the
-server is open (a warning says so at start-up). Keys are kept as SHA-256 digests and never logged."""
+server is open (a warning says so at start-up). Keys are kept as SHA-256 digests and never logged.
+The check runs as ASGI middleware, before any route reads the request body."""
 
 import hashlib
 import hmac
@@ -9,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Depends, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 from server.errors import APIError
 
@@ -64,21 +67,41 @@ class ApiKeys:
         return found[0] if found else None
 
 
-def require(scope: Scope):
-    """A route dependency that lets a request through only with a key of `scope` (or admin)."""
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and Prometheus
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
 
-    def check(request: Request) -> None:
-        keys: ApiKeys = request.app.state.api_keys
-        if not keys.is_enabled:
+
+def scope_needed(path: str) -> Scope | None:
+    """The scope a path needs: None for the open probes; everything else, /docs and unknown paths included,
+    needs a key, so nothing about the server is told to a client without one."""
+    if path in OPEN_PATHS:
+        return None
+    return "admin" if path.startswith(ADMIN_PREFIXES) else "inference"
+
+
+class ApiKeyGate:
+    """Pure ASGI, outside everything that reads a body: a request without the right key is refused
+    before a byte of its body (JSON, multipart or chunked) is read or parsed."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        needed = scope_needed(scope["path"]) if scope["type"] == "http" else None
+        if needed is None or not self.keys.is_enabled or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
             return
-        kind, _, token = request.headers.get("authorization", "").partition(" ")
-        granted = keys.scope_of(token.strip()) if kind.lower() == "bearer" else None
+        authorization = Headers(scope=scope).get("authorization", "")
+        kind, _, token = authorization.partition(" ")
+        granted = self.keys.scope_of(token.strip()) if kind.lower() == "bearer" else None
         if granted is None:
-            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                           type="authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if scope == "admin" and granted != "admin":
-            raise APIError(403, "this API key has the inference scope; this route needs an admin key",
-                           type="permission_error", code="insufficient_scope")
-
-    return Depends(check)
+            refused = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                               type="authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+        elif needed == "admin" and granted != "admin":
+            refused = APIError(403, "this API key has the inference scope; this route needs an admin key",
+                               type="permission_error", code="insufficient_scope")
+        else:
+            await self.app(scope, receive, send)
+            return
+        await refused.response()(scope, receive, send)

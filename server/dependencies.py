@@ -1,4 +1,4 @@
-"""What route handlers take from the running app: the router, the settings, the job runner, upload checks."""
+"""What route handlers take from the running app: the router, the settings, the job runner."""
 
 from fastapi import Request
 
@@ -13,6 +13,9 @@ def get_router(request: Request) -> Router:
     if router is None:
         raise APIError(503, "the model is still loading; retry shortly (GET /ready says when)",
                        type="server_error", code="loading", headers={"Retry-After": "5"})
+    if router.engine.failure is not None:
+        raise APIError(503, f"the engine is down ({router.engine.failure}); this server must be restarted",
+                       type="server_error", code="engine_failed")
     return router
 
 
@@ -23,12 +26,3 @@ def get_settings(request: Request) -> ServeSettings:
 def get_runner(request: Request) -> JobRunner:
     get_router(request)  # the runner starts once the model is loaded: until then, the same 503
     return request.app.state.jobs
-
-
-def check_upload_size(request: Request, limit: int) -> None:
-    """Refuse an upload by its declared size before reading a byte of it."""
-    length = request.headers.get("content-length")
-    if length is None:
-        raise APIError(411, "uploads need a Content-Length header")
-    if int(length) > limit:
-        raise APIError(413, f"upload of {length} bytes exceeds the limit of {limit}", param="file")

@@ -1,5 +1,7 @@
 """OpenAI-style files and fine-tuning jobs: upload training data, start, follow and cancel training."""
 
+import asyncio
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -8,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.archive import confine
-from server.dependencies import check_upload_size, get_router, get_runner, get_settings
+from server.dependencies import get_router, get_runner, get_settings
 from server.errors import APIError, invalid_request
 from server.job_runner import JobRunner
 from server.router import Router
@@ -36,7 +38,7 @@ class CreateJob(BaseModel):
     training_file: str  # a file id from POST /v1/files, or a server path inside --adapter-roots
     validation_file: str | None = None
     suffix: str | None = Field(None, max_length=40)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     method: JobMethod = JobMethod()
 
 
@@ -79,7 +81,8 @@ class JobObject(BaseModel):
     def of(cls, r: JobRecord) -> "JobObject":
         hyper = {k: v for k, v in r.config.items() if k not in _SERVER_FIELDS}
         return cls(id=r.id, model=r.model, status=r.status, method={"type": r.method, "hyperparameters": hyper},
-                   training_file=r.training_file, validation_file=r.validation_file, fine_tuned_model=r.fine_tuned_model,
+                   training_file=r.training_file, validation_file=r.validation_file,
+                   fine_tuned_model=r.fine_tuned_model,
                    error=JobError(**r.error) if r.error else None, trained_tokens=r.trained_tokens,
                    created_at=r.created_at, finished_at=r.finished_at, seed=r.config["seed"], hyperparameters=hyper)
 
@@ -136,10 +139,8 @@ def _training_path(reference: str, param: str, store: JobStore, settings: ServeS
 
 
 @jobs_api.post("/v1/files", response_model=FileObject)
-async def upload_file(request: Request, runner: JobRunner = Depends(get_runner),
-                      settings: ServeSettings = Depends(get_settings)) -> FileObject:
-    check_upload_size(request, settings.max_upload_mb * 2**20)
-    form = await request.form(max_files=1, max_fields=4)
+async def upload_file(request: Request, runner: JobRunner = Depends(get_runner)) -> FileObject:
+    form = await request.form(max_files=1, max_fields=4)  # spooled to disk; BodyLimit bounds its size
     upload, purpose = form.get("file"), form.get("purpose")
     if upload is None or isinstance(upload, str):
         raise APIError(400, "multipart upload needs the data in a `file` field", param="file")
@@ -148,9 +149,14 @@ async def upload_file(request: Request, runner: JobRunner = Depends(get_runner),
     file_id = new_id("file")
     path = runner.store.path.parent / "files" / f"{file_id}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = await upload.read()
-    path.write_bytes(data)
-    record = FileRecord(id=file_id, filename=upload.filename or "upload.jsonl", bytes=len(data), purpose=purpose,
+
+    def save() -> int:  # disk work off the event loop
+        with path.open("wb") as out:
+            shutil.copyfileobj(upload.file, out)
+        return path.stat().st_size
+
+    num_bytes = await asyncio.to_thread(save)
+    record = FileRecord(id=file_id, filename=upload.filename or "upload.jsonl", bytes=num_bytes, purpose=purpose,
                         path=str(path), created_at=int(time.time()))
     runner.store.add_file(record)
     return FileObject.of(record)
@@ -176,14 +182,17 @@ async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
         hyper["epochs"] = hyper.pop("n_epochs")
     if forbidden := _SERVER_FIELDS & hyper.keys():
         raise APIError(400, f"hyperparameters may not set {sorted(forbidden)}", param="method.hyperparameters")
+    if body.seed is not None:
+        if hyper.get("seed", body.seed) != body.seed:
+            raise APIError(400, "`seed` and `method.hyperparameters.seed` differ; give one", param="seed")
+        hyper["seed"] = body.seed
     job_id = new_id("ftjob")
     data = _training_path(body.training_file, "training_file", runner.store, settings)
     validation = _training_path(body.validation_file, "validation_file", runner.store, settings) \
         if body.validation_file else None
     try:
         config = TrainConfig(method=body.method.type, data=data, validation=validation, model=settings.model,
-                             out=runner.store.path.parent / "jobs" / job_id, cache_dir=settings.cache_dir,
-                             **({"seed": body.seed} if body.seed is not None else {}), **hyper)
+                             out=runner.store.path.parent / "jobs" / job_id, cache_dir=settings.cache_dir, **hyper)
     except ValidationError as exc:
         error = invalid_request(exc.errors())
         raise APIError(400, error.body.error.message, param=f"method.hyperparameters.{error.body.error.param}") from exc

@@ -1,7 +1,8 @@
 """Admission control, so that no client can make the server hold unbounded memory: a bounded number
 of generation requests in flight (running or queued in the engine), past which a request is refused at
-once with 429 and Retry-After; and a bounded JSON body (archives have their own upload limit)."""
+once with 429 and Retry-After; and a bounded body on every route (uploads have their own limit)."""
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -9,6 +10,7 @@ from server.errors import APIError
 from server.metrics import REJECTED
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+UPLOAD_PATHS = frozenset({"/v1/adapters", "/v1/files"})  # multipart archives and training data
 
 
 class InFlightLimit:
@@ -36,19 +38,26 @@ class InFlightLimit:
 
 
 class BodyLimit:
-    """Refuses non-multipart bodies over `limit` bytes with 413, by Content-Length or while reading."""
+    """Refuses a body over its route's limit with 413, by Content-Length or while reading (chunked).
+    Upload routes take --max-upload-mb; every other route --max-request-mb, whatever content type the
+    client claims (a multipart body sent to a JSON route gets the JSON limit)."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers", ())) if scope["type"] == "http" else {}
-        if scope["type"] != "http" or headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body over the limit of {self.limit} bytes"
-        if int(headers.get(b"content-length", b"0") or 0) > self.limit:
-            await APIError(413, message).response()(scope, receive, send)
+        is_upload = scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS
+        limit = self.upload_limit if is_upload else self.limit
+        message = f"request body over the limit of {limit} bytes"
+        declared = Headers(scope=scope).get("content-length", "0")
+        if not declared.isdigit():
+            await APIError(400, "malformed Content-Length header").response()(scope, receive, send)
+            return
+        if int(declared) > limit:
+            await APIError(413, message, param="file" if is_upload else None).response()(scope, receive, send)
             return
         received = 0
 
@@ -56,7 +65,7 @@ class BodyLimit:
             nonlocal received
             message_in = await receive()
             received += len(message_in.get("body", b""))
-            if received > self.limit:
+            if received > limit:
                 raise HTTPException(413, message)  # the app's error handlers turn it into error JSON
             return message_in
 

@@ -28,8 +28,20 @@ ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checkin
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
 RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
 REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
+ENGINE_FAILURES = Counter("swapyard_engine_failures", "Unexpected engine failures (each fails the requests in "
+                          "flight; the engine restarts unless they repeat).")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+
+_PER_MODEL = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS,
+              REQUESTS, RUNNING, WAITING, ADAPTER_LOADS, ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, MERGED_ADAPTER)
+
+
+def forget_model(name: str) -> None:
+    """Drop a deleted adapter's series, so registering and deleting adapters never grows /metrics."""
+    for metric in _PER_MODEL:
+        metric.remove_by_labels({"model": name})
 
 
 class RequestMetrics:

@@ -7,17 +7,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 ops_api = APIRouter()
 
 
+def _phase(request: Request) -> str:
+    """loading, ready, failed (loading failed, or the engine died for good) or stopping."""
+    engine = request.app.state.engine
+    return "failed" if engine is not None and engine.failure is not None else request.app.state.phase
+
+
 @ops_api.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Live: the process answers (while the model loads too); 503 only if loading failed."""
-    failed = request.app.state.phase == "failed"
+    """Live: the process answers (while the model loads too); 503 once loading failed or the engine died."""
+    failed = _phase(request) == "failed"
     return JSONResponse({"status": "failed" if failed else "ok"}, status_code=503 if failed else 200)
 
 
 @ops_api.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Ready: the model is loaded and requests are served; 503 while loading (or after a failure)."""
-    phase = request.app.state.phase
+    phase = _phase(request)
     return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
 
 

@@ -2,11 +2,32 @@
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 FinishReason = Literal["stop", "length"]
+MAX_STOP_CHARS = 256
+
+# OpenAI fields swapyard does not implement yet: refused (400 naming the field) unless they carry the
+# value that means "off", rather than silently ignored, so a client never mistakes what it got.
+_NOT_YET = {
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "logit_bias": ({},), "top_logprobs": (0,), "presence_penalty": (0,),
+    "frequency_penalty": (0,), "repetition_penalty": (1,), "best_of": (1,), "suffix": ("",),
+}
+
+
+def _encodable(value):
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" parses from JSON), which
+    tokenizers cannot encode. Takes a string or a list of them; anything else passes through."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"holds an invalid character at position {exc.start} (a lone surrogate)") from None
+    return value
 
 
 def new_id(prefix: str) -> str:
@@ -25,12 +46,14 @@ class StreamOptions(_Request):
 class TextPart(_Request):
     type: Literal["text"]
     text: str
+    _valid_text = field_validator("text")(_encodable)
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    _valid_text = field_validator("content", "name")(_encodable)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -49,6 +72,32 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if any(len(s) > MAX_STOP_CHARS for s in ([value] if isinstance(value, str) else value or [])):
+            raise ValueError(f"each stop string may be at most {MAX_STOP_CHARS} characters")
+        return _encodable(value)
+
+    @field_validator(*_NOT_YET)
+    @classmethod
+    def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value not in _NOT_YET[info.field_name]:
+            raise ValueError(f"`{info.field_name}` is not supported by this server yet; omit it")
+        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -64,6 +113,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(min_length=1)
+    _valid_text = field_validator("prompt")(_encodable)
     max_tokens: int | None = Field(16, gt=0)  # OpenAI's default for this endpoint
     echo: Literal[False] = False
     logprobs: None = None

@@ -1,7 +1,9 @@
 """Routing: resolve the requested model, render and check the prompt, run it, record its metrics."""
 
+import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 
@@ -12,6 +14,8 @@ from server.engine.base import Engine, GenerationOutput, GenerationRequest, Samp
 from server.errors import APIError
 from server.metrics import RequestMetrics
 from server.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,19 +63,29 @@ class Router:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
         return name, record.num_virtual_tokens
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in messages]
-        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
+        return await self._tokenize("messages", lambda: self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False))
 
-    def text_prompt(self, prompt: str | list[int]) -> list[int]:
+    async def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return await self._tokenize("prompt", lambda: self.tokenizer.encode(prompt, add_special_tokens=False))
         if max(prompt) >= len(self.tokenizer) or min(prompt) < 0:
             raise APIError(400, f"prompt holds a token id outside the vocabulary (0..{len(self.tokenizer) - 1})",
                            param="prompt")
         return prompt
+
+    @staticmethod
+    async def _tokenize(param: str, work: Callable[[], list[int]]) -> list[int]:
+        """Templates and tokenizers run in a thread (megabytes of text take seconds); what they refuse
+        (a template's own checks, text they cannot encode) is the client's 400."""
+        try:
+            return await asyncio.to_thread(work)
+        except Exception as exc:
+            log.warning("tokenizing %s failed: %s", param, exc)
+            raise APIError(400, f"{param} could not be tokenized: {str(exc)[:200]}", param=param) from exc
 
     def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
               prompt_param: str) -> GenerationRequest:

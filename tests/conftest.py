@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_factory import KINDS, make_adapter
-from server.app import build_app
+from server.app import UVICORN_HTTP, build_app
 from server.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
 
@@ -41,7 +41,7 @@ def running_server(**settings):
     config = ServeSettings(engine="torch", max_model_len=MAX_MODEL_LEN, port=free_port(),
                            max_upload_mb=MAX_UPLOAD_MB, **settings)
     server = uvicorn.Server(uvicorn.Config(build_app(config), host="127.0.0.1", port=config.port,
-                                           log_level="warning"))
+                                           log_level="warning", **UVICORN_HTTP))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

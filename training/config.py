@@ -1,7 +1,7 @@
 """Typed training configuration; field docstrings are `swapyard train --help`."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,7 +14,8 @@ DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2e-4, "prefix": 3e-2, "prompt
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+    # Every number is bounded (and finite): fine-tuning jobs take these from clients.
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", allow_inf_nan=False)
 
     method: Method
     """Adapter kind to train."""
@@ -26,25 +27,26 @@ class TrainConfig(BaseModel):
     """Validation data in the same format; evaluated after every epoch."""
     model: Path | None = None
     """Base model folder (default: the embedded SmolLM2-135M-Instruct)."""
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(4, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float | None = Field(None, gt=0)
+    epochs: int = Field(3, gt=0, le=100)
+    batch_size: int = Field(4, gt=0, le=256)
+    gradient_accumulation_steps: int = Field(1, gt=0, le=1024)
+    learning_rate: float | None = Field(None, gt=0, le=1)
     """Default per method: lora 2e-4, prefix 3e-2, prompt 3e-2, bottleneck 1e-3."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_seq_len: int = Field(1024, gt=8)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_seq_len: int = Field(1024, gt=8, le=32768)
     """Longer examples are truncated (with a warning naming their line)."""
-    seed: int = 0
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: float = Field(16, gt=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    lora_r: int = Field(8, gt=0, le=512)
+    lora_alpha: float = Field(16, gt=0, le=10_000)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    lora_target_modules: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=64)] | \
+        Literal["all-linear"] = "all-linear"
     use_rslora: bool = False
-    num_virtual_tokens: int = Field(16, gt=0)
+    num_virtual_tokens: int = Field(16, gt=0, le=1024)
     """Prefix and prompt tuning: learned positions before the prompt."""
-    bottleneck_size: int = Field(16, gt=0)
+    bottleneck_size: int = Field(16, gt=0, le=8192)
     bottleneck_positions: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
     bottleneck_non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     resume: bool = True

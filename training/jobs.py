@@ -155,7 +155,8 @@ class JobStore:
 
     def add_checkpoint(self, job_id: str, step: int, epoch: int, path: str, metrics: dict) -> None:
         self._db.execute("INSERT INTO checkpoints (job_id, created_at, step, epoch, path, metrics) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (job_id, int(time.time()), step, epoch, path, json.dumps(metrics)))
+                         "VALUES (?, ?, ?, ?, ?, ?)",
+                         (job_id, int(time.time()), step, epoch, path, json.dumps(metrics)))
 
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY seq DESC", (job_id,)).fetchall()

@@ -1,9 +1,11 @@
 """Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
 
 LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0: "no adapter"). A LoRA
-layer runs the batch through the A and B of every slot in the range its rows use, at once, with a
-one-hot mask keeping each row's own block: no per-row weight copies, which on a CPU cost more than
-the extra (rank-sized) FLOPs. Bottleneck layers gather each row's weights (a per-row BGMV as in Punica).
+layer runs the batch through the A and B of every slot in the range its rows use, at once, keeping
+each row's own block of the shrunk activations and zeroing the rest: no per-row weight copies, which
+on a CPU cost more than the extra (rank-sized) FLOPs. Zeroing selects (masked_fill), never multiplies,
+so another slot's overflow (inf * 0 = NaN) cannot reach a row; weights are checked finite at load, and
+freed slots are zeroed. Bottleneck layers gather each row's weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
@@ -45,14 +47,14 @@ class RowAdapters:
     bottleneck: torch.Tensor | None = None  # [batch]
     bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
     bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
-    unmerged: torch.Tensor | None = None  # (batch, 1, 1): 1 for rows the merged LoRA is not theirs
+    merged_rows: torch.Tensor | None = None  # (batch, 1, 1): True for the merged LoRA's own rows
 
-    def lora_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """(batch, 1, slots_in_range * rank): 1 on each row's own slot block."""
+    def lora_foreign(self, rank: int) -> torch.Tensor:
+        """(batch, 1, slots_in_range * rank): True outside each row's own slot block."""
         if rank not in self._lora_masks:
             low, high = self.lora_range
             column_slot = torch.arange((high - low + 1) * rank, device=self.lora.device) // rank + low
-            self._lora_masks[rank] = (self.lora[:, None] == column_slot[None, :]).to(dtype)[:, None, :]
+            self._lora_masks[rank] = (self.lora[:, None] != column_slot[None, :])[:, None, :]
         return self._lora_masks[rank]
 
 
@@ -76,12 +78,13 @@ class BatchedLoraLinear(nn.Module):
             rank = self.a.shape[1]
             a = self.a[low : high + 1].reshape(-1, self.base.in_features)  # (slots_in_range * rank, in)
             b = self.b[low : high + 1].reshape(-1, self.base.out_features)  # (slots_in_range * rank, out)
-            shrunk = (x @ a.T).mul_(rows.lora_mask(rank, x.dtype)[:, :, : a.shape[0]])  # (batch, tokens, slots*rank)
+            # (batch, tokens, slots_in_range * rank), zero outside each row's own block
+            shrunk = (x @ a.T).masked_fill_(rows.lora_foreign(rank)[:, :, : a.shape[0]], 0.0)
             # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
             y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
-        if self._compensation is not None and rows.unmerged is not None:
+        if self._compensation is not None and rows.merged_rows is not None:
             a, negated_b = self._compensation
-            shrunk = (x @ a.T).mul_(rows.unmerged)  # (batch, tokens, rank), zero on the merged adapter's rows
+            shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
             y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), negated_b)
         return y
 
@@ -214,9 +217,19 @@ class AdapterBank:
             self._free(resident)
 
     def _free(self, resident: Resident) -> None:
-        # No row points at a free slot, so its stale weights are harmless until the next store overwrites them.
-        if resident.slot:
-            self._free_slots[resident.adapter.kind].append(resident.slot)
+        """Zero the slot (a batch's slot range may span it) and return it to its pool."""
+        if not resident.slot:
+            return
+        if isinstance(resident.adapter, LoraAdapter):
+            for wrapper in self._lora_modules.values():
+                wrapper.store(resident.slot, None, None)
+        else:
+            bn = self._bottlenecks
+            for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
+                stack[resident.slot].zero_()
+            bn.scaling.pop(resident.slot, None)
+            bn.activation.pop(resident.slot, None)
+        self._free_slots[resident.adapter.kind].append(resident.slot)
 
     # -- per forward pass --------------------------------------------------------------------------------
 
@@ -236,8 +249,7 @@ class AdapterBank:
 
         rows = RowAdapters(lora=index_for(LoraAdapter), bottleneck=index_for(BottleneckAdapter))
         if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
-            unmerged = torch.tensor([not m for m in is_merged], device=self._device, dtype=self._dtype)
-            rows.unmerged = unmerged[:, None, None]
+            rows.merged_rows = torch.tensor(is_merged, device=self._device)[:, None, None]
         if rows.lora is not None:
             used = [s for s, r in zip(slots, residents) if r is not None and isinstance(r.adapter, LoraAdapter)]
             rows.lora_range = (min(used), max(used))

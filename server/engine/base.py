@@ -13,9 +13,12 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
+# Below this a temperature is greedy: dividing logits by 1e-300 overflows to inf (vLLM uses the same bound).
+GREEDY_TEMPERATURE = 1e-5
+
 
 class SamplingParams(BaseModel):
-    """Per-request sampling; temperature 0 means greedy."""
+    """Per-request sampling; a temperature under GREEDY_TEMPERATURE means greedy."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -29,7 +32,7 @@ class SamplingParams(BaseModel):
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass
@@ -61,6 +64,7 @@ class GenerationOutput:
 
 class Engine(Protocol):
     max_model_len: int
+    failure: str | None  # why the engine can no longer serve (it died for good); None while it serves
 
     async def start(self) -> None: ...
 

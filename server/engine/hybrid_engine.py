@@ -25,6 +25,10 @@ class HybridEngine:
         self._side_started = asyncio.Lock()
         self._on_side: set[str] = set()  # adapter names the torch engine serves
 
+    @property
+    def failure(self) -> str | None:
+        return self._main.failure or (self._side.failure if self._side is not None else None)
+
     async def start(self) -> None:
         await self._main.start()
 

@@ -80,7 +80,7 @@ class Scheduler:
             if seq.length >= self.max_model_len:
                 raise AdapterError("messages", f"{seq.num_virtual} virtual + {len(request.prompt_token_ids)} prompt "
                                                f"tokens exceed the context of {self.max_model_len}")
-        except AdapterError as exc:
+        except Exception as exc:  # AdapterError, or anything unexpected: this request fails, not the engine
             self._finish(seq, GenerationOutput("", [], len(request.prompt_token_ids), 0, "error", str(exc)))
             return
         seq.reserved_len = min(seq.length + request.sampling.max_tokens, self.max_model_len)
@@ -105,13 +105,15 @@ class Scheduler:
 
     def step(self) -> None:
         batch, phase, inputs, starts = self._schedule()
+        if not batch:
+            return
         ENGINE_BATCH_SIZE.labels(phase=phase).observe(len(batch))
         try:
             logits = self.runner.forward(batch[0].slot, inputs, starts, [s.resident for s in batch])
             tokens = sample(logits, [s.request.sampling for s in batch], [s.generator for s in batch])
         except Exception as exc:  # a failed batch fails its own requests, never the engine
             log.exception("%s step failed for %d sequences", phase, len(batch))
-            self._finish_all(batch, [self._failure(s, exc) for s in batch])
+            self._finish_all(batch, [self._failure(s, f"generation failed: {exc}") for s in batch])
             return
         self._finish_all(batch, [self._advance(s, t) for s, t in zip(batch, tokens)])
 
@@ -124,34 +126,59 @@ class Scheduler:
         return batch, "decode", [[s.generated[-1]] for s in batch], [s.length - 1 for s in batch]
 
     def _admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots while the prefill and KV-cache budgets allow."""
-        new: list[Sequence] = []
+        """Move waiting sequences into free slots while the prefill and KV-cache budgets allow.
+
+        All or nothing: the cache grows before any sequence leaves the queue, and if it cannot grow the
+        sequences it was for are answered with an error; none is left in no queue holding its adapter."""
+        chosen = self._choose_admissions()
+        if not chosen:
+            return []
+        new = [self.waiting.popleft() for _ in range(len(chosen))]
+        try:
+            self.runner.cache.ensure(len(self.running) + len(new), max(s.reserved_len for s in self.running + new))
+        except Exception as exc:  # e.g. out of memory: these requests fail, the running ones go on
+            log.exception("the KV cache could not grow for %d new sequences", len(new))
+            for seq in new:
+                self._finish(seq, self._failure(seq, f"no KV-cache memory for this request ({exc})"))
+            return []
+        now = time.monotonic()
+        for seq in new:
+            seq.slot, seq.first_scheduled = len(self.running), now
+            self.running.append(seq)
+            if seq.resident is not None and isinstance(seq.resident.adapter, PrefixAdapter):
+                self.runner.write_prefix(seq.slot, seq.resident.adapter)
+        return new
+
+    def _choose_admissions(self) -> list[Sequence]:
+        """The head of the queue that fits the free slots and the prefill and KV-cache budgets."""
+        chosen: list[Sequence] = []
         reserve = max((s.reserved_len for s in self.running), default=0)
         width = 0
-        while self.waiting and len(self.running) + len(new) < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in self.waiting:
+            if len(self.running) + len(chosen) >= self.max_num_seqs:
+                break
             next_width = max(width, len(seq.prefill()[0]))
             next_reserve = max(reserve, seq.reserved_len)
-            num_slots = len(self.running) + len(new) + 1
-            over_tokens = next_width * (len(new) + 1) > self.max_num_batched_tokens
+            num_slots = len(self.running) + len(chosen) + 1
+            over_tokens = next_width * (len(chosen) + 1) > self.max_num_batched_tokens
             over_memory = self.runner.cache.bytes_needed(num_slots, next_reserve) > self.kv_cache_bytes
             # A lone sequence always runs, whatever the budgets, so nothing waits forever.
             if num_slots > 1 and (over_tokens or over_memory):
                 break
-            self.waiting.popleft()
-            new.append(seq)
+            chosen.append(seq)
             width, reserve = next_width, next_reserve
-        if new:
-            self.runner.cache.ensure(len(self.running) + len(new), reserve)
-            now = time.monotonic()
-            for seq in new:
-                seq.slot, seq.first_scheduled = len(self.running), now
-                self.running.append(seq)
-                if seq.resident is not None and isinstance(seq.resident.adapter, PrefixAdapter):
-                    self.runner.write_prefix(seq.slot, seq.resident.adapter)
-        return new
+        return chosen
 
-    def _advance(self, seq: Sequence, token: int) -> GenerationOutput:
+    def _advance(self, seq: Sequence, token: int | None) -> GenerationOutput:
+        if token is None:
+            return self._failure(seq, "generation failed: the model produced non-finite logits for this request")
+        try:
+            return self._next_output(seq, token)
+        except Exception as exc:  # detokenizing or stop strings: this row fails, not the batch
+            log.exception("output processing failed for one sequence")
+            return self._failure(seq, f"generation failed: {exc}")
+
+    def _next_output(self, seq: Sequence, token: int) -> GenerationOutput:
         seq.generated.append(token)
         if token in self.runner.eos_token_ids and not seq.request.sampling.ignore_eos:
             text, reason = seq.text.flush(), "stop"
@@ -166,9 +193,8 @@ class Scheduler:
                                 queue_time=queue_time)
 
     @staticmethod
-    def _failure(seq: Sequence, exc: Exception) -> GenerationOutput:
-        return GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "error",
-                                f"generation failed: {exc}")
+    def _failure(seq: Sequence, message: str) -> GenerationOutput:
+        return GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "error", message)
 
     def _finish(self, seq: Sequence, out: GenerationOutput) -> None:
         """Emit a final output for a sequence that is in no batch."""
@@ -185,6 +211,8 @@ class Scheduler:
             seq.emit(out)
         # Highest slot first, so a sequence moved down into a freed slot is never one still to release.
         for seq, out in sorted(zip(batch, outputs), key=lambda pair: -pair[0].slot):
+            if out.finish_reason == "error":  # its keys/values may be non-finite: other rows read masked slots
+                self.runner.cache.clear(seq.slot)
             if out.is_finished:
                 self._release(seq)
 

@@ -5,6 +5,8 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,11 +16,15 @@ from adapters.loading import Adapter
 from server.engine.base import GenerationOutput, GenerationRequest
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# The engine loop is restarted after an unexpected failure (every request in flight fails with it), unless
+# it failed this many times within the window: then it stays down and /health reports it.
+MAX_FAILURES, FAILURE_WINDOW_S = 3, 60.0
 
 
 class TorchEngine:
@@ -37,6 +43,7 @@ class TorchEngine:
         # Everything the event loop asks of the scheduler goes through this queue: one thread owns its state.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="swapyard-torch-engine", daemon=True)
+        self.failure: str | None = None  # why the engine no longer serves; None while it does
 
     async def start(self) -> None:
         self._thread.start()
@@ -63,6 +70,9 @@ class TorchEngine:
         await self._on_engine_thread(self._scheduler.runner.adapters.unmerge)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self.failure is not None:
+            yield GenerationOutput("", [], len(request.prompt_token_ids), 0, "abort", self.failure)
+            return
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
 
@@ -97,6 +107,27 @@ class TorchEngine:
         await asyncio.wrap_future(done)
 
     def _loop(self) -> None:
+        """Run the scheduler; restart it after an unexpected failure, within the bounds above."""
+        failures: deque[float] = deque()
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception as exc:
+                log.exception("the engine loop failed; every request in flight fails with it")
+                ENGINE_FAILURES.inc()
+                self._scheduler.abort_all("error", f"engine error: {exc}")
+                now = time.monotonic()
+                failures.append(now)
+                while failures[0] < now - FAILURE_WINDOW_S:
+                    failures.popleft()
+                if len(failures) >= MAX_FAILURES:
+                    self.failure = f"the engine failed {len(failures)} times in {FAILURE_WINDOW_S:.0f} s: {exc}"
+                    log.error("%s; it stays down and /health answers 503", self.failure)
+                    self._refuse_from_now_on()
+                    return
+
+    def _serve(self) -> None:
         scheduler = self._scheduler
         while True:
             messages = [self._inbox.get()] if not scheduler.has_work else []
@@ -108,8 +139,16 @@ class TorchEngine:
                     return
                 message()
             if scheduler.has_work:
-                try:
-                    scheduler.step()
-                except Exception as exc:  # e.g. out of memory growing the cache: fail in-flight work, keep serving
-                    log.exception("engine step failed")
-                    scheduler.abort_all("error", f"engine error: {exc}")
+                scheduler.step()
+
+    def _refuse_from_now_on(self) -> None:
+        """A dead engine still answers what reaches its inbox, so nobody waits on it forever."""
+        while True:
+            message = self._inbox.get()
+            if message is _STOP:
+                return
+            try:
+                message()  # a new request joins the queue and is answered just below
+            except Exception:
+                log.exception("engine work failed after the engine went down")
+            self._scheduler.abort_all("abort", self.failure)

@@ -140,6 +140,12 @@ class VLLMEngine:
         self._llm.shutdown()
         shutil.rmtree(self._folders, ignore_errors=True)
 
+    @property
+    def failure(self) -> str | None:
+        if self._llm is not None and self._llm.errored:
+            return "the vLLM engine core has died"
+        return None
+
     def check_adapter(self, adapter: Adapter) -> None:
         if not isinstance(adapter, (LoraAdapter, PromptAdapter)):
             raise AdapterError("peft_type", f"the vLLM engine serves LoRA and prompt-tuning adapters; this is a "
@@ -152,7 +158,10 @@ class VLLMEngine:
             if self._token_embeddings is None:
                 self._token_embeddings = await asyncio.to_thread(read_token_embeddings, self._model_path)
             self._prompts[name] = adapter
+            if (previous := self._loras.pop(name, None)) is not None:  # a LoRA replaced by a soft prompt
+                await self._retire_all(previous)
             return
+        self._prompts.pop(name, None)  # a soft prompt replaced by a LoRA
         if self._merged is not None:
             self._check_compensated_rank(adapter, self._loras[self._merged].adapter)
         lora = _Lora(adapter, await self._add_lora(name, str(folder)))
