@@ -36,12 +36,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(**settings):
-    """A real uvicorn server for the app on a free loopback port; yields its base URL."""
+def serving_app(**settings):
+    """A real uvicorn server for the app on a free loopback port; yields (base URL, app), so a test can
+    reach the engine inside it (to inject a failure)."""
     config = ServeSettings(engine="torch", max_model_len=MAX_MODEL_LEN, port=free_port(),
                            max_upload_mb=MAX_UPLOAD_MB, **settings)
-    server = uvicorn.Server(uvicorn.Config(build_app(config), host="127.0.0.1", port=config.port,
-                                           log_level="warning", **UVICORN_HTTP))
+    app = build_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
+                                           **UVICORN_HTTP))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -50,10 +52,17 @@ def running_server(**settings):
         assert thread.is_alive() and time.monotonic() < deadline, "server did not get ready"
         time.sleep(0.1)
     try:
-        yield url
+        yield url, app
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def running_server(**settings):
+    """A real uvicorn server for the app on a free loopback port; yields its base URL."""
+    with serving_app(**settings) as (url, _):
+        yield url
 
 
 def start_serve_process(log: Path, *args: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:

@@ -1,0 +1,185 @@
+"""One tenant never changes another tenant's result: hostile sampling parameters, adapters whose weights
+go non-finite, freed slots, KV-cache growth that fails and an engine loop that fails all stay with the
+requests they belong to. Requests are sent concurrently so that they share engine steps (checked on the
+engine's batch-size histogram), and every innocent answer must equal the same request served alone."""
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+import torch
+
+from conftest import MODEL, ask, scrape, serving_app
+
+QUESTIONS = [ask(q) for q in ("What is the capital of France?", "Name three colours.", "Say hello.",
+                              "Write a haiku about rain.")]
+CHAT = "/v1/chat/completions"
+
+
+def _body(model: str, messages: list[dict], **sampling) -> dict:
+    return {"model": model, "messages": messages, "max_tokens": 24, "ignore_eos": True, "temperature": 0,
+            **sampling}
+
+
+async def _together(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await asyncio.gather(*(client.post(CHAT, json=body) for body in bodies))
+
+
+def _in_one_step(http: httpx.Client, app, bodies: list[dict]) -> list[httpx.Response]:
+    """Send `bodies` concurrently while the engine thread is held, then let it go: it takes them all at
+    once, so they are prefilled in one step (asserted on the batch-size histogram)."""
+    engine, held = app.state.engine, threading.Event()
+    engine._inbox.put(held.wait)
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as client:
+            sent = [asyncio.create_task(client.post(CHAT, json=body)) for body in bodies]
+            while engine._inbox.qsize() < len(bodies):
+                await asyncio.sleep(0.01)
+            held.set()
+            return await asyncio.gather(*sent)
+
+    wide_before = _steps_wider_than(http, 4)
+    responses = asyncio.run(send())
+    assert len(bodies) > 4 and _steps_wider_than(http, 4) > wide_before
+    return responses
+
+
+def _text(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _steps_wider_than(http: httpx.Client, width: int) -> float:
+    """Engine steps (prefill or decode) that ran more than `width` sequences; `width` a bucket bound."""
+    metrics = scrape(http)
+    return sum(metrics[("swapyard_engine_batch_size_count", (("phase", phase),))]
+               - metrics[("swapyard_engine_batch_size_bucket", (("le", f"{float(width)}"), ("phase", phase)))]
+               for phase in ("prefill", "decode"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, adapter_root):
+    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
+                     max_resident_adapters=8) as (url, app):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            yield http, app
+
+
+@pytest.mark.parametrize("hostile", [
+    {"temperature": 1e-300},  # divided logits overflow to inf: treated as greedy
+    {"temperature": 1.0, "top_p": 1e-300},  # rounds to 0 in float32: would cut every token
+    {"temperature": 5e-324, "top_p": 0.5, "top_k": 40, "seed": 2**63 - 1},  # the smallest float
+    {"temperature": 1e-300, "stop": ["a" * 256, "\u2603" * 256, "ab" * 128, "x"]},
+])
+def test_hostile_sampling_never_changes_other_answers(served, hostile):
+    http, app = served
+    alone = [_text(http.post(CHAT, json=_body(MODEL, q))) for q in QUESTIONS]
+    responses = _in_one_step(http, app, [_body(MODEL, q) for q in QUESTIONS] + [_body(MODEL, QUESTIONS[0], **hostile)])
+    assert [_text(r) for r in responses[:-1]] == alone
+    assert responses[-1].status_code == 200, responses[-1].text  # the hostile one is answered too
+
+
+def _poison(app, name: str) -> None:
+    """Make a resident LoRA's weights overflow, as a NaN/inf adapter or a float overflow would: the
+    registration check refuses such files, so this writes into the engine's slot directly."""
+    bank = app.state.engine._scheduler.runner.adapters
+    slot = bank._by_name[name].slot
+    for wrapper in bank._lora_modules.values():
+        wrapper.a[slot].fill_(torch.finfo(wrapper.a.dtype).max)
+        wrapper.b[slot].fill_(1.0)
+
+
+def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapter_dirs):
+    """LoRA slots 1..3 with the middle one poisoned: rows of the others (and base rows) batched with it
+    keep their exact answers, its own rows fail, and the slot range it sat in is clean afterwards."""
+    http, app = served
+    names = ["iso-a", "iso-poisoned", "iso-c"]
+    for name, kind in zip(names, ("lora", "lora2", "lora")):
+        assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]),
+                                               "replace": True}).status_code == 201
+    innocent = [(MODEL, QUESTIONS[0]), ("iso-a", QUESTIONS[1]), ("iso-c", QUESTIONS[2]), (MODEL, QUESTIONS[3])]
+    alone = [_text(http.post(CHAT, json=_body(m, q))) for m, q in innocent]
+    _poison(app, "iso-poisoned")
+    bodies = [_body(m, q) for m, q in innocent] + [_body("iso-poisoned", q) for q in QUESTIONS[:2]]
+    responses = _in_one_step(http, app, bodies)
+    assert [_text(r) for r in responses[:4]] == alone
+    for failed in responses[4:]:
+        assert failed.status_code == 500 and "non-finite" in failed.json()["error"]["message"]
+    # Deleted, its slot is zeroed; whatever ran in its KV-cache slots left nothing other rows can read.
+    assert http.delete("/v1/adapters/iso-poisoned").status_code == 200
+    responses = asyncio.run(_together(str(http.base_url), [_body(m, q) for m, q in innocent]))
+    assert [_text(r) for r in responses] == alone
+
+
+def test_a_freed_slot_between_used_ones_is_inert(served, adapter_dirs):
+    """A deleted adapter's slot sits inside the slot range of a batch of its neighbours."""
+    http, app = served
+    names = ["free-a", "free-gone", "free-c"]
+    for name in names:
+        assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora"]),
+                                               "replace": True}).status_code == 201
+    bank = app.state.engine._scheduler.runner.adapters
+    assert bank._by_name["free-a"].slot < bank._by_name["free-gone"].slot < bank._by_name["free-c"].slot
+    alone = [_text(http.post(CHAT, json=_body(name, q))) for name in ("free-a", "free-c") for q in QUESTIONS[:3]]
+    _poison(app, "free-gone")
+    assert http.delete("/v1/adapters/free-gone").status_code == 200
+    responses = _in_one_step(http, app, [_body(n, q) for n in ("free-a", "free-c") for q in QUESTIONS[:3]])
+    assert [_text(r) for r in responses] == alone
+
+
+def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
+    """The cache cannot grow (out of memory, injected): the requests it was for get an error, release
+    their adapters, and the server goes on serving."""
+    http, app = served
+    assert http.post("/v1/adapters", json={"name": "grow-lora", "path": str(adapter_dirs["lora"]),
+                                           "replace": True}).status_code == 201
+    scheduler = app.state.engine._scheduler
+    cache = scheduler.runner.cache
+    calls = []
+
+    def failing_ensure(num_slots, length):
+        calls.append(num_slots)
+        raise RuntimeError("injected: out of memory")
+
+    cache.ensure = failing_ensure
+    try:
+        responses = asyncio.run(_together(str(http.base_url), [_body("grow-lora", q) for q in QUESTIONS]))
+    finally:
+        del cache.ensure
+    assert calls
+    for response in responses:
+        assert response.status_code == 500 and "KV-cache memory" in response.json()["error"]["message"]
+    assert scheduler.runner.adapters._by_name["grow-lora"].num_active == 0
+    assert not scheduler.waiting and not scheduler.running
+    assert "Paris" in _text(http.post(CHAT, json=_body(MODEL, QUESTIONS[0])))
+
+
+def test_a_failing_engine_loop_restarts_then_stays_down_and_says_so(tmp_path):
+    with serving_app(adapter_store=tmp_path / "store") as (url, app):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            scheduler = app.state.engine._scheduler
+            real_step, failures = scheduler.step, []
+
+            def failing_step():
+                failures.append(1)
+                raise RuntimeError("injected engine failure")
+
+            failures_before = scrape(http).get(("swapyard_engine_failures_total", ()), 0)
+            scheduler.step = failing_step
+            failed = http.post(CHAT, json=_body(MODEL, QUESTIONS[0]))
+            assert failed.status_code == 500 and "injected" in failed.json()["error"]["message"]
+            scheduler.step = real_step  # one failure: the loop restarted and serves again
+            assert "Paris" in _text(http.post(CHAT, json=_body(MODEL, QUESTIONS[0])))
+            assert http.get("/health").status_code == 200
+            assert scrape(http)[("swapyard_engine_failures_total", ())] == failures_before + 1
+
+            scheduler.step = failing_step  # failures in a row: the engine stays down
+            for _ in range(2):
+                assert http.post(CHAT, json=_body(MODEL, QUESTIONS[0])).status_code == 500
+            assert http.get("/health").status_code == 503 and http.get("/ready").status_code == 503
+            down = http.post(CHAT, json=_body(MODEL, QUESTIONS[0]))
+            assert down.status_code == 503 and down.json()["error"]["code"] == "engine_failed"
+            assert len(failures) == 3
