@@ -16,6 +16,18 @@ PEFT_TYPES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING", "BOTTLENECK")
 
 def load_adapter(folder: Path, base: BaseModelSpec, *, max_lora_rank: int) -> Adapter:
     """Read and check an adapter folder against the base; every problem is an AdapterError naming its field."""
+    try:
+        return _load(folder, base, max_lora_rank)
+    except AdapterError:
+        raise
+    except Exception as exc:
+        # PEFT's configs take any JSON type anywhere (a list for alpha_pattern, a number for target_modules)
+        # and fail deep inside: whatever the files make the parsing raise is the files' fault, a 400.
+        raise AdapterError(CONFIG_FILE, f"does not describe a valid adapter ({type(exc).__name__}: "
+                                        f"{str(exc)[:200]})") from exc
+
+
+def _load(folder: Path, base: BaseModelSpec, max_lora_rank: int) -> Adapter:
     raw = read_config(folder)
     peft_type = raw.get("peft_type")
     if peft_type not in PEFT_TYPES:
@@ -23,10 +35,7 @@ def load_adapter(folder: Path, base: BaseModelSpec, *, max_lora_rank: int) -> Ad
     tensors = read_weights(folder)
     if peft_type == "BOTTLENECK":
         return load_bottleneck(parse_bottleneck_config(raw), tensors, base)
-    try:
-        config = PeftConfig.from_peft_type(**raw)
-    except (TypeError, ValueError) as exc:
-        raise AdapterError(CONFIG_FILE, str(exc)) from exc
+    config = PeftConfig.from_peft_type(**raw)
     if peft_type == "LORA":
         return load_lora(config, tensors, base, max_lora_rank)
     if peft_type == "PREFIX_TUNING":

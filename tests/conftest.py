@@ -39,8 +39,8 @@ def free_port() -> int:
 def serving_app(**settings):
     """A real uvicorn server for the app on a free loopback port; yields (base URL, app), so a test can
     reach the engine inside it (to inject a failure)."""
-    config = ServeSettings(engine="torch", max_model_len=MAX_MODEL_LEN, port=free_port(),
-                           max_upload_mb=MAX_UPLOAD_MB, **settings)
+    config = ServeSettings(**{"engine": "torch", "max_model_len": MAX_MODEL_LEN, "port": free_port(),
+                              "max_upload_mb": MAX_UPLOAD_MB, **settings})
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
                                            **UVICORN_HTTP))
