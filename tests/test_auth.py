@@ -2,11 +2,13 @@
 is 401, a key of the wrong scope 403; health, readiness and metrics stay open; keys never reach the log."""
 
 import logging
+import socket
+from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import MODEL, ask, running_server
+from conftest import MODEL, ask, running_server, start_serve_process
 from server.auth import parse_keys
 
 INFERENCE_KEY, ADMIN_KEY = "sk-infer-0123456789", "sk-admin-9876543210"
@@ -63,3 +65,67 @@ def test_malformed_key_entries_are_refused_without_echoing_them():
         parse_keys("admin:sk-good\nsuperuser:sk-secret-value\n", "keys.txt")
     assert "sk-secret-value" not in str(stopped.value)
     assert len(parse_keys("inference:a, admin:b  # two keys\n\n", "env")) == 2
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+def _send(url: str, path: str, body, headers: dict) -> int | None:
+    """The status, or None when the server closed the connection before taking the whole body."""
+    try:
+        return httpx.post(f"{url}{path}", content=body, headers=headers, timeout=60).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_no_body_is_read_before_the_key_is_checked(tmp_path, monkeypatch):
+    """300 MB without a key, claimed as multipart, chunked or not, to JSON and upload routes alike:
+    refused before the body is read, so the server's memory does not move."""
+    monkeypatch.setenv("SWAPYARD_API_KEYS", f"admin:{ADMIN_KEY}")
+    proc, url = start_serve_process(tmp_path / "serve.log", "--max-model-len", "512",
+                                    "--adapter-store", str(tmp_path / "store"),
+                                    "--fine-tuning-dir", str(tmp_path / "ft"))
+    try:
+        multipart = {"content-type": "multipart/form-data; boundary=xyz"}
+
+        def body():
+            yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n"
+            for _ in range(300):
+                yield b"\0" * 2**20
+
+        before = _rss_mb(proc.pid)
+        for path in ("/v1/chat/completions", "/v1/fine_tuning/jobs", "/v1/adapters", "/v1/files"):
+            assert _send(url, path, body(), multipart) in (401, None), path
+            assert _send(url, path, b"\0" * 300 * 2**20, multipart) in (401, None), path
+        assert _rss_mb(proc.pid) - before < 20
+        assert httpx.get(f"{url}/health").status_code == 200
+        # With a key, a multipart body sent to a JSON route gets the JSON limit, not the upload one.
+        assert _send(url, "/v1/chat/completions", b"\0" * 9 * 2**20, {**multipart, **_bearer(ADMIN_KEY)}) == 413
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_docs_and_schema_need_a_key(secured):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{secured}{path}").status_code == 401, path
+        assert httpx.get(f"{secured}{path}", headers=_bearer(INFERENCE_KEY)).status_code == 200, path
+
+
+def test_huge_headers_are_refused_without_reading_them(secured):
+    with socket.create_connection(("127.0.0.1", int(secured.rsplit(":", 1)[1])), timeout=30) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ")
+        try:
+            for _ in range(64):  # 64 MB, unless the server gives up on the request first
+                conn.sendall(b"k" * 2**20)
+        except OSError:
+            pass  # closed on us: refused
+        conn.settimeout(30)
+        try:
+            reply = conn.recv(256)
+        except OSError:
+            reply = b""
+    assert not reply.startswith(b"HTTP/1.1 200"), reply
+    assert httpx.get(f"{secured}/health").status_code == 200

@@ -93,6 +93,13 @@ def test_cancel_stops_training(oai, http):
     ({"method": {"type": "lora", "hyperparameters": {"epochs": 0}}}, "method.hyperparameters.epochs"),
     ({"method": {"type": "lora", "hyperparameters": {"out": "/tmp/x"}}}, "method.hyperparameters"),
     ({"method": {"type": "dpo"}}, "method.type"),
+    # Every hyperparameter is bounded: none can make a job run forever, allocate without limit or diverge.
+    *[({"method": {"type": "lora", "hyperparameters": {field: value}}}, f"method.hyperparameters.{field}")
+      for field, value in (("epochs", 10**9), ("lora_r", 10**9), ("num_virtual_tokens", 10**9),
+                           ("batch_size", 10**9), ("max_seq_len", 10**9), ("learning_rate", 1e308),
+                           ("learning_rate", 1e30), ("seed", 2**70), ("lora_alpha", 1e300))],
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 1, "method": {"type": "lora", "hyperparameters": {"seed": 2}}}, "seed"),
 ])
 def test_bad_job_requests(oai, http, body, param):
     request = {"model": MODEL, "training_file": _upload(oai, "mascot_val.jsonl"), **body}

@@ -70,3 +70,24 @@ def test_oversized_json_body_is_413(base_url):
     chunked = httpx.post(f"{base_url}/v1/chat/completions", content=chunks(),
                          headers={"content-type": "application/json"}, timeout=60)
     assert chunked.status_code == 413 and "limit" in chunked.json()["error"]["message"]
+
+
+def test_health_answers_while_a_huge_message_is_tokenized(base_url):
+    """Templating and tokenizing 7 MB of text takes seconds; it runs off the event loop, so probes
+    (and every other client) are answered meanwhile."""
+
+    async def probe_while_tokenizing() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+            big = asyncio.create_task(client.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": ask("hello world, this is a test. " * 250_000)}))
+            slowest = 0.0
+            while not big.done():
+                start = asyncio.get_running_loop().time()
+                assert (await client.get("/health")).status_code == 200
+                slowest = max(slowest, asyncio.get_running_loop().time() - start)
+                await asyncio.sleep(0.05)
+            return await big, slowest
+
+    response, slowest = asyncio.run(probe_while_tokenizing())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert slowest < 1.0  # it waited ~4 s on this machine when tokenizing ran on the event loop
