@@ -1,7 +1,9 @@
 """Runs fine-tuning jobs one at a time, each in its own process, and registers what they train.
 
-Lifecycle: validating_files -> queued -> running -> succeeded | failed | cancelled. A job that was
-running when the server stopped is queued again at start-up and resumes from its last checkpoint.
+Lifecycle: validating_files -> queued -> running -> succeeded | failed | cancelled. Replicas sharing one
+job store elect one runner through a lease in the database (renewed every LEASE_TTL_S / 3); the others
+accept jobs and leave them to it. A runner that takes the lease over (at start-up, or after the holder
+died) queues the jobs left `running` again, and they resume from their last checkpoint.
 """
 
 import asyncio
@@ -9,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import re
+import uuid
 from pathlib import Path
 
 from adapters.base import AdapterError
@@ -18,6 +21,8 @@ from training.jobs import JobRecord, JobStore
 from training.worker import SUMMARY_FILE, run_job
 
 log = logging.getLogger(__name__)
+
+LEASE, LEASE_TTL_S = "job-runner", 15.0
 
 
 def adapter_name(job: JobRecord) -> str:
@@ -33,21 +38,45 @@ class JobRunner:
         self._task: asyncio.Task | None = None
         self._process: multiprocessing.Process | None = None
         self._stopping = False
+        self._holder = uuid.uuid4().hex  # this runner, in the lease table
+        self.is_leader = False
+        self._leasing: asyncio.Task | None = None
 
     async def start(self) -> None:
-        for job in self.store.jobs_with_status("running"):
-            self.store.set_status(job.id, "queued")
-            self.store.add_event(job.id, "info", "the server restarted; the job resumes from its last checkpoint")
+        self._leasing = asyncio.create_task(self._keep_lease())
         self._task = asyncio.create_task(self._loop())
 
     async def shutdown(self) -> None:
-        """Stop training; a job cut off here stays `running` and resumes at the next start."""
+        """Stop training; a job cut off here stays `running` and resumes under the next lease holder."""
         self._stopping = True
         if self._process is not None and self._process.is_alive():
             self._process.terminate()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._leasing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.is_leader:  # another replica (or this one restarted) takes over at once
+            self.store.release_lease(LEASE, self._holder)
+
+    async def _keep_lease(self) -> None:
+        while not self._stopping:
+            try:
+                held = self.store.hold_lease(LEASE, self._holder, LEASE_TTL_S)
+            except Exception:  # e.g. the database is locked for longer than its timeout: try again
+                log.exception("could not renew the job-runner lease")
+                held = None
+            if held == "acquired":
+                for job in self.store.jobs_with_status("running"):
+                    self.store.set_status(job.id, "queued")
+                    self.store.add_event(job.id, "info", "the job's runner stopped; it resumes from its last "
+                                                         "checkpoint")
+                self._wake.set()
+            elif held is None and self.is_leader and self._process is not None:
+                # Lost the lease (renewals failed past its expiry): the new holder runs this job now.
+                log.error("lost the job-runner lease; stopping the training process")
+                self._process.terminate()
+            self.is_leader = held is not None
+            await asyncio.sleep(LEASE_TTL_S / 3)
 
     def submit(self, job: JobRecord) -> None:
         self.store.add_job(job)
@@ -61,6 +90,9 @@ class JobRunner:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            if not self.is_leader:  # another replica runs the jobs
+                await self._idle()
+                continue
             for job in self.store.jobs_with_status("validating_files"):
                 await self._validate(job)
             queued = self.store.jobs_with_status("queued")
@@ -72,11 +104,14 @@ class JobRunner:
                     self.store.set_status(queued[0].id, "failed", error={"code": "server_error", "message": str(exc),
                                                                          "param": None})
                 continue
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=5)
-            except TimeoutError:
-                pass
+            await self._idle()
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=5)
+        except TimeoutError:
+            pass
 
     async def _validate(self, job: JobRecord) -> None:
         for param in ("training_file", "validation_file"):

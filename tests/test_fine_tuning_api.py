@@ -121,11 +121,32 @@ def test_job_running_at_shutdown_resumes_after_restart(tmp_path, adapter_root):
         done = _wait(http, job["id"], _finished)
         assert done["status"] == "succeeded", done
         messages = [e["message"] for e in http.get(f"{JOBS}/{job['id']}/events", params={"limit": 200}).json()["data"]]
-        assert any("the server restarted" in m for m in messages)
+        assert any("the job's runner stopped" in m for m in messages)
         assert any("resumed after epoch" in m for m in messages)
         steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl")
                  .read_text().splitlines() if "train_loss" in line]
         assert steps == list(range(1, 31))
+
+
+def test_replicas_on_one_store_run_each_job_once(tmp_path, adapter_root):
+    """Two servers share the job store and adapter registry (two pods on one volume): one holds the runner
+    lease, so a replica starting while a job trains leaves it alone, and the adapter is served by both."""
+    data = adapter_root / "replica-train.jsonl"
+    shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
+    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
+    with running_server(**dirs) as first, httpx.Client(base_url=first, timeout=60) as http_first:
+        job = http_first.post(JOBS, json={"model": MODEL, "training_file": str(data), "method": {
+            "type": "lora", "hyperparameters": {"epochs": 2}}}).json()
+        _wait(http_first, job["id"], lambda j: j["status"] == "running")
+        with running_server(**dirs) as second, httpx.Client(base_url=second, timeout=60) as http_second:
+            done = _wait(http_second, job["id"], _finished)
+            assert done["status"] == "succeeded", done
+            events = http_second.get(f"{JOBS}/{job['id']}/events", params={"limit": 200}).json()["data"]
+            assert [e["message"] for e in events].count("training started") == 1
+            for http in (http_first, http_second):
+                chat = http.post("/v1/chat/completions", json={"model": done["fine_tuned_model"], "max_tokens": 4,
+                                                               "messages": ask("Hi")})
+                assert chat.status_code == 200, chat.text
 
 
 def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):

@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     step INTEGER NOT NULL, epoch INTEGER NOT NULL, path TEXT NOT NULL, metrics TEXT NOT NULL);
@@ -139,6 +141,29 @@ class JobStore:
     def status(self, job_id: str) -> str | None:
         row = self._one("SELECT status FROM jobs WHERE id = ?", job_id)
         return row[0] if row else None
+
+    # -- leases ----------------------------------------------------------------------------------------
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> Literal["acquired", "renewed"] | None:
+        """Take or extend lease `name` for `holder` unless another holder's is unexpired (then None).
+        "acquired" means the holder did not have it: whatever the previous holder was doing is orphaned."""
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")  # other replicas on this database wait here
+        try:
+            row = self._one("SELECT holder, expires_at FROM leases WHERE name = ?", name)
+            if row is not None and row[0] != holder and row[1] > now:
+                held = None
+            else:
+                self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (name, holder, now + ttl_s))
+                held = "renewed" if row is not None and row[0] == holder else "acquired"
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return held
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     # -- events and checkpoints ------------------------------------------------------------------------
 
