@@ -27,6 +27,7 @@ from server.limits import BodyLimit, InFlightLimit
 from server.ops_api import ops_api
 from server.router import Router
 from server.settings import ServeSettings
+from server.storage import require_local
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,14 @@ def resolve_model(settings: ServeSettings) -> tuple[Path, str]:
     return path, settings.served_model_name or path.name
 
 
+def adapter_store(settings: ServeSettings) -> Path:
+    return settings.adapter_store or settings.cache_dir / "adapters"
+
+
+def fine_tuning_dir(settings: ServeSettings) -> Path:
+    return settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
+
+
 def context_length(path: Path, requested: int | None) -> int:
     config = AutoConfig.from_pretrained(path)
     native = getattr(config, "max_position_embeddings", None) or _DEFAULT_MAX_MODEL_LEN
@@ -59,10 +68,10 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     engine = await asyncio.to_thread(build_engine, settings, path, tokenizer, max_model_len)
     app.state.engine = engine
     await engine.start()
-    registry = AdapterRegistry(settings.adapter_store or settings.cache_dir / "adapters")
+    registry = AdapterRegistry(adapter_store(settings))
     adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
                               max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank)
-    jobs_root = settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
+    jobs_root = fine_tuning_dir(settings)
     app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
     await app.state.jobs.start()
     app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
@@ -76,6 +85,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path, name = resolve_model(settings)  # bad flags stop the server at once, before it listens
         max_model_len = context_length(path, settings.max_model_len)
+        require_local(adapter_store(settings), "--adapter-store")
+        require_local(fine_tuning_dir(settings), "--fine-tuning-dir")
         app.state.settings = settings
         app.state.phase, app.state.router, app.state.engine, app.state.jobs = "loading", None, None, None
         loading = asyncio.create_task(load_model(app, settings, path, name, max_model_len))

@@ -1,0 +1,48 @@
+"""What ships for deployment tells the truth: no API key in the manifests, and stores on network
+filesystems are refused (SQLite's locking and WAL do not hold there, S3 mounts cannot rename)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.storage import filesystem_type, is_network, require_local
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 259:1 / / rw,relatime - ext4 /dev/nvme0n1p1 rw
+40 27 0:50 / /data rw,relatime - nfs4 server:/export rw,vers=4.1
+41 40 259:2 / /data/local rw,relatime - xfs /dev/nvme1n1 rw
+42 27 0:51 / /mnt/my\\040bucket rw - fuse.mountpoint-s3 mountpoint-s3 rw
+"""
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/srv/adapters", "ext4"), ("/data", "nfs4"), ("/data/adapters", "nfs4"), ("/data/local/x", "xfs"),
+    ("/datax", "ext4"), ("/mnt/my bucket/store", "fuse.mountpoint-s3"),
+])
+def test_filesystem_type_of_the_deepest_mount(path, expected):
+    assert filesystem_type(Path(path), MOUNTINFO) == expected
+
+
+def test_network_and_fuse_filesystems_are_refused(tmp_path, monkeypatch):
+    assert is_network("nfs4") and is_network("fuse.mountpoint-s3") and is_network("cifs")
+    assert not is_network("ext4") and not is_network("overlay") and not is_network("tmpfs")
+    fake = tmp_path / "mountinfo"
+    fake.write_text(f"27 1 259:1 / / rw - ext4 /dev/sda rw\n50 27 0:50 / {tmp_path} rw - nfs4 srv:/x rw\n")
+    monkeypatch.setattr("server.storage.MOUNTINFO", fake)
+    with pytest.raises(SystemExit, match="--adapter-store .* nfs4 filesystem"):
+        require_local(tmp_path / "not-yet-created" / "store", "--adapter-store")
+    require_local(Path("/usr"), "--adapter-store")  # local: accepted
+
+
+def test_no_api_key_ships_with_the_manifests():
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    generated = kustomization["secretGenerator"][0]
+    assert generated["name"] == "swapyard-api-keys" and generated["files"] == ["keys.txt"]
+    assert not (DEPLOY / "kubernetes" / "keys.txt").exists() or "keys.txt" in (DEPLOY.parent / ".gitignore").read_text()
+    for manifest in (DEPLOY / "kubernetes").glob("*.yaml"):
+        for document in yaml.safe_load_all(manifest.read_text()):
+            assert document.get("kind") != "Secret", manifest
