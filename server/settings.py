@@ -28,7 +28,7 @@ class EngineSettings(BaseModel):
     max_num_batched_tokens: int = Field(4096, gt=0)
     """Token budget of one prefill step (padded batch size x longest new prompt)."""
     kv_cache_memory_gb: float = Field(8.0, gt=0)
-    """KV-cache memory the torch engine may reserve; requests wait in the queue beyond it."""
+    """Most KV-cache memory the torch engine's cache grows to (on demand); requests wait in the queue beyond it."""
     max_resident_adapters: int = Field(16, gt=0)
     """Adapters held on the engine's device at once (LoRA and bottleneck weights stacked for mixed batches)."""
     max_lora_rank: int = Field(64, gt=0)
