@@ -109,3 +109,41 @@ def test_merge_into_vllm_weights_keeps_other_answers(vllm, adapter_dirs):
 
     assert vllm.post("/v1/adapters/mv-lora/unmerge").status_code == 200
     assert {model: _answers(vllm, model) for model in models} == before
+
+
+def test_replacing_an_adapter_with_another_kind_serves_the_new_kind(vllm, adapter_dirs):
+    for name, kind in (("kind-lora", "lora"), ("kind-prompt", "prompt")):
+        registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
+        assert registered.status_code == 201, registered.text
+    lora, prompt = _answers(vllm, "kind-lora"), _answers(vllm, "kind-prompt")
+    assert lora != prompt
+    for kind, expected in (("lora", lora), ("prompt", prompt), ("lora", lora)):
+        swapped = vllm.post("/v1/adapters", json={"name": "kind-swap", "path": str(adapter_dirs[kind]),
+                                                  "replace": True})
+        assert swapped.status_code == 201 and swapped.json()["kind"] == kind, swapped.text
+        assert _answers(vllm, "kind-swap") == expected, kind
+
+
+def test_a_replace_vllm_refuses_while_merged_changes_nothing(vllm, adapter_dirs, adapter_root):
+    """While a LoRA is merged, another LoRA is served with the merged one's rank added; a replacement
+    whose sum is over --max-lora-rank is refused before the registry changes."""
+    import torch
+
+    from adapters.lora import save_lora
+
+    wide = adapter_root / "wide-lora"
+    generator = torch.Generator().manual_seed(0)
+    save_lora(wide, {"model.layers.0.self_attn.q_proj": (torch.randn(62, 576, generator=generator) * 0.01,
+                                                         torch.randn(576, 62, generator=generator) * 0.01)})
+    for name, kind in (("rm-merged", "lora"), ("rm-other", "lora2")):
+        assert vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]),
+                                               "replace": True}).status_code == 201
+    assert vllm.post("/v1/adapters/rm-merged/merge").status_code == 200
+    try:
+        before, answers = vllm.get("/v1/adapters/rm-other").json(), _answers(vllm, "rm-other")
+        refused = vllm.post("/v1/adapters", json={"name": "rm-other", "path": str(wide), "replace": True})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "r", refused.text
+        assert vllm.get("/v1/adapters/rm-other").json() == before
+        assert _answers(vllm, "rm-other") == answers
+    finally:
+        assert vllm.post("/v1/adapters/rm-merged/unmerge").status_code == 200
