@@ -102,30 +102,26 @@ def adapter_folder(root: Path, field: str) -> Path:
 
 
 def copy_folder(source: Path, dest: Path, max_bytes: int, *, field: str = "path") -> Path:
-    """Copy a server folder's regular files and folders into `dest`, refusing links, devices and FIFOs
-    (checked on the open file, so a swap after the check is caught) and stopping at `max_bytes`."""
+    """Copy the regular files at the top of a server folder (an adapter is flat: subfolders, such as a
+    trainer's checkpoints/, are left out) into `dest`, refusing links, devices and FIFOs (checked on the
+    open file, so a swap after the check is caught) and stopping at `max_bytes`."""
     budget = _Budget(field, max_bytes)
-
-    def copy(src: Path, dst: Path) -> None:
-        dst.mkdir()
-        with os.scandir(src) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    copy(Path(entry.path), dst / entry.name)
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    raise AdapterError(field, f"`{entry.path}` is a link, device or other special file; "
-                                              f"adapter folders may hold regular files only")
-                try:
-                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                except OSError as exc:
-                    raise AdapterError(field, f"`{entry.path}` cannot be read ({exc.strerror})") from exc
-                with os.fdopen(fd, "rb") as file:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
-                        raise AdapterError(field, f"`{entry.path}` is not a regular file")
-                    budget.copy(file, dst / entry.name)
-
-    copy(source, dest)
+    dest.mkdir()
+    with os.scandir(source) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                raise AdapterError(field, f"`{entry.path}` is a link, device or other special file; adapter "
+                                          f"folders may hold regular files only")
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:
+                raise AdapterError(field, f"`{entry.path}` cannot be read ({exc.strerror})") from exc
+            with os.fdopen(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise AdapterError(field, f"`{entry.path}` is not a regular file")
+                budget.copy(file, dest / entry.name)
     return dest
 
 
