@@ -9,12 +9,15 @@ vLLM would pick bfloat16, whose greedy tokens drift from float32's). Marked slow
 `-m "not slow"`.
 """
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
 
-from conftest import MODEL, ask, start_serve_process
+from adapter_factory import make_adapter
+from conftest import MODEL, MODEL_PATH, ask, start_serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +150,56 @@ def test_a_replace_vllm_refuses_while_merged_changes_nothing(vllm, adapter_dirs,
         assert _answers(vllm, "rm-other") == answers
     finally:
         assert vllm.post("/v1/adapters/rm-merged/unmerge").status_code == 200
+
+
+async def _timed_stream(client: httpx.AsyncClient, body: dict) -> tuple[str, list[float]]:
+    """The streamed text and the arrival time of each content chunk."""
+    text, times = [], []
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                if delta:
+                    text.append(delta)
+                    times.append(time.monotonic())
+    return "".join(text), times
+
+
+def _shared_steps(a: list[float], b: list[float]) -> bool:
+    """Both streams produced tokens while the other was producing: vLLM schedules every running request in
+    every step, so tokens of both inside their common window came out of shared steps."""
+    start, end = max(a[0], b[0]), min(a[-1], b[-1])
+    return sum(start <= t <= end for t in a) >= 3 and sum(start <= t <= end for t in b) >= 3
+
+
+def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adapter_root):
+    """Base, LoRAs of different ranks and targets, and a soft prompt, sent at once: vLLM batches them
+    together (a soft prompt beside a LoRA once killed its engine core), and each answer equals the
+    request's answer alone. Prefix and bottleneck adapters run beside vLLM in the same mix."""
+    qv_lora = adapter_root / "qv-lora"
+    if not qv_lora.exists():
+        make_adapter("lora", MODEL_PATH, qv_lora, seed=3, lora_targets=["q_proj", "v_proj"])
+    folders = {"mix-lora": adapter_dirs["lora"], "mix-lora2": adapter_dirs["lora2"], "mix-qv": qv_lora,
+               "mix-prompt": adapter_dirs["prompt"], "mix-prefix": adapter_dirs["prefix"],
+               "mix-bottleneck": adapter_dirs["bottleneck"]}
+    for name, folder in folders.items():
+        registered = vllm.post("/v1/adapters", json={"name": name, "path": str(folder), "replace": True})
+        assert registered.status_code == 201, registered.text
+    models = [MODEL, *folders]
+    bodies = [{"model": m, "messages": ask(q), "temperature": 0, "max_tokens": 24, "ignore_eos": True}
+              for m in models for q in QUESTIONS]
+    alone = [vllm.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+
+    async def together() -> list[tuple[str, list[float]]]:
+        async with httpx.AsyncClient(base_url=str(vllm.base_url), timeout=300) as client:
+            return await asyncio.gather(*(_timed_stream(client, b) for b in bodies))
+
+    streams = asyncio.run(together())
+    assert [text for text, _ in streams] == alone
+    times = {m: [t for b, (_, t) in zip(bodies, streams) if b["model"] == m] for m in models}
+    on_vllm = [MODEL, "mix-lora", "mix-lora2", "mix-qv", "mix-prompt"]
+    for i, first in enumerate(on_vllm):
+        for second in on_vllm[i + 1:]:
+            assert any(_shared_steps(a, b) for a in times[first] for b in times[second]), (first, second)
+    assert vllm.get("/health").status_code == 200

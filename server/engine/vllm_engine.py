@@ -32,6 +32,7 @@ from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from adapters.base import AdapterError
 from adapters.loading import Adapter
@@ -297,12 +298,15 @@ class VLLMEngine:
         num_prompt, num_generated = len(request.prompt_token_ids), 0
         stream = self._llm.generate(prompt, to_vllm(request.sampling), request.request_id, lora_request=lora)
         # Closing this generator closes vLLM's, which aborts the request inside vLLM.
-        async with aclosing(stream) as outputs:
-            async for out in outputs:
-                completion = out.outputs[0]
-                num_generated += len(completion.token_ids)
-                stats = out.metrics
-                queue_time = (stats.scheduled_ts - stats.queued_ts
-                              if stats is not None and num_generated == len(completion.token_ids) else None)
-                yield GenerationOutput(completion.text, list(completion.token_ids), num_prompt, num_generated,
-                                       completion.finish_reason if out.finished else None, queue_time=queue_time)
+        try:
+            async with aclosing(stream) as outputs:
+                async for out in outputs:
+                    completion = out.outputs[0]
+                    num_generated += len(completion.token_ids)
+                    stats = out.metrics
+                    queue_time = (stats.scheduled_ts - stats.queued_ts
+                                  if stats is not None and num_generated == len(completion.token_ids) else None)
+                    yield GenerationOutput(completion.text, list(completion.token_ids), num_prompt, num_generated,
+                                           completion.finish_reason if out.finished else None, queue_time=queue_time)
+        except EngineDeadError:  # the request ends with a clear 503; /health already says the engine is down
+            yield GenerationOutput("", [], num_prompt, num_generated, "abort", self.failure)

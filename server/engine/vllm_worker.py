@@ -1,5 +1,6 @@
 """Runs inside vLLM's worker process (AsyncEngineArgs.worker_extension_cls): reloads base linear layers
-with LoRA updates folded in, or as they were, through vLLM's own in-place weight reload."""
+with LoRA updates folded in, or as they were, through vLLM's own in-place weight reload; and, on import,
+works around vLLM's LoRA embedding layer breaking on batches that mix prompt embeddings and LoRAs."""
 
 import logging
 from pathlib import Path
@@ -7,6 +8,22 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
+
+
+def _embed_without_lora(self: VocabParallelEmbeddingWithLoRA, x: torch.Tensor) -> torch.Tensor:
+    return self.base_layer.forward(x)
+
+
+# vLLM 0.32 with enable_lora and enable_prompt_embeds: a step whose batch holds a prompt-embeds request
+# embeds only the token-id positions (GPUModelRunner._preprocess: embed_input_ids(input_ids[is_token_ids])),
+# but VocabParallelEmbeddingWithLoRA applies the token-to-LoRA mapping of the whole batch to that subset.
+# On CPU (punica_cpu's sgmv_expand) the lengths disagree and the einsum raises, which kills the engine
+# core; on CUDA (punica_gpu's lora_expand takes the mapping's first x.size(0) entries) it silently
+# applies other tokens' embedding LoRAs. No upstream report was found. swapyard refuses LoRAs on
+# embedding layers at registration (adapters/lora.py), so every embedding LoRA weight here is zero and
+# the base embedding alone is exact: the LoRA path is skipped on every platform.
+VocabParallelEmbeddingWithLoRA.forward = _embed_without_lora
 
 
 def whole_layers(model: torch.nn.Module, modules: list[str]) -> set[str]:
