@@ -186,6 +186,13 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adap
     for name, folder in folders.items():
         registered = vllm.post("/v1/adapters", json={"name": name, "path": str(folder), "replace": True})
         assert registered.status_code == 201, registered.text
+    # Every LoRA slot of vLLM's (--max-loras 4) holds a LoRA first, the last one included: rows without a
+    # LoRA once picked up the last slot's on the CPU backend.
+    for name in ("mix-filler0", "mix-filler1"):
+        registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora2"]), "replace": True})
+        assert registered.status_code == 201, registered.text
+    for name in ("mix-filler0", "mix-filler1", "mix-lora", "mix-lora2", "mix-qv"):
+        _answers(vllm, name)
     models = [MODEL, *folders]
     bodies = [{"model": m, "messages": ask(q), "temperature": 0, "max_tokens": 24, "ignore_eos": True}
               for m in models for q in QUESTIONS]
@@ -196,7 +203,8 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adap
             return await asyncio.gather(*(_timed_stream(client, b) for b in bodies))
 
     streams = asyncio.run(together())
-    assert [text for text, _ in streams] == alone
+    differ = [(b["model"], text[:40], a[:40]) for b, (text, _), a in zip(bodies, streams, alone) if text != a]
+    assert not differ
     times = {m: [t for b, (_, t) in zip(bodies, streams) if b["model"] == m] for m in models}
     on_vllm = [MODEL, "mix-lora", "mix-lora2", "mix-qv", "mix-prompt"]
     for i, first in enumerate(on_vllm):

@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
+from vllm.lora.ops.torch_ops import lora_ops
+from vllm.lora.punica_wrapper import punica_cpu
 
 
 def _embed_without_lora(self: VocabParallelEmbeddingWithLoRA, x: torch.Tensor) -> torch.Tensor:
@@ -24,6 +26,30 @@ def _embed_without_lora(self: VocabParallelEmbeddingWithLoRA, x: torch.Tensor) -
 # embedding layers at registration (adapters/lora.py), so every embedding LoRA weight here is zero and
 # the base embedding alone is exact: the LoRA path is skipped on every platform.
 VocabParallelEmbeddingWithLoRA.forward = _embed_without_lora
+
+
+def _skipping_rows_without_lora(op):
+    """op(inputs (tokens, in), weights, output, indices (tokens,), ...) with rows whose index is -1 (no
+    LoRA) fed zeros, so they add nothing."""
+
+    def masked(inputs, weights, output, indices, *args, **kwargs):
+        no_lora = indices < 0
+        if bool(no_lora.any()):
+            inputs = inputs.masked_fill(no_lora[:, None], 0)
+        return op(inputs, weights, output, indices, *args, **kwargs)
+
+    return masked
+
+
+# vLLM 0.32's PyTorch LoRA ops (the CPU backend's; CUDA's Triton kernels skip index -1) pick each row's
+# weights as weights[indices], so a row without a LoRA (-1) in a batch with LoRAs gets the last slot's:
+# the base and soft prompts answered with whichever LoRA last sat there. Zeroing those rows' inputs makes
+# the shrink and the expand add nothing (adapter weights are finite, checked at registration). The sgmv
+# (prefill) ops call these through lora_ops' globals, the decode path through punica_cpu's names.
+for _name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+    _masked = _skipping_rows_without_lora(getattr(lora_ops, _name))
+    setattr(lora_ops, _name, _masked)
+    setattr(punica_cpu, _name, _masked)
 
 
 def whole_layers(model: torch.nn.Module, modules: list[str]) -> set[str]:
