@@ -45,10 +45,11 @@ class AdapterManager:
         self.engine.check_adapter(adapter)
         staged = await asyncio.to_thread(self.registry.stage, name, folder, replace=replace)
         async with self._lock:
+            is_loaded = True
             try:
                 await self._load(name, adapter, self.registry.store / staged, None, start)
-            except AdapterCapacityError:
-                pass  # every slot is pinned or busy: registered all the same, it loads on first use
+            except AdapterCapacityError:  # every slot is pinned or busy: registered all the same, loaded on use
+                is_loaded = False
             except BaseException:
                 await asyncio.to_thread(self.registry.discard, staged)
                 raise
@@ -59,7 +60,7 @@ class AdapterManager:
             except BaseException:  # e.g. another replica took the name meanwhile: serve what the registry says
                 await self._drop_resident(name)
                 raise
-            if name in self._resident:
+            if is_loaded:  # else a previous version may still be resident, and is replaced on first use
                 self._resident[name] = record.version
         return record
 

@@ -53,11 +53,12 @@ class SlotKVCache:
             new[:, :old_slots, :, :old_cap] = old
             setattr(self, name, new)
 
-    def clear(self, slot: int) -> None:
-        """Zero a slot whose sequence failed: its values may be non-finite, and masked reads must see zeros."""
-        if slot < self.k.shape[1]:
-            self.k[:, slot].zero_()
-            self.v[:, slot].zero_()
+    def clear(self, slot: int | None = None) -> None:
+        """Zero a slot (None: all) whose sequence failed: its values may be non-finite, and other rows read
+        masked positions, where they must find zeros."""
+        rows = slice(None) if slot is None else slice(slot, slot + 1)
+        self.k[:, rows].zero_()
+        self.v[:, rows].zero_()
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's first `length` positions to another slot (compaction after a finish)."""

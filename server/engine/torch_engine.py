@@ -117,6 +117,7 @@ class TorchEngine:
                 log.exception("the engine loop failed; every request in flight fails with it")
                 ENGINE_FAILURES.inc()
                 self._scheduler.abort_all("error", f"engine error: {exc}")
+                self._scheduler.runner.cache.clear()  # whatever the failed step left must not reach new rows
                 now = time.monotonic()
                 failures.append(now)
                 while failures[0] < now - FAILURE_WINDOW_S:
@@ -137,7 +138,10 @@ class TorchEngine:
                 if message is _STOP:
                     scheduler.abort_all("abort", "the server is shutting down")
                     return
-                message()
+                try:  # each message answers its own caller on failure; the ones after it still run
+                    message()
+                except Exception:
+                    log.exception("engine work failed")
             if scheduler.has_work:
                 scheduler.step()
 
