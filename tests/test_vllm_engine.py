@@ -11,7 +11,10 @@ vLLM would pick bfloat16, whose greedy tokens drift from float32's). Marked slow
 
 import asyncio
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -211,3 +214,38 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adap
         for second in on_vllm[i + 1:]:
             assert any(_shared_steps(a, b) for a in times[first] for b in times[second]), (first, second)
     assert vllm.get("/health").status_code == 200
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+            and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid]
+
+
+def test_a_dead_engine_core_is_seen(tmp_path):
+    """kill -9 of vLLM's engine-core process: /health and /ready turn 503, requests get a clear 503 at once
+    instead of hanging, and the death is counted. (Restarting it in-process is not done yet.)"""
+    proc, url = start_serve_process(tmp_path / "serve.log", "--engine", "vllm", "--max-model-len", "512",
+                                    "--adapter-store", str(tmp_path / "store"), "--fine-tuning-dir",
+                                    str(tmp_path / "ft"), timeout=400)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/health").status_code == 200
+            for child in _children(proc.pid):
+                if "EngineCore" in (Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+                                    + Path(f"/proc/{child}/comm").read_text()):
+                    os.kill(child, signal.SIGKILL)
+                    break
+            else:
+                raise AssertionError(f"no engine-core process among {_children(proc.pid)}")
+            deadline = time.monotonic() + 60
+            while client.get("/health").status_code != 503:
+                assert time.monotonic() < deadline, "the dead engine core was not noticed"
+                time.sleep(0.5)
+            assert client.get("/ready").status_code == 503
+            chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": ask("Hi"), "max_tokens": 2})
+            assert chat.status_code == 503 and chat.json()["error"]["code"] == "engine_failed"
+            time.sleep(1.5)  # the watcher counts the death within a second
+            assert "swapyard_engine_failures_total 1.0" in client.get("/metrics").text
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)

@@ -12,6 +12,7 @@ run with no LoRA. Every other request then gets a compensating LoRA: the base -B
 """
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -39,7 +40,10 @@ from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, save_lora
 from adapters.prompt import PromptAdapter
 from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
+from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings
+
+log = logging.getLogger(__name__)
 
 # vLLM's CPU backend sizes its KV cache from host memory; half of it leaves room for everything else.
 _CPU_MEMORY_FRACTION = 0.5
@@ -136,8 +140,17 @@ class VLLMEngine:
     async def start(self) -> None:
         # Off the event loop: the engine core takes about a minute to start, and /health must answer meanwhile.
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+        self._watch = asyncio.create_task(self._watch_engine_core())
+
+    async def _watch_engine_core(self) -> None:
+        """Count the engine core's death once, when it happens (not when a request or probe notices)."""
+        while self.failure is None:
+            await asyncio.sleep(1)
+        ENGINE_FAILURES.inc()
+        log.error("%s: /health answers 503 and requests get 503 until the server is restarted", self.failure)
 
     async def shutdown(self) -> None:
+        self._watch.cancel()
         self._llm.shutdown()
         shutil.rmtree(self._folders, ignore_errors=True)
 
