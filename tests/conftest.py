@@ -79,8 +79,12 @@ def start_serve_process(log: Path, *args: str, timeout: float = 120) -> tuple[su
             proc.kill()
             raise AssertionError(f"server did not get ready: {log.read_text(errors='replace')[-3000:]}")
         try:
-            if httpx.get(f"{url}/ready").status_code == 200:
+            ready = httpx.get(f"{url}/ready")
+            if ready.status_code == 200:
                 return proc, url
+            if ready.json().get("status") == "failed":  # loading failed: say why now, not at the deadline
+                proc.kill()
+                raise AssertionError(f"server failed to load: {log.read_text(errors='replace')[-3000:]}")
         except httpx.TransportError:
             pass
         time.sleep(0.5)  # /ready answers 503 at once while the model loads: do not spin
