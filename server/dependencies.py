@@ -16,6 +16,9 @@ def get_router(request: Request) -> Router:
     if router.engine.failure is not None:
         raise APIError(503, f"the engine is down ({router.engine.failure}); this server must be restarted",
                        type="server_error", code="engine_failed")
+    if router.engine.is_restarting:
+        raise APIError(503, "the engine failed and is being restarted; retry shortly", type="server_error",
+                       code="engine_restarting", headers={"Retry-After": "10"})
     return router
 
 

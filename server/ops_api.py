@@ -8,9 +8,14 @@ ops_api = APIRouter()
 
 
 def _phase(request: Request) -> str:
-    """loading, ready, failed (loading failed, or the engine died for good) or stopping."""
+    """loading, ready, restarting (a dead engine is being replaced), failed (loading failed, or the engine
+    died for good) or stopping."""
     engine = request.app.state.engine
-    return "failed" if engine is not None and engine.failure is not None else request.app.state.phase
+    if engine is not None and engine.failure is not None:
+        return "failed"
+    if engine is not None and engine.is_restarting:
+        return "restarting"
+    return request.app.state.phase
 
 
 @ops_api.get("/health")

@@ -33,7 +33,8 @@ def usage_of(out: GenerationOutput) -> Usage:
 def raise_for_failure(out: GenerationOutput) -> None:
     """Engine-side endings that are not a normal finish become API errors."""
     if out.finish_reason == "abort":
-        raise APIError(503, out.error or "request aborted", type="server_error", code="aborted")
+        raise APIError(503, out.error or "request aborted", type="server_error", code="aborted",
+                       headers={"Retry-After": "5"})
     if out.finish_reason == "error":
         raise APIError(500, out.error or "generation failed", type="server_error")
 

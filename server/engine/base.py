@@ -65,6 +65,7 @@ class GenerationOutput:
 class Engine(Protocol):
     max_model_len: int
     failure: str | None  # why the engine can no longer serve (it died for good); None while it serves
+    is_restarting: bool  # a failed engine is being replaced: requests get 503 + Retry-After meanwhile
 
     async def start(self) -> None: ...
 

@@ -29,6 +29,10 @@ class HybridEngine:
     def failure(self) -> str | None:
         return self._main.failure or (self._side.failure if self._side is not None else None)
 
+    @property
+    def is_restarting(self) -> bool:
+        return self._main.is_restarting
+
     async def start(self) -> None:
         await self._main.start()
 

@@ -44,6 +44,7 @@ class TorchEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="swapyard-torch-engine", daemon=True)
         self.failure: str | None = None  # why the engine no longer serves; None while it does
+        self.is_restarting = False  # the loop restarts in place, between two messages
 
     async def start(self) -> None:
         self._thread.start()
@@ -116,14 +117,15 @@ class TorchEngine:
             except Exception as exc:
                 log.exception("the engine loop failed; every request in flight fails with it")
                 ENGINE_FAILURES.inc()
-                self._scheduler.abort_all("error", f"engine error: {exc}")
-                self._scheduler.runner.cache.clear()  # whatever the failed step left must not reach new rows
                 now = time.monotonic()
                 failures.append(now)
                 while failures[0] < now - FAILURE_WINDOW_S:
                     failures.popleft()
-                if len(failures) >= MAX_FAILURES:
+                if len(failures) >= MAX_FAILURES:  # decided before the requests hear of it: /health agrees
                     self.failure = f"the engine failed {len(failures)} times in {FAILURE_WINDOW_S:.0f} s: {exc}"
+                self._scheduler.abort_all("error", f"engine error: {exc}")
+                self._scheduler.runner.cache.clear()  # whatever the failed step left must not reach new rows
+                if self.failure is not None:
                     log.error("%s; it stays down and /health answers 503", self.failure)
                     self._refuse_from_now_on()
                     return

@@ -15,7 +15,8 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
+
+# A dead engine core is replaced in-process this many times within the window; then the engine stays down.
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 600.0
+_DELTAS = "deltas.safetensors"  # the merged LoRA's (out, in) updates, kept to fold them again after a restart
 
 # vLLM's CPU backend sizes its KV cache from host memory; half of it leaves room for everything else.
 _CPU_MEMORY_FRACTION = 0.5
@@ -136,6 +141,8 @@ class VLLMEngine:
         self._merged: str | None = None
         self._unmerging: LoRARequest | None = None  # the base's compensating LoRA while a LoRA is merged
         self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # compensating LoRAs' files
+        self._failure: str | None = None
+        self.is_restarting = False  # a new engine core is starting after the last one died
 
     async def start(self) -> None:
         # Off the event loop: the engine core takes about a minute to start, and /health must answer meanwhile.
@@ -143,11 +150,48 @@ class VLLMEngine:
         self._watch = asyncio.create_task(self._watch_engine_core())
 
     async def _watch_engine_core(self) -> None:
-        """Count the engine core's death once, when it happens (not when a request or probe notices)."""
-        while self.failure is None:
-            await asyncio.sleep(1)
-        ENGINE_FAILURES.inc()
-        log.error("%s: /health answers 503 and requests get 503 until the server is restarted", self.failure)
+        """When the engine core dies, count it and start a new one, up to MAX_RESTARTS in RESTART_WINDOW_S;
+        past that (or when a restart fails) the engine stays down and `failure` says why."""
+        restarts: deque[float] = deque()
+        while True:
+            while not self._llm.errored:
+                await asyncio.sleep(1)
+            ENGINE_FAILURES.inc()
+            now = time.monotonic()
+            restarts.append(now)
+            while restarts[0] < now - RESTART_WINDOW_S:
+                restarts.popleft()
+            if len(restarts) > MAX_RESTARTS:
+                self._failure = f"the vLLM engine core died {len(restarts)} times in {RESTART_WINDOW_S:.0f} s"
+                log.error("%s; it stays down and /health answers 503", self._failure)
+                return
+            log.error("the vLLM engine core died; starting a new one (requests in flight failed with 503)")
+            self.is_restarting = True
+            try:
+                await self._restart()
+            except Exception as exc:
+                self._failure = f"the vLLM engine core died and could not be restarted ({exc})"
+                log.exception("restarting the vLLM engine core failed; /health answers 503")
+                return
+            finally:
+                self.is_restarting = False
+
+    async def _restart(self) -> None:
+        """A new engine with what the dead one served: the merged LoRA folded in again, and every LoRA
+        version new requests get (and their compensations) added under the same ids."""
+        try:
+            self._llm.shutdown()
+        except Exception:
+            log.exception("shutting the dead vLLM engine down")
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+        if self._merged is not None:
+            modules = list(self._loras[self._merged].adapter.layers)
+            await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path),
+                                                                  str(self._folders / _DELTAS), modules))
+        requests = [self._unmerging] + [r for lora in self._loras.values() for r in (lora.request, lora.compensated)]
+        for request in filter(None, requests):
+            await self._llm.add_lora(request)
+        log.info("the vLLM engine is serving again")
 
     async def shutdown(self) -> None:
         self._watch.cancel()
@@ -156,9 +200,7 @@ class VLLMEngine:
 
     @property
     def failure(self) -> str | None:
-        if self._llm is not None and self._llm.errored:
-            return "the vLLM engine core has died"
-        return None
+        return self._failure
 
     def check_adapter(self, adapter: Adapter) -> None:
         if not isinstance(adapter, (LoraAdapter, PromptAdapter)):
@@ -202,7 +244,7 @@ class VLLMEngine:
         async with self._gate.swap():
             await self._unmerge()
             merged = lora.adapter.scaled()
-            deltas = self._folders / "deltas.safetensors"
+            deltas = self._folders / _DELTAS
             await asyncio.to_thread(save_file, {f"{m}.weight": b @ a for m, (a, b) in merged.items()}, deltas)
             await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path), str(deltas), list(merged)))
             self._merged = name
@@ -321,5 +363,6 @@ class VLLMEngine:
                                   if stats is not None and num_generated == len(completion.token_ids) else None)
                     yield GenerationOutput(completion.text, list(completion.token_ids), num_prompt, num_generated,
                                            completion.finish_reason if out.finished else None, queue_time=queue_time)
-        except EngineDeadError:  # the request ends with a clear 503; /health already says the engine is down
-            yield GenerationOutput("", [], num_prompt, num_generated, "abort", self.failure)
+        except EngineDeadError:  # the request ends with a clear 503 (retry: a new engine core is starting)
+            yield GenerationOutput("", [], num_prompt, num_generated, "abort",
+                                   self.failure or "the vLLM engine core died; a new one is starting, retry shortly")
