@@ -1,6 +1,7 @@
 """The contract between the router and any engine (torch or vLLM)."""
 
 import time
+from collections import deque
 from pathlib import Path
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -60,6 +61,22 @@ class GenerationOutput:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class FailureWindow:
+    """Engine failures within the last `window_s` seconds: an engine restarts after each, until too many."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def add(self) -> int:
+        """Record a failure now; returns how many fall inside the window."""
+        now = time.monotonic()
+        self._times.append(now)
+        while self._times[0] < now - self.window_s:
+            self._times.popleft()
+        return len(self._times)
 
 
 class Engine(Protocol):

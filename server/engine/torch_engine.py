@@ -5,15 +5,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from adapters.loading import Adapter
-from server.engine.base import GenerationOutput, GenerationRequest
+from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.metrics import ENGINE_FAILURES
@@ -109,7 +107,7 @@ class TorchEngine:
 
     def _loop(self) -> None:
         """Run the scheduler; restart it after an unexpected failure, within the bounds above."""
-        failures: deque[float] = deque()
+        failures = FailureWindow(FAILURE_WINDOW_S)
         while True:
             try:
                 self._serve()
@@ -117,12 +115,8 @@ class TorchEngine:
             except Exception as exc:
                 log.exception("the engine loop failed; every request in flight fails with it")
                 ENGINE_FAILURES.inc()
-                now = time.monotonic()
-                failures.append(now)
-                while failures[0] < now - FAILURE_WINDOW_S:
-                    failures.popleft()
-                if len(failures) >= MAX_FAILURES:  # decided before the requests hear of it: /health agrees
-                    self.failure = f"the engine failed {len(failures)} times in {FAILURE_WINDOW_S:.0f} s: {exc}"
+                if (count := failures.add()) >= MAX_FAILURES:  # decided before the requests hear of it
+                    self.failure = f"the engine failed {count} times in {FAILURE_WINDOW_S:.0f} s: {exc}"
                 self._scheduler.abort_all("error", f"engine error: {exc}")
                 self._scheduler.runner.cache.clear()  # whatever the failed step left must not reach new rows
                 if self.failure is not None:

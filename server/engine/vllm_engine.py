@@ -15,8 +15,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from adapters.base import AdapterError
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, save_lora
 from adapters.prompt import PromptAdapter
-from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
+from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, SamplingParams
 from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings
 
@@ -152,17 +151,13 @@ class VLLMEngine:
     async def _watch_engine_core(self) -> None:
         """When the engine core dies, count it and start a new one, up to MAX_RESTARTS in RESTART_WINDOW_S;
         past that (or when a restart fails) the engine stays down and `failure` says why."""
-        restarts: deque[float] = deque()
+        deaths = FailureWindow(RESTART_WINDOW_S)
         while True:
             while not self._llm.errored:
                 await asyncio.sleep(1)
             ENGINE_FAILURES.inc()
-            now = time.monotonic()
-            restarts.append(now)
-            while restarts[0] < now - RESTART_WINDOW_S:
-                restarts.popleft()
-            if len(restarts) > MAX_RESTARTS:
-                self._failure = f"the vLLM engine core died {len(restarts)} times in {RESTART_WINDOW_S:.0f} s"
+            if (count := deaths.add()) > MAX_RESTARTS:
+                self._failure = f"the vLLM engine core died {count} times in {RESTART_WINDOW_S:.0f} s"
                 log.error("%s; it stays down and /health answers 503", self._failure)
                 return
             log.error("the vLLM engine core died; starting a new one (requests in flight failed with 503)")
