@@ -2,7 +2,7 @@
 
 import time
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from server.engine.base import GenerationOutput
 
@@ -30,6 +30,7 @@ RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on th
 REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
 ENGINE_FAILURES = Counter("swapyard_engine_failures", "Unexpected engine failures (each fails the requests in "
                           "flight; the engine restarts unless they repeat).")
+ENGINE_INFO = Info("swapyard_engine", "Each engine serving, and the device and dtype it computes in.", ["engine"])
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 

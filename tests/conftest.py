@@ -4,6 +4,7 @@ one uvicorn server on a loopback port per test session, since loading the model 
 The context is cut to 1024 tokens so that context-limit errors are cheap to provoke.
 Adapters are small random ones of every kind (tests/adapter_factory.py), made once per session."""
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ MODEL = DEFAULT_MODEL_NAME
 MAX_MODEL_LEN = 1024
 MODEL_PATH = default_model_dir(DEFAULT_CACHE_DIR)
 MAX_UPLOAD_MB = 32
+CHAT = "/v1/chat/completions"
 
 
 def free_port() -> int:
@@ -39,8 +41,9 @@ def free_port() -> int:
 def serving_app(**settings):
     """A real uvicorn server for the app on a free loopback port; yields (base URL, app), so a test can
     reach the engine inside it (to inject a failure)."""
-    config = ServeSettings(**{"engine": "torch", "max_model_len": MAX_MODEL_LEN, "port": free_port(),
-                              "max_upload_mb": MAX_UPLOAD_MB, **settings})
+    # float32 unless a test asks: exactness against transformers and PEFT is checked in float32 on every host.
+    config = ServeSettings(**{"engine": "torch", "dtype": "float32", "max_model_len": MAX_MODEL_LEN,
+                              "port": free_port(), "max_upload_mb": MAX_UPLOAD_MB, **settings})
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
                                            **UVICORN_HTTP))
@@ -131,3 +134,31 @@ def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:
 
 def ask(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
+
+
+def in_one_step(http: httpx.Client, app, bodies: list[dict]) -> list[httpx.Response]:
+    """Send `bodies` concurrently while the engine thread is held, then let it go: it takes them all at
+    once, so they are prefilled in one step (asserted on the batch-size histogram)."""
+    engine, held = app.state.engine, threading.Event()
+    engine._inbox.put(held.wait)
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as client:
+            sent = [asyncio.create_task(client.post(CHAT, json=body)) for body in bodies]
+            while engine._inbox.qsize() < len(bodies):
+                await asyncio.sleep(0.01)
+            held.set()
+            return await asyncio.gather(*sent)
+
+    wide_before = steps_wider_than(http, 4)
+    responses = asyncio.run(send())
+    assert len(bodies) > 4 and steps_wider_than(http, 4) > wide_before
+    return responses
+
+
+def steps_wider_than(http: httpx.Client, width: int) -> float:
+    """Engine steps (prefill or decode) that ran more than `width` sequences; `width` a bucket bound."""
+    metrics = scrape(http)
+    return sum(metrics[("swapyard_engine_batch_size_count", (("phase", phase),))]
+               - metrics[("swapyard_engine_batch_size_bucket", (("le", f"{float(width)}"), ("phase", phase)))]
+               for phase in ("prefill", "decode"))

@@ -54,26 +54,35 @@ def references(adapter_dirs, prompt_ids, tokenizer):
     return out
 
 
-def test_mixed_prefill_logits_match_references(adapter_dirs, references, prompt_ids):
-    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=8,
-                         max_resident_adapters=8)
+def load_every_kind(runner: ModelRunner, adapter_dirs) -> list:
+    """Every kind loaded under its own name; returns their residents, in KINDS order."""
     spec = BaseModelSpec.from_model(runner.model)
     for kind in KINDS:
         runner.adapters.load(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64))
-    residents = [runner.adapters.acquire(kind) for kind in KINDS]
-    runner.cache.ensure(len(KINDS), 128)
+    return [runner.adapters.acquire(kind) for kind in KINDS]
+
+
+def prefill(runner: ModelRunner, first_slot: int, residents: list, prompt_ids: list[int]) -> torch.Tensor:
+    """`prompt_ids` prefilled once per resident (None: the base), in one batch from `first_slot` on."""
+    runner.cache.ensure(first_slot + len(residents), 128)
     inputs, starts = [], []
-    for slot, resident in enumerate(residents):
-        n = resident.adapter.num_virtual_tokens
-        if resident.adapter.kind == "prompt":
+    for slot, resident in enumerate(residents, start=first_slot):
+        n = resident.adapter.num_virtual_tokens if resident is not None else 0
+        if resident is not None and resident.adapter.kind == "prompt":
             inputs.append([-1 - k for k in range(n)] + prompt_ids)
             starts.append(0)
         else:
             inputs.append(prompt_ids)
             starts.append(n)
-        if resident.adapter.kind == "prefix":
+        if resident is not None and resident.adapter.kind == "prefix":
             runner.write_prefix(slot, resident.adapter)
-    logits = runner.forward(0, inputs, starts, residents)
+    return runner.forward(first_slot, inputs, starts, residents)
+
+
+def test_mixed_prefill_logits_match_references(adapter_dirs, references, prompt_ids):
+    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=8,
+                         max_resident_adapters=8)
+    logits = prefill(runner, 0, load_every_kind(runner, adapter_dirs), prompt_ids)
     for row, kind in enumerate(KINDS):
         torch.testing.assert_close(logits[row], references[kind][0], atol=LOGIT_ATOL, rtol=0, msg=kind)
 

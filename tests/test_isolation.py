@@ -4,17 +4,15 @@ requests they belong to. Requests are sent concurrently so that they share engin
 engine's batch-size histogram), and every innocent answer must equal the same request served alone."""
 
 import asyncio
-import threading
 
 import httpx
 import pytest
 import torch
 
-from conftest import MODEL, ask, scrape, serving_app
+from conftest import CHAT, MODEL, ask, in_one_step, scrape, serving_app
 
 QUESTIONS = [ask(q) for q in ("What is the capital of France?", "Name three colours.", "Say hello.",
                               "Write a haiku about rain.")]
-CHAT = "/v1/chat/completions"
 
 
 def _body(model: str, messages: list[dict], **sampling) -> dict:
@@ -27,37 +25,9 @@ async def _together(url: str, bodies: list[dict]) -> list[httpx.Response]:
         return await asyncio.gather(*(client.post(CHAT, json=body) for body in bodies))
 
 
-def _in_one_step(http: httpx.Client, app, bodies: list[dict]) -> list[httpx.Response]:
-    """Send `bodies` concurrently while the engine thread is held, then let it go: it takes them all at
-    once, so they are prefilled in one step (asserted on the batch-size histogram)."""
-    engine, held = app.state.engine, threading.Event()
-    engine._inbox.put(held.wait)
-
-    async def send() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as client:
-            sent = [asyncio.create_task(client.post(CHAT, json=body)) for body in bodies]
-            while engine._inbox.qsize() < len(bodies):
-                await asyncio.sleep(0.01)
-            held.set()
-            return await asyncio.gather(*sent)
-
-    wide_before = _steps_wider_than(http, 4)
-    responses = asyncio.run(send())
-    assert len(bodies) > 4 and _steps_wider_than(http, 4) > wide_before
-    return responses
-
-
 def _text(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
-
-
-def _steps_wider_than(http: httpx.Client, width: int) -> float:
-    """Engine steps (prefill or decode) that ran more than `width` sequences; `width` a bucket bound."""
-    metrics = scrape(http)
-    return sum(metrics[("swapyard_engine_batch_size_count", (("phase", phase),))]
-               - metrics[("swapyard_engine_batch_size_bucket", (("le", f"{float(width)}"), ("phase", phase)))]
-               for phase in ("prefill", "decode"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +47,7 @@ def served(tmp_path_factory, adapter_root):
 def test_hostile_sampling_never_changes_other_answers(served, hostile):
     http, app = served
     alone = [_text(http.post(CHAT, json=_body(MODEL, q))) for q in QUESTIONS]
-    responses = _in_one_step(http, app, [_body(MODEL, q) for q in QUESTIONS] + [_body(MODEL, QUESTIONS[0], **hostile)])
+    responses = in_one_step(http, app, [_body(MODEL, q) for q in QUESTIONS] + [_body(MODEL, QUESTIONS[0], **hostile)])
     assert [_text(r) for r in responses[:-1]] == alone
     assert responses[-1].status_code == 200, responses[-1].text  # the hostile one is answered too
 
@@ -104,7 +74,7 @@ def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapt
     alone = [_text(http.post(CHAT, json=_body(m, q))) for m, q in innocent]
     _poison(app, "iso-poisoned")
     bodies = [_body(m, q) for m, q in innocent] + [_body("iso-poisoned", q) for q in QUESTIONS[:2]]
-    responses = _in_one_step(http, app, bodies)
+    responses = in_one_step(http, app, bodies)
     assert [_text(r) for r in responses[:4]] == alone
     for failed in responses[4:]:
         assert failed.status_code == 500 and "non-finite" in failed.json()["error"]["message"]
@@ -126,7 +96,7 @@ def test_a_freed_slot_between_used_ones_is_inert(served, adapter_dirs):
     alone = [_text(http.post(CHAT, json=_body(name, q))) for name in ("free-a", "free-c") for q in QUESTIONS[:3]]
     _poison(app, "free-gone")
     assert http.delete("/v1/adapters/free-gone").status_code == 200
-    responses = _in_one_step(http, app, [_body(n, q) for n in ("free-a", "free-c") for q in QUESTIONS[:3]])
+    responses = in_one_step(http, app, [_body(n, q) for n in ("free-a", "free-c") for q in QUESTIONS[:3]])
     assert [_text(r) for r in responses] == alone
 
 

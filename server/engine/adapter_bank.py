@@ -14,7 +14,7 @@ own BA is the [B, -B'][A; A'] of the design), and the original weights are kept 
 All methods run on the engine thread, between forward passes.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ from adapters.base import AdapterCapacityError, AdapterError
 from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter
+from adapters.prefix import PrefixAdapter
+from adapters.prompt import PromptAdapter
 
 
 def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,11 @@ class AdapterBank:
     def load(self, name: str, adapter: Adapter) -> None:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
         slot = 0  # prefix and prompt adapters need no stacked weights
-        if isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
+        if isinstance(adapter, PrefixAdapter):  # cast once here, not at every admission or step
+            adapter = replace(adapter, keys=self._cast(adapter.keys), values=self._cast(adapter.values))
+        elif isinstance(adapter, PromptAdapter):
+            adapter = replace(adapter, embeddings=self._cast(adapter.embeddings))
+        elif isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
             free = self._free_slots[adapter.kind]
             if not free:
                 raise AdapterCapacityError("capacity", f"all {self.max_adapters} {adapter.kind} slots are in use")
@@ -175,6 +181,9 @@ class AdapterBank:
         if previous is not None:
             self._retire(previous)
 
+    def _cast(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights.to(self._device, self._dtype)
+
     def unload(self, name: str) -> None:
         resident = self._by_name.pop(name, None)
         if resident is not None:
@@ -189,7 +198,7 @@ class AdapterBank:
             return
         self.unmerge()
         for module, (a, b) in resident.adapter.scaled().items():
-            self._lora_modules[module].fold(a.to(self._device, self._dtype), b.to(self._device, self._dtype))
+            self._lora_modules[module].fold(self._cast(a), self._cast(b))
         self.merged = resident
 
     def unmerge(self) -> None:
@@ -274,8 +283,8 @@ class AdapterBank:
             if weights is None:
                 wrapper.store(slot, None, None)
             else:
-                wrapper.store(slot, weights.a.to(self._device, self._dtype),
-                              (weights.b * weights.scale).to(self._device, self._dtype))
+                # Scaled in float32, then cast: the adapter's own precision until the one rounding to the engine's.
+                wrapper.store(slot, self._cast(weights.a), self._cast(weights.b * weights.scale))
 
     def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")

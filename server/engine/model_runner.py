@@ -10,22 +10,10 @@ from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import AdapterBank, Resident
 from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, SlotKVCache
+from server.host import detect_host, dtype_name, resolve_device, resolve_dtype
+from server.metrics import ENGINE_INFO
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return _DTYPES[dtype]
 
 
 def eos_token_ids(model_path: Path, config) -> set[int]:
@@ -55,13 +43,17 @@ class ModelRunner:
             max_slots=max_num_seqs, max_len=max_model_len, dtype=self.dtype, device=self.device,
         )
         self.adapters = AdapterBank(self.model, max_resident_adapters)
-        log.info("torch engine: %s on %s (%s)", model_path, self.device, self.dtype)
+        host = detect_host()
+        log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s)", model_path, self.device,
+                 dtype_name(self.dtype), dtype, host.cpu_model, host.isa)
+        ENGINE_INFO.labels("torch").info({"device": self.device.type, "dtype": dtype_name(self.dtype),
+                          "requested_dtype": dtype, "cpu_isa": host.isa})
 
     def write_prefix(self, slot: int, adapter: PrefixAdapter) -> None:
         """Prefix tuning: the learned keys/values become the first cache positions of the sequence."""
         n = adapter.num_virtual_tokens
-        self.cache.k[:, slot, :, :n] = adapter.keys.to(self.cache.k)
-        self.cache.v[:, slot, :, :n] = adapter.values.to(self.cache.v)
+        self.cache.k[:, slot, :, :n] = adapter.keys  # already in the cache's dtype (cast at load)
+        self.cache.v[:, slot, :, :n] = adapter.values
 
     @torch.inference_mode()
     def forward(self, first_slot: int, inputs: list[list[int]], starts: list[int],
@@ -96,6 +88,5 @@ class ModelRunner:
         embeds = self.model.get_input_embeddings()(ids.clamp(min=0))
         for row, resident in enumerate(residents):
             if resident is not None and isinstance(resident.adapter, PromptAdapter) and soft[row].any():
-                prompt = resident.adapter.embeddings.to(embeds)
-                embeds[row, soft[row]] = prompt[-1 - ids[row, soft[row]]]
+                embeds[row, soft[row]] = resident.adapter.embeddings[-1 - ids[row, soft[row]]]
         return {"inputs_embeds": embeds}

@@ -40,7 +40,8 @@ from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, save_lora
 from adapters.prompt import PromptAdapter
 from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, SamplingParams
-from server.metrics import ENGINE_FAILURES
+from server.host import detect_host, dtype_name, resolve_dtype
+from server.metrics import ENGINE_FAILURES, ENGINE_INFO
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,14 @@ class _Lora:
 class VLLMEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
-        memory = _CPU_MEMORY_FRACTION if current_platform.is_cpu() else settings.gpu_memory_utilization
+        on_cpu = current_platform.is_cpu()
+        memory = _CPU_MEMORY_FRACTION if on_cpu else settings.gpu_memory_utilization
+        # vLLM's own `auto` is bf16 on every x86 CPU, 2-3x slower than fp32 where bf16 is emulated (AVX2 only).
+        dtype = dtype_name(resolve_dtype("auto", torch.device("cpu"))) if on_cpu and settings.dtype == "auto" \
+            else settings.dtype
         self._args = AsyncEngineArgs(
             model=str(model_path), max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
-            dtype=settings.dtype, gpu_memory_utilization=memory,
+            dtype=dtype, gpu_memory_utilization=memory,
             tensor_parallel_size=settings.tensor_parallel_size, pipeline_parallel_size=settings.pipeline_parallel_size,
             distributed_executor_backend=settings.distributed_executor_backend,
             enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
@@ -129,6 +134,7 @@ class VLLMEngine:
             worker_extension_cls="server.engine.vllm_worker.WeightFolding",
         )
         self._model_path, self._max_lora_rank = model_path, settings.max_lora_rank
+        self._requested_dtype = settings.dtype
         self._token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
         self._prompts: dict[str, PromptAdapter] = {}
         self._llm: AsyncLLM | None = None
@@ -146,6 +152,9 @@ class VLLMEngine:
     async def start(self) -> None:
         # Off the event loop: the engine core takes about a minute to start, and /health must answer meanwhile.
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+        ENGINE_INFO.labels("vllm").info({"device": current_platform.device_type,
+                                         "dtype": dtype_name(self._llm.model_config.dtype),
+                                         "requested_dtype": self._requested_dtype, "cpu_isa": detect_host().isa})
         self._watch = asyncio.create_task(self._watch_engine_core())
 
     async def _watch_engine_core(self) -> None:
