@@ -3,9 +3,10 @@ on the same workload with 0, 1 and 8 distinct LoRAs, side by side.
 
     .venv/bin/python benchmarks/engines.py --concurrency 32 --max-tokens 64
 
-Each server runs as a subprocess with its default dtype (torch engine: float32 on CPU; vLLM: its own
-choice, bfloat16 on CPU) and gets the same streaming chat requests (ignore_eos, so every run does the
-same work). LoRAs target q_proj/v_proj (PEFT's default), rank 4/8, as in multi_adapter.py.
+Each server runs as a subprocess with its default dtype (`auto`: bfloat16 on CPUs with bf16 matmul
+hardware, float32 on others, for both engines; `vllm serve`: its own choice, bfloat16 on every CPU)
+and gets the same streaming chat requests (ignore_eos, so every run does the same work). LoRAs target
+q_proj/v_proj (PEFT's default), rank 4/8, as in multi_adapter.py.
 """
 
 import argparse
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from adapter_factory import make_adapter  # noqa: E402  (random adapters, shared with the tests)
 
 from server.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: E402
+from server.host import detect_host  # noqa: E402
 from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
 
 
@@ -65,6 +67,7 @@ def main() -> None:
                         choices=["torch", "vllm", "vllm-serve"])
     args = parser.parse_args()
     model = default_model_dir(DEFAULT_CACHE_DIR)
+    print(json.dumps({"host": detect_host().describe()}))
     table = {}
     with tempfile.TemporaryDirectory(prefix="swapyard-engines-") as tmp:
         root = Path(tmp) / "adapters"

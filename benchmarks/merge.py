@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from adapter_factory import make_adapter  # noqa: E402  (random adapters, shared with the tests)
 
 from server.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: E402
+from server.host import detect_host  # noqa: E402
 from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
 
 
@@ -48,8 +49,8 @@ def main() -> None:
         assert httpx.post(f"{url}/v1/adapters/hot/merge", timeout=300).status_code == 200
         results["lora merged"] = tokens_per_s("hot")
         results["base while merged"] = tokens_per_s(DEFAULT_MODEL_NAME)
-        print(json.dumps({"engine": args.engine, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                          "tokens_per_s": results}, indent=2))
+        print(json.dumps({"host": detect_host().describe(), "engine": args.engine, "concurrency": args.concurrency,
+                          "max_tokens": args.max_tokens, "tokens_per_s": results}, indent=2))
     finally:
         proc.terminate()
         proc.wait()

@@ -5,8 +5,10 @@ same PEFT config, data and hyperparameters.
     .venv/bin/python benchmarks/train_speed.py --examples 200
 
 Every run is its own process (peak RSS is per process): one epoch over the bundled mascot data repeated
-to --examples rows, batch size 4, float32, loss on the assistant's tokens only. TRL has no bottleneck
-adapters, so that method is measured for swapyard alone. Target: swapyard no slower than TRL.
+to --examples rows, batch size 4, loss on the assistant's tokens only, both frameworks at the same
+precision (--dtype, default auto: the base in bf16 where the CPU multiplies bf16 in hardware, the adapter
+in float32; TRL gets the base in that dtype and `bf16=True`). TRL has no bottleneck adapters, so that
+method is measured for swapyard alone. Target: swapyard no slower than TRL.
 """
 
 import argparse
@@ -47,7 +49,9 @@ def run_trl(config: TrainConfig) -> dict:
 
     from server.default_model import ensure_default_model
     from training.methods import peft_config
+    from training.recipe import training_dtype
 
+    dtype = training_dtype(config.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = ensure_default_model(config.cache_dir)
     rows = [json.loads(line)["messages"] for line in config.data.read_text().splitlines()]
     # Prompt-completion form: TRL applies the chat template and puts the loss on the completion only.
@@ -56,8 +60,8 @@ def run_trl(config: TrainConfig) -> dict:
                      per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
                      lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio, seed=config.seed,
                      max_length=config.max_seq_len, save_strategy="no", report_to=[], logging_steps=10,
-                     completion_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=False)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args=args,
+                     completion_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), args=args,
                          train_dataset=dataset, peft_config=peft_config(config),
                          processing_class=AutoTokenizer.from_pretrained(model_path))
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * config.epochs
@@ -66,8 +70,8 @@ def run_trl(config: TrainConfig) -> dict:
     return {"tokens": tokens, "seconds": time.monotonic() - start}
 
 
-def one(framework: str, method: str, data: Path, out: Path) -> None:
-    config = TrainConfig(method=method, data=data, out=out, epochs=1, batch_size=4, resume=False)
+def one(framework: str, method: str, dtype: str, data: Path, out: Path) -> None:
+    config = TrainConfig(method=method, data=data, out=out, epochs=1, batch_size=4, resume=False, dtype=dtype)
     result = (run_swapyard if framework == "swapyard" else run_trl)(config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -77,20 +81,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--methods", nargs="+", default=["lora", "prefix", "prompt", "bottleneck"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--one", nargs=2, metavar=("FRAMEWORK", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        one(*args.one, args.data, args.out)
+        one(*args.one, args.dtype, args.data, args.out)
         return
+    import torch
+
+    from server.host import detect_host, dtype_name
+    from training.recipe import training_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps({"host": detect_host().describe(dtype=dtype_name(training_dtype(args.dtype, device)))}))
     results = {}
     with tempfile.TemporaryDirectory(prefix="swapyard-train-bench-") as tmp:
         data = make_data(Path(tmp) / "train.jsonl", args.examples)
         for method in args.methods:
             for framework in ("swapyard", "trl") if method != "bottleneck" else ("swapyard",):
-                proc = subprocess.run([sys.executable, __file__, "--one", framework, method, "--data", str(data),
-                                       "--out", f"{tmp}/{framework}-{method}"], capture_output=True, text=True)
+                proc = subprocess.run([sys.executable, __file__, "--one", framework, method, "--dtype", args.dtype,
+                                       "--data", str(data), "--out", f"{tmp}/{framework}-{method}"],
+                                      capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:  # recorded, not fatal: one framework failing a method says something too
                     errors = [x for x in proc.stderr.splitlines() if "Error" in x] or ["no result printed"]

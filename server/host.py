@@ -54,7 +54,9 @@ class Host:
     def describe(self, **extra: str) -> dict[str, str | int]:
         """What every benchmark prints, so a figure always says where it was measured."""
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-        return {"cpu": self.cpu_model, "isa": self.isa, "cores": self.cores, "gpu": gpu or "none", **extra}
+        cpu_auto = dtype_name(resolve_dtype("auto", torch.device("cpu"), self))
+        return {"cpu": self.cpu_model, "isa": self.isa, "cores": self.cores, "cpu_auto_dtype": cpu_auto,
+                "gpu": gpu or "none", **extra}
 
 
 @cache

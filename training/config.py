@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     bottleneck_size: int = Field(16, gt=0, le=8192)
     bottleneck_positions: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
     bottleneck_non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The frozen base's compute dtype (auto: bfloat16 on CPUs with bf16 matmul hardware and on GPUs that have
+    it, else float32); the adapter's own weights always train in float32."""
     resume: bool = True
     """Continue from the last epoch checkpoint in `out` when one is there."""
     cache_dir: Path = DEFAULT_CACHE_DIR

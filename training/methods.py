@@ -27,6 +27,13 @@ class Trainable:
     num_virtual_tokens: int  # prompt tuning prepends this many positions to the logits
     save: Callable[[Path], None]
     restore: Callable[[Path], None]
+    compute_dtype: torch.dtype = torch.float32  # the frozen base's
+
+    def autocast(self) -> torch.autocast:
+        """Forward passes compute in the base's dtype (bf16 where the host is fast at it); the adapter's
+        own weights, gradients and optimizer state stay float32, where small updates are not rounded away."""
+        device = self.parameters[0].device.type
+        return torch.autocast(device, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
 
 def peft_config(config: TrainConfig) -> LoraConfig | PrefixTuningConfig | PromptTuningConfig:
@@ -80,4 +87,10 @@ def _bottleneck(model: nn.Module, config: TrainConfig) -> Trainable:
 
 
 def build_trainable(model: nn.Module, config: TrainConfig) -> Trainable:
-    return _bottleneck(model, config) if config.method == "bottleneck" else _peft(model, config)
+    """The adapter of `config.method` on `model`, its trainable weights in float32 whatever the base's dtype."""
+    compute_dtype = model.dtype
+    trainable = _bottleneck(model, config) if config.method == "bottleneck" else _peft(model, config)
+    for param in trainable.parameters:
+        param.data = param.data.float()
+    trainable.compute_dtype = compute_dtype
+    return trainable

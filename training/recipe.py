@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from server.default_model import ensure_default_model
+from server.host import detect_host, dtype_name, resolve_dtype
 from training.config import TrainConfig
 from training.data import IGNORE, Tokenized, collate, load_dataset
 from training.methods import Trainable, build_trainable
@@ -42,6 +43,13 @@ def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
     return max(done) if done else None
 
 
+def training_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The serving rule (bf16 where the host multiplies it fast), but float32 for float16: without a loss
+    scaler its gradients underflow."""
+    dtype = resolve_dtype(requested, device)
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -56,7 +64,8 @@ def evaluate(trainable: Trainable, dataset: list[Tokenized], batch_size: int, pa
     loss_sum, correct, count = 0.0, 0, 0
     for batch in _batches(dataset, batch_size, None):
         inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-        out = trainable.model(**inputs)
+        with trainable.autocast():
+            out = trainable.model(**inputs)
         logits = out.logits[:, trainable.num_virtual_tokens :]
         targets = inputs["labels"][:, 1:]
         mask = targets != IGNORE
@@ -85,7 +94,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
 
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    dtype = training_dtype(config.dtype, device)
+    log.info("training in %s (dtype %s; CPU %s, %s)", dtype_name(dtype), config.dtype, detect_host().cpu_model,
+             detect_host().isa)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     trainable = build_trainable(model, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(trainable.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -119,7 +131,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
                 if should_stop():
                     raise TrainingCancelled(f"cancelled during epoch {epoch + 1}")
                 inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-                loss = trainable.model(**inputs).loss
+                with trainable.autocast():
+                    loss = trainable.model(**inputs).loss
                 (loss / config.gradient_accumulation_steps).backward()
                 loss = loss.item()
                 epoch_tokens += int(inputs["attention_mask"].sum())
@@ -161,7 +174,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
     evals = [r for r in records if "val_loss" in r]
     summary = {
         "num_train_examples": len(train_set), "num_validation_examples": len(val_set),
-        "steps": step, "trained_tokens": trained_tokens,
+        "steps": step, "trained_tokens": trained_tokens, "dtype": dtype_name(dtype),
         "final_train_loss": round(train_losses[-1], 4) if train_losses else None,
         "final_val_loss": round(evals[-1]["val_loss"], 4) if evals else None,
         "final_val_token_accuracy": round(evals[-1]["val_token_accuracy"], 4) if evals else None,
