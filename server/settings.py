@@ -20,8 +20,9 @@ class EngineSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the torch engine runs (auto: cuda when available)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight and KV-cache dtype. auto: bfloat16 on CPUs with bf16 matmul hardware (AMX, AVX-512-BF16),
-    float32 on other CPUs (where bf16 is emulated and slower), bfloat16 on GPUs (float16 on those without)."""
+    """Weight dtype. auto: bfloat16 on CPUs with bf16 matmul hardware (AMX, AVX-512-BF16), float32 on other
+    CPUs (where bf16 is emulated and slower), bfloat16 on GPUs (float16 on those without). The torch
+    engine's KV cache and attention stay float32 on a CPU, where they are faster so."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens (default: the model's context, at most 4096)."""
     max_num_seqs: int = Field(64, gt=0)

@@ -142,7 +142,7 @@ class Resident:
 
 
 class AdapterBank:
-    def __init__(self, model: nn.Module, max_adapters: int):
+    def __init__(self, model: nn.Module, max_adapters: int, kv_dtype: torch.dtype):
         self.model, self.max_adapters = model, max_adapters
         self.rows = RowAdapters()
         self._by_name: dict[str, Resident] = {}
@@ -152,6 +152,7 @@ class AdapterBank:
         self._bottlenecks = _Bottlenecks()
         self.merged: Resident | None = None
         self._dtype = next(model.parameters()).dtype
+        self._kv_dtype = kv_dtype  # prefix keys/values go straight into the KV cache
         self._device = next(model.parameters()).device
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -160,7 +161,8 @@ class AdapterBank:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
         slot = 0  # prefix and prompt adapters need no stacked weights
         if isinstance(adapter, PrefixAdapter):  # cast once here, not at every admission or step
-            adapter = replace(adapter, keys=self._cast(adapter.keys), values=self._cast(adapter.values))
+            adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
+                              values=self._cast(adapter.values, self._kv_dtype))
         elif isinstance(adapter, PromptAdapter):
             adapter = replace(adapter, embeddings=self._cast(adapter.embeddings))
         elif isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
@@ -181,8 +183,8 @@ class AdapterBank:
         if previous is not None:
             self._retire(previous)
 
-    def _cast(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights.to(self._device, self._dtype)
+    def _cast(self, weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return weights.to(self._device, dtype or self._dtype)
 
     def unload(self, name: str) -> None:
         resident = self._by_name.pop(name, None)

@@ -94,12 +94,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     rows = slice(b.first_slot, b.first_slot + b.num_rows)
     k_cache = b.cache.k[module.layer_idx, rows]  # (batch, kv_heads, capacity, dim), a view
     v_cache = b.cache.v[module.layer_idx, rows]
-    k_cache[b.write_rows, :, b.write_pos] = key.transpose(1, 2)[b.valid]
-    v_cache[b.write_rows, :, b.write_pos] = value.transpose(1, 2)[b.valid]
+    k_cache[b.write_rows, :, b.write_pos] = key.transpose(1, 2)[b.valid].to(k_cache.dtype)
+    v_cache[b.write_rows, :, b.write_pos] = value.transpose(1, 2)[b.valid].to(v_cache.dtype)
+    # Attention runs in the cache's dtype, which may be wider than the model's (float32 on CPUs).
     out = F.scaled_dot_product_attention(
-        query, k_cache[:, :, : b.kv_len], v_cache[:, :, : b.kv_len], attn_mask=b.mask, scale=scaling, enable_gqa=True
+        query.to(k_cache.dtype), k_cache[:, :, : b.kv_len], v_cache[:, :, : b.kv_len], attn_mask=b.mask,
+        scale=scaling, enable_gqa=True,
     )
-    return out.transpose(1, 2), None  # (batch, new, heads, dim), as transformers expects
+    return out.transpose(1, 2).to(query.dtype), None  # (batch, new, heads, dim), as transformers expects
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
