@@ -96,11 +96,15 @@ def generate_baseline(model_path: str, concurrency: int, max_tokens: int) -> dic
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """`swapyard serve` in a subprocess on a free port; returns it and its URL once ready."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`swapyard serve` in a subprocess on a free port; returns it and its URL once ready."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *extra])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

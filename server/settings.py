@@ -55,6 +55,9 @@ class EngineSettings(BaseModel):
 
 
 class ServeSettings(EngineSettings):
+    generation_config: Literal["auto", "none"] = "auto"
+    """Sampling defaults for fields a request leaves out: `auto` takes the model folder's generation_config.json
+    (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM does; `none` keeps OpenAI's (temperature 1)."""
     served_model_name: str | None = None
     """Name clients put in `model` for the base model (default: the model folder's name)."""
     host: str = "127.0.0.1"

@@ -150,8 +150,11 @@ def in_one_step(http: httpx.Client, app, bodies: list[dict]) -> list[httpx.Respo
             held.set()
             return await asyncio.gather(*sent)
 
-    wide_before = steps_wider_than(http, 4)
-    responses = asyncio.run(send())
+    try:
+        wide_before = steps_wider_than(http, 4)
+        responses = asyncio.run(send())
+    finally:
+        held.set()  # whatever failed, the engine thread is let go (else the server never shuts down)
     assert len(bodies) > 4 and steps_wider_than(http, 4) > wide_before
     return responses
 
@@ -159,6 +162,6 @@ def in_one_step(http: httpx.Client, app, bodies: list[dict]) -> list[httpx.Respo
 def steps_wider_than(http: httpx.Client, width: int) -> float:
     """Engine steps (prefill or decode) that ran more than `width` sequences; `width` a bucket bound."""
     metrics = scrape(http)
-    return sum(metrics[("swapyard_engine_batch_size_count", (("phase", phase),))]
-               - metrics[("swapyard_engine_batch_size_bucket", (("le", f"{float(width)}"), ("phase", phase)))]
-               for phase in ("prefill", "decode"))
+    return sum(metrics.get(("swapyard_engine_batch_size_count", (("phase", phase),)), 0)
+               - metrics.get(("swapyard_engine_batch_size_bucket", (("le", f"{float(width)}"), ("phase", phase))), 0)
+               for phase in ("prefill", "decode"))  # a phase that never ran has no series yet

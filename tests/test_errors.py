@@ -24,7 +24,9 @@ def _chat(**fields):
     (CHAT, _chat(max_tokens=-5), 400, "max_tokens"),
     (CHAT, _chat(max_tokens=MAX_MODEL_LEN), 400, "max_tokens"),
     (CHAT, _chat(temperature=3), 400, "temperature"),
-    (CHAT, _chat(n=2), 400, "n"),
+    (CHAT, _chat(n=0), 400, "n"),
+    (CHAT, _chat(n=17), 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 9, "n": 8}, 400, "n"),
     (CHAT, _chat(seed=2**70), 400, "seed"),  # found by the fuzz test: a 500 from the generator before
     (CHAT, _chat(top_k=2**70, temperature=1), 400, "top_k"),
     (CHAT, _chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
@@ -41,10 +43,20 @@ def _chat(**fields):
     (CHAT, _chat(response_format={"type": "json_object"}), 400, "response_format"),
     (CHAT, _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (CHAT, _chat(tool_choice="required"), 400, "tool_choice"),
-    (CHAT, _chat(logit_bias={"42": 100}), 400, "logit_bias"),
-    (CHAT, _chat(top_logprobs=3), 400, "top_logprobs"),
-    (CHAT, _chat(presence_penalty=1.5), 400, "presence_penalty"),
-    (CHAT, _chat(frequency_penalty=-1), 400, "frequency_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    # Sampling controls out of range, or naming tokens the vocabulary does not have.
+    (CHAT, _chat(logit_bias={"x": 1}), 400, "logit_bias"),
+    (CHAT, _chat(logit_bias={"42": 101}), 400, "logit_bias"),
+    (CHAT, _chat(logit_bias={str(10**7): 1}), 400, "logit_bias"),
+    (CHAT, _chat(top_logprobs=3), 400, "top_logprobs"),  # needs logprobs: true, as OpenAI says
+    (CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    (CHAT, _chat(presence_penalty=2.5), 400, "presence_penalty"),
+    (CHAT, _chat(frequency_penalty=-3), 400, "frequency_penalty"),
+    (CHAT, _chat(repetition_penalty=0), 400, "repetition_penalty"),
+    (CHAT, _chat(min_p=1.5), 400, "min_p"),
+    (CHAT, _chat(stop_token_ids=[10**7]), 400, "stop_token_ids"),
+    (CHAT, _chat(min_tokens=10, max_tokens=5), 400, "min_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
 ])
 def test_bad_request_is_a_clear_4xx(http, path, body, status, param):
@@ -59,7 +71,7 @@ def test_bad_request_is_a_clear_4xx(http, path, body, status, param):
 
 def test_fields_sent_with_their_off_value_are_accepted(http):
     off = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {},
-           "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0, "max_tokens": 2}
+           "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "top_logprobs": 0, "max_tokens": 2}
     assert http.post(CHAT, json=_chat(**off)).status_code == 200
 
 

@@ -19,21 +19,40 @@ GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingParams(BaseModel):
-    """Per-request sampling; a temperature under GREEDY_TEMPERATURE means greedy."""
+    """Per-request sampling, as vLLM defines each field; a temperature under GREEDY_TEMPERATURE means greedy.
+
+    The logits go through, in vLLM's order: min_tokens (end tokens barred), logit_bias, the repetition,
+    frequency and presence penalties; then temperature, min_p, top_k and top_p. Logprobs are of the raw
+    distribution, before any of that (vLLM's default, `raw_logprobs`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_tokens: int = Field(gt=0)
+    max_tokens: int = Field(ge=0)  # 0: score the prompt only (prompt_logprobs), generate nothing
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = no top-k filter
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens below min_p x the top token's probability
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # once per token id already generated
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # per occurrence in the generated tokens
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # CTRL's: divides (multiplies) prompt+output logits
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # end the sequence like an end-of-sequence token does
+    min_tokens: int = Field(0, ge=0)  # end tokens (EOS and stop_token_ids) are barred before this many
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens (benchmarks)
+    logprobs: int | None = Field(None, ge=0)  # the chosen token's logprob plus this many top ones
+    prompt_logprobs: int | None = Field(None, ge=0)  # the same for every prompt token (the first has none)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def changes_logits(self) -> bool:
+        """Anything to apply before temperature (a row without it is left untouched, at no cost)."""
+        return bool(self.min_tokens or self.logit_bias or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -47,6 +66,16 @@ class GenerationRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely alternatives, as (token id, logprob); a
+    prompt's first token has neither (nothing comes before it)."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class GenerationOutput:
     """One step of one request: the new text (possibly empty while a stop string is pending)."""
 
@@ -57,6 +86,8 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     queue_time: float | None = None  # seconds from arrival to first scheduled; set on the first output
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when the request asked for them
 
     @property
     def is_finished(self) -> bool:

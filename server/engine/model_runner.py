@@ -59,7 +59,6 @@ class ModelRunner:
         self.cache.k[:, slot, :, :n] = adapter.keys  # already in the cache's dtype (cast at load)
         self.cache.v[:, slot, :, :n] = adapter.values
 
-    @torch.inference_mode()
     def forward(self, first_slot: int, inputs: list[list[int]], starts: list[int],
                 residents: list[Resident | None]) -> torch.Tensor:
         """Row i feeds `inputs[i]` at positions starts[i]... into slot first_slot + i, with its own adapter.
@@ -68,6 +67,15 @@ class ModelRunner:
         computes the LM head for that token only. A negative id -k-1 stands for soft-prompt row k of the
         row's prompt-tuning adapter. Returns logits (batch, vocab) in float32.
         """
+        return self.forward_scoring(first_slot, inputs, starts, residents, ())[0]
+
+    @torch.inference_mode()
+    def forward_scoring(self, first_slot: int, inputs: list[list[int]], starts: list[int],
+                        residents: list[Resident | None], full_rows: tuple[int, ...]
+                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`forward`, plus the logits at every input position (len(inputs[row]), vocab) of each row in
+        `full_rows` (prompt logprobs): the LM head runs on those rows' final hidden states only, caught
+        from the decoder, since the whole batch's (batch, width, vocab) logits would take gigabytes."""
         width = max(map(len, inputs))
         ids = torch.full((len(inputs), width), self.pad_token_id, dtype=torch.long)
         positions = torch.zeros_like(ids)
@@ -80,9 +88,20 @@ class ModelRunner:
         ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
         kv_batch = KVBatch.build(self.cache, first_slot, positions, valid)
         self.adapters.bind(residents)
-        out = self.model(**self._embed(ids, residents), position_ids=positions, use_cache=False, logits_to_keep=1,
-                         kv_batch=kv_batch)
-        return out.logits[:, -1].float()
+        hidden: list[torch.Tensor] = []
+        hook = self.model.base_model.register_forward_hook(
+            lambda _module, _args, out: hidden.append(out.last_hidden_state)) if full_rows else None
+        try:
+            out = self.model(**self._embed(ids, residents), position_ids=positions, use_cache=False,
+                             logits_to_keep=1, kv_batch=kv_batch)
+        finally:
+            if hook is not None:
+                hook.remove()
+        head, full = self.model.get_output_embeddings(), {}
+        for row in full_rows:  # one row at a time, bound to its own adapter (a LoRA may target the head)
+            self.adapters.bind([residents[row]])
+            full[row] = head(hidden[0][row : row + 1, width - len(inputs[row]) :])[0].float()
+        return out.logits[:, -1].float(), full
 
     def _embed(self, ids: torch.Tensor, residents: list[Resident | None]) -> dict[str, torch.Tensor]:
         """Token ids, or input embeddings when some row carries soft-prompt positions."""

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from server.engine.base import SamplingParams
+from server.engine.base import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,67 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
+def apply_logit_changes(logits: torch.Tensor, params: list[SamplingParams],
+                        histories: list[tuple[list[int], list[int]]], end_token_ids: set[int]) -> torch.Tensor:
+    """min_tokens, logit_bias and the penalties, for the rows that ask (a copy; untouched when none does).
+    histories[i]: row i's (prompt token ids, generated token ids)."""
+    rows = [i for i, p in enumerate(params) if p.changes_logits]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        p, (prompt, generated), row = params[i], histories[i], logits[i]
+        if len(generated) < p.min_tokens:
+            row[sorted(end_token_ids | set(p.stop_token_ids))] = -torch.inf
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            row[list(ids)] += torch.tensor(bias, device=row.device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt) | set(generated)), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if generated and (p.frequency_penalty or p.presence_penalty):
+            ids, counts = torch.tensor(generated, device=row.device).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    return logits
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int | None],
+                params: list[SamplingParams]) -> list[TokenLogprob | None]:
+    """Per row that asked: the chosen token's logprob under the raw distribution, and the top `logprobs`."""
+    rows = [i for i, (p, t) in enumerate(zip(params, tokens)) if p.logprobs is not None and t is not None]
+    out: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return out
+    logprobs = logits[rows].log_softmax(dim=-1)
+    k = max(params[i].logprobs for i in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = TokenLogprob(tokens[i], float(chosen[j, 0]),
+                              list(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist())))
+    return out
+
+
+def prompt_logprobs_of(logits: torch.Tensor, prompt: list[int], num_top: int) -> list[TokenLogprob]:
+    """logits (len(inputs), vocab) of one row whose inputs end with `prompt`: each prompt token's logprob
+    under the raw distribution at the position before it, and the top `num_top` there."""
+    before = logits[len(logits) - len(prompt) : -1].log_softmax(dim=-1)  # predicts prompt[1:]
+    chosen = before.gather(1, torch.tensor(prompt[1:], device=logits.device)[:, None])[:, 0].tolist()
+    top_values, top_ids = before.topk(num_top, dim=-1) if num_top else (before[:, :0], before[:, :0].long())
+    return [TokenLogprob(prompt[0], None, [])] + [
+        TokenLogprob(token, lp, list(zip(ids, values)))
+        for token, lp, ids, values in zip(prompt[1:], chosen, top_ids.tolist(), top_values.tolist())]
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | None]:
     """logits (batch, vocab) float32 -> one token id per row, None for a row that could not be sampled."""
-    is_finite = torch.isfinite(logits).all(dim=-1).tolist()
+    # A row fails on NaN or +inf logits (an adapter that overflowed); -inf is a barred token (min_tokens),
+    # but a row with every token barred has nothing to give.
+    usable = ~(logits.isnan() | (logits == torch.inf)).any(dim=-1) & (logits > -torch.inf).any(dim=-1)
+    is_finite = usable.tolist()
     chosen: list[int | None] = [t if ok else None for t, ok in zip(logits.argmax(dim=-1).tolist(), is_finite)]
     sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy and is_finite[i]]
     if not sampled_rows:
@@ -40,9 +97,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     top_k = torch.tensor([params[i].top_k or logits.shape[1] for i in sampled_rows], device=logits.device)
     probs = sorted_logits.softmax(dim=-1)
     top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device)
-    # Drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays
-    # (a top_p that rounds to 0 in float32 would otherwise cut every token).
+    min_p = torch.tensor([params[i].min_p for i in sampled_rows], device=logits.device)
+    # Drop a token when the tokens ranked above it already hold top_p of the mass, or when it is less
+    # likely than min_p x the top token; the first always stays (a top_p that rounds to 0 in float32
+    # would otherwise cut every token).
     cut = (ranks[None, :] >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs >= top_p[:, None])
+    cut |= probs < min_p[:, None] * probs[:, :1]
     cut[:, 0] = False
     probs = probs.masked_fill(cut, 0.0)
     for j, i in enumerate(sampled_rows):

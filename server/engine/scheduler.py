@@ -17,10 +17,10 @@ from adapters.base import AdapterError
 from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import Resident
-from server.engine.base import FinishReason, GenerationOutput, GenerationRequest
+from server.engine.base import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from server.engine.detokenizer import IncrementalText
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import apply_logit_changes, logprobs_of, make_generator, prompt_logprobs_of, sample
 from server.metrics import ENGINE_BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,22 @@ class Scheduler:
         if not batch:
             return
         ENGINE_BATCH_SIZE.labels(phase=phase).observe(len(batch))
+        params = [s.request.sampling for s in batch]
+        scored = tuple(i for i, p in enumerate(params) if phase == "prefill" and p.prompt_logprobs is not None)
         try:
-            logits = self.runner.forward(batch[0].slot, inputs, starts, [s.resident for s in batch])
-            tokens = sample(logits, [s.request.sampling for s in batch], [s.generator for s in batch])
+            logits, full = self.runner.forward_scoring(batch[0].slot, inputs, starts, [s.resident for s in batch],
+                                                       scored)
+            prompt_logprobs = [prompt_logprobs_of(full[i], s.request.prompt_token_ids, params[i].prompt_logprobs)
+                               if i in full else None for i, s in enumerate(batch)]
+            changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in batch],
+                                          self.runner.eos_token_ids)
+            tokens = sample(changed, params, [s.generator for s in batch])
+            logprobs = logprobs_of(logits, tokens, params)
         except Exception as exc:  # a failed batch fails its own requests, never the engine
             log.exception("%s step failed for %d sequences", phase, len(batch))
             self._finish_all(batch, [self._failure(s, f"generation failed: {exc}") for s in batch])
             return
-        self._finish_all(batch, [self._advance(s, t) for s, t in zip(batch, tokens)])
+        self._finish_all(batch, [self._advance(*row) for row in zip(batch, tokens, logprobs, prompt_logprobs)])
 
     def _schedule(self) -> tuple[list[Sequence], str, list[list[int]], list[int]]:
         admitted = self._admit()
@@ -169,23 +177,32 @@ class Scheduler:
             width, reserve = next_width, next_reserve
         return chosen
 
-    def _advance(self, seq: Sequence, token: int | None) -> GenerationOutput:
+    def _advance(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None,
+                 prompt_logprobs: list[TokenLogprob] | None) -> GenerationOutput:
         if token is None:
             return self._failure(seq, "generation failed: the model produced non-finite logits for this request")
+        if seq.request.sampling.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
+            return GenerationOutput("", [], len(seq.request.prompt_token_ids), 0, "length",
+                                    queue_time=seq.first_scheduled - seq.request.arrival_time,
+                                    prompt_logprobs=prompt_logprobs)
         try:
-            return self._next_output(seq, token)
+            out = self._next_output(seq, token)
+            out.logprobs = [logprob] if logprob is not None else None
+            out.prompt_logprobs = prompt_logprobs
+            return out
         except Exception as exc:  # detokenizing or stop strings: this row fails, not the batch
             log.exception("output processing failed for one sequence")
             return self._failure(seq, f"generation failed: {exc}")
 
     def _next_output(self, seq: Sequence, token: int) -> GenerationOutput:
         seq.generated.append(token)
-        if token in self.runner.eos_token_ids and not seq.request.sampling.ignore_eos:
+        sampling = seq.request.sampling
+        if (token in self.runner.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             text, reason = seq.text.flush(), "stop"
         else:
             text, stopped = seq.text.add(token)
             reason = "stop" if stopped else None
-            if reason is None and (len(seq.generated) >= seq.request.sampling.max_tokens
+            if reason is None and (len(seq.generated) >= sampling.max_tokens
                                    or seq.length >= self.max_model_len):
                 text, reason = text + seq.text.flush(), "length"
         queue_time = seq.first_scheduled - seq.request.arrival_time if len(seq.generated) == 1 else None

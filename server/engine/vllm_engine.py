@@ -39,7 +39,7 @@ from adapters.base import AdapterError
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, save_lora
 from adapters.prompt import PromptAdapter
-from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, SamplingParams
+from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import ENGINE_FAILURES, ENGINE_INFO
 from server.settings import EngineSettings
@@ -56,10 +56,27 @@ _CPU_MEMORY_FRACTION = 0.5
 
 def to_vllm(sampling: SamplingParams) -> VLLMSamplingParams:
     return VLLMSamplingParams(
-        n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, seed=sampling.seed, stop=list(sampling.stop), ignore_eos=sampling.ignore_eos,
-        skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
+        # vLLM generates at least one token: a scoring-only request (max_tokens 0) is cut after its prefill.
+        n=1, max_tokens=max(1, sampling.max_tokens), temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, min_p=sampling.min_p, presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
+        logit_bias=dict(sampling.logit_bias) or None, stop_token_ids=list(sampling.stop_token_ids),
+        min_tokens=sampling.min_tokens, seed=sampling.seed, stop=list(sampling.stop), ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs, skip_special_tokens=True,
+        output_kind=RequestOutputKind.DELTA,
     )
+
+
+def to_token_logprobs(token_ids: list[int], logprobs, num_top: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token {token id: Logprob} dicts: the chosen token, whatever its rank, and the top ranks."""
+    if logprobs is None or num_top is None:
+        return None
+    out = []
+    for token, ranked in zip(token_ids, logprobs):
+        top = sorted(((i, lp) for i, lp in ranked.items() if lp.rank is not None and lp.rank <= num_top),
+                     key=lambda item: item[1].rank)
+        out.append(TokenLogprob(token, ranked[token].logprob, [(i, lp.logprob) for i, lp in top]))
+    return out
 
 
 def read_token_embeddings(model_path: Path) -> torch.Tensor:
@@ -365,8 +382,20 @@ class VLLMEngine:
                     stats = out.metrics
                     queue_time = (stats.scheduled_ts - stats.queued_ts
                                   if stats is not None and num_generated == len(completion.token_ids) else None)
+                    prompt_logprobs = None
+                    if out.prompt_logprobs is not None and request.sampling.prompt_logprobs is not None:
+                        ids = request.prompt_token_ids
+                        prompt_logprobs = [TokenLogprob(ids[0], None, [])] + to_token_logprobs(
+                            ids[1:], out.prompt_logprobs[1:], request.sampling.prompt_logprobs)
+                    if request.sampling.max_tokens == 0:  # scoring only: the prefill's logprobs, no token
+                        yield GenerationOutput("", [], num_prompt, 0, "length", queue_time=queue_time,
+                                               prompt_logprobs=prompt_logprobs)
+                        return
                     yield GenerationOutput(completion.text, list(completion.token_ids), num_prompt, num_generated,
-                                           completion.finish_reason if out.finished else None, queue_time=queue_time)
+                                           completion.finish_reason if out.finished else None, queue_time=queue_time,
+                                           logprobs=to_token_logprobs(completion.token_ids, completion.logprobs,
+                                                                      request.sampling.logprobs),
+                                           prompt_logprobs=prompt_logprobs)
         except EngineDeadError:  # the request ends with a clear 503 (retry: a new engine core is starting)
             yield GenerationOutput("", [], num_prompt, num_generated, "abort",
                                    self.failure or "the vLLM engine core died; a new one is starting, retry shortly")
