@@ -4,7 +4,7 @@ import json
 import logging
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from adapters.base import AdapterError
@@ -84,10 +84,11 @@ class Swapyard(BaseSettings):
         cli_prog_name="swapyard", cli_kebab_case=True, cli_implicit_flags=True, use_attribute_docstrings=True
     )
 
-    serve: CliSubCommand[Serve]
-    prepare_model: CliSubCommand[PrepareModel]
-    train: CliSubCommand[Train]
-    merge: CliSubCommand[Merge]
+    # Each subcommand's one-line help is its class docstring.
+    serve: CliSubCommand[Serve] = Field(description=Serve.__doc__)
+    prepare_model: CliSubCommand[PrepareModel] = Field(description=PrepareModel.__doc__)
+    train: CliSubCommand[Train] = Field(description=Train.__doc__)
+    merge: CliSubCommand[Merge] = Field(description=Merge.__doc__)
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

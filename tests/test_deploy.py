@@ -1,6 +1,9 @@
-"""What ships for deployment tells the truth: no API key in the manifests, and stores on network
-filesystems are refused (SQLite's locking and WAL do not hold there, S3 mounts cannot rename)."""
+"""What ships for deployment tells the truth: no API key in the manifests, stores on network
+filesystems are refused (SQLite's locking and WAL do not hold there, S3 mounts cannot rename), and the
+command line explains itself."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,10 @@ def test_no_api_key_ships_with_the_manifests():
     for manifest in (DEPLOY / "kubernetes").glob("*.yaml"):
         for document in yaml.safe_load_all(manifest.read_text()):
             assert document.get("kind") != "Secret", manifest
+
+
+def test_every_subcommand_says_what_it_does_in_help():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("serve", "prepare-model", "train", "merge"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
+        assert len(line.split()) > 3, line  # the name, then its description
