@@ -15,9 +15,10 @@ from server.errors import APIError, adapter_api_error
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     MAX_CHOICES, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, DeltaMessage, ErrorResponse,
-    ModelList, Usage, new_id,
+    ModelList, ToolCallDelta, Usage, new_id,
 )
 from server.router import Router, raise_for_failure, total_usage, usage_of
+from server.tools import ToolPlan
 
 api = APIRouter()
 
@@ -63,29 +64,51 @@ def _sse_stream(router: Router, requests: list[GenerationRequest], n: int, inclu
 @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={400: {"model": ErrorResponse},
                                                                             404: {"model": ErrorResponse}})
 async def chat_completions(body: ChatCompletionRequest, router: Router = Depends(get_router)):
-    prompt = await router.chat_prompt(body.messages)
-    request = router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages")
+    try:
+        tools = ToolPlan.of(body)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="tool_choice") from exc
+    prompt = await router.chat_prompt(body.messages, tools)
+    request = await router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages", tools)
     requests = router.fan_out(request, body.n)
     response_id, created = new_id("chatcmpl"), int(time.time())
+
+    def message(text: str, finish_reason: str) -> tuple[AssistantMessage, str]:
+        """The reply, with tool calls parsed out of the text when tools are in play."""
+        content, calls = tools.parse(text) if tools is not None else (text, [])
+        if not calls:
+            return AssistantMessage(content=content), finish_reason
+        return AssistantMessage(content=content, tool_calls=calls), "tool_calls"
+
     if not body.stream:
         done = await router.complete(requests)
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=d.text), finish_reason=d.finish_reason,
+        choices = [ChatChoice(index=i, message=reply, finish_reason=reason,
                               logprobs=router.logprobs.chat(d.logprobs) if d.logprobs is not None else None)
-                   for i, d in enumerate(done)]
+                   for i, d in enumerate(done) for reply, reason in [message(d.text, d.finish_reason)]]
         return ChatCompletion(id=response_id, created=created, model=body.model, choices=choices,
                               usage=total_usage([d.usage for d in done], body.n))
+
+    buffered = [""] * len(requests)  # with tools, a reply is parsed whole, then sent as one delta
 
     def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[choice])
 
     def delta(index: int, out: GenerationOutput) -> ChatCompletionChunk | None:
+        if tools is not None:
+            buffered[index] += out.text
+            return None
         if not (out.text or out.logprobs):
             return None
         return chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=out.text or None),
                                      logprobs=router.logprobs.chat(out.logprobs) if out.logprobs else None))
 
     def finish(index: int, reason: str) -> ChatCompletionChunk:
-        return chunk(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason))
+        if tools is None:
+            return chunk(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason))
+        reply, reason = message(buffered[index], reason)
+        calls = [ToolCallDelta(index=k, **call.model_dump()) for k, call in enumerate(reply.tool_calls or [])]
+        return chunk(ChatChunkChoice(index=index, finish_reason=reason,
+                                     delta=DeltaMessage(content=reply.content, tool_calls=calls or None)))
 
     def usage_chunk(usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[], usage=usage)
@@ -108,7 +131,7 @@ async def completions(body: CompletionRequest, router: Router = Depends(get_rout
     requests, echoes = [], []
     for prompt in prompts:  # prompt-major: choice index = prompt index x n + choice
         prompt_ids = await router.text_prompt(prompt)
-        request = router.build(body, prompt_ids, body.max_tokens, "prompt")
+        request = await router.build(body, prompt_ids, body.max_tokens, "prompt")
         requests += router.fan_out(request, body.n)
         echo = (prompt if isinstance(prompt, str) else router.tokenizer.decode(prompt)) if body.echo else ""
         echoes += [echo] * body.n

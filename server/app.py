@@ -22,11 +22,13 @@ from server.job_runner import JobRunner
 from server.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
+from server.engine.model_runner import eos_token_ids
 from server.errors import install_error_handlers
 from server.generation_defaults import read_sampling_defaults
 from server.limits import BodyLimit, InFlightLimit
 from server.ops_api import ops_api
 from server.router import Router
+from server.structured import GrammarCompiler
 from server.settings import ServeSettings
 from server.storage import require_local
 
@@ -76,9 +78,11 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
     await app.state.jobs.start()
     defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}
+    config = AutoConfig.from_pretrained(path)
+    grammars = GrammarCompiler(tokenizer, config.vocab_size, eos_token_ids(path, config))
     app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
                               max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit,
-                              sampling_defaults=defaults)
+                              sampling_defaults=defaults, grammars=grammars)
     app.state.phase = "ready"
     log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
 

@@ -1,18 +1,21 @@
 """The OpenAI wire format: request bodies (validated) and response bodies (typed)."""
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
-FinishReason = Literal["stop", "length"]
+from server.engine.base import OutputConstraint
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 MAX_STOP_CHARS = 256
 
 # OpenAI fields swapyard does not implement yet: refused (400 naming the field) unless they carry the
 # value that means "off", rather than silently ignored, so a client never mistakes what it got.
 _NOT_YET = {
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "functions": ([],),
     "function_call": ("none",), "best_of": (1,), "suffix": ("",),
 }
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound (vLLM's default max_logprobs)
@@ -50,17 +53,99 @@ class TextPart(_Request):
     _valid_text = field_validator("text")(_encodable)
 
 
+class CalledFunction(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str  # JSON text, as OpenAI sends it
+    _valid_text = field_validator("name", "arguments")(_encodable)
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in responses, and in the history a client sends back."""
+
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant message that made tool calls
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None  # assistant messages
+    tool_call_id: str | None = Field(None, max_length=128)  # tool messages: the call this answers
     _valid_text = field_validator("content", "name")(_encodable)
 
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return self
+
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+    _valid_text = field_validator("description")(_encodable)
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
 
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+MAX_SPEC_CHARS = 100_000  # a schema, regex or grammar: compiled per distinct text, so bounded
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a `json_schema` object with the `schema`")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's extension: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, max_length=MAX_SPEC_CHARS)
+    choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
+    grammar: str | None = Field(None, max_length=MAX_SPEC_CHARS)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = [name for name in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
 
 
 class SamplingFields(_Request):
@@ -87,9 +172,8 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     functions: Any = None
     function_call: Any = None
     best_of: Any = None
@@ -117,6 +201,30 @@ class SamplingFields(_Request):
         """The same for the prompt's tokens."""
         return None
 
+    def constraint(self) -> OutputConstraint | None:
+        """What the output must match: response_format, or vLLM's structured_outputs (not both).
+        Raises ValueError for a spec too long to compile."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type == "json_object" or so is not None and so.json_object:
+            return OutputConstraint(kind="json_object")
+        if rf is not None and rf.type == "json_schema":
+            kind, spec = "json", rf.json_schema.schema_
+        elif so is None:
+            return None
+        elif so.json_ is not None:
+            kind, spec = "json", so.json_
+        elif so.choice is not None:
+            kind, spec = "choice", so.choice
+        else:
+            kind, spec = ("regex", so.regex) if so.regex else ("grammar", so.grammar)
+        # Key order kept: a schema's property order is the order the object is generated in.
+        text = spec if isinstance(spec, str) else json.dumps(spec)
+        if len(text) > MAX_SPEC_CHARS:
+            raise ValueError(f"the {kind} is longer than {MAX_SPEC_CHARS} characters")
+        return OutputConstraint(kind=kind, spec=text)
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return tuple(s for s in stops if s)
@@ -124,6 +232,9 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
     logprobs: bool = False
@@ -170,7 +281,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -213,9 +325,14 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(ToolCall):
+    index: int  # which call of the message this delta belongs to
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):

@@ -13,6 +13,8 @@ from server.adapter_manager import AdapterManager
 from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.errors import APIError
 from server.logprobs import LogprobFormatter
+from server.structured import GrammarCompiler
+from server.tools import ToolPlan, render_message
 from server.metrics import RequestMetrics
 from server.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
 
@@ -45,12 +47,14 @@ def raise_for_failure(out: GenerationOutput) -> None:
 class Router:
     def __init__(self, engine: Engine, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase,
                  base_model: str, max_model_len: int, *, max_prompt_tokens: int | None = None,
-                 max_tokens_limit: int | None = None, sampling_defaults: dict[str, float] | None = None):
+                 max_tokens_limit: int | None = None, sampling_defaults: dict[str, float] | None = None,
+                 grammars: GrammarCompiler):
         self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
         self.base_model, self.max_model_len = base_model, max_model_len
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.sampling_defaults = sampling_defaults or {}  # the model's, for fields a request leaves out
         self.logprobs = LogprobFormatter(tokenizer)
+        self.grammars = grammars
         self._created = int(time.time())
 
     def models(self) -> ModelList:
@@ -69,11 +73,12 @@ class Router:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
         return name, record.num_virtual_tokens
 
-    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in messages]
+    async def chat_prompt(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
+        knows_tools = "tools" in str(self.tokenizer.chat_template or "")
+        conversation = [render_message(m, knows_tools) for m in messages]
+        extra = tools.render_tools(conversation, knows_tools) if tools is not None else {}
         return await self._tokenize("messages", lambda: self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=False))
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=False, **extra))
 
     async def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -93,8 +98,8 @@ class Router:
             log.warning("tokenizing %s failed: %s", param, exc)
             raise APIError(400, f"{param} could not be tokenized: {str(exc)[:200]}", param=param) from exc
 
-    def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
-              prompt_param: str) -> GenerationRequest:
+    async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
+                    tools: ToolPlan | None = None) -> GenerationRequest:
         adapter, num_virtual = self.resolve(body.model)
         if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
             raise APIError(400, f"The prompt has {len(prompt_ids)} tokens; this server accepts at most "
@@ -121,14 +126,25 @@ class Router:
             if any(i >= len(self.tokenizer) for i in ids):
                 raise APIError(400, f"{param} names a token id outside the vocabulary (0..{len(self.tokenizer) - 1})",
                                param=param)
+        constraint_param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        try:
+            constraint = body.constraint()
+            if tools is not None and tools.constraint() is not None:
+                if constraint is not None:
+                    raise ValueError(f"tool_choice {tools.choice!r} constrains the output itself; leave it out")
+                constraint = tools.constraint()
+            grammar = await self.grammars.compile(constraint) if constraint is not None else None
+        except ValueError as exc:
+            raise APIError(400, f"{constraint_param}: {exc}", param=constraint_param) from exc
         sampling = SamplingParams(
-            max_tokens=max_tokens, seed=body.seed, stop=body.stop_strings(), ignore_eos=body.ignore_eos,
+            constraint=constraint, max_tokens=max_tokens, seed=body.seed, stop=body.stop_strings(),
+            ignore_eos=body.ignore_eos,
             **self._with_defaults(body, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0),
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter)
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter, grammar=grammar)
 
     @staticmethod
     def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:

@@ -40,9 +40,7 @@ def _chat(**fields):
     (CHAT, _chat(stop="\ud800"), 400, "stop"),
     (CHAT, _chat(stop=["x" * 257]), 400, "stop"),
     # Not implemented yet: refused by name rather than silently ignored.
-    (CHAT, _chat(response_format={"type": "json_object"}), 400, "response_format"),
-    (CHAT, _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    (CHAT, _chat(tool_choice="required"), 400, "tool_choice"),
+    (CHAT, _chat(functions=[{"name": "f"}]), 400, "functions"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
     # Sampling controls out of range, or naming tokens the vocabulary does not have.
     (CHAT, _chat(logit_bias={"x": 1}), 400, "logit_bias"),

@@ -5,7 +5,7 @@ from collections import deque
 from pathlib import Path
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,16 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 # Below this a temperature is greedy: dividing logits by 1e-300 overflows to inf (vLLM uses the same bound).
 GREEDY_TEMPERATURE = 1e-5
+
+
+class OutputConstraint(BaseModel):
+    """What the output must match (structured outputs), in vLLM's terms: a JSON schema (as JSON text), any
+    JSON object, a regular expression, one of a list of strings (as JSON text), or an EBNF grammar."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""
 
 
 class SamplingParams(BaseModel):
@@ -43,6 +53,7 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens (benchmarks)
     logprobs: int | None = Field(None, ge=0)  # the chosen token's logprob plus this many top ones
     prompt_logprobs: int | None = Field(None, ge=0)  # the same for every prompt token (the first has none)
+    constraint: OutputConstraint | None = None  # structured outputs: tokens that would break it are masked
 
     @property
     def is_greedy(self) -> bool:
@@ -63,6 +74,9 @@ class GenerationRequest:
     model: str  # the name the client asked for; labels the metrics
     adapter: str | None = None  # the adapter to run with, None for the base model
     arrival_time: float = field(default_factory=time.monotonic)
+    # sampling.constraint compiled for the torch engine's token masks (an xgrammar CompiledGrammar); vLLM
+    # compiles its own from the constraint.
+    grammar: Any = None
 
 
 @dataclass

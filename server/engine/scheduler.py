@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
+from xgrammar import GrammarMatcher
 
 from adapters.base import AdapterError
 from adapters.prefix import PrefixAdapter
@@ -20,6 +21,7 @@ from server.engine.adapter_bank import Resident
 from server.engine.base import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from server.engine.detokenizer import IncrementalText
 from server.engine.model_runner import ModelRunner
+from server.structured import mask_to_grammars, new_matcher
 from server.engine.sampler import apply_logit_changes, logprobs_of, make_generator, prompt_logprobs_of, sample
 from server.metrics import ENGINE_BATCH_SIZE
 
@@ -32,6 +34,7 @@ class Sequence:
     emit: Callable[[GenerationOutput], None]
     text: IncrementalText
     generator: torch.Generator | None
+    matcher: GrammarMatcher | None  # structured outputs: where the sequence is in its grammar
     resident: Resident | None = None  # the adapter version this sequence runs with, held until it ends
     num_virtual: int = 0  # prefix/prompt-tuning positions before the prompt
     reserved_len: int = 0  # what the KV cache must hold: virtual + prompt + max_tokens, capped at the context
@@ -65,7 +68,7 @@ class Scheduler:
     def new_sequence(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> Sequence:
         sampling = request.sampling
         return Sequence(request, emit, IncrementalText(self.tokenizer, sampling.stop),
-                        make_generator(sampling, self.runner.device))
+                        make_generator(sampling, self.runner.device), new_matcher(request))
 
     @property
     def has_work(self) -> bool:
@@ -117,6 +120,7 @@ class Scheduler:
                                if i in full else None for i, s in enumerate(batch)]
             changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in batch],
                                           self.runner.eos_token_ids)
+            changed = mask_to_grammars(changed, [s.matcher for s in batch])
             tokens = sample(changed, params, [s.generator for s in batch])
             logprobs = logprobs_of(logits, tokens, params)
         except Exception as exc:  # a failed batch fails its own requests, never the engine
@@ -197,7 +201,10 @@ class Scheduler:
     def _next_output(self, seq: Sequence, token: int) -> GenerationOutput:
         seq.generated.append(token)
         sampling = seq.request.sampling
-        if (token in self.runner.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise ValueError(f"token {token} breaks the output's grammar")
+        if ((token in self.runner.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids
+                or (seq.matcher is not None and seq.matcher.is_terminated())):
             text, reason = seq.text.flush(), "stop"
         else:
             text, stopped = seq.text.add(token)

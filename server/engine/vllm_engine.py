@@ -12,6 +12,7 @@ run with no LoRA. Every other request then gets a compensating LoRA: the base -B
 """
 
 import asyncio
+import json
 import logging
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import EmbedsPrompt, TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -39,7 +40,8 @@ from adapters.base import AdapterError
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, save_lora
 from adapters.prompt import PromptAdapter
-from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
+from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
+                                TokenLogprob)
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import ENGINE_FAILURES, ENGINE_INFO
 from server.settings import EngineSettings
@@ -63,8 +65,18 @@ def to_vllm(sampling: SamplingParams) -> VLLMSamplingParams:
         logit_bias=dict(sampling.logit_bias) or None, stop_token_ids=list(sampling.stop_token_ids),
         min_tokens=sampling.min_tokens, seed=sampling.seed, stop=list(sampling.stop), ignore_eos=sampling.ignore_eos,
         logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs, skip_special_tokens=True,
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.DELTA, structured_outputs=to_vllm_constraint(sampling.constraint),
     )
+
+
+def to_vllm_constraint(constraint: OutputConstraint | None) -> StructuredOutputsParams | None:
+    """The same constraint for vLLM's structured outputs (xgrammar there too), JSON compact as in ours."""
+    if constraint is None:
+        return None
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    value = json.loads(constraint.spec) if constraint.kind == "choice" else constraint.spec
+    return StructuredOutputsParams(**{constraint.kind: value}, disable_any_whitespace=True)
 
 
 def to_token_logprobs(token_ids: list[int], logprobs, num_top: int | None) -> list[TokenLogprob] | None:

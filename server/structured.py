@@ -1,0 +1,66 @@
+"""Structured outputs: a request's constraint compiled to an xgrammar grammar (the library vLLM and SGLang
+use), in a worker thread and cached by spec, so the engine loop only masks each constrained row's logits.
+
+Compiling in the router refuses a bad schema or regex with a 400 before anything reaches an engine.
+JSON is generated compact (no free whitespace): a small model otherwise can emit spaces until max_tokens.
+"""
+
+import asyncio
+import json
+import re
+
+import torch
+import xgrammar as xgr
+from transformers import PreTrainedTokenizerBase
+
+from server.engine.base import GenerationRequest, OutputConstraint
+
+
+# xgrammar's messages start with a timestamp and its C++ source location: not the client's business.
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\] \S+:\d+: ")
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: set[int]):
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids))
+        # xgrammar caches compiled grammars by their source (schema text, regex, ...), bounded in bytes.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True, cache_limit_bytes=256 << 20)
+
+    async def compile(self, constraint: OutputConstraint) -> xgr.CompiledGrammar:
+        """Raises ValueError naming what is wrong with the spec."""
+        return await asyncio.to_thread(self._compile, constraint)
+
+    def _compile(self, c: OutputConstraint) -> xgr.CompiledGrammar:
+        try:
+            if c.kind == "json":
+                return self._compiler.compile_json_schema(c.spec, any_whitespace=False)
+            if c.kind == "json_object":
+                return self._compiler.compile_builtin_json_grammar()
+            if c.kind == "regex":
+                return self._compiler.compile_regex(c.spec)
+            if c.kind == "choice":
+                return self._compiler.compile_regex("|".join(re.escape(choice) for choice in json.loads(c.spec)))
+            return self._compiler.compile_grammar(c.spec)
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar reports bad input as these
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(_SOURCE_PREFIX.sub("", first_line)[:300]) from exc
+
+
+def new_matcher(request: GenerationRequest) -> xgr.GrammarMatcher | None:
+    """The per-sequence state of its grammar (None: unconstrained)."""
+    return xgr.GrammarMatcher(request.grammar) if request.grammar is not None else None
+
+
+def mask_to_grammars(logits: torch.Tensor, matchers: list[xgr.GrammarMatcher | None]) -> torch.Tensor:
+    """Each constrained row's logits with every token its grammar forbids next at -inf (a copy; untouched
+    when no row is constrained)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    masked = logits.clone()
+    xgr.apply_token_bitmask_inplace(masked, bitmask.to(masked.device), indices=rows)
+    return masked
