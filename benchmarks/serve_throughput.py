@@ -37,11 +37,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
-                     ignore_eos: bool = False) -> tuple[float, list[float], int]:
-    """One streaming chat request: (time to first token, gaps between tokens, completion tokens)."""
+                     ignore_eos: bool = False, extra: dict | None = None) -> tuple[float, list[float], int]:
+    """One streaming chat request (plus `extra` body fields): (time to first token, gaps between tokens,
+    completion tokens)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": ignore_eos}
+            "ignore_eos": ignore_eos, **(extra or {})}
     start = time.perf_counter()
     times, tokens = [], 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -58,14 +59,17 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
     return ttft, [b - a for a, b in zip(times, times[1:])], tokens
 
 
-async def run_clients(url: str, models: list[str], max_tokens: int, ignore_eos: bool = False) -> dict:
-    """One concurrent stream per entry of `models` (request i asks models[i]); client-side figures."""
+async def run_clients(url: str, models: list[str], max_tokens: int, ignore_eos: bool = False,
+                      extras: list[dict | None] | None = None) -> dict:
+    """One concurrent stream per entry of `models` (request i asks models[i], with extras[i] in its body);
+    client-side figures."""
     limits = httpx.Limits(max_connections=len(models))
+    extras = extras or [None] * len(models)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_stream(client, models[0], "Hi", 4)  # warm-up
+        await one_stream(client, models[0], "Hi", 4, extra=extras[0])  # warm-up (compiles a grammar once)
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, m, p, max_tokens, ignore_eos)
-                                         for m, p in zip(models, prompts(len(models)))))
+        results = await asyncio.gather(*(one_stream(client, m, p, max_tokens, ignore_eos, extra)
+                                         for m, p, extra in zip(models, prompts(len(models)), extras)))
         wall = time.perf_counter() - start
     ttfts = [r[0] for r in results]
     itls = [x for r in results for x in r[1]]

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine.base import GenerationRequest, OutputConstraint
 
 
+ANY_OBJECT = '{"type": "object"}'
 # xgrammar's messages start with a timestamp and its C++ source location: not the client's business.
 _SOURCE_PREFIX = re.compile(r"^\[[^\]]*\] \S+:\d+: ")
 
@@ -35,8 +36,8 @@ class GrammarCompiler:
         try:
             if c.kind == "json":
                 return self._compiler.compile_json_schema(c.spec, any_whitespace=False)
-            if c.kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
+            if c.kind == "json_object":  # an object, as OpenAI means it (xgrammar's builtin takes any value)
+                return self._compiler.compile_json_schema(ANY_OBJECT, any_whitespace=False)
             if c.kind == "regex":
                 return self._compiler.compile_regex(c.spec)
             if c.kind == "choice":

@@ -114,6 +114,18 @@ def base_url(tmp_path_factory, adapter_root):
         yield url
 
 
+@pytest.fixture(scope="module")
+def every_kind(adapter_dirs, adapter_root, tmp_path_factory):
+    """A float32 server of the module's own with one adapter of every kind registered under its kind's name:
+    (httpx client, app, openai client)."""
+    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root]) as (url, app):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for kind in KINDS:
+                assert http.post("/v1/adapters", json={"name": kind, "path": str(adapter_dirs[kind])}
+                                 ).status_code == 201
+            yield http, app, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
 @pytest.fixture
 def http(base_url):
     with httpx.Client(base_url=base_url, timeout=120) as client:

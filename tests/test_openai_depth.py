@@ -3,8 +3,6 @@ scoring), n with seeds, batches of prompts, the penalties, logit_bias, min_p, st
 and the model's own sampling defaults. Checked through the official `openai` client on the real model,
 against transformers, with every adapter kind in one batch."""
 
-import httpx
-import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,17 +16,6 @@ from test_adapter_parity import reference_model
 
 LOGPROB_ATOL = 1e-3
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def served(adapter_dirs, adapter_root, tmp_path_factory):
-    """A float32 server with one adapter of every kind registered: (httpx client, app, openai client)."""
-    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root]) as (url, app):
-        with httpx.Client(base_url=url, timeout=120) as http:
-            for kind in KINDS:
-                assert http.post("/v1/adapters", json={"name": kind, "path": str(adapter_dirs[kind])}
-                                 ).status_code == 201
-            yield http, app, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +40,9 @@ def _greedy_logprobs(model, prompt: list[int], num_new: int) -> tuple[list[int],
     return ids[len(prompt):], torch.stack(rows)
 
 
-def test_chat_logprobs_equal_transformers_for_every_kind_in_one_batch(served, adapter_dirs, tokenizer):
-    http, app, _ = served
+def test_chat_logprobs_equal_transformers_for_every_kind_in_one_batch(every_kind, adapter_dirs,
+                                                                      tokenizer):
+    http, app, _ = every_kind
     models = [MODEL, *KINDS]
     body = {"messages": ask(QUESTION), "temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": True,
             "top_logprobs": 5}
@@ -73,8 +61,8 @@ def test_chat_logprobs_equal_transformers_for_every_kind_in_one_batch(served, ad
             assert entry["bytes"] == list(entry["token"].encode())
 
 
-def test_streamed_logprobs_match_the_response(served):
-    _, _, client = served
+def test_streamed_logprobs_match_the_response(every_kind):
+    _, _, client = every_kind
     kwargs = {"model": "lora", "messages": ask(QUESTION), "temperature": 0, "max_tokens": 6, "logprobs": True,
               "top_logprobs": 2}
     whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
@@ -83,9 +71,9 @@ def test_streamed_logprobs_match_the_response(served):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in whole]
 
 
-def test_echo_scores_a_multiple_choice_question_like_transformers(served, tokenizer):
+def test_echo_scores_a_multiple_choice_question_like_transformers(every_kind, tokenizer):
     """lm-evaluation-harness's loglikelihood: the prompt scored by /v1/completions with echo, max_tokens 0."""
-    _, _, client = served
+    _, _, client = every_kind
     context = "Question: What is the capital of France?\nAnswer:"
     options = [" Paris", " Berlin", " Madrid", " a banana"]
     scored = client.completions.create(model=MODEL, prompt=[context + o for o in options], echo=True, max_tokens=0,
@@ -108,8 +96,8 @@ def test_echo_scores_a_multiple_choice_question_like_transformers(served, tokeni
     assert scored.usage.completion_tokens == 0
 
 
-def test_echo_with_generation_leads_with_the_prompt(served):
-    _, _, client = served
+def test_echo_with_generation_leads_with_the_prompt(every_kind):
+    _, _, client = every_kind
     done = client.completions.create(model="prefix", prompt="The capital of France is", echo=True, max_tokens=3,
                                      logprobs=2, temperature=0).choices[0]
     assert done.text.startswith("The capital of France is") and len(done.text) > len("The capital of France is")
@@ -119,8 +107,8 @@ def test_echo_with_generation_leads_with_the_prompt(served):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == done.text
 
 
-def test_n_choices_with_a_seed_are_distinct_and_reproducible(served):
-    _, _, client = served
+def test_n_choices_with_a_seed_are_distinct_and_reproducible(every_kind):
+    _, _, client = every_kind
     kwargs = {"model": "bottleneck", "messages": ask("Name a fruit."), "temperature": 1.0, "max_tokens": 12,
               "n": 4, "seed": 1234}
     first, again = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
@@ -136,8 +124,8 @@ def test_n_choices_with_a_seed_are_distinct_and_reproducible(served):
     assert [streamed[i] for i in range(4)] == texts
 
 
-def test_a_batch_of_prompts_gets_prompt_major_choices(served):
-    _, _, client = served
+def test_a_batch_of_prompts_gets_prompt_major_choices(every_kind):
+    _, _, client = every_kind
     prompts = ["The capital of France is", "The capital of Italy is"]
     done = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=4, temperature=0)
     texts = [c.text for c in sorted(done.choices, key=lambda c: c.index)]
@@ -146,10 +134,10 @@ def test_a_batch_of_prompts_gets_prompt_major_choices(served):
     assert texts == [alone[0], alone[0], alone[1], alone[1]]
 
 
-def test_sampling_controls_apply_per_row_in_one_batch(served, tokenizer):
+def test_sampling_controls_apply_per_row_in_one_batch(every_kind, tokenizer):
     """Rows with different controls share a step; each gets what it gets alone, and each control does
     what it says."""
-    http, app, _ = served
+    http, app, _ = every_kind
     plain = {"model": MODEL, "messages": ask(QUESTION), "temperature": 0, "max_tokens": 12}
     alone_plain = http.post(CHAT, json=plain).json()["choices"][0]["message"]["content"]
     first_token = tokenizer.encode(alone_plain)[0]

@@ -4,13 +4,12 @@ row and free rows share a step, every adapter kind answers `parse()` with a vali
 
 import json
 
-import httpx
 import openai
 import pytest
 from pydantic import BaseModel
 
 from adapter_factory import KINDS
-from conftest import CHAT, MODEL, ask, in_one_step, serving_app
+from conftest import CHAT, MODEL, ask, in_one_step
 from server.protocol import ChatCompletionRequest
 from server.tools import ToolPlan
 
@@ -32,16 +31,6 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
-@pytest.fixture(scope="module")
-def served(adapter_dirs, adapter_root, tmp_path_factory):
-    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root]) as (url, app):
-        with httpx.Client(base_url=url, timeout=120) as http:
-            for kind in KINDS:
-                assert http.post("/v1/adapters", json={"name": kind, "path": str(adapter_dirs[kind])}
-                                 ).status_code == 201
-            yield http, app, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
 def _schema_body(model: str) -> dict:
     schema = openai.lib._pydantic.to_strict_json_schema(Capital)
     return {"model": model, "messages": QUESTION, "temperature": 0, "max_tokens": 60,
@@ -49,8 +38,8 @@ def _schema_body(model: str) -> dict:
                                                                        "strict": True}}}
 
 
-def test_parse_returns_an_object_for_the_base_and_every_adapter_kind(served):
-    _, _, client = served
+def test_parse_returns_an_object_for_the_base_and_every_adapter_kind(every_kind):
+    _, _, client = every_kind
     for model in (MODEL, *KINDS):
         reply = client.chat.completions.parse(model=model, messages=QUESTION, response_format=Capital,
                                               max_tokens=60, temperature=0).choices[0]
@@ -58,8 +47,8 @@ def test_parse_returns_an_object_for_the_base_and_every_adapter_kind(served):
         assert isinstance(reply.message.parsed, Capital), model
 
 
-def test_constrained_and_free_rows_share_a_step_and_keep_their_answers(served):
-    http, app, _ = served
+def test_constrained_and_free_rows_share_a_step_and_keep_their_answers(every_kind):
+    http, app, _ = every_kind
     free = [{"model": m, "messages": ask("Name three colours."), "temperature": 0, "max_tokens": 16}
             for m in (MODEL, "lora", "prefix")]
     constrained = [_schema_body(m) for m in (MODEL, "prompt", "bottleneck")]
@@ -72,8 +61,8 @@ def test_constrained_and_free_rows_share_a_step_and_keep_their_answers(served):
     assert not any(text.startswith("{") for text in together[0::2])  # the free rows are not constrained
 
 
-def test_json_object_and_vllms_structured_outputs(served):
-    _, _, client = served
+def test_json_object_and_vllms_structured_outputs(every_kind):
+    _, _, client = every_kind
     answer = client.chat.completions.create(
         model=MODEL, messages=ask('Reply with a JSON object whose key "capital" holds the capital of France.'),
         response_format={"type": "json_object"}, max_tokens=40, temperature=0).choices[0]
@@ -104,8 +93,8 @@ def test_json_object_and_vllms_structured_outputs(served):
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
 ])
-def test_bad_specs_are_400s_naming_the_field(served, fields, param):
-    http, _, _ = served
+def test_bad_specs_are_400s_naming_the_field(every_kind, fields, param):
+    http, _, _ = every_kind
     response = http.post(CHAT, json={"model": MODEL, "messages": ask("Hi"), "max_tokens": 4, **fields})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"].startswith(param)
@@ -115,8 +104,8 @@ def _calls(message) -> list[tuple[str, dict]]:
     return [(call.function.name, json.loads(call.function.arguments)) for call in message.tool_calls]
 
 
-def test_required_and_named_tool_choices_give_valid_calls(served):
-    _, _, client = served
+def test_required_and_named_tool_choices_give_valid_calls(every_kind):
+    _, _, client = every_kind
     ask_weather = ask("What is the weather in Paris?")
     for model in (MODEL, "lora", "prompt"):
         required = client.chat.completions.create(model=model, messages=ask_weather, tools=[WEATHER, TIME],
@@ -134,8 +123,8 @@ def test_required_and_named_tool_choices_give_valid_calls(served):
     assert named.message.tool_calls[0].id.startswith("call_")
 
 
-def test_tool_calls_stream_as_deltas(served):
-    _, _, client = served
+def test_tool_calls_stream_as_deltas(every_kind):
+    _, _, client = every_kind
     stream = client.chat.completions.create(model=MODEL, messages=ask("What is the weather in Paris?"),
                                             tools=[WEATHER, TIME], tool_choice="required", max_tokens=80,
                                             temperature=0, stream=True)
@@ -150,8 +139,8 @@ def test_tool_calls_stream_as_deltas(served):
         assert delta.function.name in {"get_weather", "get_time"} and "city" in json.loads(delta.function.arguments)
 
 
-def test_history_with_tool_calls_and_results_is_accepted(served):
-    _, _, client = served
+def test_history_with_tool_calls_and_results_is_accepted(every_kind):
+    _, _, client = every_kind
     history = [*ask("What is the weather in Paris?"),
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "call_1", "type": "function",

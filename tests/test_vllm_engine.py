@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from adapter_factory import make_adapter
 from conftest import MODEL, MODEL_PATH, ask, start_serve_process
@@ -220,6 +221,52 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adap
         for second in on_vllm[i + 1:]:
             assert any(_shared_steps(a, b) for a in times[first] for b in times[second]), (first, second)
     assert vllm.get("/health").status_code == 200
+
+
+def test_openai_depth_through_vllm(vllm, http, adapter_dirs):
+    """Logprobs (chat, and echo scoring with max_tokens 0), logit_bias, stop_token_ids, n with a seed, a JSON
+    schema and a required tool call reach vLLM's own sampler and structured outputs and come back in the
+    same shapes, with the same numbers as the torch engine (both float32)."""
+    assert vllm.post("/v1/adapters", json={"name": "depth-lora", "path": str(adapter_dirs["lora"]),
+                                           "replace": True}).status_code == 201
+    assert http.post("/v1/adapters", json={"name": "depth-lora", "path": str(adapter_dirs["lora"]),
+                                           "replace": True}).status_code == 201
+    for model in (MODEL, "depth-lora"):
+        body = {"model": model, "messages": ask(QUESTIONS[0]), "temperature": 0, "max_tokens": 6, "logprobs": True,
+                "top_logprobs": 3}
+        got, want = ([e for e in client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"][
+            "content"]] for client in (vllm, http))
+        assert [e["token"] for e in got] == [e["token"] for e in want]
+        assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-3)
+        assert [t["token"] for t in got[0]["top_logprobs"]] == [t["token"] for t in want[0]["top_logprobs"]]
+    score = {"model": MODEL, "prompt": "The capital of France is Paris", "echo": True, "max_tokens": 0, "logprobs": 1}
+    got, want = (client.post("/v1/completions", json=score).json()["choices"][0] for client in (vllm, http))
+    assert got["text"] == want["text"] and got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+    assert got["logprobs"]["token_logprobs"][0] is None
+    assert got["logprobs"]["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:], abs=1e-3)
+
+    paris = AutoTokenizer.from_pretrained(MODEL_PATH).encode(" Paris")[0]
+    chat = {"model": MODEL, "messages": ask(QUESTIONS[0]), "temperature": 0, "max_tokens": 12}
+    for extra in ({"logit_bias": {str(paris): 100}, "max_tokens": 3}, {"stop_token_ids": [paris]},
+                  {"min_tokens": 4, "presence_penalty": 1.5}):
+        answers = [client.post("/v1/chat/completions", json={**chat, **extra}).json()["choices"][0]["message"]
+                   for client in (vllm, http)]
+        assert answers[0] == answers[1], extra
+    # vLLM picks its own grammar backend and whitespace rules: the object is valid, not always the same text.
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    structured = vllm.post("/v1/chat/completions", json={**chat, "max_tokens": 40, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}).json()["choices"][0]
+    assert structured["finish_reason"] == "stop" and "city" in json.loads(structured["message"]["content"])
+    sampled = {**chat, "temperature": 1.0, "n": 2, "seed": 11}
+    first, again = (vllm.post("/v1/chat/completions", json=sampled).json() for _ in range(2))
+    assert [c["message"] for c in first["choices"]] == [c["message"] for c in again["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1]
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    called = vllm.post("/v1/chat/completions", json={**chat, "messages": ask("Weather in Paris?"), "max_tokens": 40,
+                                                     "tools": [weather], "tool_choice": "required"}).json()
+    assert called["choices"][0]["finish_reason"] == "tool_calls"
+    assert "city" in json.loads(called["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
 
 
 def _children(pid: int) -> list[int]:

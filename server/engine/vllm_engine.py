@@ -44,6 +44,7 @@ from server.engine.base import (FailureWindow, GenerationOutput, GenerationReque
                                 TokenLogprob)
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import ENGINE_FAILURES, ENGINE_INFO
+from server.structured import ANY_OBJECT
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def to_vllm_constraint(constraint: OutputConstraint | None) -> StructuredOutputs
     if constraint is None:
         return None
     if constraint.kind == "json_object":
-        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        return StructuredOutputsParams(json=ANY_OBJECT, disable_any_whitespace=True)
     value = json.loads(constraint.spec) if constraint.kind == "choice" else constraint.spec
     return StructuredOutputsParams(**{constraint.kind: value}, disable_any_whitespace=True)
 
