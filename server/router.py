@@ -126,16 +126,17 @@ class Router:
             if any(i >= len(self.tokenizer) for i in ids):
                 raise APIError(400, f"{param} names a token id outside the vocabulary (0..{len(self.tokenizer) - 1})",
                                param=param)
-        constraint_param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        # The field a bad constraint is reported on: where it came from.
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
         try:
             constraint = body.constraint()
             if tools is not None and tools.constraint() is not None:
                 if constraint is not None:
                     raise ValueError(f"tool_choice {tools.choice!r} constrains the output itself; leave it out")
-                constraint = tools.constraint()
+                constraint, param = tools.constraint(), "tools"
             grammar = await self.grammars.compile(constraint) if constraint is not None else None
         except ValueError as exc:
-            raise APIError(400, f"{constraint_param}: {exc}", param=constraint_param) from exc
+            raise APIError(400, f"{param}: {exc}", param=param) from exc
         sampling = SamplingParams(
             constraint=constraint, max_tokens=max_tokens, seed=body.seed, stop=body.stop_strings(),
             ignore_eos=body.ignore_eos,

@@ -7,6 +7,7 @@ JSON is generated compact (no free whitespace): a small model otherwise can emit
 
 import asyncio
 import json
+import logging
 import re
 
 import torch
@@ -15,6 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine.base import GenerationRequest, OutputConstraint
 
+
+log = logging.getLogger(__name__)
 
 ANY_OBJECT = '{"type": "object"}'
 # xgrammar's messages start with a timestamp and its C++ source location: not the client's business.
@@ -55,13 +58,18 @@ def new_matcher(request: GenerationRequest) -> xgr.GrammarMatcher | None:
 
 def mask_to_grammars(logits: torch.Tensor, matchers: list[xgr.GrammarMatcher | None]) -> torch.Tensor:
     """Each constrained row's logits with every token its grammar forbids next at -inf (a copy; untouched
-    when no row is constrained)."""
+    when no row is constrained). A row whose grammar fails gets NaN logits, so it fails alone."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    masked, failed = logits.clone(), []
     for i in rows:
-        matchers[i].fill_next_token_bitmask(bitmask, i)
-    masked = logits.clone()
+        try:
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        except Exception:
+            log.exception("a grammar failed for one row")
+            failed.append(i)
     xgr.apply_token_bitmask_inplace(masked, bitmask.to(masked.device), indices=rows)
+    masked[failed] = torch.nan
     return masked

@@ -92,6 +92,8 @@ def test_json_object_and_vllms_structured_outputs(every_kind):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}], "tool_choice": "required"},
+     "tools"),
 ])
 def test_bad_specs_are_400s_naming_the_field(every_kind, fields, param):
     http, _, _ = every_kind

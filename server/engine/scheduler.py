@@ -21,9 +21,9 @@ from server.engine.adapter_bank import Resident
 from server.engine.base import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from server.engine.detokenizer import IncrementalText
 from server.engine.model_runner import ModelRunner
-from server.structured import mask_to_grammars, new_matcher
 from server.engine.sampler import apply_logit_changes, logprobs_of, make_generator, prompt_logprobs_of, sample
 from server.metrics import ENGINE_BATCH_SIZE
+from server.structured import mask_to_grammars, new_matcher
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,6 @@ class Scheduler:
         try:
             logits, full = self.runner.forward_scoring(batch[0].slot, inputs, starts, [s.resident for s in batch],
                                                        scored)
-            prompt_logprobs = [prompt_logprobs_of(full[i], s.request.prompt_token_ids, params[i].prompt_logprobs)
-                               if i in full else None for i, s in enumerate(batch)]
             changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in batch],
                                           self.runner.eos_token_ids)
             changed = mask_to_grammars(changed, [s.matcher for s in batch])
@@ -127,7 +125,7 @@ class Scheduler:
             log.exception("%s step failed for %d sequences", phase, len(batch))
             self._finish_all(batch, [self._failure(s, f"generation failed: {exc}") for s in batch])
             return
-        self._finish_all(batch, [self._advance(*row) for row in zip(batch, tokens, logprobs, prompt_logprobs)])
+        self._finish_all(batch, [self._advance(s, tokens[i], logprobs[i], full.get(i)) for i, s in enumerate(batch)])
 
     def _schedule(self) -> tuple[list[Sequence], str, list[list[int]], list[int]]:
         admitted = self._admit()
@@ -182,14 +180,18 @@ class Scheduler:
         return chosen
 
     def _advance(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None,
-                 prompt_logprobs: list[TokenLogprob] | None) -> GenerationOutput:
+                 prompt_logits: torch.Tensor | None) -> GenerationOutput:
+        """The row's output for this step; `prompt_logits`: its logits at every input position (prefill of a
+        request that asked for prompt logprobs)."""
         if token is None:
             return self._failure(seq, "generation failed: the model produced non-finite logits for this request")
-        if seq.request.sampling.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
-            return GenerationOutput("", [], len(seq.request.prompt_token_ids), 0, "length",
-                                    queue_time=seq.first_scheduled - seq.request.arrival_time,
-                                    prompt_logprobs=prompt_logprobs)
-        try:
+        sampling, prompt = seq.request.sampling, seq.request.prompt_token_ids
+        try:  # everything here is this row's own: a failure fails it, not the batch
+            prompt_logprobs = (prompt_logprobs_of(prompt_logits, prompt, sampling.prompt_logprobs)
+                               if prompt_logits is not None else None)
+            if sampling.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
+                return GenerationOutput("", [], len(prompt), 0, "length", prompt_logprobs=prompt_logprobs,
+                                        queue_time=seq.first_scheduled - seq.request.arrival_time)
             out = self._next_output(seq, token)
             out.logprobs = [logprob] if logprob is not None else None
             out.prompt_logprobs = prompt_logprobs
