@@ -202,8 +202,7 @@ class SamplingFields(_Request):
         return None
 
     def constraint(self) -> OutputConstraint | None:
-        """What the output must match: response_format, or vLLM's structured_outputs (not both).
-        Raises ValueError for a spec too long to compile."""
+        """What the output must match: response_format, or vLLM's structured_outputs (not both)."""
         if self.response_format is not None and self.structured_outputs is not None:
             raise ValueError("give response_format or structured_outputs, not both")
         rf, so = self.response_format, self.structured_outputs
@@ -220,10 +219,7 @@ class SamplingFields(_Request):
         else:
             kind, spec = ("regex", so.regex) if so.regex else ("grammar", so.grammar)
         # Key order kept: a schema's property order is the order the object is generated in.
-        text = spec if isinstance(spec, str) else json.dumps(spec)
-        if len(text) > MAX_SPEC_CHARS:
-            raise ValueError(f"the {kind} is longer than {MAX_SPEC_CHARS} characters")
-        return OutputConstraint(kind=kind, spec=text)
+        return OutputConstraint(kind=kind, spec=spec if isinstance(spec, str) else json.dumps(spec))
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

@@ -130,10 +130,11 @@ class Router:
         param = "structured_outputs" if body.structured_outputs is not None else "response_format"
         try:
             constraint = body.constraint()
-            if tools is not None and tools.constraint() is not None:
+            call_constraint = tools.constraint() if tools is not None else None
+            if call_constraint is not None:
                 if constraint is not None:
                     raise ValueError(f"tool_choice {tools.choice!r} constrains the output itself; leave it out")
-                constraint, param = tools.constraint(), "tools"
+                constraint, param = call_constraint, "tools"
             grammar = await self.grammars.compile(constraint) if constraint is not None else None
         except ValueError as exc:
             raise APIError(400, f"{param}: {exc}", param=param) from exc

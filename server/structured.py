@@ -15,6 +15,7 @@ import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.base import GenerationRequest, OutputConstraint
+from server.protocol import MAX_SPEC_CHARS
 
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,10 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True, cache_limit_bytes=256 << 20)
 
     async def compile(self, constraint: OutputConstraint) -> xgr.CompiledGrammar:
-        """Raises ValueError naming what is wrong with the spec."""
+        """Raises ValueError naming what is wrong with the spec. Every constraint comes here (a request's
+        own, or a tool call's schema), so this is where its size is bounded."""
+        if len(constraint.spec) > MAX_SPEC_CHARS:
+            raise ValueError(f"the {constraint.kind} is longer than {MAX_SPEC_CHARS} characters")
         return await asyncio.to_thread(self._compile, constraint)
 
     def _compile(self, c: OutputConstraint) -> xgr.CompiledGrammar:

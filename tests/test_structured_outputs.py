@@ -94,6 +94,9 @@ def test_json_object_and_vllms_structured_outputs(every_kind):
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}], "tool_choice": "required"},
      "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}}}},
+     "response_format"),  # a schema over 100,000 characters
 ])
 def test_bad_specs_are_400s_naming_the_field(every_kind, fields, param):
     http, _, _ = every_kind
