@@ -78,7 +78,9 @@ async def chat_completions(body: ChatCompletionRequest, router: Router = Depends
         content, calls = tools.parse(text) if tools is not None else (text, [])
         if not calls:
             return AssistantMessage(content=content), finish_reason
-        return AssistantMessage(content=content, tool_calls=calls), "tool_calls"
+        # A call cut off by max_tokens says so ("length"): its arguments may be incomplete JSON.
+        return AssistantMessage(content=content, tool_calls=calls), "tool_calls" if finish_reason == "stop" \
+            else finish_reason
 
     if not body.stream:
         done = await router.complete(requests)

@@ -126,6 +126,10 @@ def test_required_and_named_tool_choices_give_valid_calls(every_kind):
     assert name == "get_weather" and set(arguments) == {"city", "unit"} and arguments["unit"] in {"celsius",
                                                                                                   "fahrenheit"}
     assert named.message.tool_calls[0].id.startswith("call_")
+    cut = client.chat.completions.create(model=MODEL, messages=ask_weather, tools=[WEATHER], max_tokens=3,
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                         temperature=0).choices[0]
+    assert cut.finish_reason == "length"  # arguments cut off by max_tokens are not a finished call
 
 
 def test_tool_calls_stream_as_deltas(every_kind):
