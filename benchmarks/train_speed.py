@@ -48,6 +48,7 @@ def run_trl(config: TrainConfig) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from server.default_model import ensure_default_model
+    from training.hyperparameters import resolve
     from training.methods import peft_config
     from training.recipe import training_dtype
 
@@ -56,15 +57,16 @@ def run_trl(config: TrainConfig) -> dict:
     rows = [json.loads(line)["messages"] for line in config.data.read_text().splitlines()]
     # Prompt-completion form: TRL applies the chat template and puts the loss on the completion only.
     dataset = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
-    args = SFTConfig(output_dir=str(config.out), num_train_epochs=config.epochs,
-                     per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+    hyper = resolve(config, len(rows))
+    args = SFTConfig(output_dir=str(config.out), num_train_epochs=hyper.n_epochs,
+                     per_device_train_batch_size=hyper.batch_size, learning_rate=hyper.learning_rate,
                      lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio, seed=config.seed,
                      max_length=config.max_seq_len, save_strategy="no", report_to=[], logging_steps=10,
                      completion_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), args=args,
                          train_dataset=dataset, peft_config=peft_config(config),
                          processing_class=AutoTokenizer.from_pretrained(model_path))
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * config.epochs
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * hyper.n_epochs
     start = time.monotonic()
     trainer.train()
     return {"tokens": tokens, "seconds": time.monotonic() - start}

@@ -19,6 +19,7 @@ from server.auth import ApiKeyGate, ApiKeys
 from server.adapter_manager import AdapterManager
 from server.api import api
 from server.job_runner import JobRunner
+from server.files_api import files_api
 from server.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
@@ -111,7 +112,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
     api_keys = ApiKeys.load(settings.api_keys_file)  # a bad keys file stops the server before it listens
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for routes in (ops_api, api, adapter_api, jobs_api):
+    for routes in (ops_api, api, adapter_api, files_api, jobs_api):
         app.include_router(routes)
     # Added innermost first: CORS (preflights carry no key), then keys, then sizes, then capacity, so a
     # request without a key is refused before its body is read or it takes a place in flight.

@@ -1,6 +1,7 @@
 """OpenAI-style error bodies for every failure a client can cause, so bad input is never a 500."""
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,10 +40,16 @@ def adapter_api_error(exc: AdapterError) -> APIError:
                     type="server_error" if status == 503 else "invalid_request_error")
 
 
+# What pydantic puts into an error's path for the member of a union that failed (`constrained-int`,
+# `literal['auto']`, a model's class name): not a field of the request.
+_UNION_MEMBER = re.compile(r"(constrained-)?(int|float|str|bool|bytes)|(literal|list|dict|function-\w+)\[.*|[A-Z]\w*")
+
+
 def invalid_request(errors: list[dict]) -> APIError:
     """The first of pydantic's validation errors as a 400 naming the field."""
     first = errors[0]
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    param = ".".join(str(part) for part in first.get("loc", ())
+                     if part != "body" and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))) or None
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
 

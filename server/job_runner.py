@@ -11,13 +11,17 @@ import json
 import logging
 import multiprocessing
 import re
+import time
 import uuid
 from pathlib import Path
 
 from adapters.base import AdapterError
 from server.adapter_manager import AdapterManager
+from training.config import TrainConfig
 from training.data import DataError, read_examples
-from training.jobs import JobRecord, JobStore
+from training.hyperparameters import resolve
+from training.jobs import FileRecord, JobRecord, JobStore, new_id
+from training.report import RESULTS_FILE
 from training.worker import SUMMARY_FILE, run_job
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,7 @@ class JobRunner:
         self.store, self.adapters, self.num_threads = store, adapters, num_threads
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._training: asyncio.Task | None = None  # the job now training, while the loop validates new ones
         self._process: multiprocessing.Process | None = None
         self._stopping = False
         self._holder = uuid.uuid4().hex  # this runner, in the lease table
@@ -51,7 +56,7 @@ class JobRunner:
         self._stopping = True
         if self._process is not None and self._process.is_alive():
             self._process.terminate()
-        for task in (self._task, self._leasing):
+        for task in (self._task, self._leasing, self._training):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -80,31 +85,31 @@ class JobRunner:
 
     def submit(self, job: JobRecord) -> None:
         self.store.add_job(job)
-        self.store.add_event(job.id, "info", f"created fine-tuning job {job.id}")
+        self.store.add_event(job.id, "info", f"Created fine-tuning job: {job.id}")
         self._wake.set()
 
     def cancel(self, job_id: str) -> None:
         """The worker sees the status at its next step and stops; a queued job never starts."""
         self.store.set_status(job_id, "cancelled")
-        self.store.add_event(job_id, "info", "job cancelled")
+        self.store.add_event(job_id, "info", "Fine-tuning job cancelled")
 
     async def _loop(self) -> None:
         while not self._stopping:
-            if not self.is_leader:  # another replica runs the jobs
-                await self._idle()
-                continue
-            for job in self.store.jobs_with_status("validating_files"):
-                await self._validate(job)
-            queued = self.store.jobs_with_status("queued")
-            if queued:
-                try:
-                    await self._run(queued[0])
-                except Exception as exc:  # one broken job must not stop the queue behind it
-                    log.exception("fine-tuning job %s failed", queued[0].id)
-                    self.store.set_status(queued[0].id, "failed", error={"code": "server_error", "message": str(exc),
-                                                                         "param": None})
-                continue
+            if self.is_leader:  # else another replica runs the jobs
+                for job in self.store.jobs_with_status("validating_files"):
+                    await self._validate(job)
+                queued = self.store.jobs_with_status("queued")
+                if queued and (self._training is None or self._training.done()):
+                    self._training = asyncio.create_task(self._train(queued[0]))
+                    self._training.add_done_callback(lambda _: self._wake.set())
             await self._idle()
+
+    async def _train(self, job: JobRecord) -> None:
+        try:
+            await self._run(job)
+        except Exception as exc:  # one broken job must not stop the queue behind it
+            log.exception("fine-tuning job %s failed", job.id)
+            self.store.set_status(job.id, "failed", error={"code": "server_error", "message": str(exc), "param": None})
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -114,10 +119,13 @@ class JobRunner:
             pass
 
     async def _validate(self, job: JobRecord) -> None:
-        for param in ("training_file", "validation_file"):
+        """Check the files, then resolve the "auto" hyperparameters from the training set's size."""
+        num_examples = 0
+        for param, label in (("training_file", "training"), ("validation_file", "validation")):
             path = job.config["data" if param == "training_file" else "validation"]
             if path is None:
                 continue
+            self.store.add_event(job.id, "info", f"Validating {label} file: {getattr(job, param)}")
             try:
                 examples, warnings = await asyncio.to_thread(read_examples, Path(path))
             except DataError as exc:
@@ -125,15 +133,18 @@ class JobRunner:
                 self.store.set_status(job.id, "failed", error=error)
                 self.store.add_event(job.id, "error", str(exc))
                 return
-            self.store.add_event(job.id, "info", f"{param}: {len(examples)} examples validated")
             for warning in warnings:
-                self.store.add_event(job.id, "warning", warning)
+                self.store.add_event(job.id, "warn", warning)
+            num_examples = num_examples or len(examples)
+        hyperparameters = resolve(TrainConfig.model_validate(job.config), num_examples).model_dump()
         if self.store.status(job.id) == "validating_files":
-            self.store.set_status(job.id, "queued")
+            self.store.set_status(job.id, "queued", hyperparameters=hyperparameters)
+            self.store.add_event(job.id, "info", f"Files validated ({num_examples} training examples), moving job "
+                                                 "to queued state", {"hyperparameters": hyperparameters})
 
     async def _run(self, job: JobRecord) -> None:
         self.store.set_status(job.id, "running")
-        self.store.add_event(job.id, "info", "training started")
+        self.store.add_event(job.id, "info", "Fine-tuning job started")
         # spawn, not fork: the server's threads (engine, event loop) must not be copied into the child.
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_job, args=(str(self.store.path), job.id, self.num_threads), name=f"swapyard-{job.id}")
@@ -160,5 +171,11 @@ class JobRunner:
             self.store.set_status(job.id, "failed", error={"code": "registration_failed", "message": str(exc),
                                                            "param": None})
             return
-        self.store.set_status(job.id, "succeeded", fine_tuned_model=name, trained_tokens=summary["trained_tokens"])
-        self.store.add_event(job.id, "info", f"fine-tuned adapter `{name}` is registered and servable", summary)
+        self.store.add_event(job.id, "info", f"New fine-tuned model created: {name}", summary)
+        results = out / RESULTS_FILE
+        record = FileRecord(id=new_id("file"), filename="step_metrics.csv", bytes=results.stat().st_size,
+                            purpose="fine-tune-results", path=str(results), created_at=int(time.time()))
+        self.store.add_file(record)
+        self.store.set_status(job.id, "succeeded", fine_tuned_model=name, trained_tokens=summary["trained_tokens"],
+                              result_files=[record.id])
+        self.store.add_event(job.id, "info", "Fine-tuning job successfully completed")

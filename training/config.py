@@ -3,14 +3,12 @@
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.settings import DEFAULT_CACHE_DIR
 
 Method = Literal["lora", "prefix", "prompt", "bottleneck"]
-
-# Soft prompts and prefixes start from scratch and need far larger steps than a LoRA update.
-DEFAULT_LEARNING_RATE: dict[str, float] = {"lora": 2e-4, "prefix": 3e-2, "prompt": 3e-2, "bottleneck": 1e-3}
+Auto = Literal["auto"]
 
 
 class TrainConfig(BaseModel):
@@ -27,11 +25,16 @@ class TrainConfig(BaseModel):
     """Validation data in the same format; evaluated after every epoch."""
     model: Path | None = None
     """Base model folder (default: the embedded SmolLM2-135M-Instruct)."""
-    epochs: int = Field(3, gt=0, le=100)
-    batch_size: int = Field(4, gt=0, le=256)
+    epochs: Annotated[int, Field(gt=0, le=100)] | Auto = "auto"
+    """auto: 3, raised to reach 50 optimizer steps (at most 25), lowered to stay under 25,000 examples seen."""
+    batch_size: Annotated[int, Field(gt=0, le=256)] | Auto = "auto"
+    """auto: the power of two nearest the square root of the number of examples, from 1 to 32."""
     gradient_accumulation_steps: int = Field(1, gt=0, le=1024)
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    """Default per method: lora 2e-4, prefix 3e-2, prompt 3e-2, bottleneck 1e-3."""
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
+    """Scales the method's base learning rate (auto: 1)."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | Auto = "auto"
+    """Peak learning rate; auto: the method's base (lora 1e-3, prefix 3e-2, prompt 3e-2, bottleneck 1e-3 at
+    8 examples a step) times sqrt(examples a step / 8) times the multiplier. Give this or the multiplier."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear"] = "cosine"
     weight_decay: float = Field(0.0, ge=0, le=1)
@@ -57,8 +60,9 @@ class TrainConfig(BaseModel):
     cache_dir: Path = DEFAULT_CACHE_DIR
     """Where the default model is converted to (see `swapyard prepare-model`)."""
 
-    @model_validator(mode="after")
-    def _default_learning_rate(self) -> "TrainConfig":
-        if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
-        return self
+    @field_validator("learning_rate")
+    @classmethod
+    def _one_learning_rate_knob(cls, value: float | str, info: ValidationInfo) -> float | str:
+        if value != "auto" and info.data.get("learning_rate_multiplier", "auto") != "auto":
+            raise ValueError("give learning_rate or learning_rate_multiplier, not both")
+        return value

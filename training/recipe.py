@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from server.default_model import ensure_default_model
 from server.host import detect_host, dtype_name, resolve_dtype
 from training.config import TrainConfig
+from training.hyperparameters import resolve
 from training.data import IGNORE, Tokenized, collate, load_dataset
 from training.methods import Trainable, build_trainable
-from training.report import MetricsLog, model_card, plot_losses
+from training.report import RESULTS_FILE, MetricsLog, model_card, plot_losses, write_results
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +57,30 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _correct_and_count(trainable: Trainable, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Next-token predictions that hit, and how many there were, over the assistant tokens of a batch."""
+    logits = logits[:, trainable.num_virtual_tokens :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    return int((logits[:, :-1].argmax(-1) == targets)[mask].sum()), int(mask.sum())
+
+
 @torch.no_grad()
 def evaluate(trainable: Trainable, dataset: list[Tokenized], batch_size: int, pad_id: int,
              device: torch.device) -> dict:
-    """Token-weighted loss and next-token accuracy over the assistant tokens."""
+    """Token-weighted loss and next-token accuracy over the assistant tokens (OpenAI's metric names)."""
     trainable.model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for batch in _batches(dataset, batch_size, None):
         inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         with trainable.autocast():
             out = trainable.model(**inputs)
-        logits = out.logits[:, trainable.num_virtual_tokens :]
-        targets = inputs["labels"][:, 1:]
-        mask = targets != IGNORE
-        n = int(mask.sum())
+        hits, n = _correct_and_count(trainable, out.logits, inputs["labels"])
         loss_sum += float(out.loss) * n
-        correct += int((logits[:, :-1].argmax(-1) == targets)[mask].sum())
+        correct += hits
         count += n
     trainable.model.train()
-    return {"val_loss": loss_sum / count, "val_token_accuracy": correct / count}
+    return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
 
 
 def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: None,
@@ -90,8 +96,12 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
         warnings += val_warnings
     for warning in warnings:
         log.warning(warning)
-        on_event({"level": "warning", "message": warning})
+        on_event({"level": "warn", "message": warning})
 
+    hyper = resolve(config, len(train_set))
+    on_event({"level": "info", "message": "hyperparameters: " + ", ".join(f"{k}={v:g}" for k, v in
+                                                                          hyper.model_dump().items()),
+              "data": {"hyperparameters": hyper.model_dump()}})
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = training_dtype(config.dtype, device)
@@ -100,9 +110,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     trainable = build_trainable(model, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW(trainable.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(trainable.parameters, lr=hyper.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / hyper.batch_size) / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * hyper.n_epochs
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
@@ -123,18 +133,19 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
 
     # -- train ---------------------------------------------------------------------------------------------
     trainable.model.train()
-    for epoch in range(start_epoch, config.epochs):
-        batches = _batches(train_set, config.batch_size, torch.Generator().manual_seed(config.seed + epoch))
+    for epoch in range(start_epoch, hyper.n_epochs):
+        batches = _batches(train_set, hyper.batch_size, torch.Generator().manual_seed(config.seed + epoch))
         epoch_tokens, epoch_start = 0, time.monotonic()
-        with tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch") as bar:
+        with tqdm(batches, desc=f"epoch {epoch + 1}/{hyper.n_epochs}", unit="batch") as bar:
             for i, batch in enumerate(bar):
                 if should_stop():
                     raise TrainingCancelled(f"cancelled during epoch {epoch + 1}")
                 inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
                 with trainable.autocast():
-                    loss = trainable.model(**inputs).loss
-                (loss / config.gradient_accumulation_steps).backward()
-                loss = loss.item()
+                    out = trainable.model(**inputs)
+                (out.loss / config.gradient_accumulation_steps).backward()
+                loss = out.loss.item()
+                hits, count = _correct_and_count(trainable, out.logits.detach(), inputs["labels"])
                 epoch_tokens += int(inputs["attention_mask"].sum())
                 if (i + 1) % config.gradient_accumulation_steps and i + 1 != len(batches):
                     continue
@@ -145,18 +156,20 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
                 step += 1
                 tokens_per_s = epoch_tokens / (time.monotonic() - epoch_start)
                 record = {"epoch": epoch, "step": step, "train_loss": loss,
-                          "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
+                          "train_mean_token_accuracy": hits / count, "learning_rate": scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens_per_s}
                 metrics.write(record)
-                on_event({"level": "info", "message": f"step {step}/{total_steps}: train loss {loss:.4f}",
-                          "data": record})
+                on_event({"level": "info", "message": f"Step {step}/{total_steps}: training loss={loss:.4f}",
+                          "data": {**record, "total_steps": total_steps}})
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         trained_tokens += epoch_tokens
         if val_set:
-            scores = evaluate(trainable, val_set, config.batch_size, pad_id, device)
+            scores = evaluate(trainable, val_set, hyper.batch_size, pad_id, device)
             metrics.write({"epoch": epoch, "step": step, **scores})
-            on_event({"level": "info", "message": f"epoch {epoch + 1}: validation loss {scores['val_loss']:.4f}, "
-                                                  f"token accuracy {scores['val_token_accuracy']:.3f}",
-                      "data": scores})
+            on_event({"level": "info", "message": f"Step {step}/{total_steps}: validation loss="
+                                                  f"{scores['valid_loss']:.4f}, validation mean token accuracy="
+                                                  f"{scores['valid_mean_token_accuracy']:.3f}",
+                      "data": {**scores, "step": step, "total_steps": total_steps}})
         checkpoint = config.out / "checkpoints" / f"epoch-{epoch + 1}"
         trainable.save(checkpoint)
         # The state file marks a checkpoint complete, so it appears whole or not at all (write, then rename).
@@ -164,24 +177,25 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state()}, partial)
         partial.replace(checkpoint / STATE_FILE)
-        on_event({"level": "info", "message": f"checkpoint {checkpoint.name} saved",
+        on_event({"level": "info", "message": f"Checkpoint created at step {step} ({checkpoint.name})",
                   "data": {"checkpoint": str(checkpoint), "epoch": epoch + 1, "step": step}})
 
     # -- save ----------------------------------------------------------------------------------------------
     trainable.save(config.out)
     records = metrics.read()
     train_losses = [r["train_loss"] for r in records if "train_loss" in r]
-    evals = [r for r in records if "val_loss" in r]
+    evals = [r for r in records if "valid_loss" in r]
     summary = {
         "num_train_examples": len(train_set), "num_validation_examples": len(val_set),
-        "steps": step, "trained_tokens": trained_tokens, "dtype": dtype_name(dtype),
+        **hyper.model_dump(), "steps": step, "trained_tokens": trained_tokens, "dtype": dtype_name(dtype),
         "final_train_loss": round(train_losses[-1], 4) if train_losses else None,
-        "final_val_loss": round(evals[-1]["val_loss"], 4) if evals else None,
-        "final_val_token_accuracy": round(evals[-1]["val_token_accuracy"], 4) if evals else None,
+        "final_valid_loss": round(evals[-1]["valid_loss"], 4) if evals else None,
+        "final_valid_mean_token_accuracy": round(evals[-1]["valid_mean_token_accuracy"], 4) if evals else None,
         "train_seconds": round(time.monotonic() - started, 1),
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
     }
     plot_losses(records, config.out / "loss.png")
+    write_results(records, config.out / RESULTS_FILE)
     (config.out / "README.md").write_text(model_card(config, str(model_path), summary))
     on_event({"level": "info", "message": "training finished", "data": summary})
     return summary

@@ -1,5 +1,6 @@
-"""What a run leaves beside the adapter: metrics.jsonl, loss.png and a model card (README.md)."""
+"""What a run leaves beside the adapter: metrics.jsonl, results.csv, loss.png and a model card (README.md)."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.csv"
+# OpenAI's results file: a row per step, validation columns filled where an evaluation ran.
+RESULTS_COLUMNS = {"step": "step", "train_loss": "train_loss", "train_accuracy": "train_mean_token_accuracy",
+                   "valid_loss": "valid_loss", "valid_mean_token_accuracy": "valid_mean_token_accuracy"}
 
 
 class MetricsLog:
@@ -33,7 +38,7 @@ class MetricsLog:
 
 def plot_losses(records: list[dict], path: Path) -> None:
     steps = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    evals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    evals = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if steps:
         ax.plot(*zip(*steps), label="train loss", linewidth=1)
@@ -46,6 +51,21 @@ def plot_losses(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_results(records: list[dict], path: Path) -> None:
+    rows: dict[int, dict] = {}
+    for record in records:
+        rows.setdefault(record["step"], {}).update(record)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(RESULTS_COLUMNS)
+        for step in sorted(rows):
+            writer.writerow([_csv_value(rows[step].get(key)) for key in RESULTS_COLUMNS.values()])
+
+
+def _csv_value(value: float | None) -> str:
+    return "" if value is None else str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
 def model_card(config: TrainConfig, base_model: str, summary: dict) -> str:

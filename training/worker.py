@@ -21,6 +21,7 @@ from training.jobs import JobStore
 from training.recipe import TrainingCancelled, train
 
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
@@ -44,10 +45,14 @@ def run_job(db_path: str, job_id: str, num_threads: int | None) -> None:
 
     def on_event(event: dict) -> None:
         data = event.get("data") or {}
-        latest.update({k: v for k, v in data.items() if k in ("train_loss", "val_loss", "val_token_accuracy")})
+        latest.update({k: v for k, v in data.items() if k in CHECKPOINT_METRICS})
         store.add_event(job_id, event["level"], event["message"], data or None)
         if "checkpoint" in data:
-            store.add_checkpoint(job_id, data["step"], data["epoch"], data["checkpoint"], dict(latest))
+            metrics = {"step": data["step"], **latest}
+            if "valid_loss" in latest:  # validation runs on the whole file: OpenAI's "full" metrics too
+                metrics |= {"full_valid_loss": latest["valid_loss"],
+                            "full_valid_mean_token_accuracy": latest["valid_mean_token_accuracy"]}
+            store.add_checkpoint(job_id, data["step"], data["epoch"], data["checkpoint"], metrics)
 
     try:
         summary = train(config, on_event, should_stop=lambda: store.status(job_id) == "cancelled")

@@ -1,0 +1,250 @@
+"""The files and fine-tuning API's bodies, in OpenAI's shapes, and how a job request becomes a TrainConfig.
+
+A job names its method as OpenAI does (`{"type": "supervised", "supervised": {"hyperparameters": ...}}`);
+the adapter to train is swapyard's extension beside the hyperparameters (`"adapter": {"type": "lora",
+"r": 16}`, LoRA by default). swapyard's first shape, `{"type": "lora", "hyperparameters": {...}}`, is an
+alias. Every field's type, bound, default and description is TrainConfig's, under the API's name.
+"""
+
+import secrets
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+
+from server.errors import APIError
+from training.config import Method, TrainConfig
+from training.jobs import CheckpointRecord, EventRecord, FileRecord, JobRecord
+
+# Each kind's own fields in the API, and the TrainConfig field each one sets.
+ADAPTER_FIELDS: dict[str, dict[str, str]] = {
+    "lora": {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "lora_target_modules",
+             "use_rslora": "use_rslora"},
+    "prefix": {"num_virtual_tokens": "num_virtual_tokens"},
+    "prompt": {"num_virtual_tokens": "num_virtual_tokens"},
+    "bottleneck": {"size": "bottleneck_size", "positions": "bottleneck_positions",
+                   "non_linearity": "bottleneck_non_linearity"},
+}
+# OpenAI's three hyperparameters (n_epochs is TrainConfig's epochs), then swapyard's.
+HYPERPARAMETER_FIELDS: dict[str, str] = {
+    "n_epochs": "epochs", "batch_size": "batch_size", "learning_rate_multiplier": "learning_rate_multiplier",
+    **{name: name for name in ("learning_rate", "gradient_accumulation_steps", "warmup_ratio", "lr_scheduler",
+                               "weight_decay", "max_seq_len", "dtype")},
+}
+# Fields of TrainConfig the server sets itself; no request may.
+SERVER_FIELDS = frozenset({"method", "data", "validation", "out", "model", "cache_dir", "resume"})
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _fields_of(names: dict[str, str]) -> dict[str, Any]:
+    return {api: (TrainConfig.model_fields[field].annotation, TrainConfig.model_fields[field])
+            for api, field in names.items()}
+
+
+SupervisedHyperparameters = create_model("SupervisedHyperparameters", __config__=_STRICT,
+                                         **_fields_of(HYPERPARAMETER_FIELDS))
+# One model for every kind (a tagged union would put the tag into error paths); train_fields refuses a field
+# of another kind.
+AdapterSpec = create_model("AdapterSpec", __config__=_STRICT, type=(Method, "lora"),
+                           **_fields_of({api: field for fields in ADAPTER_FIELDS.values()
+                                         for api, field in fields.items()}))
+
+
+class Supervised(BaseModel):
+    model_config = _STRICT
+    hyperparameters: SupervisedHyperparameters = SupervisedHyperparameters()
+    adapter: AdapterSpec = AdapterSpec()
+    """swapyard's extension: the kind of adapter to train (LoRA by default) and its shape."""
+
+
+class JobMethod(BaseModel):
+    """OpenAI's `{"type": "supervised", "supervised": {...}}`, or swapyard's first shape, kept as an alias:
+    the adapter kind as the type and any training field under `hyperparameters`."""
+
+    model_config = _STRICT
+    type: Literal["supervised", Method] = "supervised"
+    supervised: Supervised | None = None
+    hyperparameters: dict[str, Any] | None = None
+
+
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class CreateJob(BaseModel):
+    model_config = _STRICT
+    model: str
+    training_file: str  # a file id from POST /v1/files, or a server path inside --adapter-roots
+    validation_file: str | None = None
+    method: JobMethod = JobMethod()
+    hyperparameters: SupervisedHyperparameters | None = None
+    """OpenAI's deprecated place for the supervised hyperparameters."""
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    integrations: Annotated[list[Any], Field(max_length=0)] | None = None
+    """OpenAI's Weights & Biases integration is not offered: none may be given."""
+
+    def train_fields(self) -> dict[str, Any]:
+        """The TrainConfig fields this request sets; a 400 naming the field where it breaks a rule."""
+        method = self.method
+        if method.type != "supervised":
+            if method.supervised is not None or self.hyperparameters is not None:
+                raise APIError(400, f"method `{method.type}` takes its hyperparameters in `method.hyperparameters`",
+                               param="method.supervised" if method.supervised is not None else "hyperparameters")
+            hyper = dict(method.hyperparameters or {})
+            if "n_epochs" in hyper:
+                hyper["epochs"] = hyper.pop("n_epochs")
+            if forbidden := SERVER_FIELDS & hyper.keys():
+                raise APIError(400, f"hyperparameters may not set {sorted(forbidden)}", param="method.hyperparameters")
+            fields = {"method": method.type, **hyper}
+        else:
+            if method.hyperparameters is not None:
+                raise APIError(400, "supervised hyperparameters go in `method.supervised.hyperparameters`",
+                               param="method.hyperparameters")
+            supervised = method.supervised or Supervised()
+            if self.hyperparameters is not None and supervised.hyperparameters.model_fields_set:
+                raise APIError(400, "give hyperparameters in `method.supervised.hyperparameters` only (the "
+                                    "top-level field is OpenAI's deprecated alias)", param="hyperparameters")
+            hyper, adapter = self.hyperparameters or supervised.hyperparameters, supervised.adapter
+            own = ADAPTER_FIELDS[adapter.type]
+            if foreign := sorted(adapter.model_fields_set - own.keys() - {"type"}):
+                raise APIError(400, f"a {adapter.type} adapter has no field `{foreign[0]}` (its fields: "
+                                    f"{', '.join(own)})", param=f"method.supervised.adapter.{foreign[0]}")
+            fields = {"method": adapter.type,
+                      **{HYPERPARAMETER_FIELDS[k]: getattr(hyper, k) for k in hyper.model_fields_set},
+                      **{own[k]: getattr(adapter, k) for k in adapter.model_fields_set if k != "type"}}
+        if self.seed is not None:
+            if fields.get("seed", self.seed) != self.seed:
+                raise APIError(400, "`seed` and `method.hyperparameters.seed` differ; give one", param="seed")
+            fields["seed"] = self.seed
+        fields.setdefault("seed", secrets.randbelow(2**31))  # as OpenAI: one is drawn when none is given
+        return fields
+
+    def param_of(self, field: str) -> str:
+        """The request path of TrainConfig field `field`, for error messages."""
+        if self.method.type != "supervised":
+            return f"method.hyperparameters.{field}"
+        api = {v: k for k, v in HYPERPARAMETER_FIELDS.items()}.get(field, field)
+        where = "hyperparameters" if self.hyperparameters is not None else "method.supervised.hyperparameters"
+        return f"{where}.{api}"
+
+
+def train_config(request: CreateJob, **server_fields: Any) -> TrainConfig:
+    try:
+        return TrainConfig(**request.train_fields(), **server_fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = request.param_of(str(first["loc"][0])) if first["loc"] else "method"
+        raise APIError(400, f"{param}: {first['msg']}", param=param) from exc
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+    @classmethod
+    def of(cls, r: FileRecord) -> "FileObject":
+        return cls(id=r.id, bytes=r.bytes, created_at=r.created_at, filename=r.filename, purpose=r.purpose)
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    status: str
+    method: dict
+    hyperparameters: dict
+    """OpenAI's three (each "auto" until the training file is validated) and swapyard's training fields."""
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    fine_tuned_model: str | None
+    error: JobError | None
+    trained_tokens: int | None
+    created_at: int
+    finished_at: int | None
+    estimated_finish: int | None = None
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    organization_id: str = "swapyard"
+    integrations: list = []
+
+    @classmethod
+    def of(cls, r: JobRecord) -> "JobObject":
+        config = TrainConfig.model_validate(r.config)
+        hyper = {api: getattr(config, field) for api, field in HYPERPARAMETER_FIELDS.items()}
+        hyper |= r.hyperparameters or {}
+        adapter = {"type": config.method, **{api: getattr(config, field)
+                                             for api, field in ADAPTER_FIELDS[config.method].items()}}
+        return cls(id=r.id, model=r.model, status=r.status, hyperparameters=hyper,
+                   method={"type": "supervised", "supervised": {"hyperparameters": hyper, "adapter": adapter}},
+                   training_file=r.training_file, validation_file=r.validation_file, result_files=r.result_files,
+                   fine_tuned_model=r.fine_tuned_model, error=JobError(**r.error) if r.error else None,
+                   trained_tokens=r.trained_tokens, created_at=r.created_at, finished_at=r.finished_at,
+                   seed=config.seed, suffix=r.suffix, metadata=r.metadata)
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict | None
+    type: Literal["message", "metrics"]
+
+    @classmethod
+    def of(cls, r: EventRecord) -> "EventObject":
+        kind = "metrics" if r.data and "train_loss" in r.data else "message"
+        return cls(id=f"ftevent-{r.seq}", created_at=r.created_at, level=r.level, message=r.message, data=r.data,
+                   type=kind)
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str  # the checkpoint's folder: registrable with POST /v1/adapters
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict
+
+    @classmethod
+    def of(cls, r: CheckpointRecord) -> "CheckpointObject":
+        return cls(id=f"ftckpt-{r.seq}", created_at=r.created_at, fine_tuned_model_checkpoint=r.path,
+                   fine_tuning_job_id=r.job_id, step_number=r.step, metrics={**r.metrics, "epoch": r.epoch})
+
+
+class Page(BaseModel):
+    object: Literal["list"] = "list"
+    data: list
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @classmethod
+    def of(cls, items: list, limit: int) -> "Page":
+        """A page from `limit + 1` items (the extra one only says whether more follow)."""
+        data = items[:limit]
+        return cls(data=data, has_more=len(items) > limit, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None)
