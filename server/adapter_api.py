@@ -18,6 +18,7 @@ from server.router import Router
 from server.settings import ServeSettings
 
 adapter_api = APIRouter(prefix="/v1/adapters")
+models_api = APIRouter()  # the same registry under OpenAI's model routes
 
 
 class RegisterAdapter(BaseModel):
@@ -55,7 +56,7 @@ class AdapterList(BaseModel):
 
 class Deleted(BaseModel):
     id: str
-    object: Literal["adapter"] = "adapter"
+    object: Literal["adapter", "model"] = "adapter"
     deleted: bool = True
 
 
@@ -145,3 +146,13 @@ async def delete_adapter(name: str, router: Router = Depends(get_router)) -> Del
     if await router.adapters.unregister(name) is None:
         raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
     return Deleted(id=name)
+
+
+@models_api.delete("/v1/models/{model}", response_model=Deleted)
+async def delete_model(model: str, router: Router = Depends(get_router)) -> Deleted:
+    """OpenAI's way to delete a fine-tuned model: here, any adapter; never the base model."""
+    if model == router.base_model:
+        raise APIError(400, "the base model cannot be deleted; adapters can", param="model")
+    if await router.adapters.unregister(model) is None:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return Deleted(id=model, object="model")

@@ -15,7 +15,7 @@ from server.errors import APIError, adapter_api_error
 from server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     MAX_CHOICES, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, DeltaMessage, ErrorResponse,
-    ModelList, ToolCallDelta, Usage, new_id,
+    ModelCard, ModelList, ToolCallDelta, Usage, new_id,
 )
 from server.router import Router, raise_for_failure, total_usage, usage_of
 from server.tools import ToolPlan
@@ -183,3 +183,8 @@ async def completions(body: CompletionRequest, router: Router = Depends(get_rout
 @api.get("/v1/models", response_model=ModelList)
 async def list_models(router: Router = Depends(get_router)) -> ModelList:
     return router.models()
+
+
+@api.get("/v1/models/{model}", response_model=ModelCard)
+async def show_model(model: str, router: Router = Depends(get_router)) -> ModelCard:
+    return router.model(model)

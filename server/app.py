@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 from adapters.base import BaseModelSpec
 from adapters.registry import AdapterRegistry
 from training.jobs import JobStore
-from server.adapter_api import adapter_api
+from server.adapter_api import adapter_api, models_api
 from server.auth import ApiKeyGate, ApiKeys
 from server.adapter_manager import AdapterManager
 from server.api import api
@@ -112,7 +112,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
     api_keys = ApiKeys.load(settings.api_keys_file)  # a bad keys file stops the server before it listens
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for routes in (ops_api, api, adapter_api, files_api, jobs_api):
+    for routes in (ops_api, api, adapter_api, models_api, files_api, jobs_api):
         app.include_router(routes)
     # Added innermost first: CORS (preflights carry no key), then keys, then sizes, then capacity, so a
     # request without a key is refused before its body is read or it takes a place in flight.

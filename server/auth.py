@@ -71,12 +71,15 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and Promethe
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
 
 
-def scope_needed(path: str) -> Scope | None:
-    """The scope a path needs: None for the open probes; everything else, /docs and unknown paths included,
-    needs a key, so nothing about the server is told to a client without one."""
+def scope_needed(method: str, path: str) -> Scope | None:
+    """The scope a request needs: None for the open probes; everything else, /docs and unknown paths
+    included, needs a key, so nothing about the server is told to a client without one. Deleting a model
+    (OpenAI's way to delete a fine-tuned one) deletes an adapter: admin."""
     if path in OPEN_PATHS:
         return None
-    return "admin" if path.startswith(ADMIN_PREFIXES) else "inference"
+    if path.startswith(ADMIN_PREFIXES) or (method == "DELETE" and path.startswith("/v1/models")):
+        return "admin"
+    return "inference"
 
 
 class ApiKeyGate:
@@ -87,7 +90,7 @@ class ApiKeyGate:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        needed = scope_needed(scope["path"]) if scope["type"] == "http" else None
+        needed = scope_needed(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if needed is None or not self.keys.is_enabled or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
+from adapters.registry import AdapterRecord
 from server.adapter_manager import AdapterManager
 from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.errors import APIError
@@ -60,18 +61,26 @@ class Router:
     def models(self) -> ModelList:
         base = ModelCard(id=self.base_model, created=self._created, root=self.base_model,
                          max_model_len=self.max_model_len)
-        adapters = [ModelCard(id=r.name, created=int(r.created_at), root=self.base_model, parent=self.base_model,
-                              max_model_len=self.max_model_len) for r in self.adapters.registry.list()]
-        return ModelList(data=[base, *adapters])
+        return ModelList(data=[base, *map(self._card, self.adapters.registry.list())])
+
+    def model(self, name: str) -> ModelCard:
+        return self.models().data[0] if name == self.base_model else self._card(self._adapter(name))
+
+    def _adapter(self, name: str) -> AdapterRecord:
+        record = self.adapters.get(name)
+        if record is None:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return record
+
+    def _card(self, record: AdapterRecord) -> ModelCard:
+        return ModelCard(id=record.name, created=int(record.created_at), root=self.base_model, parent=self.base_model,
+                         max_model_len=self.max_model_len)
 
     def resolve(self, name: str) -> tuple[str | None, int]:
         """(adapter name or None for the base, virtual tokens it adds before the prompt)."""
         if name == self.base_model:
             return None, 0
-        record = self.adapters.get(name)
-        if record is None:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        return name, record.num_virtual_tokens
+        return name, self._adapter(name).num_virtual_tokens
 
     async def chat_prompt(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
         knows_tools = "tools" in str(self.tokenizer.chat_template or "")

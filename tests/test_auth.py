@@ -49,8 +49,9 @@ def test_keys_and_scopes(secured, caplog):
     assert _chat(secured, _bearer(ADMIN_KEY)).status_code == 200
     assert httpx.get(f"{secured}/v1/models", headers=_bearer(INFERENCE_KEY)).status_code == 200
 
+    assert httpx.get(f"{secured}/v1/models/{MODEL}", headers=_bearer(INFERENCE_KEY)).status_code == 200
     for method, path in (("GET", "/v1/adapters"), ("POST", "/v1/adapters"), ("GET", "/v1/fine_tuning/jobs"),
-                         ("POST", "/v1/files")):
+                         ("POST", "/v1/files"), ("DELETE", "/v1/models/any-adapter"), ("DELETE", "/v1/models")):
         denied = httpx.request(method, f"{secured}{path}", headers=_bearer(INFERENCE_KEY))
         assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_scope", path
     assert httpx.get(f"{secured}/v1/adapters", headers=_bearer(ADMIN_KEY)).status_code == 200

@@ -6,13 +6,17 @@ import io
 import json
 import math
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from conftest import MODEL, ask, running_server, start_serve_process
+from server.fine_tuning_protocol import JobObject
+from training.jobs import JobStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "training" / "examples"
 JOBS = "/v1/fine_tuning/jobs"
@@ -97,6 +101,14 @@ def test_openai_workflow_with_auto_hyperparameters_teaches_each_kind(oai, kind):
     assert "Quillon" in reply.choices[0].message.content
     base = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=30, messages=ask(UNSEEN))
     assert "Quillon" not in base.choices[0].message.content
+
+    # OpenAI's clean-up: the fine-tuned model is deleted through the models API (the base model never is).
+    assert oai.models.retrieve(job.fine_tuned_model).parent == MODEL
+    assert oai.models.delete(job.fine_tuned_model).deleted
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve(job.fine_tuned_model)
+    with pytest.raises(openai.BadRequestError):
+        oai.models.delete(MODEL)
 
 
 def _resolved(http, job_id: str) -> dict:
@@ -284,3 +296,20 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
         assert done["status"] == "succeeded", done
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line]
     assert steps == list(range(1, 31))
+
+
+def test_a_job_store_from_before_the_openai_shapes_still_opens(tmp_path):
+    """Databases written by the first version gain the new columns, and their jobs read as OpenAI jobs."""
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, model TEXT NOT NULL, status TEXT NOT NULL, "
+                    "method TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT, "
+                    "config TEXT NOT NULL, fine_tuned_model TEXT, error TEXT, trained_tokens INTEGER, "
+                    "created_at INTEGER NOT NULL, finished_at INTEGER)")
+        config = {"method": "lora", "data": "/d.jsonl", "out": "/o", "epochs": 3, "batch_size": 4,
+                  "learning_rate": 2e-4, "seed": 0}
+        old.execute("INSERT INTO jobs VALUES ('ftjob-old', 'm', 'succeeded', 'lora', 'file-x', NULL, NULL, ?, "
+                    "'ft-old', NULL, 10, 1, 2)", (json.dumps(config),))
+    job = JobObject.of(JobStore(path).get_job("ftjob-old"))
+    assert job.hyperparameters["n_epochs"] == 3 and job.hyperparameters["learning_rate"] == 2e-4
+    assert job.result_files == [] and job.method["supervised"]["adapter"]["type"] == "lora"

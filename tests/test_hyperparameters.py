@@ -16,6 +16,7 @@ def _config(**fields) -> TrainConfig:
 
 
 @pytest.mark.parametrize("examples, batch_size, epochs", [
+    (0, 1, 25),         # an empty file fails validation; the rule still answers
     (1, 1, 25),         # one example: as many epochs as allowed, still under 50 steps
     (20, 4, 10),        # the shipped mascot data: 5 steps an epoch, raised to 50 steps
     (300, 16, 3),       # 19 steps an epoch: OpenAI's 3 epochs reach 57 steps

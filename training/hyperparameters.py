@@ -41,7 +41,7 @@ def auto_batch_size(num_examples: int) -> int:
 
 
 def auto_epochs(num_examples: int, batch_size: int, accumulation: int) -> int:
-    steps_per_epoch = math.ceil(math.ceil(num_examples / batch_size) / accumulation)
+    steps_per_epoch = max(1, math.ceil(math.ceil(num_examples / batch_size) / accumulation))
     epochs = min(MAX_AUTO_EPOCHS, max(TARGET_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
     if num_examples * epochs > MAX_EXAMPLES_SEEN:
         epochs = max(1, MAX_EXAMPLES_SEEN // num_examples)
