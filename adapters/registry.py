@@ -65,13 +65,28 @@ class AdapterRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()  # registrations copy files in worker threads
+        self._writes = 0  # this process's commits, which SQLite's data_version does not count
+        self._cache: tuple[tuple[int, int], dict[str, AdapterRecord]] | None = None
         self._sweep()
 
     def list(self) -> list[AdapterRecord]:
-        rows = self._db.execute("SELECT * FROM adapters ORDER BY name").fetchall()
-        return [self._record(row) for row in rows]
+        return sorted(self._records().values(), key=lambda record: record.name)
 
     def get(self, name: str) -> AdapterRecord | None:
+        return self._records().get(name)
+
+    def _records(self) -> dict[str, AdapterRecord]:
+        """Every row, read again only after a change: this process's writes, or another replica's (SQLite's
+        data_version moves when another connection commits), so the hot path reads no table."""
+        key = (self._db.execute("PRAGMA data_version").fetchone()[0], self._writes)
+        cached = self._cache
+        if cached is None or cached[0] != key:
+            rows = self._db.execute("SELECT * FROM adapters").fetchall()
+            cached = self._cache = (key, {row[0]: self._record(row) for row in rows})
+        return cached[1]
+
+    def _read(self, name: str) -> AdapterRecord | None:
+        """The row as the database has it now (inside a write transaction: no cache)."""
         row = self._db.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
         return self._record(row) if row else None
 
@@ -110,7 +125,7 @@ class AdapterRegistry:
                 self._db.execute("BEGIN IMMEDIATE")  # other replicas' registrations wait here
                 if self._taken(name, replace):
                     raise _exists(name)
-                old = self.get(name)
+                old = self._read(name)
                 record = AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens,
                                        version=old.version + 1 if old else 1, folder=folder, num_bytes=num_bytes,
                                        is_pinned=is_pinned, source=source, created_at=time.time())
@@ -122,6 +137,8 @@ class AdapterRegistry:
                     self._db.execute("ROLLBACK")
                 self.discard(folder)
                 raise
+            finally:  # a read meanwhile (same connection) may have cached the row before COMMIT or ROLLBACK
+                self._writes += 1
             if old is not None:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             return record
@@ -138,9 +155,10 @@ class AdapterRegistry:
 
     def remove(self, name: str) -> AdapterRecord | None:
         with self._lock:
-            record = self.get(name)
+            record = self._read(name)
             if record is not None:
                 self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+                self._writes += 1
                 shutil.rmtree(self.store / name, ignore_errors=True)
             return record
 

@@ -2,6 +2,9 @@
 
 At most `max_resident` adapters sit on the engine's device; a request for another one loads it from
 the store, evicting the least recently used adapter that is neither pinned, merged nor serving a request.
+When every slot serves requests, the request waits here (queued, not refused) until one frees; after
+FAIR_WAIT_S of waiting, new requests for the least recently used adapter wait too, so that its slot drains
+even under a steady stream for it. A request for a resident adapter takes no lock and reads no file.
 At most one LoRA is merged into the base weights; replacing or deleting it unmerges it first.
 """
 
@@ -17,8 +20,11 @@ from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
 from server.engine.base import Engine
 from server.metrics import (
-    ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, MERGED_ADAPTER, RESIDENT_ADAPTERS, forget_model,
+    ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, ADAPTER_QUEUE, ADAPTER_WAIT_TIME, MERGED_ADAPTER,
+    RESIDENT_ADAPTERS, forget_model,
 )
+
+FAIR_WAIT_S = 2.0
 
 
 class AdapterManager:
@@ -29,6 +35,8 @@ class AdapterManager:
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> version, least recently used first
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()  # one load, eviction or merge at a time
+        self._slot_freed = asyncio.Event()  # set (and replaced) whenever a slot may have freed
+        self._draining: str | None = None  # an adapter whose new requests wait, so its slot frees
         self.merged: str | None = None  # the LoRA folded into the base weights
 
     def get(self, name: str) -> AdapterRecord | None:
@@ -79,17 +87,70 @@ class AdapterManager:
             del self._resident[name]
             RESIDENT_ADAPTERS.set(len(self._resident))
             await self.engine.unload_adapter(name)
+            self._signal()
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[None]:
-        """Hold `name` resident (loading it if needed) for the duration of one request."""
-        async with self._lock:
-            await self._ensure_resident(name)
+        """Hold `name` resident for the duration of one request, loading it (or waiting for a slot) first."""
+        if self._is_ready(name):  # the warm path: no lock, and no await between the check and the claim
             self._in_use[name] += 1
+        else:
+            await self._claim_cold(name)
         try:
             yield
         finally:
             self._in_use[name] -= 1
+            if self._in_use[name] == 0:
+                self._signal()
+
+    def _is_ready(self, name: str) -> bool:
+        record = self.registry.get(name)
+        return record is not None and self._resident.get(name) == record.version and name != self._draining
+
+    def _signal(self) -> None:
+        """Wake every request waiting for a slot (without the lock: a finishing request never waits)."""
+        self._slot_freed.set()
+        self._slot_freed = asyncio.Event()
+
+    async def _claim_cold(self, name: str) -> None:
+        start, drains = time.monotonic(), None
+        ADAPTER_QUEUE.inc()
+        try:
+            while True:
+                async with self._lock:
+                    try:
+                        await self._ensure_resident(name)
+                    except AdapterCapacityError:
+                        if not self._can_free_a_slot():
+                            raise
+                        if time.monotonic() - start > FAIR_WAIT_S and self._draining is None:
+                            self._draining = drains = self._eviction_order()[0]
+                    else:
+                        if name != self._draining:
+                            self._in_use[name] += 1
+                            break
+                    freed = self._slot_freed
+                try:  # woken when a slot frees; also on a timer, to start draining one
+                    await asyncio.wait_for(freed.wait(), FAIR_WAIT_S)
+                except TimeoutError:
+                    pass
+        finally:
+            ADAPTER_QUEUE.dec()
+            if drains is not None and self._draining == drains:  # served or gone: the drained adapter serves again
+                self._draining = None
+                self._signal()
+        ADAPTER_WAIT_TIME.labels(name).observe(time.monotonic() - start)
+
+    def _eviction_order(self) -> list[str]:
+        """Resident adapters that may leave once idle, least recently used first."""
+        return [name for name in self._resident if name != self.merged and not self._is_pinned(name)]
+
+    def _is_pinned(self, name: str) -> bool:
+        record = self.registry.get(name)
+        return record is not None and record.is_pinned
+
+    def _can_free_a_slot(self) -> bool:
+        return len(self._resident) < self.max_resident or bool(self._eviction_order())
 
     async def merge(self, name: str) -> AdapterRecord:
         """Fold LoRA `name` into the base weights (unmerging the one merged before)."""
@@ -151,9 +212,8 @@ class AdapterManager:
         ADAPTER_LOAD_TIME.labels(name).observe(time.monotonic() - start)
 
     async def _evict_one(self) -> None:
-        for name in self._resident:
-            record = self.registry.get(name)
-            if self._in_use[name] == 0 and name != self.merged and not (record and record.is_pinned):
+        for name in self._eviction_order():
+            if self._in_use[name] == 0:
                 del self._resident[name]
                 await self.engine.unload_adapter(name)
                 ADAPTER_EVICTIONS.labels(name).inc()

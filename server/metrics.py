@@ -25,6 +25,11 @@ ADAPTER_LOADS = Counter("swapyard_adapter_loads", "Adapters loaded onto the engi
 ADAPTER_EVICTIONS = Counter("swapyard_adapter_evictions", "Adapters evicted to make room (LRU).", ["model"])
 ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checking and loading one adapter.",
                               ["model"], buckets=_LATENCY_BUCKETS)
+ADAPTER_WAIT_TIME = Histogram("swapyard_adapter_wait_seconds", "Time a request for an adapter that was not resident "
+                              "waited for it: its load, and any wait for a free slot.", ["model"],
+                              buckets=_LATENCY_BUCKETS)
+ADAPTER_QUEUE = Gauge("swapyard_adapter_queue_length", "Requests waiting for their adapter to be loaded or for a "
+                      "free device slot.")
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
 RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
 REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
@@ -36,7 +41,8 @@ ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run toget
 
 
 _PER_MODEL = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS,
-              REQUESTS, RUNNING, WAITING, ADAPTER_LOADS, ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, MERGED_ADAPTER)
+              REQUESTS, RUNNING, WAITING, ADAPTER_LOADS, ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_WAIT_TIME,
+              MERGED_ADAPTER)
 
 
 def forget_model(name: str) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -385,6 +386,7 @@ class VLLMEngine:
     async def _generate(self, request: GenerationRequest, prompt: TokensPrompt | EmbedsPrompt,
                         lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
         num_prompt, num_generated = len(request.prompt_token_ids), 0
+        waited = time.monotonic() - request.arrival_time  # before vLLM: e.g. for a slot for its adapter
         stream = self._llm.generate(prompt, to_vllm(request.sampling), request.request_id, lora_request=lora)
         # Closing this generator closes vLLM's, which aborts the request inside vLLM.
         try:
@@ -393,7 +395,7 @@ class VLLMEngine:
                     completion = out.outputs[0]
                     num_generated += len(completion.token_ids)
                     stats = out.metrics
-                    queue_time = (stats.scheduled_ts - stats.queued_ts
+                    queue_time = (waited + stats.scheduled_ts - stats.queued_ts
                                   if stats is not None and num_generated == len(completion.token_ids) else None)
                     prompt_logprobs = None
                     if out.prompt_logprobs is not None and request.sampling.prompt_logprobs is not None:

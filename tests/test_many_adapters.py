@@ -1,0 +1,81 @@
+"""More adapters than device slots: a burst over many adapters queues for slots instead of failing, a cold
+adapter is not starved by warm traffic, and the registry cache never serves a replaced or deleted version."""
+
+import asyncio
+import time
+
+import httpx
+
+from adapters.registry import AdapterRegistry
+from conftest import CHAT, KINDS, ask, running_server, scrape
+
+SLOTS = 2
+QUESTION = ask("Name a colour.")
+
+
+def _body(model: str, max_tokens: int = 8) -> dict:
+    return {"model": model, "messages": QUESTION, "temperature": 0, "max_tokens": max_tokens}
+
+
+async def _send_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=100)) as client:
+        return await asyncio.gather(*(client.post(CHAT, json=body) for body in bodies))
+
+
+def test_a_burst_over_5x_the_device_slots_queues_and_every_answer_is_right(tmp_path, adapter_root, adapter_dirs):
+    folders = {f"burst-{i}": adapter_dirs[kind] for i, kind in enumerate((list(KINDS) * 3)[:5 * SLOTS])}
+    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+                        max_resident_adapters=SLOTS) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for name, folder in folders.items():
+            assert http.post("/v1/adapters", json={"name": name, "path": str(folder)}).status_code == 201
+        alone = {name: http.post(CHAT, json=_body(name)).json()["choices"][0]["message"]["content"]
+                 for name in folders}
+        names = list(folders) * 3
+        responses = asyncio.run(_send_all(url, [_body(name) for name in names]))
+        assert [r.status_code for r in responses] == [200] * len(names), [r.text for r in responses if r.is_error]
+        assert [r.json()["choices"][0]["message"]["content"] for r in responses] == [alone[n] for n in names]
+        metrics = scrape(http)
+        waited = sum(v for (sample, _), v in metrics.items() if sample == "swapyard_adapter_wait_seconds_count")
+        assert waited >= len(folders) and metrics[("swapyard_adapter_queue_length", ())] == 0
+
+
+async def _warm_stream_with_a_cold_request(url: str, warm: str, cold: str) -> tuple[float, float, int]:
+    """Three clients keep `warm` busy without a gap; a request for `cold` arrives meanwhile. Returns how long
+    the cold request took, how long after it the warm stream went on, and the warm requests served."""
+    stop, served = asyncio.Event(), []
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        async def keep_busy(max_tokens: int) -> None:
+            while not stop.is_set():
+                response = await client.post(CHAT, json=_body(warm, max_tokens))
+                assert response.status_code == 200, response.text
+                served.append(time.monotonic())
+
+        streams = [asyncio.create_task(keep_busy(n)) for n in (16, 23, 29)]
+        await asyncio.sleep(2)
+        start = time.monotonic()
+        response = await client.post(CHAT, json=_body(cold), timeout=60)  # starved: ReadTimeout
+        took = time.monotonic() - start
+        assert response.status_code == 200, response.text
+        await asyncio.sleep(1)
+        stop.set()
+        await asyncio.gather(*streams)
+    return took, served[-1] - start - took, len(served)
+
+
+def test_a_cold_adapter_is_not_starved_by_a_stream_of_warm_requests(tmp_path, adapter_root, adapter_dirs):
+    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+                        max_resident_adapters=1) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for name, kind in (("warm", "lora"), ("cold", "bottleneck")):
+            assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])}).status_code == 201
+        took, warm_after, served = asyncio.run(_warm_stream_with_a_cold_request(url, "warm", "cold"))
+        assert took < 30 and warm_after > 0 and served > 3, (took, warm_after, served)
+
+
+def test_registry_cache_sees_every_change_at_once_in_this_replica_and_the_others(tmp_path, adapter_dirs):
+    here, there = AdapterRegistry(tmp_path), AdapterRegistry(tmp_path)  # two replicas on one store
+    here.add("shared", "lora", 0, adapter_dirs["lora"], source="test", replace=False, is_pinned=False)
+    assert here.get("shared").version == 1 and there.get("shared").version == 1
+    there.add("shared", "lora", 0, adapter_dirs["lora2"], source="test", replace=True, is_pinned=False)
+    assert here.get("shared").version == 2 and there.get("shared").version == 2
+    here.remove("shared")
+    assert here.get("shared") is None and there.get("shared") is None and there.list() == []
