@@ -1,11 +1,15 @@
 """Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
 
 LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0: "no adapter"). A LoRA
-layer runs the batch through the A and B of every slot in the range its rows use, at once, keeping
-each row's own block of the shrunk activations and zeroing the rest: no per-row weight copies, which
-on a CPU cost more than the extra (rank-sized) FLOPs. Zeroing selects (masked_fill), never multiplies,
-so another slot's overflow (inf * 0 = NaN) cannot reach a row; weights are checked finite at load, and
-freed slots are zeroed. Bottleneck layers gather each row's weights (a per-row BGMV as in Punica).
+layer computes the batch's LoRA rows one of two ways, whichever is faster for the shape (measured by
+benchmarks/lora_kernels.py): masked, every row through the A and B of every slot in the range its rows
+use, in one matmul each, keeping each row's own block of the shrunk activations (best for decode steps
+with small ranks: one pass, no copies); or grouped (SGMV-like, as in Punica and S-LoRA), the rows gathered
+by slot into a padded (slots, rows, ...) batch and run through one batched matmul per projection, so the
+cost follows the rows and ranks used, not slots x rows (best for prefill, and for many or wide adapters).
+Zeroing selects (masked_fill), never multiplies, so another slot's overflow (inf * 0 = NaN) cannot reach a
+row; weights are checked finite at load, and freed slots are zeroed. Bottleneck layers gather each row's
+weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
@@ -39,6 +43,12 @@ def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
     return grown
 
 
+# When the grouped LoRA kernel wins (benchmarks/lora_kernels.py, both dtypes): in float32 for every prefill
+# of two or more slots, and for decode once the masked matmul would be this many columns wide (slots in range
+# x rank); in bf16, whose batched matmuls are slow on CPU, for prefill that wide only.
+GROUPED_MIN_COLUMNS = 128
+
+
 @dataclass
 class RowAdapters:
     """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
@@ -46,6 +56,10 @@ class RowAdapters:
     lora: torch.Tensor | None = None  # [batch], 0 for rows without a LoRA
     lora_range: tuple[int, int] = (0, 0)  # lowest and highest LoRA slot in the batch
     _lora_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Grouped: each LoRA slot of the batch, its rows (padded with row 0) and where the padding is.
+    lora_group_slots: torch.Tensor | None = None  # (groups,)
+    lora_group_rows: torch.Tensor | None = None  # (groups, most rows of one slot)
+    lora_group_padding: torch.Tensor | None = None  # (groups, most rows, 1, 1)
     bottleneck: torch.Tensor | None = None  # [batch]
     bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
     bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
@@ -58,6 +72,53 @@ class RowAdapters:
             column_slot = torch.arange((high - low + 1) * rank, device=self.lora.device) // rank + low
             self._lora_masks[rank] = (self.lora[:, None] != column_slot[None, :])[:, None, :]
         return self._lora_masks[rank]
+
+    def is_lora_grouped(self, tokens: int, rank: int, dtype: torch.dtype) -> bool:
+        low, high = self.lora_range
+        if len(self.lora_group_slots) < 2:
+            return False
+        is_wide = (high - low + 1) * rank >= GROUPED_MIN_COLUMNS
+        return tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
+
+    def group_lora_rows(self) -> None:
+        slots = self.lora.tolist()
+        groups: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot:
+                groups.setdefault(slot, []).append(row)
+        width = max(map(len, groups.values()))
+        device = self.lora.device
+        self.lora_group_slots = torch.tensor(list(groups), device=device)
+        self.lora_group_rows = torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()],
+                                            device=device)
+        self.lora_group_padding = torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
+                                               device=device)[:, :, None, None]
+
+
+def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters) -> None:
+    """y += each row's B A x, through every slot of the batch's range (a, b: the stacks, in range)."""
+    rank = a.shape[1]
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (slots_in_range * rank, in / out)
+    # (batch, tokens, slots_in_range * rank), zero outside each row's own block
+    shrunk = (x @ a.T).masked_fill_(rows.lora_foreign(rank)[:, :, : a.shape[0]], 0.0)
+    # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
+    y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
+
+
+def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters) -> None:
+    """y += each row's B A x, rows gathered by slot (a, b: the whole stacks)."""
+    slots, index, padding = rows.lora_group_slots, rows.lora_group_rows, rows.lora_group_padding
+    if int(slots.max()) >= a.shape[0]:  # slots of adapters that leave this layer alone: nothing to add
+        kept = slots < a.shape[0]
+        slots, index, padding = slots[kept], index[kept], padding[kept]
+        if not len(slots):
+            return
+    groups, tokens = index.shape[0], x.shape[1]
+    gathered = x[index].view(groups, -1, x.shape[-1])  # (groups, rows * tokens, in)
+    shrunk = torch.bmm(gathered, a[slots].transpose(1, 2))  # (groups, rows * tokens, rank)
+    shrunk.view(groups, -1, tokens, shrunk.shape[-1]).masked_fill_(padding, 0.0)  # padding adds nothing to row 0
+    out = torch.bmm(shrunk, b[slots])  # (groups, rows * tokens, out)
+    y.index_add_(0, index.view(-1), out.view(-1, tokens, out.shape[-1]))
 
 
 class BatchedLoraLinear(nn.Module):
@@ -76,14 +137,11 @@ class BatchedLoraLinear(nn.Module):
         y = self.base(x)
         rows = self._bank.rows
         if rows.lora is not None and self.a is not None and rows.lora_range[0] < self.a.shape[0]:
-            low, high = rows.lora_range[0], min(rows.lora_range[1], self.a.shape[0] - 1)
-            rank = self.a.shape[1]
-            a = self.a[low : high + 1].reshape(-1, self.base.in_features)  # (slots_in_range * rank, in)
-            b = self.b[low : high + 1].reshape(-1, self.base.out_features)  # (slots_in_range * rank, out)
-            # (batch, tokens, slots_in_range * rank), zero outside each row's own block
-            shrunk = (x @ a.T).masked_fill_(rows.lora_foreign(rank)[:, :, : a.shape[0]], 0.0)
-            # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
-            y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
+            if rows.is_lora_grouped(x.shape[1], self.a.shape[1], x.dtype):
+                lora_grouped(x, y, self.a, self.b, rows)
+            else:
+                low, high = rows.lora_range[0], min(rows.lora_range[1], self.a.shape[0] - 1)
+                lora_masked(x, y, self.a[low : high + 1], self.b[low : high + 1], rows)
         if self._compensation is not None and rows.merged_rows is not None:
             a, negated_b = self._compensation
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
@@ -264,6 +322,7 @@ class AdapterBank:
         if rows.lora is not None:
             used = [s for s, r in zip(slots, residents) if r is not None and isinstance(r.adapter, LoraAdapter)]
             rows.lora_range = (min(used), max(used))
+            rows.group_lora_rows()
         if rows.bottleneck is not None:
             bn, kept = self._bottlenecks, rows.bottleneck.tolist()
             rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in kept], device=self._device,
