@@ -20,8 +20,8 @@ from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
 from server.engine.base import Engine
 from server.metrics import (
-    ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_LOADS, ADAPTER_QUEUE, ADAPTER_WAIT_TIME, MERGED_ADAPTER,
-    RESIDENT_ADAPTERS, forget_model,
+    ADAPTER_EVICTIONS, ADAPTER_HOST_CACHE, ADAPTER_LOAD_TIME, ADAPTER_LOADS, ADAPTER_QUEUE, ADAPTER_WAIT_TIME,
+    MERGED_ADAPTER, RESIDENT_ADAPTERS, forget_model,
 )
 
 FAIR_WAIT_S = 2.0
@@ -29,9 +29,13 @@ FAIR_WAIT_S = 2.0
 
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, engine: Engine, base: BaseModelSpec, base_model: str, *,
-                 max_resident: int, max_lora_rank: int):
+                 max_resident: int, max_lora_rank: int, max_cached: int = 0):
         self.registry, self.engine, self.base, self.base_model = registry, engine, base, base_model
-        self.max_resident, self.max_lora_rank = max_resident, max_lora_rank
+        self.max_resident, self.max_lora_rank, self.max_cached = max_resident, max_lora_rank, max_cached
+        # The host tier: parsed, checked adapters by (name, version); a new version is a new key, so a
+        # replaced adapter can never be served from here.
+        self._host: OrderedDict[tuple[str, int], Adapter] = OrderedDict()
+        self._loaded: dict[str, Adapter] = {}  # what each resident adapter was loaded from
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> version, least recently used first
         self._in_use: Counter[str] = Counter()
         self._lock = asyncio.Lock()  # one load, eviction or merge at a time
@@ -83,6 +87,9 @@ class AdapterManager:
         return record
 
     async def _drop_resident(self, name: str) -> None:
+        """`name` leaves the device and the host tier (it is replaced or deleted)."""
+        self._loaded.pop(name, None)
+        self._forget_host(name)
         if name in self._resident:
             del self._resident[name]
             RESIDENT_ADAPTERS.set(len(self._resident))
@@ -141,6 +148,17 @@ class AdapterManager:
                 self._signal()
         ADAPTER_WAIT_TIME.labels(name).observe(time.monotonic() - start)
 
+    def _forget_host(self, name: str) -> None:
+        for key in [key for key in self._host if key[0] == name]:
+            del self._host[key]
+
+    def _keep_on_host(self, key: tuple[str, int], adapter: Adapter) -> None:
+        if self.max_cached:
+            self._host[key] = adapter
+            self._host.move_to_end(key)
+            while len(self._host) > self.max_cached:
+                self._host.popitem(last=False)
+
     def _eviction_order(self) -> list[str]:
         """Resident adapters that may leave once idle, least recently used first."""
         return [name for name in self._resident if name != self.merged and not self._is_pinned(name)]
@@ -188,13 +206,22 @@ class AdapterManager:
         if record is None:
             raise AdapterError("model", f"adapter `{name}` is not registered")
         if self._resident.get(name) != record.version:
-            start, folder = time.monotonic(), self.registry.path(record)
+            start, folder, key = time.monotonic(), self.registry.path(record), (name, record.version)
+            adapter = self._host.get(key)
+            result = "hit" if adapter is not None else "miss"
+            if adapter is None:
+                try:
+                    adapter = await asyncio.to_thread(load_adapter, folder, self.base,
+                                                      max_lora_rank=self.max_lora_rank)
+                except AdapterError as exc:
+                    raise AdapterLoadError("model", f"adapter `{name}` (version {record.version}) failed to load "
+                                                    f"from the store: {exc}") from exc
             try:
-                adapter = await asyncio.to_thread(load_adapter, folder, self.base, max_lora_rank=self.max_lora_rank)
-            except AdapterError as exc:
-                raise AdapterLoadError("model", f"adapter `{name}` (version {record.version}) failed to load from "
-                                                f"the store: {exc}") from exc
-            await self._load(name, adapter, folder, record.version, start)
+                await self._load(name, adapter, folder, record.version, start)
+            except AdapterCapacityError:  # no slot yet: keep the parsed adapter for the retry
+                self._keep_on_host(key, adapter)
+                raise
+            ADAPTER_HOST_CACHE.labels(result).inc()
         self._resident.move_to_end(name)
 
     async def _load(self, name: str, adapter: Adapter, folder: Path, version: int | None, start: float) -> None:
@@ -205,6 +232,8 @@ class AdapterManager:
             while len(self._resident) >= self.max_resident:
                 await self._evict_one()
         await self.engine.load_adapter(name, adapter, folder)
+        self._forget_host(name)  # an older version's entry would only take memory
+        self._loaded[name] = adapter
         self._resident[name] = version
         self._resident.move_to_end(name)
         RESIDENT_ADAPTERS.set(len(self._resident))
@@ -214,8 +243,10 @@ class AdapterManager:
     async def _evict_one(self) -> None:
         for name in self._eviction_order():
             if self._in_use[name] == 0:
-                del self._resident[name]
+                version, adapter = self._resident.pop(name), self._loaded.pop(name, None)
                 await self.engine.unload_adapter(name)
+                if version is not None and adapter is not None:
+                    self._keep_on_host((name, version), adapter)
                 ADAPTER_EVICTIONS.labels(name).inc()
                 return
         raise AdapterCapacityError("capacity", f"all {self.max_resident} resident adapters are pinned or busy; "

@@ -74,7 +74,8 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     await engine.start()
     registry = AdapterRegistry(adapter_store(settings))
     adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
-                              max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank)
+                              max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank,
+                              max_cached=settings.max_cpu_adapters)
     jobs_root = fine_tuning_dir(settings)
     app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
     await app.state.jobs.start()

@@ -28,6 +28,8 @@ ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checkin
 ADAPTER_WAIT_TIME = Histogram("swapyard_adapter_wait_seconds", "Time a request for an adapter that was not resident "
                               "waited for it: its load, and any wait for a free slot.", ["model"],
                               buckets=_LATENCY_BUCKETS)
+ADAPTER_HOST_CACHE = Counter("swapyard_adapter_host_cache", "Loads onto the device served from the host-memory "
+                             "tier (hit) or read from the store on disk (miss).", ["result"])
 ADAPTER_QUEUE = Gauge("swapyard_adapter_queue_length", "Requests waiting for their adapter to be loaded or for a "
                       "free device slot.")
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])

@@ -33,6 +33,9 @@ class EngineSettings(BaseModel):
     """Most KV-cache memory the torch engine's cache grows to (on demand); requests wait in the queue beyond it."""
     max_resident_adapters: int = Field(16, gt=0)
     """Adapters held on the engine's device at once (LoRA and bottleneck weights stacked for mixed batches)."""
+    max_cpu_adapters: int = Field(64, ge=0)
+    """Adapters kept parsed and checked in host memory after leaving the device, so loading one again skips
+    the disk (0: none)."""
     max_lora_rank: int = Field(64, gt=0)
     """Largest LoRA rank accepted (vLLM takes 8, 16, 32, 64, 128, 256, 320 or 512)."""
     max_loras: int = Field(4, gt=0)

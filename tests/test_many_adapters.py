@@ -79,3 +79,25 @@ def test_registry_cache_sees_every_change_at_once_in_this_replica_and_the_others
     assert here.get("shared").version == 2 and there.get("shared").version == 2
     here.remove("shared")
     assert here.get("shared") is None and there.get("shared") is None and there.list() == []
+
+
+def test_the_host_tier_reloads_without_the_disk_and_never_serves_a_replaced_version(tmp_path, adapter_root,
+                                                                                     adapter_dirs):
+    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+                        max_resident_adapters=1) as url, httpx.Client(base_url=url, timeout=120) as http:
+        def answer(name: str) -> str:
+            return http.post(CHAT, json=_body(name)).json()["choices"][0]["message"]["content"]
+
+        for name, kind in (("host-a", "lora"), ("host-b", "bottleneck"), ("host-ref", "lora2")):
+            assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])}).status_code == 201
+        first, reference, other = answer("host-a"), answer("host-ref"), answer("host-b")
+        assert first != reference
+        assert answer("host-a") == first  # back from the host tier
+        replaced = http.post("/v1/adapters", json={"name": "host-a", "path": str(adapter_dirs["lora2"]),
+                                                   "replace": True})
+        assert replaced.status_code == 201
+        assert answer("host-b") == other and answer("host-a") == reference  # version 2, never the cached 1
+        hits = scrape(http)[("swapyard_adapter_host_cache_total", (("result", "hit"),))]
+        assert hits >= 4, hits
+        assert http.delete("/v1/adapters/host-a").status_code == 200
+        assert http.post(CHAT, json=_body("host-a")).status_code == 404
