@@ -130,8 +130,9 @@ class AdapterManager:
                     except AdapterCapacityError:
                         if not self._can_free_a_slot():
                             raise
-                        if time.monotonic() - start > FAIR_WAIT_S and self._draining is None:
-                            self._draining = drains = self._eviction_order()[0]
+                        order = self._eviction_order()
+                        if time.monotonic() - start > FAIR_WAIT_S and self._draining is None and order:
+                            self._draining = drains = order[0]
                     else:
                         if name != self._draining:
                             self._in_use[name] += 1

@@ -121,8 +121,9 @@ def test_kill_9_mid_registration_leaves_a_whole_version(tmp_path):
 
 def test_corrupt_stored_adapter_fails_only_its_own_requests(tmp_path, adapter_dirs, adapter_root):
     store = tmp_path / "store"
-    with running_server(max_resident_adapters=1, adapter_store=store, adapter_roots=[adapter_root],
-                        fine_tuning_dir=tmp_path / "ft") as url:
+    # No host tier: c-a's next load must read the corrupted store (with one, its checked copy would serve).
+    with running_server(max_resident_adapters=1, max_cpu_adapters=0, adapter_store=store,
+                        adapter_roots=[adapter_root], fine_tuning_dir=tmp_path / "ft") as url:
         for name, kind in (("c-a", "lora"), ("c-b", "lora2")):  # c-b's load evicts c-a
             registered = httpx.post(f"{url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])})
             assert registered.status_code == 201
