@@ -4,7 +4,7 @@ At most `max_resident` adapters sit on the engine's device; a request for anothe
 the store, evicting the least recently used adapter that is neither pinned, merged nor serving a request.
 When every slot serves requests, the request waits here (queued, not refused) until one frees; after
 FAIR_WAIT_S of waiting, new requests for the least recently used adapter wait too, so that its slot drains
-even under a steady stream for it. A request for a resident adapter takes no lock and reads no file.
+even under a steady stream for it. A request for a resident adapter takes no lock and queries no table.
 Evicted adapters stay parsed in host memory (the host tier, `max_cached` of them), so a reload skips the disk.
 At most one LoRA is merged into the base weights; replacing or deleting it unmerges it first.
 """

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from adapters.archive import confine
 from server.dependencies import get_router, get_runner, get_settings
 from server.errors import APIError
+from server.files_api import UPLOAD_PURPOSE
 from server.fine_tuning_protocol import CheckpointObject, CreateJob, EventObject, JobObject, Page, train_config
 from server.job_runner import JobRunner
 from server.router import Router
@@ -32,8 +33,9 @@ def _training_path(reference: str, param: str, store: JobStore, settings: ServeS
         record = store.get_file(reference)
         if record is None:
             raise APIError(400, f"no file `{reference}`; upload it with POST /v1/files", param=param)
-        if record.purpose != "fine-tune":
-            raise APIError(400, f"file `{reference}` has purpose `{record.purpose}`, not `fine-tune`", param=param)
+        if record.purpose != UPLOAD_PURPOSE:
+            raise APIError(400, f"file `{reference}` has purpose `{record.purpose}`, not `{UPLOAD_PURPOSE}`",
+                           param=param)
         return Path(record.path)
     return confine(reference, settings.adapter_roots, field=param, is_dir=False)
 

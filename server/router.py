@@ -59,12 +59,14 @@ class Router:
         self._created = int(time.time())
 
     def models(self) -> ModelList:
-        base = ModelCard(id=self.base_model, created=self._created, root=self.base_model,
-                         max_model_len=self.max_model_len)
-        return ModelList(data=[base, *map(self._card, self.adapters.registry.list())])
+        return ModelList(data=[self._base_card(), *map(self._card, self.adapters.registry.list())])
 
     def model(self, name: str) -> ModelCard:
-        return self.models().data[0] if name == self.base_model else self._card(self._adapter(name))
+        return self._base_card() if name == self.base_model else self._card(self._adapter(name))
+
+    def _base_card(self) -> ModelCard:
+        return ModelCard(id=self.base_model, created=self._created, root=self.base_model,
+                         max_model_len=self.max_model_len)
 
     def _adapter(self, name: str) -> AdapterRecord:
         record = self.adapters.get(name)

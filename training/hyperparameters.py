@@ -40,9 +40,14 @@ def auto_batch_size(num_examples: int) -> int:
     return min(MAX_AUTO_BATCH_SIZE, 2 ** round(math.log2(math.sqrt(max(num_examples, 1)))))
 
 
+def steps_per_epoch(num_examples: int, batch_size: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch (the last batch may be short, and ends an accumulation early)."""
+    return math.ceil(math.ceil(num_examples / batch_size) / accumulation)
+
+
 def auto_epochs(num_examples: int, batch_size: int, accumulation: int) -> int:
-    steps_per_epoch = max(1, math.ceil(math.ceil(num_examples / batch_size) / accumulation))
-    epochs = min(MAX_AUTO_EPOCHS, max(TARGET_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+    steps = max(1, steps_per_epoch(num_examples, batch_size, accumulation))
+    epochs = min(MAX_AUTO_EPOCHS, max(TARGET_EPOCHS, math.ceil(MIN_STEPS / steps)))
     if num_examples * epochs > MAX_EXAMPLES_SEEN:
         epochs = max(1, MAX_EXAMPLES_SEEN // num_examples)
     return epochs

@@ -6,7 +6,6 @@ started again with the same `out` continues after the last finished epoch.
 """
 
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from server.default_model import ensure_default_model
 from server.host import detect_host, dtype_name, resolve_dtype
 from training.config import TrainConfig
-from training.hyperparameters import resolve
+from training.hyperparameters import resolve, steps_per_epoch
 from training.data import IGNORE, Tokenized, collate, load_dataset
 from training.methods import Trainable, build_trainable
 from training.report import RESULTS_FILE, MetricsLog, model_card, plot_losses, write_results
@@ -99,9 +98,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
         on_event({"level": "warn", "message": warning})
 
     hyper = resolve(config, len(train_set))
-    on_event({"level": "info", "message": "hyperparameters: " + ", ".join(f"{k}={v:g}" for k, v in
-                                                                          hyper.model_dump().items()),
-              "data": {"hyperparameters": hyper.model_dump()}})
+    resolved = hyper.model_dump()
+    on_event({"level": "info", "message": "hyperparameters: " + ", ".join(f"{k}={v:g}" for k, v in resolved.items()),
+              "data": {"hyperparameters": resolved}})
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = training_dtype(config.dtype, device)
@@ -111,8 +110,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
     trainable = build_trainable(model, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(trainable.parameters, lr=hyper.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / hyper.batch_size) / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * hyper.n_epochs
+    epoch_steps = steps_per_epoch(len(train_set), hyper.batch_size, config.gradient_accumulation_steps)
+    total_steps = epoch_steps * hyper.n_epochs
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
@@ -128,7 +127,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
         torch.set_rng_state(state["rng"])
         on_event({"level": "info", "message": f"resumed after epoch {start_epoch} from {folder}"})
     metrics = MetricsLog(config.out, keep_before_epoch=start_epoch)
-    step, trained_tokens = start_epoch * steps_per_epoch, 0
+    step, trained_tokens = start_epoch * epoch_steps, 0
     started = time.monotonic()
 
     # -- train ---------------------------------------------------------------------------------------------
@@ -187,7 +186,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
     evals = [r for r in records if "valid_loss" in r]
     summary = {
         "num_train_examples": len(train_set), "num_validation_examples": len(val_set),
-        **hyper.model_dump(), "steps": step, "trained_tokens": trained_tokens, "dtype": dtype_name(dtype),
+        **resolved, "steps": step, "trained_tokens": trained_tokens, "dtype": dtype_name(dtype),
         "final_train_loss": round(train_losses[-1], 4) if train_losses else None,
         "final_valid_loss": round(evals[-1]["valid_loss"], 4) if evals else None,
         "final_valid_mean_token_accuracy": round(evals[-1]["valid_mean_token_accuracy"], 4) if evals else None,
