@@ -1,44 +1,37 @@
-"""Registered adapters: metadata in SQLite, files in a store folder; both survive restarts.
+"""Registered adapters: metadata in a database (SQLite or PostgreSQL), files in a store folder; both
+survive restarts.
 
 A registration copies the (already validated) files into a fresh version folder and renames it into
 place (`stage`); the server loads it into the engine from there, and only then is the row committed
 (`commit`) and the replaced version's files removed. A crash at any point (kill -9 included) leaves the
 previous state; folders no row points at are swept at start-up once they are older than `sweep_after_s`.
-Replicas may share one registry folder (a volume): the version is allotted inside an SQLite write
-transaction, and the sweep's age limit spares another replica's registration in progress.
+Replicas may share one registry (one database and one store volume): every write bumps the one row of
+`registry_state` first, which serializes writers (a row lock in PostgreSQL, the write lock in SQLite)
+and tells readers that their cached copy is stale; the sweep's age limit spares another replica's
+registration in progress.
 """
 
+import logging
 import re
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from pydantic import BaseModel
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from adapters.base import AdapterError
+from server.database import Database, DatabaseUnavailable, sqlite_url
+from server.database.schema import adapters, registry_state
+
+log = logging.getLogger(__name__)
 
 # Matched whole (fullmatch: `$` would let a trailing newline through). Names are kept as given, looked up
 # exactly, and unique ignoring case, so no two differ only by case (nor collide as folders on a
 # case-insensitive filesystem).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    num_virtual_tokens INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    folder TEXT NOT NULL,
-    num_bytes INTEGER NOT NULL,
-    is_pinned INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    created_at REAL NOT NULL
-)
-"""
-
 
 class AdapterRecord(BaseModel):
     name: str
@@ -57,16 +50,14 @@ class AdapterExists(AdapterError):
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path, *, sweep_after_s: float = 600.0):
+    def __init__(self, root: Path, database: Database | None = None, *, sweep_after_s: float = 600.0):
+        """`root` holds the store; the database defaults to an SQLite file beside it."""
         self.root, self.sweep_after_s = root, sweep_after_s
         self.store = root / "store"
         self.store.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(root / "registry.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self.db = database or Database(sqlite_url(root / "registry.sqlite3"))
         self._lock = threading.Lock()  # registrations copy files in worker threads
-        self._writes = 0  # this process's commits, which SQLite's data_version does not count
-        self._cache: tuple[tuple[int, int], dict[str, AdapterRecord]] | None = None
+        self._cache: tuple[int, dict[str, AdapterRecord]] | None = None
         self._sweep()
 
     def list(self) -> list[AdapterRecord]:
@@ -76,19 +67,30 @@ class AdapterRegistry:
         return self._records().get(name)
 
     def _records(self) -> dict[str, AdapterRecord]:
-        """Every row, read again only after a change: this process's writes, or another replica's (SQLite's
-        data_version moves when another connection commits), so the hot path reads no table."""
-        key = (self._db.execute("PRAGMA data_version").fetchone()[0], self._writes)
+        """Every row, read again only when the registry's version moved (a write here or on another
+        replica), so the hot path reads one row. While the database is down, the last copy serves."""
         cached = self._cache
-        if cached is None or cached[0] != key:
-            rows = self._db.execute("SELECT * FROM adapters").fetchall()
-            cached = self._cache = (key, {row[0]: self._record(row) for row in rows})
+        if cached is not None and not self.db.is_up():
+            return cached[1]
+        try:
+            with self.db.read() as connection:
+                version = connection.execute(select(registry_state.c.version)).scalar_one()
+                if cached is None or cached[0] != version:
+                    cached = self._reload(connection, version)
+        except DatabaseUnavailable:
+            if cached is None:
+                raise
+            log.warning("the registry database is unavailable; serving the registrations read before")
         return cached[1]
 
-    def _read(self, name: str) -> AdapterRecord | None:
-        """The row as the database has it now (inside a write transaction: no cache)."""
-        row = self._db.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
-        return self._record(row) if row else None
+    def _reload(self, connection: Connection, version: int | None = None) -> tuple[int, dict[str, AdapterRecord]]:
+        """Read every row into the cache; the version first, so the rows are at least as new as it says.
+        A write reloads before it commits, so that its own change is cached for a database outage."""
+        if version is None:
+            version = connection.execute(select(registry_state.c.version)).scalar_one()
+        rows = connection.execute(select(adapters)).mappings()
+        self._cache = (version, {row["name"]: AdapterRecord(**row) for row in rows})
+        return self._cache
 
     def path(self, record: AdapterRecord) -> Path:
         return self.store / record.folder
@@ -106,7 +108,7 @@ class AdapterRegistry:
         if not NAME_PATTERN.fullmatch(name):
             raise AdapterError("name", f"`{name}` must be 1-64 letters, digits, '.', '_' or '-', "
                                        f"starting with a letter or digit")
-        if self._taken(name, replace):
+        if self._taken(None, name, replace):
             raise _exists(name)
         with self._lock:
             staging = self.store / f".staging-{uuid.uuid4().hex}"
@@ -122,23 +124,22 @@ class AdapterRegistry:
         num_bytes = sum(f.stat().st_size for f in (self.store / folder).rglob("*") if f.is_file())
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")  # other replicas' registrations wait here
-                if self._taken(name, replace):
-                    raise _exists(name)
-                old = self._read(name)
-                record = AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens,
-                                       version=old.version + 1 if old else 1, folder=folder, num_bytes=num_bytes,
-                                       is_pinned=is_pinned, source=source, created_at=time.time())
-                self._db.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 tuple(record.model_dump().values()))
-                self._db.execute("COMMIT")
+                with self.db.write() as connection:
+                    _bump(connection)  # other replicas' registrations wait here
+                    if self._taken(connection, name, replace):
+                        raise _exists(name)
+                    old = _read(connection, name)
+                    record = AdapterRecord(name=name, kind=kind, num_virtual_tokens=num_virtual_tokens,
+                                           version=old.version + 1 if old else 1, folder=folder,
+                                           num_bytes=num_bytes, is_pinned=is_pinned, source=source,
+                                           created_at=time.time())
+                    values = record.model_dump()
+                    connection.execute(update(adapters).where(adapters.c.name == name).values(values) if old
+                                       else insert(adapters).values(values))
+                    self._reload(connection)
             except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
                 self.discard(folder)
                 raise
-            finally:  # a read meanwhile (same connection) may have cached the row before COMMIT or ROLLBACK
-                self._writes += 1
             if old is not None:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             return record
@@ -147,20 +148,26 @@ class AdapterRegistry:
         """Remove a staged folder that will not be committed."""
         shutil.rmtree(self.store / folder, ignore_errors=True)
 
-    def _taken(self, name: str, replace: bool) -> bool:
+    def _taken(self, connection: Connection | None, name: str, replace: bool) -> bool:
         """Whether `name` may not be registered: another adapter has it (in any case), or it exists and
-        this is not a replace."""
-        rows = self._db.execute("SELECT name FROM adapters WHERE lower(name) = lower(?)", (name,)).fetchall()
-        return any(row[0] != name or not replace for row in rows)
+        this is not a replace. Without a connection: as the cached registry has it."""
+        if connection is None:
+            names = [known for known in self._records() if known.lower() == name.lower()]
+        else:
+            names = connection.execute(select(adapters.c.name).where(func.lower(adapters.c.name) == name.lower())
+                                       ).scalars().all()
+        return any(taken != name or not replace for taken in names)
 
     def remove(self, name: str) -> AdapterRecord | None:
-        with self._lock:
-            record = self._read(name)
+        with self._lock, self.db.write() as connection:
+            _bump(connection)
+            record = _read(connection, name)
             if record is not None:
-                self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
-                self._writes += 1
-                shutil.rmtree(self.store / name, ignore_errors=True)
-            return record
+                connection.execute(delete(adapters).where(adapters.c.name == name))
+            self._reload(connection)
+        if record is not None:
+            shutil.rmtree(self.store / name, ignore_errors=True)
+        return record
 
     def _sweep(self) -> None:
         """Drop files of registrations that never committed (a crash between copy and commit)."""
@@ -177,9 +184,16 @@ class AdapterRegistry:
                 if folder.stat().st_mtime <= cutoff:
                     shutil.rmtree(folder, ignore_errors=True)
 
-    @staticmethod
-    def _record(row: tuple) -> AdapterRecord:
-        return AdapterRecord(**dict(zip(AdapterRecord.model_fields, row)))
+
+def _bump(connection: Connection) -> None:
+    """Move the registry's version; in a write transaction, this takes the writers' lock first."""
+    connection.execute(update(registry_state).values(version=registry_state.c.version + 1))
+
+
+def _read(connection: Connection, name: str) -> AdapterRecord | None:
+    """The row as the database has it now (inside a write transaction: no cache)."""
+    row = connection.execute(select(adapters).where(adapters.c.name == name)).mappings().first()
+    return AdapterRecord(**row) if row else None
 
 
 def _exists(name: str) -> AdapterExists:

@@ -27,3 +27,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" >"$stamp"
 fi
 swapyard prepare-model
+# The tests start a throwaway PostgreSQL server (replicas on one database); its binaries come from the OS.
+if ! [ -x "$(pg_config --bindir 2>/dev/null)/initdb" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  else
+    echo "note: no PostgreSQL server binaries (initdb); the tests need them: install the postgresql package" >&2
+  fi
+fi

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from adapters.base import BaseModelSpec
 from adapters.registry import AdapterRegistry
+from server.database import Database, normalize_url, sqlite_url
 from training.jobs import JobStore
 from server.adapter_api import adapter_api, models_api
 from server.auth import ApiKeyGate, ApiKeys
@@ -31,7 +32,7 @@ from server.ops_api import ops_api
 from server.router import Router
 from server.structured import GrammarCompiler
 from server.settings import ServeSettings
-from server.storage import require_local
+from server.storage import require_local, require_store
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,27 @@ def fine_tuning_dir(settings: ServeSettings) -> Path:
     return settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
 
 
+def databases(settings: ServeSettings) -> tuple[Database, Database]:
+    """The registry's and the job store's database: one shared (--database-url), or two SQLite files
+    in their folders (where earlier versions kept them)."""
+    if settings.database_url is not None:
+        shared = Database(settings.database_url)
+        return shared, shared
+    return (Database(sqlite_url(adapter_store(settings) / "registry.sqlite3")),
+            Database(sqlite_url(fine_tuning_dir(settings) / "jobs.sqlite3")))
+
+
+def check_storage(settings: ServeSettings) -> None:
+    """Refuse storage known to be unsafe (server/storage.py), before anything is written."""
+    url = normalize_url(settings.database_url) if settings.database_url is not None else None
+    shared = url is not None and url.get_backend_name() == "postgresql"
+    for folder, option in ((adapter_store(settings), "--adapter-store"),
+                           (fine_tuning_dir(settings), "--fine-tuning-dir")):
+        require_store(folder, option, shared_database=shared)  # without a URL, the SQLite files are in them
+    if url is not None and not shared:
+        require_local(Path(url.database).parent, "--database-url")
+
+
 def context_length(path: Path, requested: int | None) -> int:
     config = AutoConfig.from_pretrained(path)
     native = getattr(config, "max_position_embeddings", None) or _DEFAULT_MAX_MODEL_LEN
@@ -72,12 +94,12 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     engine = await asyncio.to_thread(build_engine, settings, path, tokenizer, max_model_len)
     app.state.engine = engine
     await engine.start()
-    registry = AdapterRegistry(adapter_store(settings))
+    registry_db, jobs_db = app.state.databases = await asyncio.to_thread(databases, settings)
+    registry = AdapterRegistry(adapter_store(settings), registry_db)
     adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
                               max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank,
                               max_cached=settings.max_cpu_adapters)
-    jobs_root = fine_tuning_dir(settings)
-    app.state.jobs = JobRunner(JobStore(jobs_root / "jobs.sqlite3"), adapters, settings.training_threads)
+    app.state.jobs = JobRunner(JobStore(jobs_db), fine_tuning_dir(settings), adapters, settings.training_threads)
     await app.state.jobs.start()
     defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}
     config = AutoConfig.from_pretrained(path)
@@ -94,10 +116,10 @@ def build_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         path, name = resolve_model(settings)  # bad flags stop the server at once, before it listens
         max_model_len = context_length(path, settings.max_model_len)
-        require_local(adapter_store(settings), "--adapter-store")
-        require_local(fine_tuning_dir(settings), "--fine-tuning-dir")
+        check_storage(settings)
         app.state.settings = settings
         app.state.phase, app.state.router, app.state.engine, app.state.jobs = "loading", None, None, None
+        app.state.databases = ()
         loading = asyncio.create_task(load_model(app, settings, path, name, max_model_len))
         loading.add_done_callback(lambda task: _on_loaded(app, task))
         try:
@@ -109,6 +131,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
                 await app.state.jobs.shutdown()
             if app.state.engine is not None:
                 await app.state.engine.shutdown()
+            for database in set(app.state.databases):
+                database.close()
 
     api_keys = ApiKeys.load(settings.api_keys_file)  # a bad keys file stops the server before it listens
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)

@@ -2,12 +2,14 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from adapters.base import AdapterError
+from server.database import Database
 from server.default_model import ensure_default_model
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
 from training.config import TrainConfig
@@ -59,6 +61,8 @@ class Merge(BaseModel):
     cache_dir: Path = DEFAULT_CACHE_DIR
     adapter_store: Path | None = None
     """Registry to look names up in (default: CACHE_DIR/adapters)."""
+    database_url: str | None = Field(default_factory=lambda: os.environ.get("SWAPYARD_DATABASE_URL") or None)
+    """The registry's database, as `serve --database-url` (default: an SQLite file in the adapter store)."""
 
     def cli_cmd(self) -> None:
         from adapters.merge import merge_lora
@@ -66,7 +70,8 @@ class Merge(BaseModel):
 
         folder = Path(self.adapter)
         if not folder.is_dir():
-            registry = AdapterRegistry(self.adapter_store or self.cache_dir / "adapters")
+            registry = AdapterRegistry(self.adapter_store or self.cache_dir / "adapters",
+                                       Database(self.database_url) if self.database_url else None)
             record = registry.get(self.adapter)
             if record is None:
                 raise SystemExit(f"{self.adapter}: neither an adapter folder nor a registered adapter")

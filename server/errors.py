@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.base import AdapterCapacityError, AdapterError, AdapterLoadError
 from adapters.registry import AdapterExists
+from server.database import DatabaseUnavailable
 from server.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ def install_error_handlers(app: FastAPI) -> None:
         error = adapter_api_error(exc)
         retry = {"Retry-After": "1"} if error.status_code == 503 else None
         return error_json(error.status_code, error.body, retry)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_down(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        log.warning("%s", exc)  # the URL's password is hidden; the client is told no more than the fact
+        body = ErrorResponse(error=ErrorBody(message="the database is unavailable; retry shortly",
+                                             type="server_error", code="database_unavailable"))
+        return error_json(503, body, {"Retry-After": "2"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -36,7 +36,7 @@ async def upload_file(request: Request, runner: JobRunner = Depends(get_runner))
     if purpose != UPLOAD_PURPOSE:
         raise APIError(400, f"purpose must be `{UPLOAD_PURPOSE}`", param="purpose")
     file_id = new_id("file")
-    path = runner.store.path.parent / "files" / f"{file_id}.jsonl"
+    path = runner.root / "files" / f"{file_id}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> int:  # disk work off the event loop

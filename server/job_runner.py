@@ -1,16 +1,19 @@
 """Runs fine-tuning jobs one at a time, each in its own process, and registers what they train.
 
 Lifecycle: validating_files -> queued -> running -> succeeded | failed | cancelled. Replicas sharing one
-job store elect one runner through a lease in the database (renewed every LEASE_TTL_S / 3); the others
-accept jobs and leave them to it. A runner that takes the lease over (at start-up, or after the holder
-died) queues the jobs left `running` again, and they resume from their last checkpoint.
+database each train one job at a time: a replica claims a job (validating or queued) before working on
+it and renews its claims every CLAIM_TTL_S / 3. A job still `running` whose claim was released (its
+server stopped) or expired (its server died) is claimed by the next replica with room, and resumes
+from its last checkpoint.
 """
 
 import asyncio
 import json
 import logging
 import multiprocessing
+import os
 import re
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +29,7 @@ from training.worker import SUMMARY_FILE, run_job
 
 log = logging.getLogger(__name__)
 
-LEASE, LEASE_TTL_S = "job-runner", 15.0
+CLAIM_TTL_S = 15.0
 
 
 def adapter_name(job: JobRecord) -> str:
@@ -36,52 +39,47 @@ def adapter_name(job: JobRecord) -> str:
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, adapters: AdapterManager, num_threads: int | None):
-        self.store, self.adapters, self.num_threads = store, adapters, num_threads
+    def __init__(self, store: JobStore, root: Path, adapters: AdapterManager, num_threads: int | None):
+        """`root` is the fine-tuning folder (uploaded files, job outputs), shared by replicas like the store."""
+        self.store, self.root, self.adapters, self.num_threads = store, root, adapters, num_threads
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._training: asyncio.Task | None = None  # the job now training, while the loop validates new ones
+        self._training_id: str | None = None
         self._process: multiprocessing.Process | None = None
         self._stopping = False
-        self._holder = uuid.uuid4().hex  # this runner, in the lease table
-        self.is_leader = False
-        self._leasing: asyncio.Task | None = None
+        # This replica in the jobs' claims and events: which host and process trains a job.
+        self._runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._renewing: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._leasing = asyncio.create_task(self._keep_lease())
+        self._renewing = asyncio.create_task(self._keep_claims())
         self._task = asyncio.create_task(self._loop())
 
     async def shutdown(self) -> None:
-        """Stop training; a job cut off here stays `running` and resumes under the next lease holder."""
+        """Stop training; a job cut off here stays `running` and resumes on the next replica to claim it."""
         self._stopping = True
         if self._process is not None and self._process.is_alive():
             self._process.terminate()
-        for task in (self._task, self._leasing, self._training):
+        for task in (self._task, self._renewing, self._training):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if self.is_leader:  # another replica (or this one restarted) takes over at once
-            self.store.release_lease(LEASE, self._holder)
+        if self._training_id is not None:  # another replica (or this one restarted) takes over at once
+            await asyncio.to_thread(self.store.release, self._training_id, self._runner)
 
-    async def _keep_lease(self) -> None:
+    async def _keep_claims(self) -> None:
         while not self._stopping:
+            await asyncio.sleep(CLAIM_TTL_S / 3)
             try:
-                held = self.store.hold_lease(LEASE, self._holder, LEASE_TTL_S)
-            except Exception:  # e.g. the database is locked for longer than its timeout: try again
-                log.exception("could not renew the job-runner lease")
-                held = None
-            if held == "acquired":
-                for job in self.store.jobs_with_status("running"):
-                    self.store.set_status(job.id, "queued")
-                    self.store.add_event(job.id, "info", "the job's runner stopped; it resumes from its last "
-                                                         "checkpoint")
-                self._wake.set()
-            elif held is None and self.is_leader and self._process is not None:
-                # Lost the lease (renewals failed past its expiry): the new holder runs this job now.
-                log.error("lost the job-runner lease; stopping the training process")
+                held = await asyncio.to_thread(self.store.renew_claims, self._runner, CLAIM_TTL_S)
+            except Exception:  # e.g. the database is down: try again; the claim holds until it expires
+                log.exception("could not renew the fine-tuning job claims")
+                continue
+            if self._training_id not in (None, *held) and self._process is not None:
+                # The claim expired (renewals failed past it) and another replica runs this job now.
+                log.error("lost the claim on job %s; stopping its training process", self._training_id)
                 self._process.terminate()
-            self.is_leader = held is not None
-            await asyncio.sleep(LEASE_TTL_S / 3)
 
     def submit(self, job: JobRecord) -> None:
         self.store.add_job(job)
@@ -90,19 +88,32 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> None:
         """The worker sees the status at its next step and stops; a queued job never starts."""
-        self.store.set_status(job_id, "cancelled")
-        self.store.add_event(job_id, "info", "Fine-tuning job cancelled")
+        if self.store.set_status(job_id, "cancelled"):
+            self.store.add_event(job_id, "info", "Fine-tuning job cancelled")
 
     async def _loop(self) -> None:
         while not self._stopping:
-            if self.is_leader:  # else another replica runs the jobs
-                for job in self.store.jobs_with_status("validating_files"):
-                    await self._validate(job)
-                queued = self.store.jobs_with_status("queued")
-                if queued and (self._training is None or self._training.done()):
-                    self._training = asyncio.create_task(self._train(queued[0]))
-                    self._training.add_done_callback(lambda _: self._wake.set())
+            try:
+                await self._take_work()
+            except Exception:  # the database is down, say: the next round tries again
+                log.exception("the fine-tuning job loop failed")
             await self._idle()
+
+    async def _take_work(self) -> None:
+        while (job := await asyncio.to_thread(self.store.claim, self._runner, ("validating_files",),
+                                              CLAIM_TTL_S)) is not None:
+            await self._validate(job)
+            await asyncio.to_thread(self.store.release, job.id, self._runner)
+        if self._training is None or self._training.done():
+            # A claimable `running` job lost its replica: it resumes here.
+            job = await asyncio.to_thread(self.store.claim, self._runner, ("queued", "running"), CLAIM_TTL_S)
+            if job is not None:
+                if job.status == "running":
+                    self.store.add_event(job.id, "info", "the job's runner stopped; it resumes from its last "
+                                                         "checkpoint")
+                self._training_id = job.id
+                self._training = asyncio.create_task(self._train(job))
+                self._training.add_done_callback(lambda _: self._wake.set())
 
     async def _train(self, job: JobRecord) -> None:
         try:
@@ -110,6 +121,9 @@ class JobRunner:
         except Exception as exc:  # one broken job must not stop the queue behind it
             log.exception("fine-tuning job %s failed", job.id)
             self.store.set_status(job.id, "failed", error={"code": "server_error", "message": str(exc), "param": None})
+        if not self._stopping:
+            self.store.release(job.id, self._runner)
+            self._training_id = None
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -130,24 +144,26 @@ class JobRunner:
                 examples, warnings = await asyncio.to_thread(read_examples, Path(path))
             except DataError as exc:
                 error = {"code": f"invalid_{param}", "message": str(exc), "param": param}
-                self.store.set_status(job.id, "failed", error=error)
-                self.store.add_event(job.id, "error", str(exc))
+                if self.store.set_status(job.id, "failed", only_from=frozenset({"validating_files"}), error=error):
+                    self.store.add_event(job.id, "error", str(exc))
                 return
             for warning in warnings:
                 self.store.add_event(job.id, "warn", warning)
             num_examples = num_examples or len(examples)
         hyperparameters = resolve(TrainConfig.model_validate(job.config), num_examples).model_dump()
-        if self.store.status(job.id) == "validating_files":
-            self.store.set_status(job.id, "queued", hyperparameters=hyperparameters)
+        if self.store.set_status(job.id, "queued", only_from=frozenset({"validating_files"}),
+                                 hyperparameters=hyperparameters):
             self.store.add_event(job.id, "info", f"Files validated ({num_examples} training examples), moving job "
                                                  "to queued state", {"hyperparameters": hyperparameters})
 
     async def _run(self, job: JobRecord) -> None:
-        self.store.set_status(job.id, "running")
-        self.store.add_event(job.id, "info", "Fine-tuning job started")
+        if not self.store.set_status(job.id, "running", only_from=frozenset({"queued", "running"})):
+            return  # cancelled since it was claimed
+        self.store.add_event(job.id, "info", "Fine-tuning job started", {"replica": self._runner})
         # spawn, not fork: the server's threads (engine, event loop) must not be copied into the child.
         self._process = multiprocessing.get_context("spawn").Process(
-            target=run_job, args=(str(self.store.path), job.id, self.num_threads), name=f"swapyard-{job.id}")
+            target=run_job, args=(self.store.db.url.render_as_string(hide_password=False), job.id, self.num_threads),
+            name=f"swapyard-{job.id}")
         self._process.start()
         await asyncio.to_thread(self._process.join)
         exit_code, self._process = self._process.exitcode, None

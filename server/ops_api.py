@@ -1,5 +1,7 @@
 """Operations routes, open without a key: liveness, readiness and Prometheus metrics."""
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,8 +29,13 @@ async def health(request: Request) -> JSONResponse:
 
 @ops_api.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Ready: the model is loaded and requests are served; 503 while loading (or after a failure)."""
+    """Ready: the model is loaded, the database answers, and requests are served; 503 while loading, while
+    the database is unreachable (resident adapters are still served), or after a failure."""
     phase = _phase(request)
+    if phase == "ready":
+        for database in request.app.state.databases:
+            if not await asyncio.to_thread(database.ping):
+                phase = "database_unavailable"
     return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
 
 

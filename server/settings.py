@@ -1,9 +1,12 @@
 """Typed settings for `swapyard serve`; field docstrings are the CLI's help text."""
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.database import normalize_url
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "swapyard"
 
@@ -73,6 +76,10 @@ class ServeSettings(EngineSettings):
     """Server folders adapters may be registered from by path (default: none, uploads only)."""
     fine_tuning_dir: Path | None = None
     """Folder of fine-tuning jobs, their files and outputs (default: CACHE_DIR/fine_tuning)."""
+    database_url: str | None = Field(default_factory=lambda: os.environ.get("SWAPYARD_DATABASE_URL") or None)
+    """Database of the adapter registry and fine-tuning jobs: postgresql://USER:PASSWORD@HOST:PORT/DB for
+    replicas on several nodes, or sqlite:///PATH (also read: $SWAPYARD_DATABASE_URL; default: SQLite files in
+    the adapter store and the fine-tuning folder)."""
     training_threads: int | None = Field(1, gt=0)
     """CPU threads of a training process; 1 leaves the other cores to serving (None: torch's default)."""
     max_upload_mb: int = Field(1024, gt=0)
@@ -93,3 +100,10 @@ class ServeSettings(EngineSettings):
     """Origins browsers may call from (CORS); none by default."""
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight requests may take to finish before they are aborted."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is not None:
+            normalize_url(url)  # an unknown scheme stops the server before it loads anything
+        return url

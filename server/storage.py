@@ -1,16 +1,19 @@
-"""Where the registry and job databases may live: a local filesystem.
+"""Where the databases and the stores may live, checked at start-up so that a configuration known to be
+unsafe stops the server with the reason instead of corrupting the registry later.
 
-SQLite in WAL mode shares its index through memory-mapped files, which do not work across machines,
-and relies on POSIX locks that network filesystems implement loosely or not at all; S3 mounts
-cannot rename, which registrations rely on to be atomic. So NFS, SMB, CephFS and FUSE mounts are
-refused at start-up, with the reason, rather than corrupting the registry later. Replicas on one node
-may share a local volume; replicas on several nodes need a database server (not yet supported).
+- An SQLite database needs a local filesystem: WAL shares its index through memory-mapped files, which
+  do not work across machines, and relies on POSIX locks that network filesystems implement loosely or
+  not at all. So SQLite files on NFS, SMB, CephFS or FUSE mounts are refused.
+- The adapter store and fine-tuning folder are written stage -> rename -> commit. A network filesystem
+  with POSIX renames (NFS, EFS, Filestore, SMB, CephFS...) serves, but only with PostgreSQL: a store
+  shared across nodes means replicas across nodes, whose registry cannot be an SQLite file. FUSE mounts
+  (S3 through Mountpoint or s3fs, GCS through gcsfuse) are refused: object stores cannot rename.
 """
 
 from pathlib import Path
 
 _NETWORK_TYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre",
-                            "gpfs", "beegfs", "ocfs2", "gfs2", "fuse"})
+                            "gpfs", "beegfs", "ocfs2", "gfs2"})
 MOUNTINFO = Path("/proc/self/mountinfo")
 
 
@@ -29,19 +32,42 @@ def filesystem_type(path: Path, mountinfo: str) -> str | None:
     return best_type
 
 
+def is_fuse(fs_type: str) -> bool:
+    return fs_type == "fuse" or fs_type.startswith("fuse.")
+
+
 def is_network(fs_type: str) -> bool:
-    return fs_type in _NETWORK_TYPES or fs_type.startswith("fuse.")
+    return fs_type in _NETWORK_TYPES or is_fuse(fs_type)
 
 
-def require_local(path: Path, option: str) -> None:
-    """Stop the server when `path` (an --adapter-store or --fine-tuning-dir) is on a network filesystem."""
+def _type_of(path: Path) -> str | None:
     if not MOUNTINFO.is_file():  # not Linux: nothing to tell from
-        return
+        return None
     existing = path.resolve()
     while not existing.exists():
         existing = existing.parent
-    fs_type = filesystem_type(existing, MOUNTINFO.read_text())
+    return filesystem_type(existing, MOUNTINFO.read_text())
+
+
+def require_local(path: Path, option: str) -> None:
+    """Stop the server when an SQLite database's folder `path` is on a network filesystem."""
+    fs_type = _type_of(path)
     if fs_type is not None and is_network(fs_type):
-        raise SystemExit(f"{option} {path} is on a {fs_type} filesystem: the SQLite registry and job store need "
-                         f"a local disk (network filesystems break SQLite's locking and WAL, S3 mounts cannot "
-                         f"rename). Use a local volume; replicas on one node may share it.")
+        raise SystemExit(f"{option} {path} is on a {fs_type} filesystem: an SQLite database needs a local disk "
+                         f"(network filesystems break SQLite's locking and WAL). Put it on a local volume, or "
+                         f"use PostgreSQL (--database-url postgresql://...) for replicas on several nodes.")
+
+
+def require_store(path: Path, option: str, *, shared_database: bool) -> None:
+    """Stop the server when a store folder `path` is on a filesystem that cannot hold it safely."""
+    fs_type = _type_of(path)
+    if fs_type is None or not is_network(fs_type):
+        return
+    if is_fuse(fs_type):
+        raise SystemExit(f"{option} {path} is on a {fs_type} (FUSE) filesystem: stores are written by atomic "
+                         f"renames, which object-storage mounts (S3, GCS, Azure Blob) cannot do. Use a local "
+                         f"volume or a network filesystem such as NFS, EFS or Filestore.")
+    if not shared_database:
+        raise SystemExit(f"{option} {path} is on a {fs_type} filesystem, shared across nodes, but the registry "
+                         f"and job store are SQLite files (local only): give replicas on several nodes one "
+                         f"PostgreSQL database with --database-url postgresql://...")

@@ -20,6 +20,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_factory import KINDS, make_adapter
+from postgres import PostgresCluster
 from server.app import UVICORN_HTTP, build_app
 from server.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
@@ -91,6 +92,23 @@ def start_serve_process(log: Path, *args: str, timeout: float = 120) -> tuple[su
         except httpx.TransportError:
             pass
         time.sleep(0.5)  # /ready answers 503 at once while the model loads: do not spin
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresCluster:
+    """One throwaway PostgreSQL server for the session; tests take a fresh database each (`database_url`)."""
+    cluster = PostgresCluster(free_port())
+    cluster.start()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The registry and job database, for tests that run on both: a fresh SQLite file or PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'swapyard.sqlite3'}"
+    return request.getfixturevalue("postgres").new_database()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""What ships for deployment tells the truth: no API key in the manifests, stores on network
-filesystems are refused (SQLite's locking and WAL do not hold there, S3 mounts cannot rename), and the
-command line explains itself."""
+"""What ships for deployment tells the truth: no API key or database password in the manifests, SQLite
+on a network filesystem and stores on object-storage mounts are refused (SQLite's locking and WAL do not
+hold there, S3 mounts cannot rename), the PostgreSQL options are wired, and the command line explains
+itself."""
 
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.storage import filesystem_type, is_network, require_local
+from server.storage import filesystem_type, is_network, require_local, require_store
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -30,15 +31,38 @@ def test_filesystem_type_of_the_deepest_mount(path, expected):
     assert filesystem_type(Path(path), MOUNTINFO) == expected
 
 
-def test_network_and_fuse_filesystems_are_refused(tmp_path, monkeypatch):
-    assert is_network("nfs4") and is_network("fuse.mountpoint-s3") and is_network("cifs")
+def test_storage_rules(tmp_path, monkeypatch):
+    assert is_network("nfs4") and is_network("fuse.mountpoint-s3") and is_network("fuse") and is_network("cifs")
     assert not is_network("ext4") and not is_network("overlay") and not is_network("tmpfs")
     fake = tmp_path / "mountinfo"
-    fake.write_text(f"27 1 259:1 / / rw - ext4 /dev/sda rw\n50 27 0:50 / {tmp_path} rw - nfs4 srv:/x rw\n")
+    fake.write_text(f"27 1 259:1 / / rw - ext4 /dev/sda rw\n50 27 0:50 / {tmp_path}/nfs rw - nfs4 srv:/x rw\n"
+                    f"51 27 0:51 / {tmp_path}/s3 rw - fuse mountpoint-s3 rw\n")
     monkeypatch.setattr("server.storage.MOUNTINFO", fake)
-    with pytest.raises(SystemExit, match="--adapter-store .* nfs4 filesystem"):
-        require_local(tmp_path / "not-yet-created" / "store", "--adapter-store")
-    require_local(Path("/usr"), "--adapter-store")  # local: accepted
+    with pytest.raises(SystemExit, match="--database-url .* nfs4 filesystem: an SQLite database needs a local"):
+        require_local(tmp_path / "nfs" / "not-yet-created", "--database-url")
+    require_local(Path("/usr"), "--database-url")  # local: accepted
+    # A store on NFS is shared across nodes: only with PostgreSQL; an object-storage mount never.
+    with pytest.raises(SystemExit, match="--adapter-store .* nfs4 filesystem.*PostgreSQL"):
+        require_store(tmp_path / "nfs" / "store", "--adapter-store", shared_database=False)
+    require_store(tmp_path / "nfs" / "store", "--adapter-store", shared_database=True)
+    with pytest.raises(SystemExit, match="--fine-tuning-dir .* FUSE.*cannot do"):
+        require_store(tmp_path / "s3" / "ft", "--fine-tuning-dir", shared_database=True)
+
+
+def test_postgres_options_in_the_manifests_keep_the_url_out_of_git():
+    overlay = DEPLOY / "kubernetes" / "replicas"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    assert kustomization["secretGenerator"] == [{"name": "swapyard-database", "envs": ["database.env"],
+                                                 "options": {"disableNameSuffixHash": True}}]
+    assert "deploy/kubernetes/replicas/database.env" in (DEPLOY.parent / ".gitignore").read_text().splitlines()
+    patch = yaml.safe_load((overlay / "deployment-replicas.yaml").read_text())
+    container = patch["spec"]["template"]["spec"]["containers"][0]
+    assert patch["spec"]["replicas"] >= 2 and container["envFrom"] == [{"secretRef": {"name": "swapyard-database"}}]
+    assert yaml.safe_load((overlay / "pvc-rwx.yaml").read_text())["spec"]["accessModes"] == ["ReadWriteMany"]
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())["services"]
+    assert compose["postgres"]["image"].startswith("postgres:")
+    assert "SWAPYARD_DATABASE_URL" in compose["swapyard"]["environment"]
 
 
 def test_no_api_key_ships_with_the_manifests():

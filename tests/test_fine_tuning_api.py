@@ -6,7 +6,6 @@ import io
 import json
 import math
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import openai
 import pytest
 
 from conftest import MODEL, ask, running_server, start_serve_process
-from server.fine_tuning_protocol import JobObject
-from training.jobs import JobStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "training" / "examples"
 JOBS = "/v1/fine_tuning/jobs"
@@ -298,18 +295,3 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
     assert steps == list(range(1, 31))
 
 
-def test_a_job_store_from_before_the_openai_shapes_still_opens(tmp_path):
-    """Databases written by the first version gain the new columns, and their jobs read as OpenAI jobs."""
-    path = tmp_path / "jobs.sqlite3"
-    with sqlite3.connect(path) as old:
-        old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, model TEXT NOT NULL, status TEXT NOT NULL, "
-                    "method TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT, "
-                    "config TEXT NOT NULL, fine_tuned_model TEXT, error TEXT, trained_tokens INTEGER, "
-                    "created_at INTEGER NOT NULL, finished_at INTEGER)")
-        config = {"method": "lora", "data": "/d.jsonl", "out": "/o", "epochs": 3, "batch_size": 4,
-                  "learning_rate": 2e-4, "seed": 0}
-        old.execute("INSERT INTO jobs VALUES ('ftjob-old', 'm', 'succeeded', 'lora', 'file-x', NULL, NULL, ?, "
-                    "'ft-old', NULL, 10, 1, 2)", (json.dumps(config),))
-    job = JobObject.of(JobStore(path).get_job("ftjob-old"))
-    assert job.hyperparameters["n_epochs"] == 3 and job.hyperparameters["learning_rate"] == 2e-4
-    assert job.result_files == [] and job.method["supervised"]["adapter"]["type"] == "lora"

@@ -1,42 +1,26 @@
-"""Fine-tuning jobs and their files, events and checkpoints, kept in SQLite so they outlive restarts.
+"""Fine-tuning jobs and their files, events and checkpoints, kept in the database (SQLite or PostgreSQL)
+so that they outlive restarts and are shared by replicas.
 
-The server process and the training processes share the database (WAL mode): a worker appends
-events and checkpoints and reads whether its job was cancelled; the server owns every status change.
+The server processes and the training processes share the database: a worker appends events and
+checkpoints and reads whether its job was cancelled; the servers own every status change. A replica
+works on a job only while it holds the job's claim (`claim`), renewed every few seconds, so that each
+job is validated and trained by one replica at a time, and a dead replica's job passes to another.
 """
 
 import json
-import sqlite3
 import time
 import uuid
-from pathlib import Path
 from typing import Literal, get_args
 
 from pydantic import BaseModel
+from sqlalchemy import Connection, delete, false, insert, or_, select, tuple_, update
+
+from server.database import Database
+from server.database.schema import checkpoints, events, files, jobs
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset(get_args(JobStatus)) - FINAL
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY, filename TEXT NOT NULL, bytes INTEGER NOT NULL, purpose TEXT NOT NULL,
-    path TEXT NOT NULL, created_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, model TEXT NOT NULL, status TEXT NOT NULL, method TEXT NOT NULL,
-    training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT, config TEXT NOT NULL,
-    fine_tuned_model TEXT, error TEXT, trained_tokens INTEGER, created_at INTEGER NOT NULL,
-    finished_at INTEGER, hyperparameters TEXT, result_files TEXT, metadata TEXT);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
-    level TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
-CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
-    step INTEGER NOT NULL, epoch INTEGER NOT NULL, path TEXT NOT NULL, metrics TEXT NOT NULL);
-"""
-# Columns added since the first schema, for databases created before them.
-_ADDED_COLUMNS = {"jobs": ("hyperparameters", "result_files", "metadata")}
 _JSON_FIELDS = ("config", "error", "hyperparameters", "result_files", "metadata")
 
 
@@ -92,148 +76,156 @@ def new_id(prefix: str) -> str:
 
 
 class JobStore:
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        for table, columns in _ADDED_COLUMNS.items():
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            for column in columns:
-                if column not in present:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
-
-    def _one(self, sql: str, *args) -> tuple | None:
-        return self._db.execute(sql, args).fetchone()
+    def __init__(self, database: Database):
+        self.db = database
 
     # -- files -----------------------------------------------------------------------------------------
 
     def add_file(self, record: FileRecord) -> None:
-        self._db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", tuple(record.model_dump().values()))
+        with self.db.write() as connection:
+            connection.execute(insert(files).values(record.model_dump() | {"created_ns": time.time_ns()}))
 
     def get_file(self, file_id: str) -> FileRecord | None:
-        row = self._one(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", file_id)
-        return FileRecord(**dict(zip(FileRecord.model_fields, row))) if row else None
+        with self.db.read() as connection:
+            row = connection.execute(select(*_FILE_COLUMNS).where(files.c.id == file_id)).mappings().first()
+        return FileRecord(**row) if row else None
 
     def list_files(self, purpose: str | None, after: str | None, limit: int, newest_first: bool) -> list[FileRecord]:
-        """In upload order (rowid), or its reverse; `after` is the id of the last file of the previous page."""
-        order, beyond = ("DESC", "<") if newest_first else ("ASC", ">")
-        where, args = [], []
+        """In upload order, or its reverse; `after` is the id of the last file of the previous page."""
+        query = select(*_FILE_COLUMNS)
         if purpose is not None:
-            where.append("purpose = ?")
-            args.append(purpose)
-        if after is not None:
-            where.append(f"rowid {beyond} (SELECT rowid FROM files WHERE id = ?)")
-            args.append(after)
-        rows = self._db.execute(f"SELECT {_FILE_COLUMNS} FROM files {'WHERE ' + ' AND '.join(where) if where else ''} "
-                                f"ORDER BY rowid {order} LIMIT ?", (*args, limit))
-        return [FileRecord(**dict(zip(FileRecord.model_fields, row))) for row in rows.fetchall()]
+            query = query.where(files.c.purpose == purpose)
+        with self.db.read() as connection:
+            page = _page(connection, query, files, after, newest_first)
+            return [FileRecord(**row) for row in connection.execute(page.limit(limit)).mappings()]
 
     def delete_file(self, file_id: str) -> None:
-        self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        with self.db.write() as connection:
+            connection.execute(delete(files).where(files.c.id == file_id))
 
     def jobs_using_file(self, file_id: str, statuses: frozenset[str]) -> list[str]:
-        marks = ", ".join("?" * len(statuses))
-        rows = self._db.execute(f"SELECT id FROM jobs WHERE (training_file = ? OR validation_file = ?) "
-                                f"AND status IN ({marks})", (file_id, file_id, *statuses))
-        return [row[0] for row in rows.fetchall()]
+        query = select(jobs.c.id).where(or_(jobs.c.training_file == file_id, jobs.c.validation_file == file_id),
+                                        jobs.c.status.in_(statuses))
+        with self.db.read() as connection:
+            return list(connection.execute(query).scalars())
 
     # -- jobs ------------------------------------------------------------------------------------------
 
     def add_job(self, record: JobRecord) -> None:
         values = {name: _to_column(name, value) for name, value in record.model_dump().items()}
-        self._db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * len(values))})",
-                         tuple(values.values()))
+        with self.db.write() as connection:
+            connection.execute(insert(jobs).values(values | {"created_ns": time.time_ns()}))
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", job_id)
-        return self._job(row) if row else None
+        with self.db.read() as connection:
+            row = connection.execute(select(*_JOB_COLUMNS).where(jobs.c.id == job_id)).mappings().first()
+        return _job(row) if row else None
 
     def list_jobs(self, after: str | None, limit: int) -> list[JobRecord]:
         """Newest first; `after` is the id of the last job of the previous page."""
-        anchor = "WHERE rowid < (SELECT rowid FROM jobs WHERE id = ?)" if after is not None else ""
-        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs {anchor} ORDER BY rowid DESC LIMIT ?",
-                                (after, limit) if after is not None else (limit,))
-        return [self._job(row) for row in rows.fetchall()]
+        with self.db.read() as connection:
+            page = _page(connection, select(*_JOB_COLUMNS), jobs, after, newest_first=True)
+            return [_job(row) for row in connection.execute(page.limit(limit)).mappings()]
 
-    def jobs_with_status(self, *statuses: str) -> list[JobRecord]:
-        marks = ", ".join("?" * len(statuses))
-        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN ({marks}) ORDER BY rowid", statuses)
-        return [self._job(row) for row in rows.fetchall()]
-
-    def set_status(self, job_id: str, status: JobStatus, **fields) -> None:
+    def set_status(self, job_id: str, status: JobStatus, *, only_from: frozenset[str] = ACTIVE, **fields) -> bool:
+        """Move the job to `status` if it is now in one of `only_from` (by default: not finished, so a cancel
+        through another replica is never overwritten). Returns whether it moved."""
         fields = {name: _to_column(name, value) for name, value in fields.items()}
         if status in FINAL:
             fields["finished_at"] = int(time.time())
-        assignments = ", ".join(f"{name} = ?" for name in ["status", *fields])
-        self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (status, *fields.values(), job_id))
+        with self.db.write() as connection:
+            moved = connection.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(only_from))
+                                       .values(status=status, **fields))
+        return moved.rowcount == 1
 
     def status(self, job_id: str) -> str | None:
-        row = self._one("SELECT status FROM jobs WHERE id = ?", job_id)
-        return row[0] if row else None
+        with self.db.read() as connection:
+            return connection.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
 
-    # -- leases ----------------------------------------------------------------------------------------
+    # -- claims ----------------------------------------------------------------------------------------
 
-    def hold_lease(self, name: str, holder: str, ttl_s: float) -> Literal["acquired", "renewed"] | None:
-        """Take or extend lease `name` for `holder` unless another holder's is unexpired (then None).
-        "acquired" means the holder did not have it: whatever the previous holder was doing is orphaned."""
+    def claim(self, runner: str, statuses: tuple[str, ...], ttl_s: float) -> JobRecord | None:
+        """Take the oldest job in one of `statuses` that no live replica holds (never claimed, released,
+        or its claim expired: that replica died), for `ttl_s`. None when there is none."""
         now = time.time()
-        self._db.execute("BEGIN IMMEDIATE")  # other replicas on this database wait here
-        try:
-            row = self._one("SELECT holder, expires_at FROM leases WHERE name = ?", name)
-            if row is not None and row[0] != holder and row[1] > now:
-                held = None
-            else:
-                self._db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (name, holder, now + ttl_s))
-                held = "renewed" if row is not None and row[0] == holder else "acquired"
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        return held
+        free = or_(jobs.c.runner.is_(None), jobs.c.claim_expires_at < now)
+        with self.db.write() as connection:  # PostgreSQL: replicas skip a row another is claiming
+            row = connection.execute(select(*_JOB_COLUMNS).where(jobs.c.status.in_(statuses), free)
+                                     .order_by(jobs.c.created_ns, jobs.c.id).limit(1)
+                                     .with_for_update(skip_locked=True)).mappings().first()
+            if row is None:
+                return None
+            connection.execute(update(jobs).where(jobs.c.id == row["id"])
+                               .values(runner=runner, claim_expires_at=now + ttl_s))
+        return _job(row)
 
-    def release_lease(self, name: str, holder: str) -> None:
-        self._db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+    def renew_claims(self, runner: str, ttl_s: float) -> set[str]:
+        """Extend every claim `runner` holds; returns the jobs it still holds."""
+        with self.db.write() as connection:
+            connection.execute(update(jobs).where(jobs.c.runner == runner)
+                               .values(claim_expires_at=time.time() + ttl_s))
+            return set(connection.execute(select(jobs.c.id).where(jobs.c.runner == runner)).scalars())
+
+    def release(self, job_id: str, runner: str) -> None:
+        """Give the job's claim up (another replica may take the job at once, if it is not finished)."""
+        with self.db.write() as connection:
+            connection.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.runner == runner)
+                               .values(runner=None, claim_expires_at=None))
 
     # -- events and checkpoints ------------------------------------------------------------------------
 
     def add_event(self, job_id: str, level: str, message: str, data: dict | None = None) -> None:
-        self._db.execute("INSERT INTO events (job_id, created_at, level, message, data) VALUES (?, ?, ?, ?, ?)",
-                         (job_id, int(time.time()), level, message, json.dumps(data) if data else None))
+        with self.db.write() as connection:
+            connection.execute(insert(events).values(job_id=job_id, created_at=int(time.time()), level=level,
+                                                     message=message, data=json.dumps(data) if data else None))
 
     def events(self, job_id: str, after: int | None, limit: int) -> list[EventRecord]:
         """Newest first, as OpenAI lists them; `after` is a sequence number from a previous page."""
-        rows = self._page("events", job_id, after, limit)
-        return [EventRecord(seq=s, job_id=j, created_at=c, level=lv, message=m, data=json.loads(d) if d else None)
-                for s, j, c, lv, m, d in rows]
+        rows = self._newest(events, job_id, after, limit)
+        return [EventRecord(**row | {"data": json.loads(row["data"]) if row["data"] else None}) for row in rows]
 
     def add_checkpoint(self, job_id: str, step: int, epoch: int, path: str, metrics: dict) -> None:
-        self._db.execute("INSERT INTO checkpoints (job_id, created_at, step, epoch, path, metrics) "
-                         "VALUES (?, ?, ?, ?, ?, ?)",
-                         (job_id, int(time.time()), step, epoch, path, json.dumps(metrics)))
+        with self.db.write() as connection:
+            connection.execute(insert(checkpoints).values(job_id=job_id, created_at=int(time.time()), step=step,
+                                                          epoch=epoch, path=path, metrics=json.dumps(metrics)))
 
     def checkpoints(self, job_id: str, after: int | None, limit: int) -> list[CheckpointRecord]:
         """Newest first; `after` is a sequence number from a previous page."""
-        rows = self._page("checkpoints", job_id, after, limit)
-        return [CheckpointRecord(seq=s, job_id=j, created_at=c, step=st, epoch=e, path=p, metrics=json.loads(m))
-                for s, j, c, st, e, p, m in rows]
+        rows = self._newest(checkpoints, job_id, after, limit)
+        return [CheckpointRecord(**row | {"metrics": json.loads(row["metrics"])}) for row in rows]
 
-    def _page(self, table: Literal["events", "checkpoints"], job_id: str, after: int | None, limit: int) -> list:
-        return self._db.execute(f"SELECT * FROM {table} WHERE job_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-                                (job_id, after if after is not None else 2**62, limit)).fetchall()
-
-    @staticmethod
-    def _job(row: tuple) -> JobRecord:
-        values = dict(zip(JobRecord.model_fields, row))
-        for name in _JSON_FIELDS:
-            values[name] = json.loads(values[name]) if values[name] else None
-        values["result_files"] = values["result_files"] or []
-        return JobRecord(**values)
+    def _newest(self, table, job_id: str, after: int | None, limit: int) -> list[dict]:
+        query = select(table).where(table.c.job_id == job_id)
+        if after is not None:
+            query = query.where(table.c.seq < after)
+        with self.db.read() as connection:
+            return [dict(row) for row in connection.execute(query.order_by(table.c.seq.desc()).limit(limit))
+                    .mappings()]
 
 
-_FILE_COLUMNS = ", ".join(FileRecord.model_fields)
-_JOB_COLUMNS = ", ".join(JobRecord.model_fields)
+_FILE_COLUMNS = [files.c[name] for name in FileRecord.model_fields]
+_JOB_COLUMNS = [jobs.c[name] for name in JobRecord.model_fields]
+
+
+def _page(connection: Connection, query, table, after: str | None, newest_first: bool):
+    """`query` ordered by (created_ns, id), from just past row `after` (keyset pagination; an unknown
+    `after` gives an empty page)."""
+    key = tuple_(table.c.created_ns, table.c.id)
+    if after is not None:
+        anchor = connection.execute(select(table.c.created_ns, table.c.id).where(table.c.id == after)).first()
+        if anchor is None:
+            return query.where(false())
+        query = query.where(key < tuple_(*anchor) if newest_first else key > tuple_(*anchor))
+    order = (table.c.created_ns.desc(), table.c.id.desc()) if newest_first else (table.c.created_ns, table.c.id)
+    return query.order_by(*order)
+
+
+def _job(row) -> JobRecord:
+    values = dict(row)
+    for name in _JSON_FIELDS:
+        values[name] = json.loads(values[name]) if values[name] else None
+    values["result_files"] = values["result_files"] or []
+    return JobRecord(**values)
 
 
 def _to_column(name: str, value):

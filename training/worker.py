@@ -11,10 +11,10 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 
+from server.database import Database
 from training.config import TrainConfig
 from training.data import DataError
 from training.jobs import JobStore
@@ -34,12 +34,12 @@ def die_with_parent() -> None:
             os._exit(1)
 
 
-def run_job(db_path: str, job_id: str, num_threads: int | None) -> None:
+def run_job(database_url: str, job_id: str, num_threads: int | None) -> None:
     die_with_parent()
     logging.basicConfig(level=logging.WARNING)
     if num_threads:
         torch.set_num_threads(num_threads)
-    store = JobStore(Path(db_path))
+    store = JobStore(Database(database_url, migrate=False))  # the server migrated it
     config = TrainConfig.model_validate(store.get_job(job_id).config)
     latest: dict = {}
 

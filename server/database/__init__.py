@@ -1,0 +1,119 @@
+"""The database behind the adapter registry and the fine-tuning jobs: SQLite (a local file, the default)
+or PostgreSQL (replicas on several nodes). One schema serves both; Alembic migrates it at start-up.
+
+Reads run in autocommit (no transaction to open and close); writes run in a transaction that takes
+SQLite's write lock at once (BEGIN IMMEDIATE), so that two writers queue instead of failing when one
+upgrades a read. A database that stops answering is reported (`is_up`, /ready) and not asked again for
+RETRY_AFTER_S, so requests that need nothing new from it go on meanwhile.
+"""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, create_engine, event, make_url, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+RETRY_AFTER_S = 1.0
+CONNECT_TIMEOUT_S = 3
+STATEMENT_TIMEOUT_MS = 10_000
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x5357_4150  # PostgreSQL advisory lock taken while a replica migrates ("SWAP")
+
+
+class DatabaseUnavailable(Exception):
+    """The database did not answer (down, unreachable, or locked past the timeout)."""
+
+
+def normalize_url(url: str) -> URL:
+    """`postgresql://` and `postgres://` mean psycopg 3 (SQLAlchemy would pick psycopg2, not installed)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"database URL scheme `{parsed.drivername}`: use sqlite:///PATH or postgresql://...")
+    return parsed
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+class Database:
+    def __init__(self, url: str, *, migrate: bool = True):
+        self.url = normalize_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if self.url.database in (None, "", ":memory:"):
+                raise ValueError("an SQLite database URL needs a file: sqlite:///PATH")
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        else:
+            self.engine = create_engine(
+                self.url, pool_size=5, max_overflow=10, pool_timeout=CONNECT_TIMEOUT_S, pool_pre_ping=True,
+                pool_recycle=1800, connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
+                                                 "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"})
+        self._failed_at: float | None = None
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; replicas starting together take turns."""
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with self.write() as connection:  # SQLite: BEGIN IMMEDIATE serializes migrators
+            if not self.is_sqlite:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def is_up(self) -> bool:
+        """False for RETRY_AFTER_S after a failure: callers serve what they have instead of waiting."""
+        return self._failed_at is None or time.monotonic() - self._failed_at > RETRY_AFTER_S
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._reporting(), self.engine.connect() as connection:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self._reporting(), self.engine.begin() as connection:
+            yield connection
+
+    def ping(self) -> bool:
+        try:
+            with self.read() as connection:
+                connection.execute(text("SELECT 1"))
+        except DatabaseUnavailable:
+            return False
+        return True
+
+    @contextmanager
+    def _reporting(self) -> Iterator[None]:
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            self._failed_at = time.monotonic()
+            raise DatabaseUnavailable(f"the database ({self.url.render_as_string(hide_password=True)}) did not "
+                                      f"answer: {exc.orig or exc}") from exc
+        self._failed_at = None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # transactions begin where SQLAlchemy says (below), not lazily
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,164 @@
+"""Replicas on PostgreSQL: real `swapyard serve` processes sharing one database and one store volume, as two
+pods behind a load balancer would (README, "Scale-out")."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from conftest import CHAT, MODEL, ask, start_serve_process
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "training" / "examples"
+JOBS = "/v1/fine_tuning/jobs"
+QUESTION = ask("Write a short poem about the sea.")
+
+
+@contextmanager
+def replicas(tmp_path: Path, database_url: str, adapter_root: Path, count: int = 2):
+    """`count` server processes on one database, one adapter store and one fine-tuning folder."""
+    shared = ["--engine", "torch", "--dtype", "float32", "--max-model-len", "512", "--database-url", database_url,
+              "--adapter-store", str(tmp_path / "store"), "--fine-tuning-dir", str(tmp_path / "ft"),
+              "--adapter-roots", json.dumps([str(adapter_root)])]
+    started: list = []
+    try:
+        for index in range(count):
+            started.append(start_serve_process(tmp_path / f"replica-{index}.log", *shared))
+        yield started
+    finally:
+        for proc, _ in started:
+            proc.kill()
+            proc.wait()
+
+
+def _answer(url: str, model: str) -> str:
+    body = {"model": model, "messages": QUESTION, "temperature": 0, "max_tokens": 24}
+    response = httpx.post(f"{url}{CHAT}", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+async def _stream_while(url: str, model: str, during) -> str:
+    """Stream an answer from `url`, calling `during()` once the first tokens have arrived."""
+    body = {"model": model, "messages": QUESTION, "temperature": 0, "max_tokens": 24, "stream": True}
+    parts = []
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with client.stream("POST", CHAT, json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    parts.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
+                    if len(parts) == 3:
+                        await during()
+    return "".join(parts)
+
+
+def test_register_replace_and_delete_across_replica_processes(tmp_path, postgres, adapter_root, adapter_dirs):
+    with replicas(tmp_path, postgres.new_database(), adapter_root) as [(_, a), (_, b)]:
+        registered = httpx.post(f"{a}/v1/adapters", json={"name": "shared", "path": str(adapter_dirs["lora"])})
+        assert registered.status_code == 201, registered.text
+        old = _answer(a, "shared")
+        assert _answer(b, "shared") == old  # B serves A's registration on its next request
+
+        async def replace_on_b() -> None:
+            async with httpx.AsyncClient(timeout=120) as client:
+                replaced = await client.post(f"{b}/v1/adapters", json={"name": "shared", "replace": True,
+                                                                        "path": str(adapter_dirs["lora2"])})
+                assert replaced.status_code == 201 and replaced.json()["version"] == 2, replaced.text
+
+        assert asyncio.run(_stream_while(a, "shared", replace_on_b)) == old  # A's stream ends on the old version
+        new = _answer(a, "shared")  # A's next request gets the new one
+        assert new != old and _answer(b, "shared") == new
+
+        assert httpx.delete(f"{a}/v1/adapters/shared").status_code == 200
+        gone = httpx.post(f"{b}{CHAT}", json={"model": "shared", "messages": QUESTION, "max_tokens": 4})
+        assert gone.status_code == 404, gone.text
+        assert [m["id"] for m in httpx.get(f"{b}/v1/models").json()["data"]] == [MODEL]
+
+
+def _events(http: httpx.Client, job_id: str) -> list[dict]:
+    return http.get(f"{JOBS}/{job_id}/events", params={"limit": 500}).json()["data"][::-1]
+
+
+def test_jobs_run_once_each_and_a_killed_replicas_job_resumes_on_another(tmp_path, postgres, adapter_root):
+    data = adapter_root / "replicas-train.jsonl"
+    shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
+    request = {"model": MODEL, "training_file": str(data), "method": {"type": "bottleneck",
+                                                                       "hyperparameters": {"n_epochs": 4}}}
+    with replicas(tmp_path, postgres.new_database(), adapter_root) as servers:
+        by_pid = {proc.pid: (proc, url) for proc, url in servers}
+        with httpx.Client(base_url=servers[0][1], timeout=60) as http:
+            created = [http.post(JOBS, json=request) for _ in range(3)]
+            assert all(c.status_code == 200 for c in created), created[0].text
+            job_ids = [c.json()["id"] for c in created]
+            # A fourth, cancelled through the other replica before it can run, never runs.
+            cancelled = http.post(JOBS, json=request).json()["id"]
+            assert httpx.post(f"{servers[1][1]}{JOBS}/{cancelled}/cancel").json()["status"] == "cancelled"
+            # A job with a checkpoint is mid-training: kill -9 the replica that runs it.
+            deadline, victim = time.monotonic() + 300, None
+            while victim is None and time.monotonic() < deadline:
+                for job_id in job_ids:
+                    if http.get(f"{JOBS}/{job_id}/checkpoints").json()["data"] and \
+                            http.get(f"{JOBS}/{job_id}").json()["status"] == "running":
+                        victim = job_id
+                        break
+                time.sleep(0.2)
+            assert victim is not None, "no job reached a checkpoint"
+            started = [e for e in _events(http, victim) if e["message"] == "Fine-tuning job started"]
+            pid = int(started[-1]["data"]["replica"].split(":")[1])
+        dead, _ = by_pid.pop(pid)
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.wait()
+
+        (_, survivor), = by_pid.values()
+        with httpx.Client(base_url=survivor, timeout=60) as http:
+            for job_id in job_ids:
+                deadline = time.monotonic() + 400
+                while (job := http.get(f"{JOBS}/{job_id}").json())["status"] not in {"succeeded", "failed",
+                                                                                      "cancelled"}:
+                    assert time.monotonic() < deadline, _events(http, job_id)
+                    time.sleep(0.5)
+                assert job["status"] == "succeeded", _events(http, job_id)
+                messages = [e["message"] for e in _events(http, job_id)]
+                steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job_id / "metrics.jsonl")
+                         .read_text().splitlines() if "train_loss" in line]
+                assert steps == list(range(1, steps[-1] + 1))  # every step once, across the two replicas
+                if job_id == victim:
+                    assert any("the job's runner stopped" in m for m in messages)
+                    assert any("resumed after epoch" in m for m in messages)
+                else:  # untouched jobs ran exactly once
+                    assert messages.count("Fine-tuning job started") == 1, messages
+                assert _answer(survivor, job["fine_tuned_model"])
+            job = http.get(f"{JOBS}/{cancelled}").json()
+            assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
+            assert "Fine-tuning job started" not in [e["message"] for e in _events(http, cancelled)]
+
+
+def test_a_database_outage_keeps_resident_adapters_serving(tmp_path, postgres, adapter_root, adapter_dirs):
+    with replicas(tmp_path, postgres.new_database(), adapter_root, count=1) as [(_, url)]:
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "resident", "path": str(adapter_dirs["lora"])}
+                          ).status_code == 201
+        before = _answer(url, "resident")
+        postgres.stop()
+        try:
+            assert _answer(url, "resident") == before and _answer(url, MODEL)
+            ready = httpx.get(f"{url}/ready")
+            assert ready.status_code == 503 and ready.json()["status"] == "database_unavailable"
+            refused = httpx.post(f"{url}/v1/adapters", json={"name": "later", "path": str(adapter_dirs["lora2"])})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "database_unavailable"
+            assert "password" not in refused.text and postgres.url() not in refused.text
+            jobs = httpx.get(f"{url}{JOBS}")
+            assert jobs.status_code == 503 and jobs.json()["error"]["code"] == "database_unavailable"
+        finally:
+            postgres.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/ready").status_code != 200:  # recovery needs no restart
+            assert time.monotonic() < deadline, "the server did not see the database come back"
+            time.sleep(0.5)
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "later", "path": str(adapter_dirs["lora2"])}
+                          ).status_code == 201
+        assert _answer(url, "later") != before
