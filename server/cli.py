@@ -2,14 +2,13 @@
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from adapters.base import AdapterError
-from server.database import Database
+from server.database import Database, url_from_env
 from server.default_model import ensure_default_model
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
 from training.config import TrainConfig
@@ -61,7 +60,7 @@ class Merge(BaseModel):
     cache_dir: Path = DEFAULT_CACHE_DIR
     adapter_store: Path | None = None
     """Registry to look names up in (default: CACHE_DIR/adapters)."""
-    database_url: str | None = Field(default_factory=lambda: os.environ.get("SWAPYARD_DATABASE_URL") or None)
+    database_url: str | None = Field(default_factory=url_from_env)
     """The registry's database, as `serve --database-url` (default: an SQLite file in the adapter store)."""
 
     def cli_cmd(self) -> None:

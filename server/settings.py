@@ -1,12 +1,11 @@
 """Typed settings for `swapyard serve`; field docstrings are the CLI's help text."""
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.database import normalize_url
+from server.database import normalize_url, url_from_env
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "swapyard"
 
@@ -76,7 +75,7 @@ class ServeSettings(EngineSettings):
     """Server folders adapters may be registered from by path (default: none, uploads only)."""
     fine_tuning_dir: Path | None = None
     """Folder of fine-tuning jobs, their files and outputs (default: CACHE_DIR/fine_tuning)."""
-    database_url: str | None = Field(default_factory=lambda: os.environ.get("SWAPYARD_DATABASE_URL") or None)
+    database_url: str | None = Field(default_factory=url_from_env)
     """Database of the adapter registry and fine-tuning jobs: postgresql://USER:PASSWORD@HOST:PORT/DB for
     replicas on several nodes, or sqlite:///PATH (also read: $SWAPYARD_DATABASE_URL; default: SQLite files in
     the adapter store and the fine-tuning folder)."""

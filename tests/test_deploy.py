@@ -38,6 +38,8 @@ def test_storage_rules(tmp_path, monkeypatch):
     fake.write_text(f"27 1 259:1 / / rw - ext4 /dev/sda rw\n50 27 0:50 / {tmp_path}/nfs rw - nfs4 srv:/x rw\n"
                     f"51 27 0:51 / {tmp_path}/s3 rw - fuse mountpoint-s3 rw\n")
     monkeypatch.setattr("server.storage.MOUNTINFO", fake)
+    for mount_point in ("nfs", "s3"):
+        (tmp_path / mount_point).mkdir()
     with pytest.raises(SystemExit, match="--database-url .* nfs4 filesystem: an SQLite database needs a local"):
         require_local(tmp_path / "nfs" / "not-yet-created", "--database-url")
     require_local(Path("/usr"), "--database-url")  # local: accepted
@@ -45,7 +47,7 @@ def test_storage_rules(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--adapter-store .* nfs4 filesystem.*PostgreSQL"):
         require_store(tmp_path / "nfs" / "store", "--adapter-store", shared_database=False)
     require_store(tmp_path / "nfs" / "store", "--adapter-store", shared_database=True)
-    with pytest.raises(SystemExit, match="--fine-tuning-dir .* FUSE.*cannot do"):
+    with pytest.raises(SystemExit, match=r"--fine-tuning-dir .* \(FUSE\) filesystem.*cannot do"):
         require_store(tmp_path / "s3" / "ft", "--fine-tuning-dir", shared_database=True)
 
 

@@ -7,6 +7,7 @@ upgrades a read. A database that stops answering is reported (`is_up`, /ready) a
 RETRY_AFTER_S, so requests that need nothing new from it go on meanwhile.
 """
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,11 @@ def normalize_url(url: str) -> URL:
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ValueError(f"database URL scheme `{parsed.drivername}`: use sqlite:///PATH or postgresql://...")
     return parsed
+
+
+def url_from_env() -> str | None:
+    """$SWAPYARD_DATABASE_URL, the default of --database-url (empty: none, as compose passes it unset)."""
+    return os.environ.get("SWAPYARD_DATABASE_URL") or None
 
 
 def sqlite_url(path: Path) -> str:
