@@ -15,9 +15,10 @@ from adapters.bottleneck import BottleneckAdapter, BottleneckConfig
 KINDS = ("lora", "prefix", "prompt", "bottleneck")
 
 
-def _peft_config(kind: str, model_path: Path, seed: int, lora_targets: str | list[str]):
+def _peft_config(kind: str, model_path: Path, seed: int, lora_targets: str | list[str], rank: int | None):
     if kind == "lora":
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=4 + 4 * (seed % 2), lora_alpha=16, use_rslora=seed % 2 == 1,
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank or 4 + 4 * (seed % 2), lora_alpha=16,
+                          use_rslora=seed % 2 == 1,
                           target_modules=lora_targets, init_lora_weights=False)
     if kind == "prefix":
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6)
@@ -27,10 +28,10 @@ def _peft_config(kind: str, model_path: Path, seed: int, lora_targets: str | lis
 
 
 def make_peft_adapter(kind: str, model_path: Path, out: Path, seed: int = 0,
-                      lora_targets: str | list[str] = "all-linear") -> Path:
+                      lora_targets: str | list[str] = "all-linear", rank: int | None = None) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    peft_model = get_peft_model(model, _peft_config(kind, model_path, seed, lora_targets))
+    peft_model = get_peft_model(model, _peft_config(kind, model_path, seed, lora_targets, rank))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

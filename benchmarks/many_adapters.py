@@ -1,0 +1,171 @@
+"""Many adapters at S-LoRA scale: far more registered than device slots, open-loop traffic spread over them.
+
+    .venv/bin/python benchmarks/many_adapters.py --loras 1000 --others 50 --requests 400
+
+Registers --loras LoRAs (ranks 8-64 mixed, q/v and all-linear mixed) plus --others each of prefix, prompt
+and bottleneck adapters on a server with --max-resident-adapters 16 slots. Measures the base model's
+capacity (closed loop, --concurrency streams), then sends the same open-loop Poisson arrivals at --load of
+that capacity twice: once with each request's adapter drawn Zipf(--zipf) over all adapters, once with
+every request on the base model. Every request generates exactly --max-tokens tokens (ignore_eos).
+Reports tokens/s, TTFT p50/p95/p99, refused requests, and the share of requests that waited for an
+adapter load (swapyard_adapter_wait_seconds' count). Targets on this CPU: zero refused, tokens/s >= 0.8
+of base-only, TTFT p95 <= 2x base-only.
+
+Adapters are random and cheap to make: one template per kind and LoRA shape, copied with new random
+weights of the template's scale, so 1,000 take a minute rather than 1,000 model loads.
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import load_file, save_file
+
+from serve_throughput import one_stream, percentile, prompts, run_clients, start_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from adapter_factory import make_adapter, make_peft_adapter  # noqa: E402
+
+from adapters.base import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
+from server.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: E402
+from server.host import detect_host  # noqa: E402
+from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
+
+LORA_RANKS = {8: 0.5, 16: 0.3, 32: 0.15, 64: 0.05}  # most adapters are small, as in S-LoRA's workloads
+LORA_TARGETS = {"qv": (["q_proj", "v_proj"], 0.7), "all-linear": ("all-linear", 0.3)}
+WAITED = "swapyard_adapter_wait_seconds_count"
+
+
+def make_adapters(root: Path, num_loras: int, num_others: int, seed: int) -> list[tuple[str, Path]]:
+    """(name, folder) for every adapter: templates made once, then copies with fresh random weights."""
+    model_path, rng = default_model_dir(DEFAULT_CACHE_DIR), random.Random(seed)
+    templates = {("lora", rank, targets): make_peft_adapter("lora", model_path, root / f"t-lora-{rank}-{targets}",
+                                                            rank=rank, lora_targets=LORA_TARGETS[targets][0])
+                 for rank in LORA_RANKS for targets in LORA_TARGETS}
+    templates |= {(kind,): make_adapter(kind, model_path, root / f"t-{kind}") for kind in ("prefix", "prompt",
+                                                                                          "bottleneck")}
+    plan = [("lora", rng.choices(list(LORA_RANKS), weights=list(LORA_RANKS.values()))[0],
+             rng.choices(list(LORA_TARGETS), weights=[w for _, w in LORA_TARGETS.values()])[0])
+            for _ in range(num_loras)]
+    plan += [(kind,) for kind in ("prefix", "prompt", "bottleneck") for _ in range(num_others)]
+    made = []
+    for index, key in enumerate(plan):
+        name, template = f"{'-'.join(map(str, key))}-{index}", templates[key]
+        folder = root / name
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_bytes((template / CONFIG_FILE).read_bytes())
+        generator = torch.Generator().manual_seed(seed + index)
+        weights = {key: torch.randn(tensor.shape, generator=generator) * tensor.float().std().clamp_min(1e-3)
+                   for key, tensor in load_file(template / WEIGHTS_FILE).items()}
+        save_file(weights, folder / WEIGHTS_FILE)
+        made.append((name, folder))
+    return made
+
+
+async def register_all(url: str, adapters: list[tuple[str, Path]]) -> float:
+    start, limit = time.perf_counter(), asyncio.Semaphore(4)
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        async def register(name: str, folder: Path) -> None:
+            async with limit:
+                (await client.post("/v1/adapters", json={"name": name, "path": str(folder)})).raise_for_status()
+        await asyncio.gather(*(register(name, folder) for name, folder in adapters))
+    return time.perf_counter() - start
+
+
+def zipf_choices(names: list[str], alpha: float, count: int, rng: random.Random) -> list[str]:
+    """`count` draws with P(rank k) proportional to 1/k^alpha, over `names` in a random popularity order."""
+    ranked = names[:]
+    rng.shuffle(ranked)
+    return rng.choices(ranked, weights=[1 / (k + 1) ** alpha for k in range(len(ranked))], k=count)
+
+
+def waited_for_loads(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(WAITED))
+
+
+async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: int) -> dict:
+    """Request i starts gaps[0] + ... + gaps[i] seconds in, whatever the earlier ones are doing."""
+    texts = prompts(len(models))
+    limits = httpx.Limits(max_connections=len(models))
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        async def one(index: int, delay: float) -> tuple[float, int] | None:
+            await asyncio.sleep(delay)
+            try:
+                ttft, _, tokens = await one_stream(client, models[index], texts[index], max_tokens, ignore_eos=True)
+            except httpx.HTTPStatusError:
+                return None
+            return ttft, tokens
+
+        delays, total = [], 0.0
+        for gap in gaps:
+            total += gap
+            delays.append(total)
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(i, d) for i, d in enumerate(delays)))
+        wall = time.perf_counter() - start
+    served = [r for r in results if r is not None]
+    ttfts = [r[0] for r in served]
+    tokens = sum(r[1] for r in served)
+    return {"requests": len(models), "refused": len(models) - len(served), "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttfts, 50), 3), "ttft_p95_s": round(percentile(ttfts, 95), 3),
+            "ttft_p99_s": round(percentile(ttfts, 99), 3), "wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loras", type=int, default=1000)
+    parser.add_argument("--others", type=int, default=50, help="adapters of each of prefix, prompt, bottleneck")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="streams of the capacity measurement")
+    parser.add_argument("--load", type=float, default=0.7, help="arrival rate as a share of base capacity")
+    parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("server_args", nargs="*", help="`swapyard serve` arguments, after -- "
+                                                       "(default: --max-resident-adapters 16)")
+    args = parser.parse_args()
+    print(json.dumps({"host": detect_host().describe()}), flush=True)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="swapyard-many-") as tmp:
+        root = Path(tmp) / "adapters"
+        root.mkdir()
+        start = time.perf_counter()
+        adapters = make_adapters(root, args.loras, args.others, args.seed)
+        print(json.dumps({"adapters_made": len(adapters), "make_s": round(time.perf_counter() - start, 1)}),
+              flush=True)
+        proc, url = start_server(["--adapter-store", f"{tmp}/store", "--adapter-roots", json.dumps([str(root)]),
+                                  "--max-model-len", "1024", *(args.server_args or ["--max-resident-adapters",
+                                                                                    "16"])])
+        try:
+            register_s = asyncio.run(register_all(url, adapters))
+            print(json.dumps({"registered": len(adapters), "register_s": round(register_s, 1)}), flush=True)
+            capacity = asyncio.run(run_clients(url, [DEFAULT_MODEL_NAME] * args.concurrency, args.max_tokens,
+                                               ignore_eos=True))
+            rate = args.load * capacity["tokens_per_s"] / args.max_tokens  # requests per second
+            gaps = [rng.expovariate(rate) for _ in range(args.requests)]
+            models = zipf_choices([name for name, _ in adapters], args.zipf, args.requests, rng)
+            before = waited_for_loads(url)
+            mixed = asyncio.run(open_loop(url, models, gaps, args.max_tokens))
+            mixed["waited_for_load_share"] = round((waited_for_loads(url) - before) / args.requests, 3)
+            mixed["distinct_adapters"] = len(set(models))
+            base = asyncio.run(open_loop(url, [DEFAULT_MODEL_NAME] * args.requests, gaps, args.max_tokens))
+        finally:
+            proc.terminate()
+            proc.wait()
+    report = {"base_capacity_tokens_per_s": round(capacity["tokens_per_s"], 1), "arrival_rate_per_s": round(rate, 2),
+              "adapters": mixed, "base_only": base,
+              "tokens_per_s_vs_base": round(mixed["tokens_per_s"] / base["tokens_per_s"], 3),
+              "ttft_p95_vs_base": round(mixed["ttft_p95_s"] / base["ttft_p95_s"], 2)}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
