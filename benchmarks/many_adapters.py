@@ -39,29 +39,33 @@ from server.host import detect_host  # noqa: E402
 from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
 
 LORA_RANKS = {8: 0.5, 16: 0.3, 32: 0.15, 64: 0.05}  # most adapters are small, as in S-LoRA's workloads
-LORA_TARGETS = {"qv": (["q_proj", "v_proj"], 0.7), "all-linear": ("all-linear", 0.3)}
-WAITED = "swapyard_adapter_wait_seconds_count"
+LORA_TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+# Counters summed over adapters: requests that waited for a load (and how long), loads (and how long).
+TALLIES = ("swapyard_adapter_wait_seconds_count", "swapyard_adapter_wait_seconds_sum",
+           "swapyard_adapter_load_seconds_count", "swapyard_adapter_load_seconds_sum")
 
 
-def make_adapters(root: Path, num_loras: int, num_others: int, seed: int) -> list[tuple[str, Path]]:
+def make_adapters(root: Path, args: argparse.Namespace) -> list[tuple[str, Path]]:
     """(name, folder) for every adapter: templates made once, then copies with fresh random weights."""
-    model_path, rng = default_model_dir(DEFAULT_CACHE_DIR), random.Random(seed)
+    model_path, rng = default_model_dir(DEFAULT_CACHE_DIR), random.Random(args.seed)
+    ranks = {rank: share for rank, share in LORA_RANKS.items() if rank <= args.max_rank}
+    targets_share = {"qv": 1 - args.all_linear_share, "all-linear": args.all_linear_share}
     templates = {("lora", rank, targets): make_peft_adapter("lora", model_path, root / f"t-lora-{rank}-{targets}",
-                                                            rank=rank, lora_targets=LORA_TARGETS[targets][0])
-                 for rank in LORA_RANKS for targets in LORA_TARGETS}
+                                                            rank=rank, lora_targets=LORA_TARGETS[targets])
+                 for rank in ranks for targets in LORA_TARGETS}
     templates |= {(kind,): make_adapter(kind, model_path, root / f"t-{kind}") for kind in ("prefix", "prompt",
                                                                                           "bottleneck")}
-    plan = [("lora", rng.choices(list(LORA_RANKS), weights=list(LORA_RANKS.values()))[0],
-             rng.choices(list(LORA_TARGETS), weights=[w for _, w in LORA_TARGETS.values()])[0])
-            for _ in range(num_loras)]
-    plan += [(kind,) for kind in ("prefix", "prompt", "bottleneck") for _ in range(num_others)]
+    plan = [("lora", rng.choices(list(ranks), weights=list(ranks.values()))[0],
+             rng.choices(list(targets_share), weights=list(targets_share.values()))[0])
+            for _ in range(args.loras)]
+    plan += [(kind,) for kind in ("prefix", "prompt", "bottleneck") for _ in range(args.others)]
     made = []
     for index, key in enumerate(plan):
         name, template = f"{'-'.join(map(str, key))}-{index}", templates[key]
         folder = root / name
         folder.mkdir()
         (folder / CONFIG_FILE).write_bytes((template / CONFIG_FILE).read_bytes())
-        generator = torch.Generator().manual_seed(seed + index)
+        generator = torch.Generator().manual_seed(args.seed + index)
         weights = {key: torch.randn(tensor.shape, generator=generator) * tensor.float().std().clamp_min(1e-3)
                    for key, tensor in load_file(template / WEIGHTS_FILE).items()}
         save_file(weights, folder / WEIGHTS_FILE)
@@ -86,9 +90,9 @@ def zipf_choices(names: list[str], alpha: float, count: int, rng: random.Random)
     return rng.choices(ranked, weights=[1 / (k + 1) ** alpha for k in range(len(ranked))], k=count)
 
 
-def waited_for_loads(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(WAITED))
+def tallies(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return {name: sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name)) for name in TALLIES}
 
 
 async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: int) -> dict:
@@ -129,6 +133,8 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.7, help="arrival rate as a share of base capacity")
     parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-rank", type=int, default=64, help="LoRA ranks drawn from 8, 16, 32, 64 up to this")
+    parser.add_argument("--all-linear-share", type=float, default=0.3, help="LoRAs on every linear layer (else q/v)")
     parser.add_argument("server_args", nargs="*", help="`swapyard serve` arguments, after -- "
                                                        "(default: --max-resident-adapters 16)")
     args = parser.parse_args()
@@ -138,7 +144,7 @@ def main() -> None:
         root = Path(tmp) / "adapters"
         root.mkdir()
         start = time.perf_counter()
-        adapters = make_adapters(root, args.loras, args.others, args.seed)
+        adapters = make_adapters(root, args)
         print(json.dumps({"adapters_made": len(adapters), "make_s": round(time.perf_counter() - start, 1)}),
               flush=True)
         proc, url = start_server(["--adapter-store", f"{tmp}/store", "--adapter-roots", json.dumps([str(root)]),
@@ -152,9 +158,12 @@ def main() -> None:
             rate = args.load * capacity["tokens_per_s"] / args.max_tokens  # requests per second
             gaps = [rng.expovariate(rate) for _ in range(args.requests)]
             models = zipf_choices([name for name, _ in adapters], args.zipf, args.requests, rng)
-            before = waited_for_loads(url)
+            before = tallies(url)
             mixed = asyncio.run(open_loop(url, models, gaps, args.max_tokens))
-            mixed["waited_for_load_share"] = round((waited_for_loads(url) - before) / args.requests, 3)
+            after = tallies(url)
+            waits, waited, loads, loading = (after[name] - before[name] for name in TALLIES)
+            mixed |= {"waited_for_load_share": round(waits / args.requests, 3), "loads": int(loads),
+                      "mean_wait_s": round(waited / max(waits, 1), 3), "mean_load_s": round(loading / max(loads, 1), 4)}
             mixed["distinct_adapters"] = len(set(models))
             base = asyncio.run(open_loop(url, [DEFAULT_MODEL_NAME] * args.requests, gaps, args.max_tokens))
         finally:

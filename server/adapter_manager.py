@@ -4,7 +4,9 @@ At most `max_resident` adapters sit on the engine's device; a request for anothe
 the store, evicting the least recently used adapter that is neither pinned, merged nor serving a request.
 When every slot serves requests, the request waits here (queued, not refused) until one frees; after
 FAIR_WAIT_S of waiting, new requests for the least recently used adapter wait too, so that its slot drains
-even under a steady stream for it. A request for a resident adapter takes no lock and queries no table.
+even under a steady stream for it. A request for a resident adapter takes no lock and reads only the
+registry's version row. A cold request reads and checks its adapter's files before it queues for the lock,
+so cold requests for different adapters parse side by side.
 Evicted adapters stay parsed in host memory (the host tier, `max_cached` of them), so a reload skips the disk.
 At most one LoRA is merged into the base weights; replacing or deleting it unmerges it first.
 """
@@ -39,6 +41,7 @@ class AdapterManager:
         self._loaded: dict[str, Adapter] = {}  # what each resident adapter was loaded from
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> version, least recently used first
         self._in_use: Counter[str] = Counter()
+        self._reading: dict[tuple[str, int], asyncio.Future[Adapter]] = {}  # store reads in flight
         self._lock = asyncio.Lock()  # one load, eviction or merge at a time
         self._slot_freed = asyncio.Event()  # set (and replaced) whenever a slot may have freed
         self._draining: str | None = None  # an adapter whose new requests wait, so its slot frees
@@ -124,10 +127,14 @@ class AdapterManager:
         start, drains = time.monotonic(), None
         ADAPTER_QUEUE.inc()
         try:
+            # Read and check the files before queueing for the lock, so cold requests for different adapters
+            # parse side by side and the lock is held only for the device work.
+            record = self._record(name)
+            prefetched = await self._parse(record) if self._resident.get(name) != record.version else None
             while True:
                 async with self._lock:
                     try:
-                        await self._ensure_resident(name)
+                        await self._ensure_resident(name, prefetched)
                     except AdapterCapacityError:
                         if not self._can_free_a_slot():
                             raise
@@ -174,9 +181,7 @@ class AdapterManager:
 
     async def merge(self, name: str) -> AdapterRecord:
         """Fold LoRA `name` into the base weights (unmerging the one merged before)."""
-        record = self.registry.get(name)
-        if record is None:
-            raise AdapterError("model", f"adapter `{name}` is not registered")
+        record = self._record(name)
         if record.kind != "lora":
             raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is {record.kind}")
         async with self._lock:
@@ -202,24 +207,41 @@ class AdapterManager:
             MERGED_ADAPTER.labels(self.merged).set(0)
             self.merged = None
 
-    async def _ensure_resident(self, name: str) -> None:
-        """Load `name` unless its registered version is resident (another replica may have replaced it)."""
+    def _record(self, name: str) -> AdapterRecord:
         record = self.registry.get(name)
         if record is None:
             raise AdapterError("model", f"adapter `{name}` is not registered")
+        return record
+
+    async def _parse(self, record: AdapterRecord) -> tuple[tuple[str, int], Adapter, str]:
+        """(key, adapter, "hit" or "miss"): the version `record` names, from the host tier or read from the
+        store; requests that need the same version at once share one read."""
+        key = (record.name, record.version)
+        if (adapter := self._host.get(key)) is not None:
+            return key, adapter, "hit"
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(asyncio.to_thread(
+                load_adapter, self.registry.path(record), self.base, max_lora_rank=self.max_lora_rank))
+            reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        try:
+            return key, await asyncio.shield(reading), "miss"
+        except AdapterError as exc:
+            raise AdapterLoadError("model", f"adapter `{record.name}` (version {record.version}) failed to load "
+                                            f"from the store: {exc}") from exc
+
+    async def _ensure_resident(self, name: str, prefetched: tuple[tuple[str, int], Adapter, str] | None = None
+                               ) -> None:
+        """Load `name` unless its registered version is resident (another replica may have replaced it);
+        `prefetched` is a parse made before the lock, used if it is still the registered version."""
+        record = self._record(name)
         if self._resident.get(name) != record.version:
-            start, folder, key = time.monotonic(), self.registry.path(record), (name, record.version)
-            adapter = self._host.get(key)
-            result = "hit" if adapter is not None else "miss"
-            if adapter is None:
-                try:
-                    adapter = await asyncio.to_thread(load_adapter, folder, self.base,
-                                                      max_lora_rank=self.max_lora_rank)
-                except AdapterError as exc:
-                    raise AdapterLoadError("model", f"adapter `{name}` (version {record.version}) failed to load "
-                                                    f"from the store: {exc}") from exc
+            start = time.monotonic()
+            if prefetched is None or prefetched[0] != (name, record.version):
+                prefetched = await self._parse(record)
+            key, adapter, result = prefetched
             try:
-                await self._load(name, adapter, folder, record.version, start)
+                await self._load(name, adapter, self.registry.path(record), record.version, start)
             except AdapterCapacityError:  # no slot yet: keep the parsed adapter for the retry
                 self._keep_on_host(key, adapter)
                 raise

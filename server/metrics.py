@@ -23,7 +23,8 @@ RUNNING = Gauge("swapyard_requests_running", "Requests generating tokens.", ["mo
 WAITING = Gauge("swapyard_requests_waiting", "Requests waiting for their first token.", ["model"])
 ADAPTER_LOADS = Counter("swapyard_adapter_loads", "Adapters loaded onto the engine's device.", ["model"])
 ADAPTER_EVICTIONS = Counter("swapyard_adapter_evictions", "Adapters evicted to make room (LRU).", ["model"])
-ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Reading, checking and loading one adapter.",
+ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Putting one adapter on the device, with reading and "
+                              "checking it when that was not done before the request queued for a slot.",
                               ["model"], buckets=_LATENCY_BUCKETS)
 ADAPTER_WAIT_TIME = Histogram("swapyard_adapter_wait_seconds", "Time a request for an adapter that was not resident "
                               "waited for it: its load, and any wait for a free slot.", ["model"],

@@ -59,7 +59,9 @@ class TorchEngine:
         await self._on_engine_thread(lambda: self._scheduler.runner.adapters.load(name, adapter))
 
     async def unload_adapter(self, name: str) -> None:
-        await self._on_engine_thread(lambda: self._scheduler.runner.adapters.unload(name))
+        """Queued, not awaited: the engine thread runs its inbox in order, so the load an eviction makes room
+        for finds the slot free, and the evicting request waits for one step boundary instead of two."""
+        self._inbox.put(lambda: self._scheduler.runner.adapters.unload(name))
 
     async def merge_adapter(self, name: str) -> None:
         """Between two steps: running requests go on unchanged, the fold's own rows now without a LoRA."""
