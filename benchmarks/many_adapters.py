@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -100,12 +101,13 @@ async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: 
     texts = prompts(len(models))
     limits = httpx.Limits(max_connections=len(models))
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
-        async def one(index: int, delay: float) -> tuple[float, int] | None:
+        async def one(index: int, delay: float) -> tuple[float, int] | int:
+            """(TTFT, tokens), or the status code of a refusal."""
             await asyncio.sleep(delay)
             try:
                 ttft, _, tokens = await one_stream(client, models[index], texts[index], max_tokens, ignore_eos=True)
-            except httpx.HTTPStatusError:
-                return None
+            except httpx.HTTPStatusError as exc:
+                return exc.response.status_code
             return ttft, tokens
 
         delays, total = [], 0.0
@@ -115,10 +117,11 @@ async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: 
         start = time.perf_counter()
         results = await asyncio.gather(*(one(i, d) for i, d in enumerate(delays)))
         wall = time.perf_counter() - start
-    served = [r for r in results if r is not None]
+    served = [r for r in results if isinstance(r, tuple)]
     ttfts = [r[0] for r in served]
     tokens = sum(r[1] for r in served)
-    return {"requests": len(models), "refused": len(models) - len(served), "tokens_per_s": round(tokens / wall, 1),
+    refused = Counter(r for r in results if isinstance(r, int))
+    return {"requests": len(models), "refused": dict(refused), "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(percentile(ttfts, 50), 3), "ttft_p95_s": round(percentile(ttfts, 95), 3),
             "ttft_p99_s": round(percentile(ttfts, 99), 3), "wall_s": round(wall, 1)}
 
