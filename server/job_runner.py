@@ -46,6 +46,7 @@ class JobRunner:
         self._task: asyncio.Task | None = None
         self._training: asyncio.Task | None = None  # the job now training, while the loop validates new ones
         self._training_id: str | None = None
+        self._lost: str | None = None  # a job whose claim expired under this replica: another one runs it now
         self._process: multiprocessing.Process | None = None
         self._stopping = False
         # This replica in the jobs' claims and events: which host and process trains a job.
@@ -79,6 +80,7 @@ class JobRunner:
             if self._training_id not in (None, *held) and self._process is not None:
                 # The claim expired (renewals failed past it) and another replica runs this job now.
                 log.error("lost the claim on job %s; stopping its training process", self._training_id)
+                self._lost = self._training_id
                 self._process.terminate()
 
     def submit(self, job: JobRecord) -> None:
@@ -167,8 +169,8 @@ class JobRunner:
         self._process.start()
         await asyncio.to_thread(self._process.join)
         exit_code, self._process = self._process.exitcode, None
-        if self._stopping or self.store.status(job.id) == "cancelled":
-            return
+        if self._stopping or self._lost == job.id or self.store.status(job.id) == "cancelled":
+            return  # the job goes on elsewhere, or is over: its status is not this replica's to set
         if exit_code != 0:
             last_error = next((e for e in self.store.events(job.id, None, 50) if e.level == "error"), None)
             message = last_error.message if last_error else f"the training process exited with code {exit_code}"

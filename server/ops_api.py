@@ -33,7 +33,7 @@ async def ready(request: Request) -> JSONResponse:
     the database is unreachable (resident adapters are still served), or after a failure."""
     phase = _phase(request)
     if phase == "ready":
-        for database in request.app.state.databases:
+        for database in set(request.app.state.databases):  # one, or the registry's and the jobs' files
             if not await asyncio.to_thread(database.ping):
                 phase = "database_unavailable"
     return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
