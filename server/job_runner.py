@@ -113,7 +113,7 @@ class JobRunner:
                 if job.status == "running":
                     self.store.add_event(job.id, "info", "the job's runner stopped; it resumes from its last "
                                                          "checkpoint")
-                self._training_id = job.id
+                self._training_id, self._lost = job.id, None
                 self._training = asyncio.create_task(self._train(job))
                 self._training.add_done_callback(lambda _: self._wake.set())
 

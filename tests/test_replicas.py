@@ -11,8 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from sqlalchemy import update
 
-from conftest import CHAT, MODEL, ask, start_serve_process
+from conftest import CHAT, MODEL, ask, running_server, start_serve_process
+from server.database import Database
+from server.database.schema import jobs
+from training.jobs import JobStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "training" / "examples"
 JOBS = "/v1/fine_tuning/jobs"
@@ -84,6 +88,14 @@ def _events(http: httpx.Client, job_id: str) -> list[dict]:
     return http.get(f"{JOBS}/{job_id}/events", params={"limit": 500}).json()["data"][::-1]
 
 
+def _wait_finished(http: httpx.Client, job_id: str, timeout: float = 400) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := http.get(f"{JOBS}/{job_id}").json())["status"] not in {"succeeded", "failed", "cancelled"}:
+        assert time.monotonic() < deadline, _events(http, job_id)
+        time.sleep(0.5)
+    return job
+
+
 def test_jobs_run_once_each_and_a_killed_replicas_job_resumes_on_another(tmp_path, postgres, adapter_root):
     data = adapter_root / "replicas-train.jsonl"
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
@@ -117,11 +129,7 @@ def test_jobs_run_once_each_and_a_killed_replicas_job_resumes_on_another(tmp_pat
         (_, survivor), = by_pid.values()
         with httpx.Client(base_url=survivor, timeout=60) as http:
             for job_id in job_ids:
-                deadline = time.monotonic() + 400
-                while (job := http.get(f"{JOBS}/{job_id}").json())["status"] not in {"succeeded", "failed",
-                                                                                      "cancelled"}:
-                    assert time.monotonic() < deadline, _events(http, job_id)
-                    time.sleep(0.5)
+                job = _wait_finished(http, job_id)
                 assert job["status"] == "succeeded", _events(http, job_id)
                 messages = [e["message"] for e in _events(http, job_id)]
                 steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job_id / "metrics.jsonl")
@@ -162,3 +170,37 @@ def test_a_database_outage_keeps_resident_adapters_serving(tmp_path, postgres, a
         assert httpx.post(f"{url}/v1/adapters", json={"name": "later", "path": str(adapter_dirs["lora2"])}
                           ).status_code == 201
         assert _answer(url, "later") != before
+
+
+def test_a_replica_that_loses_its_claim_stops_training_and_leaves_the_status(tmp_path, adapter_root):
+    """Another replica took the job over (the claim expired, e.g. the database was out of reach past it):
+    this one stops its training process and does not mark the job failed; the job goes on where it is held."""
+    data = adapter_root / "lost-claim-train.jsonl"
+    shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    store = JobStore(Database(url))
+    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root],
+            "database_url": url}
+    with running_server(**dirs) as server, httpx.Client(base_url=server, timeout=60) as http:
+        job = http.post(JOBS, json={"model": MODEL, "training_file": str(data), "method": {
+            "type": "bottleneck", "hyperparameters": {"n_epochs": 6}}}).json()
+        deadline = time.monotonic() + 120
+        while not http.get(f"{JOBS}/{job['id']}/checkpoints").json()["data"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with store.db.write() as connection:  # a replica elsewhere holds the job now
+            connection.execute(update(jobs).where(jobs.c.id == job["id"])
+                               .values(runner="elsewhere", claim_expires_at=time.time() + 3600))
+        log = tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl"
+        deadline = time.monotonic() + 30
+        while True:  # the training process stops within one renewal (5 s)
+            size = log.stat().st_size
+            time.sleep(3)
+            if log.stat().st_size == size:
+                break
+            assert time.monotonic() < deadline, "training went on after the claim was lost"
+        assert http.get(f"{JOBS}/{job['id']}").json()["status"] == "running"
+        store.release(job["id"], "elsewhere")  # that replica stopped: this one takes the job back
+        done = _wait_finished(http, job["id"])
+        assert done["status"] == "succeeded", _events(http, job["id"])
+        assert any("resumed after epoch" in e["message"] for e in _events(http, job["id"]))
