@@ -46,6 +46,7 @@ class JobRunner:
         self._task: asyncio.Task | None = None
         self._training: asyncio.Task | None = None  # the job now training, while the loop validates new ones
         self._training_id: str | None = None
+        self._validating: str | None = None
         self._lost: str | None = None  # a job whose claim expired under this replica: another one runs it now
         self._process: multiprocessing.Process | None = None
         self._stopping = False
@@ -73,7 +74,8 @@ class JobRunner:
         while not self._stopping:
             await asyncio.sleep(CLAIM_TTL_S / 3)
             try:
-                held = await asyncio.to_thread(self.store.renew_claims, self._runner, CLAIM_TTL_S)
+                working = {job_id for job_id in (self._training_id, self._validating) if job_id is not None}
+                held = await asyncio.to_thread(self.store.renew_claims, self._runner, working, CLAIM_TTL_S)
             except Exception:  # e.g. the database is down: try again; the claim holds until it expires
                 log.exception("could not renew the fine-tuning job claims")
                 continue
@@ -104,7 +106,11 @@ class JobRunner:
     async def _take_work(self) -> None:
         while (job := await asyncio.to_thread(self.store.claim, self._runner, ("validating_files",),
                                               CLAIM_TTL_S)) is not None:
-            await self._validate(job)
+            self._validating = job.id
+            try:
+                await self._validate(job)
+            finally:
+                self._validating = None
             await asyncio.to_thread(self.store.release, job.id, self._runner)
         if self._training is None or self._training.done():
             # A claimable `running` job lost its replica: it resumes here.
@@ -123,9 +129,10 @@ class JobRunner:
         except Exception as exc:  # one broken job must not stop the queue behind it
             log.exception("fine-tuning job %s failed", job.id)
             self.store.set_status(job.id, "failed", error={"code": "server_error", "message": str(exc), "param": None})
-        if not self._stopping:
-            self.store.release(job.id, self._runner)
-            self._training_id = None
+        finally:
+            if not self._stopping:  # (shutdown releases it.) A release lost to an outage expires: not renewed
+                self._training_id = None
+                self.store.release(job.id, self._runner)
 
     async def _idle(self) -> None:
         self._wake.clear()

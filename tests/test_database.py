@@ -107,13 +107,13 @@ def test_job_store_pages_and_claims(database_url):
     second = store.claim("replica-2", ("queued",), ttl_s=30)
     assert (first.id, second.id) == ("ftjob-a", "ftjob-b")  # oldest first, each to one replica
     assert store.claim("replica-3", ("queued",), ttl_s=30) is None
-    assert store.renew_claims("replica-1", ttl_s=30) == {"ftjob-a"}
+    assert store.renew_claims("replica-1", {"ftjob-a", "ftjob-b"}, ttl_s=30) == {"ftjob-a"}
     store.release("ftjob-a", "replica-2")  # not its claim: nothing changes
     assert store.claim("replica-3", ("queued",), ttl_s=30) is None
     store.set_status("ftjob-b", "running")
-    store.renew_claims("replica-2", ttl_s=-1)  # replica-2 died: its claim expires
+    store.renew_claims("replica-2", {"ftjob-b"}, ttl_s=-1)  # replica-2 died: its claim expires
     assert store.claim("replica-3", ("running",), ttl_s=30).id == "ftjob-b"
-    assert store.renew_claims("replica-2", ttl_s=30) == set()  # and it knows it lost the job
+    assert store.renew_claims("replica-2", {"ftjob-b"}, ttl_s=30) == set()  # and it knows it lost the job
     assert [j.id for j in store.list_jobs(None, 9)] == ["ftjob-b", "ftjob-a"]
     assert [j.id for j in store.list_jobs("ftjob-b", 9)] == ["ftjob-a"]
 

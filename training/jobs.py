@@ -159,12 +159,13 @@ class JobStore:
                                .values(runner=runner, claim_expires_at=now + ttl_s))
         return _job(row)
 
-    def renew_claims(self, runner: str, ttl_s: float) -> set[str]:
-        """Extend every claim `runner` holds; returns the jobs it still holds."""
+    def renew_claims(self, runner: str, job_ids: set[str], ttl_s: float) -> set[str]:
+        """Extend `runner`'s claims on `job_ids` (the jobs it works on: a claim it failed to release expires);
+        returns those it still holds."""
+        mine = (jobs.c.runner == runner, jobs.c.id.in_(job_ids))
         with self.db.write() as connection:
-            connection.execute(update(jobs).where(jobs.c.runner == runner)
-                               .values(claim_expires_at=time.time() + ttl_s))
-            return set(connection.execute(select(jobs.c.id).where(jobs.c.runner == runner)).scalars())
+            connection.execute(update(jobs).where(*mine).values(claim_expires_at=time.time() + ttl_s))
+            return set(connection.execute(select(jobs.c.id).where(*mine)).scalars())
 
     def release(self, job_id: str, runner: str) -> None:
         """Give the job's claim up (another replica may take the job at once, if it is not finished)."""

@@ -8,6 +8,7 @@ RETRY_AFTER_S, so requests that need nothing new from it go on meanwhile.
 """
 
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 RETRY_AFTER_S = 1.0
+SQLITE_BUSY_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 3
 STATEMENT_TIMEOUT_MS = 10_000
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -57,7 +59,7 @@ class Database:
             if self.url.database in (None, "", ":memory:"):
                 raise ValueError("an SQLite database URL needs a file: sqlite:///PATH")
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-            options = {"connect_args": {"timeout": 30, "check_same_thread": False}}
+            options = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
         else:  # no pre-ping (a round trip per checkout): a dropped connection fails one query, then the pool renews
             options = {"pool_size": 5, "max_overflow": 10, "pool_timeout": CONNECT_TIMEOUT_S, "pool_recycle": 1800,
                        "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S,
@@ -123,7 +125,17 @@ class Database:
 
 def _sqlite_connect(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None  # transactions begin where SQLAlchemy says (below), not lazily
-    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    # WAL stays set in the file. Switching to it needs the file alone, and SQLite answers "locked" at once,
+    # without the busy timeout, to connections that open a new file together: retry those.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)
 
 
 def _sqlite_begin(connection: Connection) -> None:
