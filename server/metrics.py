@@ -39,6 +39,10 @@ REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reachi
 ENGINE_FAILURES = Counter("swapyard_engine_failures", "Unexpected engine failures (each fails the requests in "
                           "flight; the engine restarts unless they repeat).")
 ENGINE_INFO = Info("swapyard_engine", "Each engine serving, and the device and dtype it computes in.", ["engine"])
+KV_CACHE_BLOCKS = Gauge("swapyard_kv_cache_blocks", "The torch engine's KV-cache blocks: used by sequences, or free "
+                        "(in the pool or not yet allocated, within --kv-cache-memory-gb).", ["state"])
+PREEMPTIONS = Counter("swapyard_engine_preemptions", "Running sequences preempted when the KV cache had no free block; "
+                      "each is recomputed from its tokens when blocks free up.")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 

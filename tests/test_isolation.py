@@ -101,8 +101,8 @@ def test_a_freed_slot_between_used_ones_is_inert(served, adapter_dirs):
 
 
 def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
-    """The cache cannot grow (out of memory, injected): the requests it was for get an error, release
-    their adapters, and the server goes on serving."""
+    """The cache's pool cannot grow (out of memory, injected): the requests it was for get an error,
+    release their adapters, and the server goes on serving."""
     http, app = served
     assert http.post("/v1/adapters", json={"name": "grow-lora", "path": str(adapter_dirs["lora"]),
                                            "replace": True}).status_code == 201
@@ -110,15 +110,15 @@ def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
     cache = scheduler.runner.cache
     calls = []
 
-    def failing_ensure(num_slots, length):
-        calls.append(num_slots)
+    def failing_allocate(count):
+        calls.append(count)
         raise RuntimeError("injected: out of memory")
 
-    cache.ensure = failing_ensure
+    cache.allocate = failing_allocate
     try:
         responses = asyncio.run(_together(str(http.base_url), [_body("grow-lora", q) for q in QUESTIONS]))
     finally:
-        del cache.ensure
+        del cache.allocate
     assert calls
     for response in responses:
         assert response.status_code == 500 and "KV-cache memory" in response.json()["error"]["message"]

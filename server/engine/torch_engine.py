@@ -30,13 +30,12 @@ class TorchEngine:
                  max_model_len: int):
         self.max_model_len = max_model_len
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
-                             max_num_seqs=settings.max_num_seqs,
+                             kv_cache_bytes=int(settings.kv_cache_memory_gb * 2**30),
                              # Headroom: a replaced version holds its slot until its running requests end.
                              max_resident_adapters=2 * settings.max_resident_adapters)
         self._scheduler = Scheduler(
             runner, tokenizer.backend_tokenizer, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
-            kv_cache_bytes=int(settings.kv_cache_memory_gb * 2**30),
         )
         # Everything the event loop asks of the scheduler goes through this queue: one thread owns its state.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
