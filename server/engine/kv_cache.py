@@ -179,8 +179,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     the cache's dtype, which may be wider than the model's (float32 on CPUs)."""
     b, cache, layer = kv_batch, kv_batch.cache, module.layer_idx
     batch, heads, new_tokens, dim = query.shape
-    # (valid tokens, heads, dim), rows in turn, in as few torch calls as can be: every call is a point where
-    # the engine thread lets other Python threads in, and this runs for every layer of every step.
+    # (valid tokens, heads, dim), rows in turn: the packed layout the kernel and the cache writes take.
     query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if b.valid is None:  # no padding (every decode step): reshapes, which are views for one new token
         packed = [t.reshape(batch * new_tokens, t.shape[2], dim) for t in (query, key, value)]
@@ -192,7 +191,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = torch.empty_like(packed[0], dtype=cache.kv.dtype)
     cache.kernel.cpu_attention_with_kv_cache(
         query=packed[0].to(cache.kv.dtype), key_cache=cache.keys[layer], value_cache=cache.values[layer], output=out,
-        query_start_loc=b.query_start, seq_lens=b.seq_lens, scale=scaling, causal=True, alibi_slopes=None,
+        query_start_loc=b.query_start, seq_lens=b.seq_lens, scale=scaling or dim**-0.5, causal=True, alibi_slopes=None,
         sliding_window=-1, block_table=b.tables, softcap=0.0, scheduler_metadata=b.kernel_plan, s_aux=None)
     if b.valid is None:
         return out.view(batch, new_tokens, heads, dim).to(query.dtype), None
