@@ -73,8 +73,10 @@ class JobRunner:
     async def _keep_claims(self) -> None:
         while not self._stopping:
             await asyncio.sleep(CLAIM_TTL_S / 3)
+            working = {job_id for job_id in (self._training_id, self._validating) if job_id is not None}
+            if not working:  # an idle replica holds no claim: no write every few seconds
+                continue
             try:
-                working = {job_id for job_id in (self._training_id, self._validating) if job_id is not None}
                 held = await asyncio.to_thread(self.store.renew_claims, self._runner, working, CLAIM_TTL_S)
             except Exception:  # e.g. the database is down: try again; the claim holds until it expires
                 log.exception("could not renew the fine-tuning job claims")

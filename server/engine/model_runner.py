@@ -43,8 +43,7 @@ class ModelRunner:
         # keys), which ate most of what bf16 matmuls gain. It is small next to the weights at these lengths.
         kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.cache = PagedKVCache(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-                                  head_dim,
-                                  budget_bytes=kv_cache_bytes, max_model_len=max_model_len, dtype=kv_dtype,
+                                  head_dim, budget_bytes=kv_cache_bytes, max_model_len=max_model_len, dtype=kv_dtype,
                                   device=self.device)
         self.adapters = AdapterBank(self.model, max_resident_adapters, kv_dtype)
         host = detect_host()
