@@ -39,8 +39,15 @@ REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reachi
 ENGINE_FAILURES = Counter("swapyard_engine_failures", "Unexpected engine failures (each fails the requests in "
                           "flight; the engine restarts unless they repeat).")
 ENGINE_INFO = Info("swapyard_engine", "Each engine serving, and the device and dtype it computes in.", ["engine"])
-KV_CACHE_BLOCKS = Gauge("swapyard_kv_cache_blocks", "The torch engine's KV-cache blocks: used by sequences, or free "
-                        "(in the pool or not yet allocated, within --kv-cache-memory-gb).", ["state"])
+KV_CACHE_BLOCKS = Gauge("swapyard_kv_cache_blocks", "The torch engine's KV-cache blocks: used by sequences, cached "
+                        "(a prefix nobody holds now, evicted when the pool needs the block) or free (in the pool "
+                        "or not yet allocated, within --kv-cache-memory-gb).", ["state"])
+# vLLM's pair: the hit rate is rate(hits) / rate(queries).
+PREFIX_CACHE_QUERIES = Counter("swapyard_prefix_cache_queries", "Tokens of admitted sequences (prompt, virtual "
+                               "tokens, and after a preemption what was generated) looked up in the torch engine's "
+                               "prefix cache.")
+PREFIX_CACHE_HITS = Counter("swapyard_prefix_cache_hits", "Of the tokens looked up, those found in cached blocks "
+                            "(not computed again).")
 PREEMPTIONS = Counter("swapyard_engine_preemptions", "Running sequences preempted when the KV cache had no free block; "
                       "each is recomputed from its tokens when blocks free up.")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",

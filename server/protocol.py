@@ -172,6 +172,9 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    # vLLM's extension: cached prompt prefixes are shared only between requests of the same salt, so a tenant
+    # that salts its requests cannot be probed (by time to first token) for what it sent. vLLM's limits.
+    cache_salt: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\\/@\x00]+$")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     functions: Any = None

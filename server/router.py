@@ -157,7 +157,8 @@ class Router:
             logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter, grammar=grammar)
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter, body.cache_salt,
+                                 grammar=grammar)
 
     @staticmethod
     def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:

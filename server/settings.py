@@ -30,7 +30,11 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(64, gt=0)
     """Most sequences decoded together in one step."""
     max_num_batched_tokens: int = Field(4096, gt=0)
-    """Token budget of one prefill step (padded batch size x longest new prompt)."""
+    """Token budget of one prefill step (padded batch size x longest new prompt); a longer prompt is prefilled in
+    chunks of this size, taking turns with decode steps."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV-cache blocks of a prompt prefix (system prompt, earlier turns) that a request of the same adapter
+    version computed before (both engines)."""
     kv_cache_memory_gb: float = Field(8.0, gt=0)
     """Most KV-cache memory the torch engine's cache grows to (on demand); requests wait in the queue beyond it."""
     max_resident_adapters: int = Field(16, gt=0)

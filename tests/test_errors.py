@@ -39,6 +39,9 @@ def _chat(**fields):
     ("/v1/completions", {"model": MODEL, "prompt": "\ud800"}, 400, "prompt"),
     (CHAT, _chat(stop="\ud800"), 400, "stop"),
     (CHAT, _chat(stop=["x" * 257]), 400, "stop"),
+    (CHAT, _chat(cache_salt=""), 400, "cache_salt"),
+    (CHAT, _chat(cache_salt="tenant/1"), 400, "cache_salt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "cache_salt": "s" * 129}, 400, "cache_salt"),
     # Not implemented yet: refused by name rather than silently ignored.
     (CHAT, _chat(functions=[{"name": "f"}]), 400, "functions"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # needs echo

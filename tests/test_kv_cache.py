@@ -10,7 +10,7 @@ import torch
 
 from adapter_factory import KINDS
 from conftest import CHAT, MODEL, ask, scrape, serving_app, steps_wider_than
-from server.engine.kv_cache import NULL_BLOCK, KVCacheFull, PagedKVCache
+from server.engine.kv_cache import NULL_BLOCK, KVCacheFull, PagedKVCache, block_hashes
 
 CONTEXT = 256  # the tight server's pool holds this many tokens: one whole context, its floor
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Say hello.", "What is 2 + 2?",
@@ -36,6 +36,30 @@ def test_the_pool_grows_on_demand_up_to_its_budget_and_reuses_freed_blocks():
     pool.free(first, clear=True)
     assert sorted(pool.allocate(3)) == sorted(first) and pool.kv.isfinite().all()
     assert cache(1, 100).max_blocks == 4  # one whole context always fits
+
+
+def test_cached_blocks_are_shared_by_reference_and_evicted_least_recent_first():
+    pool = PagedKVCache(1, 1, 1, 4, budget_bytes=0, max_model_len=4 * 32, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    tokens = list(range(3 * 32 + 5))
+    hashes = block_hashes(b"base", tokens, 32, [])
+    assert len(hashes) == 3 and block_hashes(b"base", tokens, 32, hashes[:1]) == hashes
+    assert block_hashes(b"lora", tokens, 32, []) != hashes  # another root: nothing in common
+    assert block_hashes(b"base", [7, *tokens[1:]], 32, []).count(hashes[2]) == 0  # a block hashes all before it
+    first = pool.allocate(4)
+    for block, digest in zip(first, hashes):
+        pool.publish(block, digest)
+    assert pool.lookup(hashes) == first[:3]
+    pool.share(first[:2])  # a second sequence holds the first two
+    pool.free(first)
+    assert pool.num_cached == 1 and pool.num_used == 2  # the third is cached, the last free
+    pool.free(first[:2])
+    assert pool.num_cached == 3 and pool.num_free == 4
+    pool.allocate(2)  # the free block, then the least recently freed cached one: the first sequence's third
+    assert pool.lookup(hashes) == first[:2]
+    pool.share(first[:2])
+    pool.free(first[:2], clear=True)  # a failed sequence's blocks are never found again
+    assert pool.lookup(hashes) == [] and pool.num_cached == 0
 
 
 def _body(model: str, question: str, **sampling) -> dict:

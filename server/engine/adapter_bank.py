@@ -18,6 +18,7 @@ own BA is the [B, -B'][A; A'] of the design), and the original weights are kept 
 All methods run on the engine thread, between forward passes.
 """
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -197,6 +198,7 @@ class Resident:
     slot: int  # in the LoRA or bottleneck stacks; 0 for prefix/prompt
     num_active: int = 0
     is_retired: bool = False
+    serial: int = field(default_factory=itertools.count(1).__next__)  # names this version in the prefix cache
 
 
 class AdapterBank:
@@ -209,6 +211,7 @@ class AdapterBank:
         self._lora_modules: dict[str, BatchedLoraLinear] = {}
         self._bottlenecks = _Bottlenecks()
         self.merged: Resident | None = None
+        self._merges = 0  # merges and unmerges so far: the base weights' version
         self._dtype = next(model.parameters()).dtype
         self._kv_dtype = kv_dtype  # prefix keys/values go straight into the KV cache
         self._device = next(model.parameters()).device
@@ -260,6 +263,7 @@ class AdapterBank:
         for module, (a, b) in resident.adapter.scaled().items():
             self._lora_modules[module].fold(self._cast(a), self._cast(b))
         self.merged = resident
+        self._merges += 1
 
     def unmerge(self) -> None:
         """Restore the base weights exactly (from the copies the fold kept)."""
@@ -267,6 +271,13 @@ class AdapterBank:
             for wrapper in self._lora_modules.values():
                 wrapper.unfold()
             self.merged = None
+            self._merges += 1
+
+    def cache_root(self, resident: Resident | None) -> bytes:
+        """What besides its tokens decides a sequence's keys and values, for the prefix cache: its adapter
+        version and the base weights' (a merge changes every row's rounding; cached blocks of an earlier
+        version are never matched again and age out)."""
+        return f"{resident.serial if resident is not None else 0}/{self._merges}".encode()
 
     def acquire(self, name: str) -> Resident:
         resident = self._by_name.get(name)

@@ -73,6 +73,7 @@ class GenerationRequest:
     sampling: SamplingParams
     model: str  # the name the client asked for; labels the metrics
     adapter: str | None = None  # the adapter to run with, None for the base model
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
     arrival_time: float = field(default_factory=time.monotonic)
     # sampling.constraint compiled for the torch engine's token masks (an xgrammar CompiledGrammar); vLLM
     # compiles its own from the constraint.

@@ -36,6 +36,7 @@ class TorchEngine:
         self._scheduler = Scheduler(
             runner, tokenizer.backend_tokenizer, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_prefix_caching=settings.enable_prefix_caching,
         )
         # Everything the event loop asks of the scheduler goes through this queue: one thread owns its state.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

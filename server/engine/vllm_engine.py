@@ -162,6 +162,7 @@ class VLLMEngine:
             distributed_executor_backend=settings.distributed_executor_backend,
             enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras, enable_prompt_embeds=True,
+            enable_prefix_caching=settings.enable_prefix_caching,
             worker_extension_cls="server.engine.vllm_worker.WeightFolding",
         )
         self._model_path, self._max_lora_rank = model_path, settings.max_lora_rank
@@ -281,7 +282,7 @@ class VLLMEngine:
             merged = lora.adapter.scaled()
             deltas = self._folders / _DELTAS
             await asyncio.to_thread(save_file, {f"{m}.weight": b @ a for m, (a, b) in merged.items()}, deltas)
-            await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path), str(deltas), list(merged)))
+            await self._fold(str(deltas), list(merged))
             self._merged = name
             self._unmerging = await self._write_lora("base", {m: (a, -b) for m, (a, b) in merged.items()})
             for other_name, other in self._loras.items():
@@ -296,14 +297,21 @@ class VLLMEngine:
         """Reload the merged layers as the base has them and drop the compensating LoRAs (none is running)."""
         if self._merged is None:
             return
-        modules = list(self._loras[self._merged].adapter.layers)
-        await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path), None, modules))
+        await self._fold(None, list(self._loras[self._merged].adapter.layers))
         compensations = [self._unmerging] + [lora.compensated for lora in self._loras.values()]
         for request in filter(None, compensations):
             await self._retire(request.lora_int_id)
         for lora in self._loras.values():
             lora.compensated = None
         self._merged, self._unmerging = None, None
+
+    async def _fold(self, deltas: str | None, modules: list[str]) -> None:
+        """Set the base weights of `modules` to the base's plus `deltas` (None: the base's alone). vLLM's cached
+        blocks of the base were computed with the weights before: the merged LoRA's requests, which now run as
+        the base, would read them, so the prefix cache is emptied (nothing runs behind the swap gate)."""
+        await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path), deltas, modules))
+        if not await self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not empty its prefix cache after new base weights")
 
     def _check_compensated_rank(self, adapter: LoraAdapter, merged: LoraAdapter) -> None:
         if adapter.rank + merged.rank > self._max_lora_rank:
@@ -365,6 +373,8 @@ class VLLMEngine:
             prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
             if request.adapter in self._prompts:
                 prompt = self._soft_prompt(self._prompts[request.adapter], request.prompt_token_ids)
+            if request.cache_salt is not None:
+                prompt["cache_salt"] = request.cache_salt
             lora = self._lora_for(request.adapter)
             if lora is not None:
                 self._in_flight[lora.lora_int_id] += 1
