@@ -5,7 +5,8 @@ long prompt does to the streams already decoding.
     .venv/bin/python benchmarks/kv_memory.py --parts c -- --engine vllm
 
 (a) --concurrency chat requests for short answers, all at once, greedy, with --kv-cache-memory-gb: first
-    without `max_tokens` (OpenAI clients' default), then with `max_tokens` = --tight. Wall time, TTFT,
+    without `max_tokens` (OpenAI clients' default), then with the tightest `max_tokens` that cuts none of
+    them (the longest answer of the first run), so both generate the same tokens. Wall time, TTFT,
     latency, ITL and preemptions of each, and the wall-time ratio (target: within 1.2x).
 (b) --conversations multi-turn chats (--turns each, starts staggered) that share a ~1,000-token system
     prompt, on a server with prefix caching and on one without: TTFT p50 of first and later turns, and the
@@ -73,16 +74,19 @@ async def short_answers(url: str, concurrency: int, max_tokens: int | None) -> d
                                                     max_tokens) for i in range(concurrency)))
         wall = time.perf_counter() - start
     ttfts, itls = [r[0] for r in results], [x for r in results for x in r[1]]
-    return {"tokens": sum(r[2] for r in results), "wall_s": wall, "ttft_p50_s": percentile(ttfts, 50),
-            "latency_p50_s": percentile([r[0] + sum(r[1]) for r in results], 50), "itl_p95_s": percentile(itls, 95)}
+    return {"tokens": sum(r[2] for r in results), "longest": max(r[2] for r in results), "wall_s": wall,
+            "ttft_p50_s": percentile(ttfts, 50), "latency_p50_s": percentile([r[0] + sum(r[1]) for r in results], 50),
+            "itl_p95_s": percentile(itls, 95)}
 
 
 def part_a(args, serve: list[str]) -> dict:
-    results = {}
     with Server([*serve, "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--max-num-seqs",
                  str(args.concurrency)]) as url:
-        asyncio.run(short_answers(url, len(QUESTIONS), 1))  # warm-up; both runs then find the same cached blocks
-        for name, max_tokens in (("max_tokens omitted", None), (f"max_tokens {args.tight}", args.tight)):
+        asyncio.run(short_answers(url, len(QUESTIONS), 2))  # warm-up; both runs then find the same cached blocks
+        results = {}
+        for name in ("max_tokens omitted", "max_tokens tight"):
+            # Tight: the longest answer of the first run, so that both runs generate the same tokens.
+            max_tokens = results["max_tokens omitted"]["longest"] if results else None
             before = metric(url, "swapyard_engine_preemptions_total")
             results[name] = asyncio.run(short_answers(url, args.concurrency, max_tokens))
             results[name]["preemptions"] = metric(url, "swapyard_engine_preemptions_total") - before
@@ -158,7 +162,6 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices="abc", default=list("abc"))
     parser.add_argument("--concurrency", type=int, default=64, help="(a) requests at once")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="(a) the KV budget")
-    parser.add_argument("--tight", type=int, default=64, help="(a) max_tokens of the second run")
     parser.add_argument("--conversations", type=int, default=16, help="(b) chats sharing the system prompt")
     parser.add_argument("--turns", type=int, default=4, help="(b) turns of each chat")
     parser.add_argument("--streams", type=int, default=31, help="(c) streams decoding when the long prompt comes")

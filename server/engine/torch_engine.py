@@ -35,7 +35,7 @@ class TorchEngine:
                              max_resident_adapters=2 * settings.max_resident_adapters)
         self._scheduler = Scheduler(
             runner, tokenizer.backend_tokenizer, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_num_batched_tokens=settings.max_num_batched_tokens or (512 if runner.device.type == "cpu" else 2048),
             enable_prefix_caching=settings.enable_prefix_caching,
         )
         # Everything the event loop asks of the scheduler goes through this queue: one thread owns its state.
