@@ -132,9 +132,9 @@ async def long_prompt_into_streams(url: str, streams: int, long_prompt: str) -> 
         started = time.perf_counter()
         running = [asyncio.create_task(one_stream(c, DEFAULT_MODEL_NAME, f"Tell a long story about number {i}.",
                                                   128, ignore_eos=True)) for i in range(streams)]
-        decode_steps = 'swapyard_engine_batch_size_count{phase="decode"}'
-        before = metric(url, decode_steps)
-        while metric(url, decode_steps) < before + 5:  # every stream prefilled and decoding
+        generated = f'swapyard_generation_tokens_total{{model="{DEFAULT_MODEL_NAME}"}}'
+        before = metric(url, generated)
+        while metric(url, generated) < before + 2 * streams:  # the streams are prefilled and decoding
             await asyncio.sleep(0.1)
         sent = time.perf_counter()
         long_ttft, _, _ = await one_stream(c, DEFAULT_MODEL_NAME, long_prompt, 16)
