@@ -12,6 +12,7 @@ import pytest
 
 from adapter_factory import KINDS
 from conftest import CHAT, MODEL, scrape, serving_app
+from test_kv_cache import _together
 
 BUDGET = 256  # tokens a prefill step feeds: the server's --max-num-batched-tokens
 # A system prompt of about 1,000 tokens, as a deployment's instructions are.
@@ -38,11 +39,6 @@ def _hits(http: httpx.Client) -> tuple[float, float]:
     metrics = scrape(http)
     return (metrics.get(("swapyard_prefix_cache_hits_total", ()), 0),
             metrics.get(("swapyard_prefix_cache_queries_total", ()), 0))
-
-
-async def _together(url: str, bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        return await asyncio.gather(*(client.post(CHAT, json=body) for body in bodies))
 
 
 @pytest.fixture(scope="module")
