@@ -17,7 +17,7 @@ BLOCK = 32
 
 
 class FakeBank:
-    def cache_root(self, resident) -> bytes:
+    def cache_root(self, resident, salt) -> bytes:
         return b"base"
 
 

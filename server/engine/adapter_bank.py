@@ -273,11 +273,12 @@ class AdapterBank:
             self.merged = None
             self._merges += 1
 
-    def cache_root(self, resident: Resident | None) -> bytes:
-        """What besides its tokens decides a sequence's keys and values, for the prefix cache: its adapter
-        version and the base weights' (a merge changes every row's rounding; cached blocks of an earlier
-        version are never matched again and age out)."""
-        return f"{resident.serial if resident is not None else 0}/{self._merges}".encode()
+    def cache_root(self, resident: Resident | None, salt: str | None) -> bytes:
+        """What besides its tokens decides which cached blocks a sequence may share: its adapter version and
+        the base weights' (a merge changes every row's rounding; cached blocks of an earlier version are never
+        matched again and age out), and the request's cache salt."""
+        root = f"{resident.serial if resident is not None else 0}/{self._merges}"
+        return (root if salt is None else f"{root}|{salt}").encode()
 
     def acquire(self, name: str) -> Resident:
         resident = self._by_name.get(name)

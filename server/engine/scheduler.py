@@ -218,9 +218,7 @@ class Scheduler:
         seq.hashes = []
         reused: list[int] = []
         if self.enable_prefix_caching:
-            seq.root = self.runner.adapters.cache_root(seq.resident)
-            if seq.request.cache_salt is not None:
-                seq.root += b"|" + seq.request.cache_salt.encode()
+            seq.root = self.runner.adapters.cache_root(seq.resident, seq.request.cache_salt)
             seq.hashes = block_hashes(seq.root, tokens, cache.block_size, [])
             if not seq.is_scoring_prompt:  # those need the logits of every prompt position
                 reused = cache.lookup(seq.hashes[: (len(tokens) - 1) // cache.block_size])
