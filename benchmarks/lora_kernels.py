@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from server.engine.adapter_bank import GROUPED_MIN_COLUMNS, RowAdapters, lora_grouped, lora_masked
+from server.engine.adapter_bank import GROUPED_MIN_COLUMNS, LoraRows, lora_grouped, lora_masked
 from server.host import detect_host
 
 # (rows, tokens per row, distinct slots, rank, in, out): decode and prefill at SmolLM2's 576/1536 widths.
@@ -32,12 +32,11 @@ def microseconds(run, repeats: int = 200) -> float:
 def time_shape(batch: int, tokens: int, slots: int, rank: int, d_in: int, d_out: int) -> str:
     a, b = torch.randn(slots + 1, rank, d_in), torch.randn(slots + 1, rank, d_out)
     x, y, w = torch.randn(batch, tokens, d_in), torch.zeros(batch, tokens, d_out), torch.randn(d_out, d_in)
-    rows = RowAdapters(lora=torch.arange(batch) % slots + 1, lora_range=(1, slots))
-    rows.group_lora_rows()
+    rows = LoraRows.of([row % slots + 1 for row in range(batch)])
     base = microseconds(lambda: x @ w.T)
     masked = microseconds(lambda: lora_masked(x, y, a[1:], b[1:], rows))
     grouped = microseconds(lambda: lora_grouped(x, y, a, b, rows))
-    chosen = "grouped" if rows.is_lora_grouped(tokens, rank, x.dtype) else "masked"
+    chosen = "grouped" if rows.is_grouped(tokens, rank, x.dtype) else "masked"
     return (f"{batch:4d} {tokens:6d} {slots:5d} {rank:4d} {d_in:5d}->{d_out:<5d} {base:8.0f} {masked:10.0f} "
             f"{grouped:11.0f}  {chosen}")
 

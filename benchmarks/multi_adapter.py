@@ -8,9 +8,10 @@ a LoRA and streaming its first token takes under 1 s. Every request generates ex
 (ignore_eos), so the runs do the same work whatever the adapters make the model say.
 
 LoRAs target PEFT's default for Llama (q_proj, v_proj) unless --lora-targets says otherwise
-(e.g. all-linear). Decoding streams every weight once per step, so an adapter costs in proportion to
-its size next to the base: an all-linear rank-8 LoRA is 3.6% of this 135M model (16 of them 58%),
-a q/v one 0.3%.
+(e.g. all-linear); their ranks alternate 4 and 8 unless --lora-ranks gives ranks to take in turn
+(`--lora-ranks 8 16 32 64` mixes four ranks in every batch). Decoding streams every weight once per
+step, so an adapter costs in proportion to its size next to the base: an all-linear rank-8 LoRA is 3.6%
+of this 135M model (16 of them 58%), a q/v one 0.3%.
 """
 
 import argparse
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
+    parser.add_argument("--lora-ranks", type=int, nargs="+", help="LoRA i gets the (i mod count)-th")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "auto"], help="one server run per dtype")
     args = parser.parse_args()
 
@@ -85,7 +87,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="swapyard-bench-") as tmp:
         root = Path(tmp) / "adapters"
         targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
-        folders = {(kind, i): make_adapter(kind, model_path, root / f"{kind}-{i}", seed=i, lora_targets=targets)
+        ranks = args.lora_ranks or [None]
+        folders = {(kind, i): make_adapter(kind, model_path, root / f"{kind}-{i}", seed=i, lora_targets=targets,
+                                           rank=ranks[i % len(ranks)])
                    for kind in args.kinds for i in range(max(args.counts))}
         hot = make_adapter("lora", model_path, root / "hot", seed=99)
         results = {}

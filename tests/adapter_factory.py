@@ -59,8 +59,8 @@ def make_bottleneck(num_layers: int, hidden: int, out: Path, seed: int = 0, posi
 
 
 def make_adapter(kind: str, model_path: Path, out: Path, seed: int = 0,
-                 lora_targets: str | list[str] = "all-linear") -> Path:
+                 lora_targets: str | list[str] = "all-linear", rank: int | None = None) -> Path:
     if kind == "bottleneck":
         config = AutoModelForCausalLM.from_pretrained(model_path).config
         return make_bottleneck(config.num_hidden_layers, config.hidden_size, out, seed)
-    return make_peft_adapter(kind, model_path, out, seed, lora_targets)
+    return make_peft_adapter(kind, model_path, out, seed, lora_targets, rank)

@@ -56,10 +56,11 @@ def _poison(app, name: str) -> None:
     """Make a resident LoRA's weights overflow, as a NaN/inf adapter or a float overflow would: the
     registration check refuses such files, so this writes into the engine's slot directly."""
     bank = app.state.engine._scheduler.runner.adapters
-    slot = bank._by_name[name].slot
+    resident = bank._by_name[name]
     for wrapper in bank._lora_modules.values():
-        wrapper.a[slot].fill_(torch.finfo(wrapper.a.dtype).max)
-        wrapper.b[slot].fill_(1.0)
+        a, b = wrapper.stacks[resident.bucket]
+        a[resident.slot].fill_(torch.finfo(a.dtype).max)
+        b[resident.slot].fill_(1.0)
 
 
 def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapter_dirs):

@@ -1,12 +1,14 @@
 """Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
 
-LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0: "no adapter"). A LoRA
-layer computes the batch's LoRA rows one of two ways, whichever is faster for the shape (measured by
-benchmarks/lora_kernels.py): masked, every row through the A and B of every slot in the range its rows
-use, in one matmul each, keeping each row's own block of the shrunk activations (best for decode steps
-with small ranks: one pass, no copies); or grouped (SGMV-like, as in Punica and S-LoRA), the rows gathered
-by slot into a padded (slots, rows, ...) batch and run through one batched matmul per projection, so the
-cost follows the rows and ranks used, not slots x rows (best for prefill, and for many or wide adapters).
+LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0: "no adapter"); LoRAs in one
+stack per rank bucket (a power of two, at least 8), so a rank-64 LoRA in the batch does not widen every
+other LoRA's matmuls to 64 columns. For each bucket in the batch, a LoRA layer computes the batch's LoRA
+rows one of two ways, whichever is faster for the shape (measured by benchmarks/lora_kernels.py): masked,
+every row through the A and B of every slot in the range its rows use, in one matmul each, keeping each
+row's own block of the shrunk activations (best for decode steps with small ranks: one pass, no copies); or
+grouped (SGMV-like, as in Punica and S-LoRA), the rows gathered by slot into a padded (slots, rows, ...)
+batch and run through one batched matmul per projection, so the cost follows the rows and ranks used, not
+slots x rows (best for prefill, and for many or wide adapters).
 Zeroing selects (masked_fill), never multiplies, so another slot's overflow (inf * 0 = NaN) cannot reach a
 row; weights are checked finite at load, and freed slots are zeroed. Bottleneck layers gather each row's
 weights (a per-row BGMV as in Punica).
@@ -50,65 +52,77 @@ def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 GROUPED_MIN_COLUMNS = 128
 
 
+def lora_bucket(rank: int) -> int:
+    """The stack a LoRA of `rank` joins: ranks padded up to a power of two, at least 8. One stack per bucket
+    keeps a batch's small LoRAs from computing as many columns as its widest one."""
+    return max(8, 1 << (rank - 1).bit_length())
+
+
 @dataclass
-class RowAdapters:
-    """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
+class LoraRows:
+    """The rows of one LoRA stack (rank bucket) in the forward pass in flight."""
 
-    lora: torch.Tensor | None = None  # [batch], 0 for rows without a LoRA
-    lora_range: tuple[int, int] = (0, 0)  # lowest and highest LoRA slot in the batch
-    _lora_masks: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Grouped: each LoRA slot of the batch, its rows (padded with row 0) and where the padding is.
-    lora_group_slots: torch.Tensor | None = None  # (groups,)
-    lora_group_rows: torch.Tensor | None = None  # (groups, most rows of one slot)
-    lora_group_padding: torch.Tensor | None = None  # (groups, most rows, 1, 1)
-    bottleneck: torch.Tensor | None = None  # [batch]
-    bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
-    bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
-    merged_rows: torch.Tensor | None = None  # (batch, 1, 1): True for the merged LoRA's own rows
+    slots: torch.Tensor  # [batch], 0 for rows outside this stack
+    range: tuple[int, int]  # lowest and highest slot the batch uses
+    # Grouped: each slot of the batch, its rows (padded with row 0) and where the padding is.
+    group_slots: torch.Tensor  # (groups,)
+    group_rows: torch.Tensor  # (groups, most rows of one slot)
+    group_padding: torch.Tensor  # (groups, most rows, 1, 1)
+    _foreign: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def lora_foreign(self, rank: int) -> torch.Tensor:
-        """(batch, 1, slots_in_range * rank): True outside each row's own slot block."""
-        if rank not in self._lora_masks:
-            low, high = self.lora_range
-            column_slot = torch.arange((high - low + 1) * rank, device=self.lora.device) // rank + low
-            self._lora_masks[rank] = (self.lora[:, None] != column_slot[None, :])[:, None, :]
-        return self._lora_masks[rank]
-
-    def is_lora_grouped(self, tokens: int, rank: int, dtype: torch.dtype) -> bool:
-        low, high = self.lora_range
-        if len(self.lora_group_slots) < 2:
-            return False
-        is_wide = (high - low + 1) * rank >= GROUPED_MIN_COLUMNS
-        return tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
-
-    def group_lora_rows(self) -> None:
-        slots = self.lora.tolist()
+    @classmethod
+    def of(cls, slots: list[int], device: torch.device | str = "cpu") -> "LoraRows":
         groups: dict[int, list[int]] = {}
         for row, slot in enumerate(slots):
             if slot:
                 groups.setdefault(slot, []).append(row)
         width = max(map(len, groups.values()))
-        device = self.lora.device
-        self.lora_group_slots = torch.tensor(list(groups), device=device)
-        self.lora_group_rows = torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()],
-                                            device=device)
-        self.lora_group_padding = torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
-                                               device=device)[:, :, None, None]
+        return cls(torch.tensor(slots, device=device), (min(groups), max(groups)),
+                   torch.tensor(list(groups), device=device),
+                   torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()], device=device),
+                   torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
+                                device=device)[:, :, None, None])
+
+    def foreign(self, rank: int) -> torch.Tensor:
+        """(batch, 1, slots_in_range * rank): True outside each row's own slot block."""
+        if rank not in self._foreign:
+            low, high = self.range
+            column_slot = torch.arange((high - low + 1) * rank, device=self.slots.device) // rank + low
+            self._foreign[rank] = (self.slots[:, None] != column_slot[None, :])[:, None, :]
+        return self._foreign[rank]
+
+    def is_grouped(self, tokens: int, rank: int, dtype: torch.dtype) -> bool:
+        low, high = self.range
+        if len(self.group_slots) < 2:
+            return False
+        is_wide = (high - low + 1) * rank >= GROUPED_MIN_COLUMNS
+        return tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
 
 
-def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters) -> None:
-    """y += each row's B A x, through every slot of the batch's range (a, b: the stacks, in range)."""
+@dataclass
+class RowAdapters:
+    """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
+
+    lora: dict[int, LoraRows] = field(default_factory=dict)  # rank bucket -> its rows; empty: no LoRA rows
+    bottleneck: torch.Tensor | None = None  # [batch]
+    bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
+    bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
+    merged_rows: torch.Tensor | None = None  # (batch, 1, 1): True for the merged LoRA's own rows
+
+
+def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
+    """y += each row's B A x, through every slot of the batch's range (a, b: the stack, in range)."""
     rank = a.shape[1]
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (slots_in_range * rank, in / out)
     # (batch, tokens, slots_in_range * rank), zero outside each row's own block
-    shrunk = (x @ a.T).masked_fill_(rows.lora_foreign(rank)[:, :, : a.shape[0]], 0.0)
+    shrunk = (x @ a.T).masked_fill_(rows.foreign(rank)[:, :, : a.shape[0]], 0.0)
     # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
     y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
 
 
-def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters) -> None:
-    """y += each row's B A x, rows gathered by slot (a, b: the whole stacks)."""
-    slots, index, padding = rows.lora_group_slots, rows.lora_group_rows, rows.lora_group_padding
+def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
+    """y += each row's B A x, rows gathered by slot (a, b: the whole stack)."""
+    slots, index, padding = rows.group_slots, rows.group_rows, rows.group_padding
     if int(slots.max()) >= a.shape[0]:  # slots of adapters that leave this layer alone: nothing to add
         kept = slots < a.shape[0]
         slots, index, padding = slots[kept], index[kept], padding[kept]
@@ -128,8 +142,9 @@ class BatchedLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, bank: "AdapterBank"):
         super().__init__()
         self.base, self._bank = base, bank
-        self.a: torch.Tensor | None = None  # (slots, rank, in); ranks below the widest are zero-padded
-        self.b: torch.Tensor | None = None  # (slots, rank, out): B transposed, so slot ranges flatten to views
+        # rank bucket -> A (slots, bucket, in) and B transposed (slots, bucket, out), so slot ranges flatten to
+        # views; ranks below the bucket are zero-padded.
+        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # While a LoRA is merged here: the weight before the fold, and the fold's A (rank, in) and -B^T (rank, out).
         self._unfolded: torch.Tensor | None = None
         self._compensation: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -137,12 +152,15 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
         y = self.base(x)
         rows = self._bank.rows
-        if rows.lora is not None and self.a is not None and rows.lora_range[0] < self.a.shape[0]:
-            if rows.is_lora_grouped(x.shape[1], self.a.shape[1], x.dtype):
-                lora_grouped(x, y, self.a, self.b, rows)
+        for bucket, lora_rows in rows.lora.items():
+            a, b = self.stacks.get(bucket, (None, None))
+            if a is None or lora_rows.range[0] >= a.shape[0]:  # no adapter of the batch targets this layer
+                continue
+            if lora_rows.is_grouped(x.shape[1], bucket, x.dtype):
+                lora_grouped(x, y, a, b, lora_rows)
             else:
-                low, high = rows.lora_range[0], min(rows.lora_range[1], self.a.shape[0] - 1)
-                lora_masked(x, y, self.a[low : high + 1], self.b[low : high + 1], rows)
+                low, high = lora_rows.range[0], min(lora_rows.range[1], a.shape[0] - 1)
+                lora_masked(x, y, a[low : high + 1], b[low : high + 1], lora_rows)
         if self._compensation is not None and rows.merged_rows is not None:
             a, negated_b = self._compensation
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
@@ -160,20 +178,22 @@ class BatchedLoraLinear(nn.Module):
             self.base.weight.data.copy_(self._unfolded)
         self._unfolded = self._compensation = None
 
-    def store(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Put one adapter's A (rank, in) and B (out, rank) into `slot`; None clears the slot."""
+    def store(self, bucket: int, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Put one adapter's A (rank, in) and B (out, rank) into `slot` of stack `bucket`; None clears it."""
+        stack_a, stack_b = self.stacks.get(bucket, (None, None))
         if a is None:
-            if self.a is not None and slot < self.a.shape[0]:
-                self.a[slot].zero_()
-                self.b[slot].zero_()
+            if stack_a is not None and slot < stack_a.shape[0]:
+                stack_a[slot].zero_()
+                stack_b[slot].zero_()
             return
+        stack_a = _grow(stack_a, (slot + 1, bucket, self.base.in_features), self.base.weight)
+        stack_b = _grow(stack_b, (slot + 1, bucket, self.base.out_features), self.base.weight)
+        self.stacks[bucket] = stack_a, stack_b
         rank = a.shape[0]
-        self.a = _grow(self.a, (slot + 1, rank, self.base.in_features), self.base.weight)
-        self.b = _grow(self.b, (slot + 1, rank, self.base.out_features), self.base.weight)
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.a[slot, :rank] = a
-        self.b[slot, :rank] = b.T
+        stack_a[slot].zero_()
+        stack_b[slot].zero_()
+        stack_a[slot, :rank] = a
+        stack_b[slot, :rank] = b.T
 
 
 @dataclass
@@ -196,6 +216,7 @@ class Resident:
     name: str
     adapter: Adapter
     slot: int  # in the LoRA or bottleneck stacks; 0 for prefix/prompt
+    bucket: int = 0  # a LoRA's rank bucket: the stack its slot is in
     num_active: int = 0
     is_retired: bool = False
     serial: int = field(default_factory=itertools.count(1).__next__)  # names this version in the prefix cache
@@ -206,8 +227,8 @@ class AdapterBank:
         self.model, self.max_adapters = model, max_adapters
         self.rows = RowAdapters()
         self._by_name: dict[str, Resident] = {}
-        # One pool per stacked kind, lowest slot first: a batch's LoRA slot range stays short.
-        self._free_slots = {kind: list(range(max_adapters, 0, -1)) for kind in ("lora", "bottleneck")}
+        # One pool per stack ((kind, LoRA rank bucket)), lowest slot first: a batch's slot range stays short.
+        self._free_slots: dict[tuple[str, int], list[int]] = {}
         self._lora_modules: dict[str, BatchedLoraLinear] = {}
         self._bottlenecks = _Bottlenecks()
         self.merged: Resident | None = None
@@ -220,29 +241,33 @@ class AdapterBank:
 
     def load(self, name: str, adapter: Adapter) -> None:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
-        slot = 0  # prefix and prompt adapters need no stacked weights
+        slot = bucket = 0  # prefix and prompt adapters need no stacked weights
         if isinstance(adapter, PrefixAdapter):  # cast once here, not at every admission or step
             adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
                               values=self._cast(adapter.values, self._kv_dtype))
         elif isinstance(adapter, PromptAdapter):
             adapter = replace(adapter, embeddings=self._cast(adapter.embeddings))
         elif isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
-            free = self._free_slots[adapter.kind]
+            bucket = lora_bucket(adapter.rank) if isinstance(adapter, LoraAdapter) else 0
+            free = self._pool(adapter.kind, bucket)
             if not free:
                 raise AdapterCapacityError("capacity", f"all {self.max_adapters} {adapter.kind} slots are in use")
             slot = free.pop()
             try:
                 if isinstance(adapter, LoraAdapter):
-                    self._store_lora(slot, adapter)
+                    self._store_lora(bucket, slot, adapter)
                 else:
                     self._store_bottleneck(slot, adapter)
             except Exception:
                 free.append(slot)
                 raise
         previous = self._by_name.get(name)
-        self._by_name[name] = Resident(name, adapter, slot)
+        self._by_name[name] = Resident(name, adapter, slot, bucket)
         if previous is not None:
             self._retire(previous)
+
+    def _pool(self, kind: str, bucket: int) -> list[int]:
+        return self._free_slots.setdefault((kind, bucket), list(range(self.max_adapters, 0, -1)))
 
     def _cast(self, weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return weights.to(self._device, dtype or self._dtype)
@@ -303,14 +328,14 @@ class AdapterBank:
             return
         if isinstance(resident.adapter, LoraAdapter):
             for wrapper in self._lora_modules.values():
-                wrapper.store(resident.slot, None, None)
+                wrapper.store(resident.bucket, resident.slot, None, None)
         else:
             bn = self._bottlenecks
             for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
                 stack[resident.slot].zero_()
             bn.scaling.pop(resident.slot, None)
             bn.activation.pop(resident.slot, None)
-        self._free_slots[resident.adapter.kind].append(resident.slot)
+        self._pool(resident.adapter.kind, resident.bucket).append(resident.slot)
 
     # -- per forward pass --------------------------------------------------------------------------------
 
@@ -320,33 +345,29 @@ class AdapterBank:
         # The merged LoRA is in the base weights: its rows need no slot, every other row the compensation.
         is_merged = [merged is not None and r is merged for r in residents]
         residents = [None if m else r for r, m in zip(residents, is_merged)]
-        slots = [r.slot if r is not None else 0 for r in residents]
 
-        def index_for(kind: type) -> torch.Tensor | None:
-            if not any(r is not None and isinstance(r.adapter, kind) for r in residents):
-                return None
-            kept = [s if r is not None and isinstance(r.adapter, kind) else 0 for s, r in zip(slots, residents)]
-            return torch.tensor(kept, device=self._device)
+        def slots_of(kind: type, bucket: int = 0) -> list[int]:
+            return [r.slot if r is not None and isinstance(r.adapter, kind) and r.bucket == bucket else 0
+                    for r in residents]
 
-        rows = RowAdapters(lora=index_for(LoraAdapter), bottleneck=index_for(BottleneckAdapter))
+        buckets = sorted({r.bucket for r in residents if r is not None and isinstance(r.adapter, LoraAdapter)})
+        bottlenecks = slots_of(BottleneckAdapter)
+        rows = RowAdapters(lora={b: LoraRows.of(slots_of(LoraAdapter, b), self._device) for b in buckets},
+                           bottleneck=torch.tensor(bottlenecks, device=self._device) if any(bottlenecks) else None)
         if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
             rows.merged_rows = torch.tensor(is_merged, device=self._device)[:, None, None]
-        if rows.lora is not None:
-            used = [s for s, r in zip(slots, residents) if r is not None and isinstance(r.adapter, LoraAdapter)]
-            rows.lora_range = (min(used), max(used))
-            rows.group_lora_rows()
         if rows.bottleneck is not None:
-            bn, kept = self._bottlenecks, rows.bottleneck.tolist()
-            rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in kept], device=self._device,
-                                                   dtype=self._dtype)
-            for name in sorted({bn.activation.get(s, "relu") for s in kept}):
-                members = [i for i, s in enumerate(kept) if bn.activation.get(s, "relu") == name]
+            bn = self._bottlenecks
+            rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in bottlenecks],
+                                                   device=self._device, dtype=self._dtype)
+            for name in sorted({bn.activation.get(s, "relu") for s in bottlenecks}):
+                members = [i for i, s in enumerate(bottlenecks) if bn.activation.get(s, "relu") == name]
                 rows.bottleneck_activations.append((name, torch.tensor(members, device=self._device)))
         self.rows = rows
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
-    def _store_lora(self, slot: int, adapter: LoraAdapter) -> None:
+    def _store_lora(self, bucket: int, slot: int, adapter: LoraAdapter) -> None:
         modules = dict(self.model.named_modules())
         for name in adapter.layers.keys() - self._lora_modules.keys():
             self._wrap_linear(name, modules[name])
@@ -354,10 +375,10 @@ class AdapterBank:
         for name, wrapper in self._lora_modules.items():
             weights = adapter.layers.get(name)
             if weights is None:
-                wrapper.store(slot, None, None)
+                wrapper.store(bucket, slot, None, None)
             else:
                 # Scaled in float32, then cast: the adapter's own precision until the one rounding to the engine's.
-                wrapper.store(slot, self._cast(weights.a), self._cast(weights.b * weights.scale))
+                wrapper.store(bucket, slot, self._cast(weights.a), self._cast(weights.b * weights.scale))
 
     def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")
