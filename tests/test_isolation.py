@@ -131,23 +131,23 @@ def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
 def test_a_failing_engine_loop_restarts_then_stays_down_and_says_so(tmp_path):
     with serving_app(adapter_store=tmp_path / "store") as (url, app):
         with httpx.Client(base_url=url, timeout=120) as http:
-            scheduler = app.state.engine._scheduler
-            real_step, failures = scheduler.step, []
+            core = app.state.engine._core
+            real_step, failures = core.step, []
 
             def failing_step():
                 failures.append(1)
                 raise RuntimeError("injected engine failure")
 
             failures_before = scrape(http).get(("swapyard_engine_failures_total", ()), 0)
-            scheduler.step = failing_step
+            core.step = failing_step
             failed = http.post(CHAT, json=_body(MODEL, QUESTIONS[0]))
             assert failed.status_code == 500 and "injected" in failed.json()["error"]["message"]
-            scheduler.step = real_step  # one failure: the loop restarted and serves again
+            core.step = real_step  # one failure: the loop restarted and serves again
             assert "Paris" in _text(http.post(CHAT, json=_body(MODEL, QUESTIONS[0])))
             assert http.get("/health").status_code == 200
             assert scrape(http)[("swapyard_engine_failures_total", ())] == failures_before + 1
 
-            scheduler.step = failing_step  # failures in a row: the engine stays down
+            core.step = failing_step  # failures in a row: the engine stays down
             for _ in range(2):
                 assert http.post(CHAT, json=_body(MODEL, QUESTIONS[0])).status_code == 500
             assert http.get("/health").status_code == 503 and http.get("/ready").status_code == 503

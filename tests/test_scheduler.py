@@ -1,5 +1,6 @@
-"""The torch engine's scheduler with a fake model runner: which tokens each step feeds, in what order, and
-what every request gets, decided in milliseconds without a model. The fake "model" answers each row with
+"""The torch engine's step (scheduler, model runner's sampling, output processor) over a fake forward pass:
+which tokens each step feeds, in what order, and what every request gets, decided in milliseconds without
+a model. The fake "model" answers each row with
 a token that depends on every token of its sequence, so a wrong position, a lost or repeated token, or a
 cached block of another sequence changes the output."""
 
@@ -9,7 +10,9 @@ from tokenizers import Tokenizer
 
 from conftest import MODEL_PATH
 from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
+from server.engine.engine_core import EngineCore
 from server.engine.kv_cache import PagedKVCache
+from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 
 VOCAB = 1000
@@ -31,6 +34,8 @@ class FakeRunner:
                                   device=self.device)
         self.steps: list[list[tuple[int, int]]] = []  # per step: (first position, tokens fed) of each row
 
+    execute = ModelRunner.execute  # the real sampling, over the fake forward pass below
+
     def forward_scoring(self, tables, inputs, starts, residents, full_rows):
         self.steps.append([(start, len(tokens)) for tokens, start in zip(inputs, starts)])
         logits = torch.zeros(len(inputs), VOCAB)
@@ -44,14 +49,14 @@ class FakeRunner:
         return logits, {}
 
 
-def _scheduler(max_blocks: int, budget: int, caching: bool = True) -> tuple[Scheduler, FakeRunner]:
+def _scheduler(max_blocks: int, budget: int, caching: bool = True) -> tuple[EngineCore, FakeRunner]:
     runner = FakeRunner(max_blocks)
-    tokenizer = Tokenizer.from_file(str(MODEL_PATH / "tokenizer.json"))
-    return Scheduler(runner, tokenizer, max_model_len=max_blocks * BLOCK, max_num_seqs=16,
-                     max_num_batched_tokens=budget, enable_prefix_caching=caching), runner
+    scheduler = Scheduler(runner, max_model_len=max_blocks * BLOCK, max_num_seqs=16, max_num_batched_tokens=budget,
+                          enable_prefix_caching=caching)
+    return EngineCore(scheduler, runner, Tokenizer.from_file(str(MODEL_PATH / "tokenizer.json"))), runner
 
 
-def _run(scheduler: Scheduler, prompts: list[list[int]], max_tokens: int, *, arrive_at: dict[int, int] | None = None
+def _run(core: EngineCore, prompts: list[list[int]], max_tokens: int, *, arrive_at: dict[int, int] | None = None
          ) -> list[list[int]]:
     """Each prompt's generated tokens; prompt i joins at step arrive_at[i] (default: before the first)."""
     arrive_at, outputs = arrive_at or {}, [[] for _ in prompts]
@@ -64,20 +69,20 @@ def _run(scheduler: Scheduler, prompts: list[list[int]], max_tokens: int, *, arr
 
     step = 0
     pending = dict(enumerate(prompts))
-    while pending or scheduler.has_work:
+    while pending or core.scheduler.has_work:
         for i in [i for i in pending if arrive_at.get(i, 0) <= step]:
             request = GenerationRequest(f"r{i}", pending.pop(i), SamplingParams(max_tokens=max_tokens, temperature=0,
                                                                                ignore_eos=True), "m")
-            scheduler.add(scheduler.new_sequence(request, emitter(i)))
-        scheduler.step()
+            core.scheduler.add(core.new_sequence(request, emitter(i)))
+        core.step()
         step += 1
     return outputs
 
 
 def test_a_long_prompt_is_fed_in_chunks_that_take_turns_with_decode_steps():
-    scheduler, runner = _scheduler(max_blocks=64, budget=64)
+    core, runner = _scheduler(max_blocks=64, budget=64)
     short, long = list(range(1, 11)), list(range(100, 300))
-    together = _run(scheduler, [short, long], max_tokens=12, arrive_at={1: 2})
+    together = _run(core, [short, long], max_tokens=12, arrive_at={1: 2})
     chunks = [row for step in runner.steps for row in step if row[1] > 1]
     assert chunks[1:] == [(0, 64), (64, 64), (128, 64), (192, 8)]  # after the short prompt's own prefill
     phases = ["prefill" if any(n > 1 for _, n in step) else "decode" for step in runner.steps[1:]]
@@ -89,8 +94,8 @@ def test_a_long_prompt_is_fed_in_chunks_that_take_turns_with_decode_steps():
 def test_a_cached_prefix_is_not_fed_again_and_gives_the_same_tokens():
     system = list(range(500, 600))  # three full blocks and a few tokens
     prompts = [system + [7, 8, 9], system + [10, 11]]
-    scheduler, runner = _scheduler(max_blocks=64, budget=4096)
-    cached = _run(scheduler, prompts, max_tokens=5, arrive_at={1: 10})
+    core, runner = _scheduler(max_blocks=64, budget=4096)
+    cached = _run(core, prompts, max_tokens=5, arrive_at={1: 10})
     second_prefill = [row for step in runner.steps for row in step if row[1] > 1][1]
     assert second_prefill == (96, len(prompts[1]) - 96)
     cold = _run(_scheduler(64, 4096, caching=False)[0], prompts, max_tokens=5, arrive_at={1: 10})
@@ -99,9 +104,9 @@ def test_a_cached_prefix_is_not_fed_again_and_gives_the_same_tokens():
 
 def test_a_full_pool_preempts_and_every_sequence_gets_its_own_tokens():
     prompts = [[i] * 20 for i in range(1, 6)]
-    scheduler, runner = _scheduler(max_blocks=8, budget=4096)
+    core, runner = _scheduler(max_blocks=8, budget=4096)
     preempted = REGISTRY.get_sample_value("swapyard_engine_preemptions_total")
-    squeezed = _run(scheduler, prompts, max_tokens=60)
+    squeezed = _run(core, prompts, max_tokens=60)
     assert REGISTRY.get_sample_value("swapyard_engine_preemptions_total") > preempted
     assert runner.cache.num_used == 0
     roomy = _run(_scheduler(max_blocks=64, budget=4096)[0], prompts, max_tokens=60)

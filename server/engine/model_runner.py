@@ -1,4 +1,5 @@
-"""Loads an HF causal LM and runs one padded forward pass over sequences of the paged KV cache."""
+"""Loads an HF causal LM; runs one step's padded forward pass over sequences of the paged KV cache and
+samples the next token of each row that is ready for one."""
 
 import logging
 from pathlib import Path
@@ -10,8 +11,11 @@ from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import AdapterBank, Resident
 from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
+from server.engine.sampler import apply_logit_changes, logprobs_of, sample
+from server.engine.sequence import SampledBatch, ScheduledBatch
 from server.host import detect_host, dtype_name, resolve_device, resolve_dtype
 from server.metrics import ENGINE_INFO
+from server.structured import mask_to_grammars
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,23 @@ class ModelRunner:
     def write_prefix(self, blocks: list[int], adapter: PrefixAdapter) -> None:
         """Prefix tuning: the learned keys/values become the first cache positions of the sequence."""
         self.cache.write(blocks, adapter.keys, adapter.values)
+
+    def execute(self, batch: ScheduledBatch) -> SampledBatch:
+        """The step's forward pass, then each sampled row's logits processed (penalties, biases, grammar
+        masks) and its next token drawn from its own generator."""
+        seqs = batch.sequences
+        scored = tuple(i for i, s in enumerate(seqs) if s.is_scoring_prompt)
+        logits, full = self.forward_scoring([s.blocks for s in seqs], batch.inputs, [s.computed for s in seqs],
+                                            [s.resident for s in seqs], scored)
+        rows = batch.sampled_rows
+        if not rows:
+            return SampledBatch([], [], [], full)
+        seqs, logits = [seqs[i] for i in rows], logits[rows]
+        params = [s.request.sampling for s in seqs]
+        changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in seqs],
+                                      self.eos_token_ids)
+        tokens = sample(mask_to_grammars(changed, [s.matcher for s in seqs]), params, [s.generator for s in seqs])
+        return SampledBatch(rows, tokens, logprobs_of(logits, tokens, params), full)
 
     def forward(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int],
                 residents: list[Resident | None]) -> torch.Tensor:

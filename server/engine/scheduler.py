@@ -1,4 +1,5 @@
-"""Continuous batching: new requests are prefilled between decode steps, finished ones leave at once.
+"""Continuous batching: what each engine step runs. New requests are prefilled between decode steps,
+finished ones leave at once.
 
 All methods run on the engine thread. Each running sequence holds the KV-cache blocks of its tokens and
 takes one more when its last block is full. When none is left, the newest running sequences are preempted:
@@ -14,76 +15,28 @@ have work, so a long prompt delays the running streams by one chunk at a time, n
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import torch
-from tokenizers import Tokenizer
-from xgrammar import GrammarMatcher
 
 from adapters.base import AdapterError
 from adapters.prefix import PrefixAdapter
-from server.engine.adapter_bank import Resident
-from server.engine.base import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
-from server.engine.detokenizer import IncrementalText
+from server.engine.base import FinishReason, GenerationOutput
 from server.engine.kv_cache import KVCacheFull, block_hashes
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import apply_logit_changes, logprobs_of, make_generator, prompt_logprobs_of, sample
-from server.metrics import ENGINE_BATCH_SIZE, KV_CACHE_BLOCKS, PREEMPTIONS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
-from server.structured import mask_to_grammars, new_matcher
+from server.engine.sequence import SampledBatch, ScheduledBatch, Sequence
+from server.metrics import ENGINE_BATCH_SIZE, PREEMPTIONS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class Sequence:
-    request: GenerationRequest
-    emit: Callable[[GenerationOutput], None]
-    text: IncrementalText
-    generator: torch.Generator | None
-    matcher: GrammarMatcher | None  # structured outputs: where the sequence is in its grammar
-    resident: Resident | None = None  # the adapter version this sequence runs with, held until it ends
-    num_virtual: int = 0  # prefix/prompt-tuning positions before the prompt
-    generated: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # its KV-cache block table; empty while waiting
-    computed: int = 0  # positions whose keys and values are in its blocks
-    root: bytes = b""  # its adapter and base weights' versions at admission: the first block's hash key
-    hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as they are known
-    published: int = 0  # leading blocks offered to the prefix cache
-    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # prompt logprobs: the chunks' logits so far
-    first_scheduled: float | None = None
-
-    @property
-    def length(self) -> int:
-        return self.num_virtual + len(self.request.prompt_token_ids) + len(self.generated)
-
-    @property
-    def is_scoring_prompt(self) -> bool:
-        """Its prefill must produce every prompt position's logits (prompt logprobs, not sent yet)."""
-        return self.request.sampling.prompt_logprobs is not None and not self.generated
-
-    def tokens(self) -> list[int]:
-        """What each cache position holds: a prefix or soft prompt's virtual positions (negative ids, -k-1
-        for row k: a soft prompt's rows ride into the model as these), the prompt, the generated tokens."""
-        virtual = [-1 - k for k in range(self.num_virtual)]
-        return virtual + self.request.prompt_token_ids + self.generated
-
-
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, *, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_prefix_caching: bool = True):
-        self.runner, self.tokenizer = runner, tokenizer
+    def __init__(self, runner: ModelRunner, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True):
+        self.runner = runner  # its KV cache and adapter bank: the step's model work is the engine core's call
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._decoded_last = False  # prefill and decode steps take turns while both have work
-
-    def new_sequence(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> Sequence:
-        sampling = request.sampling
-        return Sequence(request, emit, IncrementalText(self.tokenizer, sampling.stop),
-                        make_generator(sampling, self.runner.device), new_matcher(request))
 
     @property
     def has_work(self) -> bool:
@@ -99,7 +52,7 @@ class Scheduler:
                 raise AdapterError("messages", f"{seq.num_virtual} virtual + {len(request.prompt_token_ids)} prompt "
                                                f"tokens exceed the context of {self.max_model_len}")
         except Exception as exc:  # AdapterError, or anything unexpected: this request fails, not the engine
-            self._finish(seq, GenerationOutput("", [], len(request.prompt_token_ids), 0, "error", str(exc)))
+            self._finish(seq, seq.failure(str(exc)))
             return
         self.waiting.append(seq)
 
@@ -121,60 +74,35 @@ class Scheduler:
         self.waiting.clear()
         self.running.clear()
 
-    def step(self) -> None:
-        try:
-            self._step()
-        finally:
-            cache = self.runner.cache
-            KV_CACHE_BLOCKS.labels("used").set(cache.num_used)
-            KV_CACHE_BLOCKS.labels("cached").set(cache.num_cached)
-            KV_CACHE_BLOCKS.labels("free").set(cache.num_free - cache.num_cached)
-
-    def _step(self) -> None:
-        batch, phase, inputs = self._schedule()
-        if not batch:
-            return
-        ENGINE_BATCH_SIZE.labels(phase=phase).observe(len(batch))
-        scored = tuple(i for i, s in enumerate(batch) if s.is_scoring_prompt)
-        try:
-            logits, full = self.runner.forward_scoring([s.blocks for s in batch], inputs, [s.computed for s in batch],
-                                                       [s.resident for s in batch], scored)
-            for i, (seq, fed) in enumerate(zip(batch, inputs)):
-                seq.computed += len(fed)
-                self._publish(seq)
-                if i in full:
-                    seq.prompt_logits.append(full[i])
-            # Rows whose prefill ends in a later chunk get no token yet (nor draw from their generator).
-            ready = [i for i, s in enumerate(batch) if s.computed == s.length]
-            if not ready:
-                return
-            batch, logits = [batch[i] for i in ready], logits[ready]
-            params = [s.request.sampling for s in batch]
-            changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in batch],
-                                          self.runner.eos_token_ids)
-            changed = mask_to_grammars(changed, [s.matcher for s in batch])
-            tokens = sample(changed, params, [s.generator for s in batch])
-            logprobs = logprobs_of(logits, tokens, params)
-        except Exception as exc:  # a failed batch fails its own requests, never the engine
-            log.exception("%s step failed for %d sequences", phase, len(batch))
-            self._finish_all(batch, [self._failure(s, f"generation failed: {exc}") for s in batch])
-            return
-        self._finish_all(batch, [self._advance(s, tokens[i], logprobs[i]) for i, s in enumerate(batch)])
-
-    def _schedule(self) -> tuple[list[Sequence], str, list[list[int]]]:
-        """The next step's rows, its phase and each row's input tokens (fed from its `computed` position)."""
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step: waiting sequences admitted while the budgets allow, then a prefill chunk or a
+        decode step (they take turns while both have work); None when nothing can run."""
         self._admit()
         prefilling = [s for s in self.running if s.length - s.computed > 1]
         decode = not prefilling or (not self._decoded_last and len(prefilling) < len(self.running))
         self._decoded_last = decode
-        if not decode:
-            return self._chunk(prefilling)
-        self._make_room_for_decode()
-        # A list of its own: finished sequences leave `running` while the batch is walked.
-        batch = [s for s in self.running if s.length - s.computed == 1]
-        return batch, "decode", [s.tokens()[s.computed :] for s in batch]
+        if decode:
+            self._make_room_for_decode()
+            # A list of its own: finished sequences leave `running` while the batch is walked.
+            batch = [s for s in self.running if s.length - s.computed == 1]
+            scheduled = ScheduledBatch("decode", batch, [s.tokens()[s.computed :] for s in batch])
+        else:
+            scheduled = self._chunk(prefilling)
+        if not scheduled.sequences:
+            return None
+        ENGINE_BATCH_SIZE.labels(phase=scheduled.phase).observe(len(scheduled.sequences))
+        return scheduled
 
-    def _chunk(self, prefilling: list[Sequence]) -> tuple[list[Sequence], str, list[list[int]]]:
+    def update(self, batch: ScheduledBatch, sampled: SampledBatch) -> None:
+        """After the forward pass: what each row fed is computed, its full blocks go to the prefix cache and
+        prompt-logprob rows keep their chunk's logits."""
+        for i, (seq, fed) in enumerate(zip(batch.sequences, batch.inputs)):
+            seq.computed += len(fed)
+            self._publish(seq)
+            if i in sampled.prompt_logits:
+                seq.prompt_logits.append(sampled.prompt_logits[i])
+
+    def _chunk(self, prefilling: list[Sequence]) -> ScheduledBatch:
         """Prefilling sequences in order while their padded batch fits the step's token budget; the first
         one is cut to the budget if longer, the others join only whole."""
         batch: list[Sequence] = []
@@ -188,7 +116,7 @@ class Scheduler:
             batch.append(seq)
             inputs.append(seq.tokens()[seq.computed : seq.computed + take])
             width = max(width, take)
-        return batch, "prefill", inputs
+        return ScheduledBatch("prefill", batch, inputs)
 
     def _admit(self) -> None:
         """Move waiting sequences into the running set while the sequence, prefill and KV-cache budgets
@@ -205,7 +133,7 @@ class Scheduler:
                 break
             except Exception as exc:  # e.g. out of memory: this request fails, the running ones go on
                 log.exception("the KV cache could not grow for a new sequence")
-                self._finish(seq, self._failure(seq, f"no KV-cache memory for this request ({exc})"))
+                self._finish(seq, seq.failure(f"no KV-cache memory for this request ({exc})"))
                 continue
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
@@ -277,7 +205,7 @@ class Scheduler:
                     self._preempt(self.running[-1])
                 except Exception as exc:  # e.g. out of memory growing the pool: this request fails
                     log.exception("the KV cache could not grow for a running sequence")
-                    seq.emit(self._failure(seq, f"no KV-cache memory for this request ({exc})"))
+                    seq.emit(seq.failure(f"no KV-cache memory for this request ({exc})"))
                     self._release(seq, failed=True)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -287,49 +215,6 @@ class Scheduler:
         seq.blocks, seq.computed, seq.prompt_logits = [], 0, []
         self.waiting.appendleft(seq)
         PREEMPTIONS.inc()
-
-    def _advance(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None) -> GenerationOutput:
-        """The row's output for this step (with its prompt logprobs at the end of a prefill that asked)."""
-        if token is None:
-            return self._failure(seq, "generation failed: the model produced non-finite logits for this request")
-        sampling, prompt = seq.request.sampling, seq.request.prompt_token_ids
-        try:  # everything here is this row's own: a failure fails it, not the batch
-            prompt_logprobs = None
-            if seq.prompt_logits:  # logits at every input position of its prefill, chunk by chunk
-                prompt_logprobs = prompt_logprobs_of(torch.cat(seq.prompt_logits), prompt, sampling.prompt_logprobs)
-                seq.prompt_logits = []
-            if sampling.max_tokens == 0:  # scoring only: the prompt's logprobs, no token
-                return GenerationOutput("", [], len(prompt), 0, "length", prompt_logprobs=prompt_logprobs,
-                                        queue_time=seq.first_scheduled - seq.request.arrival_time)
-            out = self._next_output(seq, token)
-            out.logprobs = [logprob] if logprob is not None else None
-            out.prompt_logprobs = prompt_logprobs
-            return out
-        except Exception as exc:  # detokenizing or stop strings: this row fails, not the batch
-            log.exception("output processing failed for one sequence")
-            return self._failure(seq, f"generation failed: {exc}")
-
-    def _next_output(self, seq: Sequence, token: int) -> GenerationOutput:
-        seq.generated.append(token)
-        sampling = seq.request.sampling
-        if seq.matcher is not None and not seq.matcher.accept_token(token):
-            raise ValueError(f"token {token} breaks the output's grammar")
-        if ((token in self.runner.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids
-                or (seq.matcher is not None and seq.matcher.is_terminated())):
-            text, reason = seq.text.flush(), "stop"
-        else:
-            text, stopped = seq.text.add(token)
-            reason = "stop" if stopped else None
-            if reason is None and (len(seq.generated) >= sampling.max_tokens
-                                   or seq.length >= self.max_model_len):
-                text, reason = text + seq.text.flush(), "length"
-        queue_time = seq.first_scheduled - seq.request.arrival_time if len(seq.generated) == 1 else None
-        return GenerationOutput(text, [token], len(seq.request.prompt_token_ids), len(seq.generated), reason,
-                                queue_time=queue_time)
-
-    @staticmethod
-    def _failure(seq: Sequence, message: str) -> GenerationOutput:
-        return GenerationOutput("", [], len(seq.request.prompt_token_ids), len(seq.generated), "error", message)
 
     def _finish(self, seq: Sequence, out: GenerationOutput) -> None:
         """Emit a final output for a sequence that is in no batch."""
@@ -341,7 +226,8 @@ class Scheduler:
             self.runner.adapters.release(seq.resident)
             seq.resident = None
 
-    def _finish_all(self, batch: list[Sequence], outputs: list[GenerationOutput]) -> None:
+    def finish(self, batch: list[Sequence], outputs: list[GenerationOutput]) -> None:
+        """Send each sequence its output; finished ones leave and free their adapter and blocks."""
         for seq, out in zip(batch, outputs):
             seq.emit(out)
             if out.is_finished:

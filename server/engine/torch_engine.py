@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.loading import Adapter
 from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest
+from server.engine.engine_core import EngineCore
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.metrics import ENGINE_FAILURES
@@ -34,10 +35,11 @@ class TorchEngine:
                              # Headroom: a replaced version holds its slot until its running requests end.
                              max_resident_adapters=2 * settings.max_resident_adapters)
         self._scheduler = Scheduler(
-            runner, tokenizer.backend_tokenizer, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
+            runner, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens or (512 if runner.device.type == "cpu" else 2048),
             enable_prefix_caching=settings.enable_prefix_caching,
         )
+        self._core = EngineCore(self._scheduler, runner, tokenizer.backend_tokenizer)
         # Everything the event loop asks of the scheduler goes through this queue: one thread owns its state.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="swapyard-torch-engine", daemon=True)
@@ -83,7 +85,7 @@ class TorchEngine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-        seq = self._scheduler.new_sequence(request, emit)
+        seq = self._core.new_sequence(request, emit)
         self._inbox.put(lambda: self._scheduler.add(seq))
         finished = False
         try:
@@ -141,7 +143,7 @@ class TorchEngine:
                 except Exception:
                     log.exception("engine work failed")
             if scheduler.has_work:
-                scheduler.step()
+                self._core.step()
 
     def _refuse_from_now_on(self) -> None:
         """A dead engine still answers what reaches its inbox, so nobody waits on it forever."""

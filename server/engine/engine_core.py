@@ -1,0 +1,52 @@
+"""One step of the torch engine, in vLLM v1's and nano-vllm's shape: the scheduler decides what runs
+(admission, adapters, KV blocks, token budget), the model runner runs the forward pass and samples, the
+output processor detokenizes and checks stops, and the scheduler sends the outputs and frees what ended.
+All of it runs on the engine thread."""
+
+import logging
+from collections.abc import Callable
+
+from tokenizers import Tokenizer
+
+from server.engine.base import GenerationOutput, GenerationRequest
+from server.engine.detokenizer import IncrementalText
+from server.engine.model_runner import ModelRunner
+from server.engine.output_processor import OutputProcessor
+from server.engine.sampler import make_generator
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
+from server.metrics import KV_CACHE_BLOCKS
+from server.structured import new_matcher
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: Tokenizer):
+        self.scheduler, self.runner, self.tokenizer = scheduler, runner, tokenizer
+        self.outputs = OutputProcessor(runner.eos_token_ids, scheduler.max_model_len)
+
+    def new_sequence(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> Sequence:
+        sampling = request.sampling
+        return Sequence(request, emit, IncrementalText(self.tokenizer, sampling.stop),
+                        make_generator(sampling, self.runner.device), new_matcher(request))
+
+    def step(self) -> None:
+        try:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return
+            try:
+                sampled = self.runner.execute(batch)
+            except Exception as exc:  # a failed batch fails its own requests, never the engine
+                log.exception("%s step failed for %d sequences", batch.phase, len(batch.sequences))
+                self.scheduler.finish(batch.sequences,
+                                      [s.failure(f"generation failed: {exc}") for s in batch.sequences])
+                return
+            self.scheduler.update(batch, sampled)
+            self.scheduler.finish([batch.sequences[i] for i in sampled.rows], self.outputs.process(batch, sampled))
+        finally:
+            cache = self.runner.cache
+            KV_CACHE_BLOCKS.labels("used").set(cache.num_used)
+            KV_CACHE_BLOCKS.labels("cached").set(cache.num_cached)
+            KV_CACHE_BLOCKS.labels("free").set(cache.num_free - cache.num_cached)
