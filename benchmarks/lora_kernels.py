@@ -1,5 +1,5 @@
-"""The torch engine's two LoRA kernels on this CPU, per batch shape: masked (every row through every slot
-in the batch's range, one matmul) and grouped (rows gathered by slot, one batched matmul per projection).
+"""The torch engine's two LoRA kernels on this CPU, per batch shape: masked (every row through every page
+in the batch's range, one matmul) and grouped (rows gathered by page, one batched matmul per projection).
 The engine picks grouped for float32 prefill, and once the masked matmul is GROUPED_MIN_COLUMNS wide (in
 bf16 for prefill only).
 
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from server.engine.adapter_bank import GROUPED_MIN_COLUMNS, LoraRows, lora_grouped, lora_masked
+from server.engine.adapter_bank import GROUPED_MIN_COLUMNS, LORA_PAGE_RANK, LoraRows, lora_grouped, lora_masked
 from server.host import detect_host
 
 # (rows, tokens per row, distinct slots, rank, in, out): decode and prefill at SmolLM2's 576/1536 widths.
@@ -30,13 +30,14 @@ def microseconds(run, repeats: int = 200) -> float:
 
 
 def time_shape(batch: int, tokens: int, slots: int, rank: int, d_in: int, d_out: int) -> str:
-    a, b = torch.randn(slots + 1, rank, d_in), torch.randn(slots + 1, rank, d_out)
+    per = rank // LORA_PAGE_RANK  # pages of each adapter
+    a, b = torch.randn(slots * per + 1, LORA_PAGE_RANK, d_in), torch.randn(slots * per + 1, LORA_PAGE_RANK, d_out)
     x, y, w = torch.randn(batch, tokens, d_in), torch.zeros(batch, tokens, d_out), torch.randn(d_out, d_in)
-    rows = LoraRows.of([row % slots + 1 for row in range(batch)])
+    rows = LoraRows.of([tuple(range(1 + row % slots * per, 1 + (row % slots + 1) * per)) for row in range(batch)])
     base = microseconds(lambda: x @ w.T)
     masked = microseconds(lambda: lora_masked(x, y, a[1:], b[1:], rows))
     grouped = microseconds(lambda: lora_grouped(x, y, a, b, rows))
-    chosen = "grouped" if rows.is_grouped(tokens, rank, x.dtype) else "masked"
+    chosen = "grouped" if rows.is_grouped(tokens, x.dtype) else "masked"
     return (f"{batch:4d} {tokens:6d} {slots:5d} {rank:4d} {d_in:5d}->{d_out:<5d} {base:8.0f} {masked:10.0f} "
             f"{grouped:11.0f}  {chosen}")
 

@@ -54,13 +54,12 @@ def test_hostile_sampling_never_changes_other_answers(served, hostile):
 
 def _poison(app, name: str) -> None:
     """Make a resident LoRA's weights overflow, as a NaN/inf adapter or a float overflow would: the
-    registration check refuses such files, so this writes into the engine's slot directly."""
+    registration check refuses such files, so this writes into the engine's LoRA pages directly."""
     bank = app.state.engine._scheduler.runner.adapters
-    resident = bank._by_name[name]
+    pages = list(bank._by_name[name].pages)
     for wrapper in bank._lora_modules.values():
-        a, b = wrapper.stacks[resident.bucket]
-        a[resident.slot].fill_(torch.finfo(a.dtype).max)
-        b[resident.slot].fill_(1.0)
+        wrapper.a[pages] = torch.finfo(wrapper.a.dtype).max
+        wrapper.b[pages] = 1.0
 
 
 def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapter_dirs):
@@ -86,14 +85,14 @@ def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapt
 
 
 def test_a_freed_slot_between_used_ones_is_inert(served, adapter_dirs):
-    """A deleted adapter's slot sits inside the slot range of a batch of its neighbours."""
+    """A deleted adapter's pages sit inside the page range of a batch of its neighbours."""
     http, app = served
     names = ["free-a", "free-gone", "free-c"]
     for name in names:
         assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora"]),
                                                "replace": True}).status_code == 201
     bank = app.state.engine._scheduler.runner.adapters
-    assert bank._by_name["free-a"].slot < bank._by_name["free-gone"].slot < bank._by_name["free-c"].slot
+    assert bank._by_name["free-a"].pages < bank._by_name["free-gone"].pages < bank._by_name["free-c"].pages
     alone = [_text(http.post(CHAT, json=_body(name, q))) for name in ("free-a", "free-c") for q in QUESTIONS[:3]]
     _poison(app, "free-gone")
     assert http.delete("/v1/adapters/free-gone").status_code == 200

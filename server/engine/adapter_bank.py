@@ -1,14 +1,15 @@
 """Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
 
-LoRA and bottleneck weights sit in per-module stacks indexed by slot (slot 0: "no adapter"); LoRAs in one
-stack per rank bucket (a power of two, at least 8), so a rank-64 LoRA in the batch does not widen every
-other LoRA's matmuls to 64 columns. For each bucket in the batch, a LoRA layer computes the batch's LoRA
-rows one of two ways, whichever is faster for the shape (measured by benchmarks/lora_kernels.py): masked,
-every row through the A and B of every slot in the range its rows use, in one matmul each, keeping each
-row's own block of the shrunk activations (best for decode steps with small ranks: one pass, no copies); or
-grouped (SGMV-like, as in Punica and S-LoRA), the rows gathered by slot into a padded (slots, rows, ...)
-batch and run through one batched matmul per projection, so the cost follows the rows and ranks used, not
-slots x rows (best for prefill, and for many or wide adapters).
+LoRA and bottleneck weights sit in per-module stacks (index 0: "no adapter"). LoRA stacks are paged, as
+S-LoRA pages adapters: a page holds LORA_PAGE_RANK rank rows, and a LoRA of rank r holds ceil(r / 8)
+pages, so a batch's LoRA matmuls are as wide as the ranks it uses, not its adapters x the widest rank,
+whatever ranks share the batch. A LoRA layer computes the batch's LoRA rows one of two ways, whichever
+is faster for the shape (measured by benchmarks/lora_kernels.py): masked, every row through the A and B
+of every page in the range its rows use, in one matmul each, keeping each row's own pages' columns of
+the shrunk activations (best for decode steps with few columns: one pass, no copies); or grouped
+(SGMV-like, as in Punica and S-LoRA), the rows gathered by page into a padded (pages, rows, ...) batch
+and run through one batched matmul per projection, so the cost follows the rows and pages used, not
+pages x rows (best for prefill, and for many or wide adapters).
 Zeroing selects (masked_fill), never multiplies, so another slot's overflow (inf * 0 = NaN) cannot reach a
 row; weights are checked finite at load, and freed slots are zeroed. Bottleneck layers gather each row's
 weights (a per-row BGMV as in Punica).
@@ -52,50 +53,50 @@ def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 GROUPED_MIN_COLUMNS = 128
 
 
-def lora_bucket(rank: int) -> int:
-    """The stack a LoRA of `rank` joins: ranks padded up to a power of two, at least 8. One stack per bucket
-    keeps a batch's small LoRAs from computing as many columns as its widest one."""
-    return max(8, 1 << (rank - 1).bit_length())
+LORA_PAGE_RANK = 8  # rank rows per page of the LoRA stacks
 
 
 @dataclass
 class LoraRows:
-    """The rows of one LoRA stack (rank bucket) in the forward pass in flight."""
+    """The LoRA pages of the forward pass in flight, and which rows each serves."""
 
-    slots: torch.Tensor  # [batch], 0 for rows outside this stack
-    range: tuple[int, int]  # lowest and highest slot the batch uses
-    # Grouped: each slot of the batch, its rows (padded with row 0) and where the padding is.
-    group_slots: torch.Tensor  # (groups,)
-    group_rows: torch.Tensor  # (groups, most rows of one slot)
+    range: tuple[int, int]  # lowest and highest page the batch uses
+    own: torch.Tensor  # (batch, pages in range): True where the page is the row's adapter's
+    num_adapters: int  # distinct LoRAs in the batch
+    # Grouped: each page of the batch, its rows (padded with row 0) and where the padding is.
+    group_pages: torch.Tensor  # (groups,)
+    group_rows: torch.Tensor  # (groups, most rows of one page)
     group_padding: torch.Tensor  # (groups, most rows, 1, 1)
-    _foreign: dict[int, torch.Tensor] = field(default_factory=dict)
+    _foreign: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, slots: list[int], device: torch.device | str = "cpu") -> "LoraRows":
+    def of(cls, row_pages: list[tuple[int, ...]], device: torch.device | str = "cpu") -> "LoraRows":
+        """row_pages[i]: the pages of row i's LoRA, () for none."""
         groups: dict[int, list[int]] = {}
-        for row, slot in enumerate(slots):
-            if slot:
-                groups.setdefault(slot, []).append(row)
+        for row, pages in enumerate(row_pages):
+            for page in pages:
+                groups.setdefault(page, []).append(row)
+        low, high = min(groups), max(groups)
+        own = [[low + i in pages for i in range(high - low + 1)] for pages in map(set, row_pages)]
         width = max(map(len, groups.values()))
-        return cls(torch.tensor(slots, device=device), (min(groups), max(groups)),
+        return cls((low, high), torch.tensor(own, device=device), len({pages for pages in row_pages if pages}),
                    torch.tensor(list(groups), device=device),
                    torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()], device=device),
                    torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
                                 device=device)[:, :, None, None])
 
-    def foreign(self, rank: int) -> torch.Tensor:
-        """(batch, 1, slots_in_range * rank): True outside each row's own slot block."""
-        if rank not in self._foreign:
-            low, high = self.range
-            column_slot = torch.arange((high - low + 1) * rank, device=self.slots.device) // rank + low
-            self._foreign[rank] = (self.slots[:, None] != column_slot[None, :])[:, None, :]
-        return self._foreign[rank]
+    def foreign(self, columns: int) -> torch.Tensor:
+        """(batch, 1, columns): True where a column of the pages in range is not the row's own (a layer's
+        stack may end before the range does: its first `columns`)."""
+        if self._foreign is None:
+            self._foreign = (~self.own).repeat_interleave(LORA_PAGE_RANK, dim=1)[:, None, :]
+        return self._foreign[:, :, :columns]
 
-    def is_grouped(self, tokens: int, rank: int, dtype: torch.dtype) -> bool:
+    def is_grouped(self, tokens: int, dtype: torch.dtype) -> bool:
         low, high = self.range
-        if len(self.group_slots) < 2:
+        if self.num_adapters < 2:  # one LoRA: a plain matmul, nothing to group
             return False
-        is_wide = (high - low + 1) * rank >= GROUPED_MIN_COLUMNS
+        is_wide = (high - low + 1) * LORA_PAGE_RANK >= GROUPED_MIN_COLUMNS
         return tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
 
 
@@ -103,7 +104,7 @@ class LoraRows:
 class RowAdapters:
     """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
 
-    lora: dict[int, LoraRows] = field(default_factory=dict)  # rank bucket -> its rows; empty: no LoRA rows
+    lora: LoraRows | None = None
     bottleneck: torch.Tensor | None = None  # [batch]
     bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
     bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
@@ -111,19 +112,18 @@ class RowAdapters:
 
 
 def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
-    """y += each row's B A x, through every slot of the batch's range (a, b: the stack, in range)."""
-    rank = a.shape[1]
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (slots_in_range * rank, in / out)
-    # (batch, tokens, slots_in_range * rank), zero outside each row's own block
-    shrunk = (x @ a.T).masked_fill_(rows.foreign(rank)[:, :, : a.shape[0]], 0.0)
+    """y += each row's B A x, through every page of the batch's range (a, b: the stack's pages in range)."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (pages_in_range * page rank, in / out)
+    # (batch, tokens, pages_in_range * page rank), zero outside each row's own pages
+    shrunk = (x @ a.T).masked_fill_(rows.foreign(a.shape[0]), 0.0)
     # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
     y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
 
 
 def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
-    """y += each row's B A x, rows gathered by slot (a, b: the whole stack)."""
-    slots, index, padding = rows.group_slots, rows.group_rows, rows.group_padding
-    if int(slots.max()) >= a.shape[0]:  # slots of adapters that leave this layer alone: nothing to add
+    """y += each row's B A x, rows gathered by page (a, b: the whole stack)."""
+    slots, index, padding = rows.group_pages, rows.group_rows, rows.group_padding
+    if int(slots.max()) >= a.shape[0]:  # pages of adapters that leave this layer alone: nothing to add
         kept = slots < a.shape[0]
         slots, index, padding = slots[kept], index[kept], padding[kept]
         if not len(slots):
@@ -142,9 +142,10 @@ class BatchedLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, bank: "AdapterBank"):
         super().__init__()
         self.base, self._bank = base, bank
-        # rank bucket -> A (slots, bucket, in) and B transposed (slots, bucket, out), so slot ranges flatten to
-        # views; ranks below the bucket are zero-padded.
-        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # A (pages, page rank, in) and B transposed (pages, page rank, out), so page ranges flatten to views;
+        # a page's rows beyond its adapter's rank are zero.
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
         # While a LoRA is merged here: the weight before the fold, and the fold's A (rank, in) and -B^T (rank, out).
         self._unfolded: torch.Tensor | None = None
         self._compensation: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -152,15 +153,13 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
         y = self.base(x)
         rows = self._bank.rows
-        for bucket, lora_rows in rows.lora.items():
-            a, b = self.stacks.get(bucket, (None, None))
-            if a is None or lora_rows.range[0] >= a.shape[0]:  # no adapter of the batch targets this layer
-                continue
-            if lora_rows.is_grouped(x.shape[1], bucket, x.dtype):
-                lora_grouped(x, y, a, b, lora_rows)
+        lora, a, b = rows.lora, self.a, self.b
+        if lora is not None and a is not None and lora.range[0] < a.shape[0]:
+            if lora.is_grouped(x.shape[1], x.dtype):
+                lora_grouped(x, y, a, b, lora)
             else:
-                low, high = lora_rows.range[0], min(lora_rows.range[1], a.shape[0] - 1)
-                lora_masked(x, y, a[low : high + 1], b[low : high + 1], lora_rows)
+                low, high = lora.range[0], min(lora.range[1], a.shape[0] - 1)
+                lora_masked(x, y, a[low : high + 1], b[low : high + 1], lora)
         if self._compensation is not None and rows.merged_rows is not None:
             a, negated_b = self._compensation
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
@@ -178,22 +177,24 @@ class BatchedLoraLinear(nn.Module):
             self.base.weight.data.copy_(self._unfolded)
         self._unfolded = self._compensation = None
 
-    def store(self, bucket: int, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Put one adapter's A (rank, in) and B (out, rank) into `slot` of stack `bucket`; None clears it."""
-        stack_a, stack_b = self.stacks.get(bucket, (None, None))
+    def store(self, pages: tuple[int, ...], a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Put one adapter's A (rank, in) and B (out, rank) into its pages, LORA_PAGE_RANK rank rows in each;
+        None zeroes them."""
         if a is None:
-            if stack_a is not None and slot < stack_a.shape[0]:
-                stack_a[slot].zero_()
-                stack_b[slot].zero_()
+            if self.a is not None:
+                kept = [page for page in pages if page < self.a.shape[0]]
+                self.a[kept] = 0.0
+                self.b[kept] = 0.0
             return
-        stack_a = _grow(stack_a, (slot + 1, bucket, self.base.in_features), self.base.weight)
-        stack_b = _grow(stack_b, (slot + 1, bucket, self.base.out_features), self.base.weight)
-        self.stacks[bucket] = stack_a, stack_b
-        rank = a.shape[0]
-        stack_a[slot].zero_()
-        stack_b[slot].zero_()
-        stack_a[slot, :rank] = a
-        stack_b[slot, :rank] = b.T
+        self.a = _grow(self.a, (max(pages) + 1, LORA_PAGE_RANK, self.base.in_features), self.base.weight)
+        self.b = _grow(self.b, (max(pages) + 1, LORA_PAGE_RANK, self.base.out_features), self.base.weight)
+        for i, page in enumerate(pages):
+            rows = slice(i * LORA_PAGE_RANK, (i + 1) * LORA_PAGE_RANK)
+            chunk_a, chunk_b = a[rows], b[:, rows].T
+            self.a[page].zero_()
+            self.b[page].zero_()
+            self.a[page, : len(chunk_a)] = chunk_a
+            self.b[page, : len(chunk_b)] = chunk_b
 
 
 @dataclass
@@ -215,8 +216,8 @@ class Resident:
 
     name: str
     adapter: Adapter
-    slot: int  # in the LoRA or bottleneck stacks; 0 for prefix/prompt
-    bucket: int = 0  # a LoRA's rank bucket: the stack its slot is in
+    slot: int = 0  # a bottleneck adapter's, in the bottleneck stacks
+    pages: tuple[int, ...] = ()  # a LoRA's, in the LoRA stacks
     num_active: int = 0
     is_retired: bool = False
     serial: int = field(default_factory=itertools.count(1).__next__)  # names this version in the prefix cache
@@ -227,8 +228,11 @@ class AdapterBank:
         self.model, self.max_adapters = model, max_adapters
         self.rows = RowAdapters()
         self._by_name: dict[str, Resident] = {}
-        # One pool per stack ((kind, LoRA rank bucket)), lowest slot first: a batch's slot range stays short.
-        self._free_slots: dict[tuple[str, int], list[int]] = {}
+        # Lowest first, so that a batch's slot and page ranges stay short.
+        self._free_slots = list(range(max_adapters, 0, -1))  # bottleneck
+        self._free_pages: list[int] = []  # LoRA pages given back; new ones are numbered after the highest
+        self._num_pages = 0
+        self._num_loras = 0  # resident LoRA versions (at most max_adapters)
         self._lora_modules: dict[str, BatchedLoraLinear] = {}
         self._bottlenecks = _Bottlenecks()
         self.merged: Resident | None = None
@@ -241,33 +245,44 @@ class AdapterBank:
 
     def load(self, name: str, adapter: Adapter) -> None:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
-        slot = bucket = 0  # prefix and prompt adapters need no stacked weights
+        resident = Resident(name, adapter)
         if isinstance(adapter, PrefixAdapter):  # cast once here, not at every admission or step
-            adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
-                              values=self._cast(adapter.values, self._kv_dtype))
+            resident.adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
+                                       values=self._cast(adapter.values, self._kv_dtype))
         elif isinstance(adapter, PromptAdapter):
-            adapter = replace(adapter, embeddings=self._cast(adapter.embeddings))
-        elif isinstance(adapter, (LoraAdapter, BottleneckAdapter)):
-            bucket = lora_bucket(adapter.rank) if isinstance(adapter, LoraAdapter) else 0
-            free = self._pool(adapter.kind, bucket)
-            if not free:
-                raise AdapterCapacityError("capacity", f"all {self.max_adapters} {adapter.kind} slots are in use")
-            slot = free.pop()
+            resident.adapter = replace(adapter, embeddings=self._cast(adapter.embeddings))
+        elif isinstance(adapter, LoraAdapter):
+            if self._num_loras >= self.max_adapters:
+                raise AdapterCapacityError("capacity", f"all {self.max_adapters} LoRA slots are in use")
+            resident.pages = self._take_pages(-(-adapter.rank // LORA_PAGE_RANK))
             try:
-                if isinstance(adapter, LoraAdapter):
-                    self._store_lora(bucket, slot, adapter)
-                else:
-                    self._store_bottleneck(slot, adapter)
+                self._store_lora(resident.pages, adapter)
             except Exception:
-                free.append(slot)
+                self._free_pages += resident.pages
+                raise
+            self._num_loras += 1
+        elif isinstance(adapter, BottleneckAdapter):
+            if not self._free_slots:
+                raise AdapterCapacityError("capacity", f"all {self.max_adapters} bottleneck slots are in use")
+            resident.slot = self._free_slots.pop()
+            try:
+                self._store_bottleneck(resident.slot, adapter)
+            except Exception:
+                self._free_slots.append(resident.slot)
                 raise
         previous = self._by_name.get(name)
-        self._by_name[name] = Resident(name, adapter, slot, bucket)
+        self._by_name[name] = resident
         if previous is not None:
             self._retire(previous)
 
-    def _pool(self, kind: str, bucket: int) -> list[int]:
-        return self._free_slots.setdefault((kind, bucket), list(range(self.max_adapters, 0, -1)))
+    def _take_pages(self, count: int) -> tuple[int, ...]:
+        """The lowest `count` free LoRA pages (new ones once none is free)."""
+        self._free_pages.sort()
+        pages, self._free_pages = self._free_pages[:count], self._free_pages[count:]
+        while len(pages) < count:
+            self._num_pages += 1
+            pages.append(self._num_pages)
+        return tuple(pages)
 
     def _cast(self, weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return weights.to(self._device, dtype or self._dtype)
@@ -323,36 +338,31 @@ class AdapterBank:
             self._free(resident)
 
     def _free(self, resident: Resident) -> None:
-        """Zero the slot (a batch's slot range may span it) and return it to its pool."""
-        if not resident.slot:
-            return
-        if isinstance(resident.adapter, LoraAdapter):
+        """Zero its pages or slot (a batch's range may span them) and give them back."""
+        if resident.pages:
             for wrapper in self._lora_modules.values():
-                wrapper.store(resident.bucket, resident.slot, None, None)
-        else:
+                wrapper.store(resident.pages, None, None)
+            self._free_pages += resident.pages
+            self._num_loras -= 1
+        elif resident.slot:
             bn = self._bottlenecks
             for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
                 stack[resident.slot].zero_()
             bn.scaling.pop(resident.slot, None)
             bn.activation.pop(resident.slot, None)
-        self._pool(resident.adapter.kind, resident.bucket).append(resident.slot)
+            self._free_slots.append(resident.slot)
 
     # -- per forward pass --------------------------------------------------------------------------------
 
     def bind(self, residents: list[Resident | None]) -> None:
-        """Point every row at its adapter's slot for the next forward pass."""
+        """Point every row at its adapter's pages or slot for the next forward pass."""
         merged = self.merged
         # The merged LoRA is in the base weights: its rows need no slot, every other row the compensation.
         is_merged = [merged is not None and r is merged for r in residents]
         residents = [None if m else r for r, m in zip(residents, is_merged)]
-
-        def slots_of(kind: type, bucket: int = 0) -> list[int]:
-            return [r.slot if r is not None and isinstance(r.adapter, kind) and r.bucket == bucket else 0
-                    for r in residents]
-
-        buckets = sorted({r.bucket for r in residents if r is not None and isinstance(r.adapter, LoraAdapter)})
-        bottlenecks = slots_of(BottleneckAdapter)
-        rows = RowAdapters(lora={b: LoraRows.of(slots_of(LoraAdapter, b), self._device) for b in buckets},
+        pages = [r.pages if r is not None else () for r in residents]
+        bottlenecks = [r.slot if r is not None else 0 for r in residents]
+        rows = RowAdapters(lora=LoraRows.of(pages, self._device) if any(pages) else None,
                            bottleneck=torch.tensor(bottlenecks, device=self._device) if any(bottlenecks) else None)
         if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
             rows.merged_rows = torch.tensor(is_merged, device=self._device)[:, None, None]
@@ -367,7 +377,7 @@ class AdapterBank:
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
-    def _store_lora(self, bucket: int, slot: int, adapter: LoraAdapter) -> None:
+    def _store_lora(self, pages: tuple[int, ...], adapter: LoraAdapter) -> None:
         modules = dict(self.model.named_modules())
         for name in adapter.layers.keys() - self._lora_modules.keys():
             self._wrap_linear(name, modules[name])
@@ -375,10 +385,10 @@ class AdapterBank:
         for name, wrapper in self._lora_modules.items():
             weights = adapter.layers.get(name)
             if weights is None:
-                wrapper.store(bucket, slot, None, None)
+                wrapper.store(pages, None, None)
             else:
                 # Scaled in float32, then cast: the adapter's own precision until the one rounding to the engine's.
-                wrapper.store(bucket, slot, self._cast(weights.a), self._cast(weights.b * weights.scale))
+                wrapper.store(pages, self._cast(weights.a), self._cast(weights.b * weights.scale))
 
     def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")
