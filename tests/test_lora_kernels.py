@@ -24,7 +24,7 @@ def test_masked_and_grouped_lora_match_each_row_alone(tokens):
                             for i, pages in enumerate(row_pages)])
 
     rows = LoraRows.of(row_pages)
-    assert rows.range == (2, 9) and rows.num_adapters == 4 and rows.groups.keys.tolist() == [2, 5, 6, 4, 3, 7, 9]
+    assert rows.range == (2, 9) and rows.num_adapters == 4 and rows.group_pages.tolist() == [2, 5, 6, 4, 3, 7, 9]
     masked, grouped = torch.zeros_like(expected), torch.zeros_like(expected)
     lora_masked(x, masked, a[2:10], b[2:10], rows)
     lora_grouped(x, grouped, a, b, rows)

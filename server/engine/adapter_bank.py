@@ -10,9 +10,9 @@ the shrunk activations (best for decode steps with few columns: one pass, no cop
 (SGMV-like, as in Punica and S-LoRA), the rows gathered by page into a padded (pages, rows, ...) batch
 and run through one batched matmul per projection, so the cost follows the rows and pages used, not
 pages x rows (best for prefill, and for many or wide adapters).
-Zeroing selects (masked_fill), never multiplies, so another adapter's overflow (inf * 0 = NaN) cannot reach
-a row; weights are checked finite at load, and freed pages and slots are zeroed. Bottleneck layers gather
-rows by slot the same way, so each slot's weights are read once a step, not copied for every row.
+Zeroing selects (masked_fill), never multiplies, so another slot's overflow (inf * 0 = NaN) cannot reach a
+row; weights are checked finite at load, and freed slots are zeroed. Bottleneck layers gather each row's
+weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
@@ -57,65 +57,33 @@ LORA_PAGE_RANK = 8  # rank rows per page of the LoRA stacks
 
 
 @dataclass
-class RowGroups:
-    """A batch's rows gathered by what they use (a LoRA page, a bottleneck slot), so that each weight
-    matrix is read once per step however many rows use it: each key, its rows (padded with row 0), and
-    where the padding is."""
-
-    keys: torch.Tensor  # (groups,)
-    rows: torch.Tensor  # (groups, most rows of one key)
-    padding: torch.Tensor  # (groups, most rows, 1, 1)
-
-    @classmethod
-    def of(cls, row_keys: list[tuple[int, ...]], device: torch.device | str) -> "RowGroups":
-        """row_keys[i]: what row i uses (several LoRA pages, one bottleneck slot, or nothing)."""
-        groups: dict[int, list[int]] = {}
-        for row, keys in enumerate(row_keys):
-            for key in keys:
-                groups.setdefault(key, []).append(row)
-        width = max(map(len, groups.values()))
-        return cls(torch.tensor(list(groups), device=device),
-                   torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()], device=device),
-                   torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
-                                device=device)[:, :, None, None])
-
-    def kept(self, below: int) -> "RowGroups":
-        """Only the groups whose key is below `below` (a stack that ends there)."""
-        kept = self.keys < below
-        return RowGroups(self.keys[kept], self.rows[kept], self.padding[kept])
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, tokens, d) -> (groups, rows * tokens, d)."""
-        return x[self.rows].view(len(self.keys), -1, x.shape[-1])
-
-    def zero_padding(self, t: torch.Tensor, tokens: int) -> torch.Tensor:
-        """t (groups, rows * tokens, d) with the padding rows zeroed, in place, so they add nothing to row 0."""
-        t.view(len(self.keys), -1, tokens, t.shape[-1]).masked_fill_(self.padding, 0.0)
-        return t
-
-    def add_to(self, y: torch.Tensor, out: torch.Tensor) -> None:
-        """y += each group's `out` (groups, rows * tokens, d) at its rows (padding zeroed before)."""
-        y.index_add_(0, self.rows.view(-1), out.view(-1, y.shape[1], out.shape[-1]))
-
-
-@dataclass
 class LoraRows:
     """The LoRA pages of the forward pass in flight, and which rows each serves."""
 
     range: tuple[int, int]  # lowest and highest page the batch uses
     own: torch.Tensor  # (batch, pages in range): True where the page is the row's adapter's
     num_adapters: int  # distinct LoRAs in the batch
-    groups: RowGroups  # for the grouped kernel: the rows of each page
+    # Grouped: each page of the batch, its rows (padded with row 0) and where the padding is.
+    group_pages: torch.Tensor  # (groups,)
+    group_rows: torch.Tensor  # (groups, most rows of one page)
+    group_padding: torch.Tensor  # (groups, most rows, 1, 1)
     _foreign: torch.Tensor | None = None
 
     @classmethod
     def of(cls, row_pages: list[tuple[int, ...]], device: torch.device | str = "cpu") -> "LoraRows":
         """row_pages[i]: the pages of row i's LoRA, () for none."""
-        used = {page for pages in row_pages for page in pages}
-        low, high = min(used), max(used)
+        groups: dict[int, list[int]] = {}
+        for row, pages in enumerate(row_pages):
+            for page in pages:
+                groups.setdefault(page, []).append(row)
+        low, high = min(groups), max(groups)
         own = [[low + i in pages for i in range(high - low + 1)] for pages in map(set, row_pages)]
+        width = max(map(len, groups.values()))
         return cls((low, high), torch.tensor(own, device=device), len({pages for pages in row_pages if pages}),
-                   RowGroups.of(row_pages, device))
+                   torch.tensor(list(groups), device=device),
+                   torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()], device=device),
+                   torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
+                                device=device)[:, :, None, None])
 
     def foreign(self, columns: int) -> torch.Tensor:
         """(batch, 1, columns): True where a column of the pages in range is not the row's own (a layer's
@@ -137,9 +105,9 @@ class RowAdapters:
     """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
 
     lora: LoraRows | None = None
-    bottleneck: RowGroups | None = None  # the rows of each bottleneck slot
-    bottleneck_scaling: torch.Tensor | None = None  # (groups,)
-    bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, groups)
+    bottleneck: torch.Tensor | None = None  # [batch]
+    bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
+    bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
     merged_rows: torch.Tensor | None = None  # (batch, 1, 1): True for the merged LoRA's own rows
 
 
@@ -154,13 +122,18 @@ def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
     """y += each row's B A x, rows gathered by page (a, b: the whole stack)."""
-    groups = rows.groups
-    if int(groups.keys.max()) >= a.shape[0]:  # pages of adapters that leave this layer alone: nothing to add
-        groups = groups.kept(a.shape[0])
-        if not len(groups.keys):
+    slots, index, padding = rows.group_pages, rows.group_rows, rows.group_padding
+    if int(slots.max()) >= a.shape[0]:  # pages of adapters that leave this layer alone: nothing to add
+        kept = slots < a.shape[0]
+        slots, index, padding = slots[kept], index[kept], padding[kept]
+        if not len(slots):
             return
-    shrunk = torch.bmm(groups.gather(x), a[groups.keys].transpose(1, 2))  # (groups, rows * tokens, page rank)
-    groups.add_to(y, torch.bmm(groups.zero_padding(shrunk, x.shape[1]), b[groups.keys]))
+    groups, tokens = index.shape[0], x.shape[1]
+    gathered = x[index].view(groups, -1, x.shape[-1])  # (groups, rows * tokens, in)
+    shrunk = torch.bmm(gathered, a[slots].transpose(1, 2))  # (groups, rows * tokens, rank)
+    shrunk.view(groups, -1, tokens, shrunk.shape[-1]).masked_fill_(padding, 0.0)  # padding adds nothing to row 0
+    out = torch.bmm(shrunk, b[slots])  # (groups, rows * tokens, out)
+    y.index_add_(0, index.view(-1), out.view(-1, tokens, out.shape[-1]))
 
 
 class BatchedLoraLinear(nn.Module):
@@ -388,17 +361,17 @@ class AdapterBank:
         is_merged = [merged is not None and r is merged for r in residents]
         residents = [None if m else r for r, m in zip(residents, is_merged)]
         pages = [r.pages if r is not None else () for r in residents]
-        bottlenecks = [(r.slot,) if r is not None and r.slot else () for r in residents]
-        rows = RowAdapters(lora=LoraRows.of(pages, self._device) if any(pages) else None)
+        bottlenecks = [r.slot if r is not None else 0 for r in residents]
+        rows = RowAdapters(lora=LoraRows.of(pages, self._device) if any(pages) else None,
+                           bottleneck=torch.tensor(bottlenecks, device=self._device) if any(bottlenecks) else None)
         if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
             rows.merged_rows = torch.tensor(is_merged, device=self._device)[:, None, None]
-        if any(bottlenecks):
-            bn, rows.bottleneck = self._bottlenecks, RowGroups.of(bottlenecks, self._device)
-            slots = rows.bottleneck.keys.tolist()
-            rows.bottleneck_scaling = torch.tensor([bn.scaling[s] for s in slots], device=self._device,
-                                                   dtype=self._dtype)
-            for name in sorted({bn.activation[s] for s in slots}):
-                members = [i for i, s in enumerate(slots) if bn.activation[s] == name]
+        if rows.bottleneck is not None:
+            bn = self._bottlenecks
+            rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in bottlenecks],
+                                                   device=self._device, dtype=self._dtype)
+            for name in sorted({bn.activation.get(s, "relu") for s in bottlenecks}):
+                members = [i for i, s in enumerate(bottlenecks) if bn.activation.get(s, "relu") == name]
                 rows.bottleneck_activations.append((name, torch.tensor(members, device=self._device)))
         self.rows = rows
 
@@ -459,21 +432,16 @@ class AdapterBank:
         def hook(_module, _inputs, output):
             if self.rows.bottleneck is None:
                 return output
-            return with_delta(output, lambda h: self._with_bottlenecks(h, layer, p))
+            return with_delta(output, lambda h: h + self._bottleneck_delta(h, layer, p))
         return hook
 
-    def _with_bottlenecks(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
-        """h (batch, tokens, hidden) + each row's scaling * up(act(down(h))), for rows with a bottleneck: rows
-        gathered by slot, so each slot's weights are read once (not copied per row)."""
+    def _bottleneck_delta(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
+        """h (batch, tokens, hidden) -> each row's scaling * up(act(down(h))); zero for rows without one."""
         rows, bn = self.rows, self._bottlenecks
-        groups, slots = rows.bottleneck, rows.bottleneck.keys
-        down = torch.baddbmm(bn.down_bias[slots, layer, p][:, None], groups.gather(h),
-                             bn.down_weight[slots, layer, p].transpose(1, 2))  # (groups, rows * tokens, size)
+        index = rows.bottleneck
+        down = torch.bmm(h, bn.down_weight[index, layer, p].transpose(1, 2)) + bn.down_bias[index, layer, p][:, None]
         activated = torch.empty_like(down)
         for name, members in rows.bottleneck_activations:
             activated[members] = ACTIVATIONS[name](down[members])
-        up = torch.baddbmm(bn.up_bias[slots, layer, p][:, None], activated,
-                           bn.up_weight[slots, layer, p].transpose(1, 2))  # (groups, rows * tokens, hidden)
-        out = h.clone()
-        groups.add_to(out, groups.zero_padding(up.mul_(rows.bottleneck_scaling[:, None, None]), h.shape[1]))
-        return out
+        up = torch.bmm(activated, bn.up_weight[index, layer, p].transpose(1, 2)) + bn.up_bias[index, layer, p][:, None]
+        return up * rows.bottleneck_scaling[:, None, None]
