@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_factory import KINDS, make_peft_adapter
+from adapter_factory import KINDS, make_bottleneck, make_peft_adapter
 from adapters.base import BaseModelSpec
 from adapters.bottleneck import attach
 from adapters.loading import load_adapter
@@ -107,6 +107,24 @@ def test_reused_slot_keeps_nothing_of_its_previous_tenant(adapter_dirs, prompt_i
     with torch.no_grad():
         reference = reference_model("lora", qv)(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
     torch.testing.assert_close(logits[0], reference, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_bottlenecks_of_two_activations_share_a_batch_row_by_row(prompt_ids, tmp_path):
+    """Bottleneck rows are gathered by slot: rows of one adapter in several places, base rows between them
+    and two activations in one batch each get what they get alone."""
+    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, kv_cache_bytes=2**30,
+                         max_resident_adapters=2)
+    spec, config = BaseModelSpec.from_model(runner.model), runner.model.config
+    for seed, activation in enumerate(("relu", "gelu")):
+        folder = make_bottleneck(config.num_hidden_layers, config.hidden_size, tmp_path / activation, seed=seed,
+                                 non_linearity=activation)
+        runner.adapters.load(activation, load_adapter(folder, spec, max_lora_rank=64))
+    order = ["gelu", None, "relu", "gelu", None, "relu", "gelu"]
+    together = prefill(runner, [runner.adapters.acquire(n) if n else None for n in order], prompt_ids)
+    alone = {n: prefill(runner, [runner.adapters.acquire(n) if n else None], prompt_ids)[0] for n in set(order)}
+    for row, name in enumerate(order):
+        torch.testing.assert_close(together[row], alone[name], atol=LOGIT_ATOL, rtol=0, msg=str(name))
+    assert (alone["relu"] - alone["gelu"]).abs().max() > 0.1 and (alone["relu"] - alone[None]).abs().max() > 0.1
 
 
 def _chat(model: str) -> dict:
