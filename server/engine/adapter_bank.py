@@ -10,8 +10,8 @@ the shrunk activations (best for decode steps with few columns: one pass, no cop
 (SGMV-like, as in Punica and S-LoRA), the rows gathered by page into a padded (pages, rows, ...) batch
 and run through one batched matmul per projection, so the cost follows the rows and pages used, not
 pages x rows (best for prefill, and for many or wide adapters).
-Zeroing selects (masked_fill), never multiplies, so another slot's overflow (inf * 0 = NaN) cannot reach a
-row; weights are checked finite at load, and freed slots are zeroed. Bottleneck layers gather each row's
+Zeroing selects (masked_fill), never multiplies, so another adapter's overflow (inf * 0 = NaN) cannot reach
+a row; weights are checked finite at load, and freed pages and slots are zeroed. Bottleneck layers gather each row's
 weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
