@@ -11,8 +11,8 @@ the shrunk activations (best for decode steps with few columns: one pass, no cop
 and run through one batched matmul per projection, so the cost follows the rows and pages used, not
 pages x rows (best for prefill, and for many or wide adapters).
 Zeroing selects (masked_fill), never multiplies, so another adapter's overflow (inf * 0 = NaN) cannot reach
-a row; weights are checked finite at load, and freed pages and slots are zeroed. Bottleneck layers gather each row's
-weights (a per-row BGMV as in Punica).
+a row; weights are checked finite at load, and freed pages and slots are zeroed. Bottleneck layers gather
+each row's weights (a per-row BGMV as in Punica).
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
@@ -102,7 +102,8 @@ class LoraRows:
 
 @dataclass
 class RowAdapters:
-    """Per-row slot indices for the forward pass in flight (None: no row of that kind)."""
+    """What each row of the forward pass in flight uses: LoRA pages, bottleneck slots (None: no row of
+    that kind)."""
 
     lora: LoraRows | None = None
     bottleneck: torch.Tensor | None = None  # [batch]
