@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 
-from adapters.base import CONFIG_FILE, WEIGHTS_FILE, AdapterError, BaseModelSpec, expect_shape, require
+from adapters.base import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, BaseModelSpec, expect_shape, read_config,
+                           read_weights, require)
 
 POSITIONS = ("attn", "mlp")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -102,6 +103,15 @@ def load_bottleneck(config: BottleneckConfig, tensors: dict[str, torch.Tensor],
         name = f"{config.layers_module}.0.{getattr(config, field)}"
         if name not in base.module_names:
             raise AdapterError(field, f"the base model has no module `{name}`")
+    return stack_bottleneck(config, tensors)
+
+
+def read_bottleneck(folder: Path) -> BottleneckAdapter:
+    """A bottleneck this server saved after checking it against the base, read back without the base."""
+    return stack_bottleneck(parse_bottleneck_config(read_config(folder)), read_weights(folder))
+
+
+def stack_bottleneck(config: BottleneckConfig, tensors: dict[str, torch.Tensor]) -> BottleneckAdapter:
     layers, r, hidden = config.num_layers, config.bottleneck_size, config.hidden_size
     down_w, down_b = torch.zeros(layers, 2, r, hidden), torch.zeros(layers, 2, r)
     up_w, up_b = torch.zeros(layers, 2, hidden, r), torch.zeros(layers, 2, hidden)

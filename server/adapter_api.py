@@ -39,6 +39,7 @@ class AdapterCard(BaseModel):
     num_bytes: int
     pinned: bool
     merged: bool  # folded into the base weights (POST /v1/adapters/{name}/merge)
+    engine: str  # the engine serving it: "torch", or "vllm" (on --engine vllm, "torch" with --torch-beside-vllm)
     source: str
     created: int
 
@@ -46,6 +47,7 @@ class AdapterCard(BaseModel):
     def of(cls, r: AdapterRecord, router: Router) -> "AdapterCard":
         return cls(id=r.name, kind=r.kind, version=r.version, num_virtual_tokens=r.num_virtual_tokens,
                    num_bytes=r.num_bytes, pinned=r.is_pinned, merged=router.adapters.merged == r.name,
+                   engine=router.engine.engine_for(r.kind),
                    source=r.source, created=int(r.created_at))
 
 

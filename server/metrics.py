@@ -48,6 +48,8 @@ PREFIX_CACHE_QUERIES = Counter("swapyard_prefix_cache_queries", "Tokens of admit
                                "prefix cache.")
 PREFIX_CACHE_HITS = Counter("swapyard_prefix_cache_hits", "Of the tokens looked up, those found in cached blocks "
                             "(not computed again).")
+VLLM_WORKER_ADAPTER_BYTES = Gauge("swapyard_vllm_worker_adapter_bytes", "Host memory vLLM's workers hold for "
+                                  "prefix adapters' K/V and bottleneck adapters' weights.", ["kind"])
 PREEMPTIONS = Counter("swapyard_engine_preemptions", "Running sequences preempted when the KV cache had no free block; "
                       "each is recomputed from its tokens when blocks free up.")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",

@@ -57,9 +57,12 @@ class EngineSettings(BaseModel):
     """vLLM engine: how workers are run (default: vLLM's choice; `ray` for more than one node)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """vLLM engine on a GPU: share of GPU memory for weights, activations and KV cache."""
-    torch_beside_vllm: bool = True
-    """vLLM engine: serve prefix and bottleneck adapters, which vLLM cannot run, on a torch engine started
-    beside it on first use (a second copy of the base weights plus its own KV cache)."""
+    vllm_kv_cache_memory_gb: float | None = Field(None, gt=0)
+    """vLLM engine: its KV cache's size (default: what --gpu-memory-utilization leaves; on a CPU, half the host
+    memory less the process's own)."""
+    torch_beside_vllm: bool = False
+    """vLLM engine: serve prefix and bottleneck adapters on a torch engine started beside vLLM on first use,
+    instead of inside vLLM (a fallback: a second copy of the base weights plus its own KV cache)."""
     cache_dir: Path = DEFAULT_CACHE_DIR
     """Where the converted default model (and later adapters) are kept."""
 

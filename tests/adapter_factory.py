@@ -15,23 +15,28 @@ from adapters.bottleneck import BottleneckAdapter, BottleneckConfig
 KINDS = ("lora", "prefix", "prompt", "bottleneck")
 
 
-def _peft_config(kind: str, model_path: Path, seed: int, lora_targets: str | list[str], rank: int | None):
+def _peft_config(kind: str, model_path: Path, seed: int, lora_targets: str | list[str], rank: int | None,
+                 num_virtual_tokens: int | None, prefix_projection: bool):
     if kind == "lora":
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank or 4 + 4 * (seed % 2), lora_alpha=16,
                           use_rslora=seed % 2 == 1,
                           target_modules=lora_targets, init_lora_weights=False)
     if kind == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6)
+        # With prefix_projection PEFT trains an MLP over the embeddings and saves its output.
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens or 6,
+                                  prefix_projection=prefix_projection, encoder_hidden_size=64)
     return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prompt_tuning_init="TEXT",
                               prompt_tuning_init_text="Always answer like a pirate.",
                               tokenizer_name_or_path=str(model_path))
 
 
 def make_peft_adapter(kind: str, model_path: Path, out: Path, seed: int = 0,
-                      lora_targets: str | list[str] = "all-linear", rank: int | None = None) -> Path:
+                      lora_targets: str | list[str] = "all-linear", rank: int | None = None,
+                      num_virtual_tokens: int | None = None, prefix_projection: bool = False) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    peft_model = get_peft_model(model, _peft_config(kind, model_path, seed, lora_targets, rank))
+    config = _peft_config(kind, model_path, seed, lora_targets, rank, num_virtual_tokens, prefix_projection)
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

