@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import count
 from pathlib import Path
@@ -52,7 +52,7 @@ from adapters.prompt import PromptAdapter
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
                                 TokenLogprob)
 from server.engine.vllm_bottleneck import ATTN, LAYERS, MLP
-from server.engine.vllm_prefix import PARAMS_KEY, PLACEHOLDER_TOKEN
+from server.engine.vllm_prefix import PARAMS_KEY
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import ENGINE_FAILURES, ENGINE_INFO, VLLM_WORKER_ADAPTER_BYTES
 from server.structured import ANY_OBJECT
@@ -150,24 +150,162 @@ class SwapGate:
                 self._changed.notify_all()
 
 
-@dataclass
-class _Lora:
-    """A LoRA, or a bottleneck riding on an all-zero LoRA (its slot tells the model which bottleneck)."""
+class _Served:
+    """One adapter version as the vLLM engine serves it. Each kind says in its subclass what its requests
+    carry into vLLM and what it holds there; adding a kind is adding a subclass to _KINDS. The base model's
+    requests are served by this class itself."""
 
-    adapter: LoraAdapter
-    request: LoRARequest  # what requests for this name get while nothing is merged
-    compensated: LoRARequest | None = None  # what they get while another LoRA is merged
-    bottleneck: BottleneckAdapter | None = None  # the worker adds it to the rows of both ids
+    lora: LoraAdapter | None = None  # the LoRA its requests carry (a bottleneck's is all zero); None: the base's
+    request: LoRARequest | None = None  # that LoRA in vLLM while nothing is merged
+    compensated: LoRARequest | None = None  # the same with the merged LoRA taken back out, while one is merged
+    num_placeholders = 0  # tokens vLLM's prompt has before the request's own
+
+    @classmethod
+    def check(cls, engine: "VLLMEngine", adapter: Adapter) -> None:
+        """Raise AdapterError when the engine cannot serve this adapter, before anything is loaded."""
+
+    @classmethod
+    async def load(cls, engine: "VLLMEngine", name: str, adapter: Adapter, folder: Path) -> "_Served":
+        """Put `adapter` (stored in `folder`) into vLLM and its workers."""
+        raise NotImplementedError
+
+    @property
+    def worker_ids(self) -> list[int]:
+        """Ids of what the workers hold for this version besides its LoRAs (a prefix's K/V): each request
+        holds them until it ends."""
+        return []
 
     @property
     def ids(self) -> list[int]:
-        return [r.lora_int_id for r in (self.request, self.compensated) if r is not None]
+        """Every id this version holds in vLLM and its workers, freed when it leaves."""
+        return [r.lora_int_id for r in (self.request, self.compensated) if r is not None] + self.worker_ids
+
+    async def attach(self, engine: "VLLMEngine", lora_id: int) -> None:
+        """Give the workers what requests carrying LoRA `lora_id` need besides the LoRA."""
+
+    def prompt(self, engine: "VLLMEngine", request: GenerationRequest) -> TokensPrompt | EmbedsPrompt:
+        return _salted(TokensPrompt(prompt_token_ids=request.prompt_token_ids), request.cache_salt)
+
+    def prepare(self, sampling: VLLMSamplingParams) -> None:
+        """Add what vLLM needs for this kind to a request's sampling parameters."""
+
+
+def _salted(prompt: TokensPrompt | EmbedsPrompt, salt: str | None) -> TokensPrompt | EmbedsPrompt:
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    return prompt
 
 
 @dataclass
-class _Prefix:
+class _ServedLora(_Served):
+    lora: LoraAdapter = field()  # field(): required, not the default _Served gives
+    request: LoRARequest = field()
+    compensated: LoRARequest | None = None
+
+    @classmethod
+    def check(cls, engine: "VLLMEngine", adapter: LoraAdapter) -> None:
+        engine.check_compensated_rank(adapter)
+
+    @classmethod
+    async def load(cls, engine: "VLLMEngine", name: str, adapter: LoraAdapter, folder: Path) -> "_ServedLora":
+        return cls(adapter, await engine.add_lora(name, str(folder)))
+
+
+@dataclass
+class _ServedBottleneck(_Served):
+    """Its requests carry an all-zero LoRA: vLLM batches and maps them like any LoRA's, and the hooked op
+    (vllm_bottleneck.py) adds the bottleneck to the rows of that LoRA's slot."""
+
+    lora: LoraAdapter = field()
+    request: LoRARequest = field()
+    bottleneck: BottleneckAdapter = field()
+    compensated: LoRARequest | None = None
+
+    @classmethod
+    def check(cls, engine: "VLLMEngine", adapter: BottleneckAdapter) -> None:
+        c = adapter.config
+        for name, module, hooked in (("layers_module", c.layers_module, LAYERS),
+                                     ("attn_module", c.attn_module, ATTN), ("mlp_module", c.mlp_module, MLP)):
+            if module != hooked:
+                raise AdapterError(name, f"`{module}`: the vLLM engine hooks bottlenecks into `{hooked}` "
+                                          f"(as `{LAYERS}.N.{ATTN}` and `{LAYERS}.N.{MLP}`)")
+        engine.check_compensated_rank(engine.zero_lora)
+
+    @classmethod
+    async def load(cls, engine: "VLLMEngine", name: str, adapter: BottleneckAdapter,
+                   folder: Path) -> "_ServedBottleneck":
+        served = cls(engine.zero_lora, await engine.write_lora(name, engine.zero_lora.scaled()), adapter)
+        await served.attach(engine, served.request.lora_int_id)
+        return served
+
+    async def attach(self, engine: "VLLMEngine", lora_id: int) -> None:
+        folder = engine.folder(lora_id) / "bottleneck"
+        await asyncio.to_thread(self.bottleneck.save, folder)
+        await engine.to_worker(lora_id, "bottleneck", str(folder))
+
+
+@dataclass
+class _ServedPrompt(_Served):
+    """Prompt embeddings (enable_prompt_embeds): the soft prompt rows, then the prompt's tokens', as PEFT
+    feeds them."""
+
+    adapter: PromptAdapter
+
+    @classmethod
+    async def load(cls, engine: "VLLMEngine", name: str, adapter: PromptAdapter, folder: Path) -> "_ServedPrompt":
+        await engine.ensure_token_embeddings()
+        return cls(adapter)
+
+    def prompt(self, engine: "VLLMEngine", request: GenerationRequest) -> EmbedsPrompt:
+        tokens = engine.token_embeddings[torch.tensor(request.prompt_token_ids)]
+        embeds = torch.cat([self.adapter.embeddings, tokens]).to(engine.dtype)
+        return _salted(EmbedsPrompt(prompt_embeds=embeds), request.cache_salt)
+
+
+@dataclass
+class _ServedPrefix(_Served):
+    """Placeholder tokens whose K/V the KV connector (vllm_prefix.py) writes into the paged cache."""
+
     adapter: PrefixAdapter
-    prefix_id: int  # its K/V in the worker; requests name it to the KV connector
+    prefix_id: int  # its K/V in the workers; requests name it to the connector
+
+    @classmethod
+    async def load(cls, engine: "VLLMEngine", name: str, adapter: PrefixAdapter, folder: Path) -> "_ServedPrefix":
+        prefix_id = engine.new_id()
+        file = engine.folder(prefix_id) / "kv.safetensors"
+        file.parent.mkdir()
+        await asyncio.to_thread(save_file, {"keys": adapter.keys, "values": adapter.values}, file)
+        await engine.to_worker(prefix_id, "prefix", str(file))
+        return cls(adapter, prefix_id)
+
+    @property
+    def worker_ids(self) -> list[int]:
+        return [self.prefix_id]
+
+    @property
+    def num_placeholders(self) -> int:
+        return self.adapter.num_virtual_tokens
+
+    def prompt(self, engine: "VLLMEngine", request: GenerationRequest) -> TokensPrompt:
+        token_ids = request.prompt_token_ids
+        # Copies of the first token: their K/V come from the adapter, and repetition penalties see no new token.
+        prompt = TokensPrompt(prompt_token_ids=token_ids[:1] * self.num_placeholders + token_ids)
+        # Cached blocks of this version only: the placeholders are the same tokens for every prefix adapter.
+        salt = f"{request.cache_salt or ''}/prefix-{self.prefix_id}"
+        if request.sampling.prompt_logprobs is not None:  # logprobs for every prompt token: no cache hit
+            salt += f"/{request.request_id}"
+        return _salted(prompt, salt)
+
+    def prepare(self, sampling: VLLMSamplingParams) -> None:
+        params = {PARAMS_KEY: self.prefix_id, "num_virtual_tokens": self.num_placeholders}
+        sampling.extra_args = {"kv_transfer_params": params}
+        # vLLM skips every cache read (the connector's too) for prompt logprobs: the prefix must still load.
+        sampling.skip_reading_prefix_cache = False
+
+
+_BASE = _Served()
+_KINDS: dict[str, type[_Served]] = {LoraAdapter.kind: _ServedLora, BottleneckAdapter.kind: _ServedBottleneck,
+                                    PromptAdapter.kind: _ServedPrompt, PrefixAdapter.kind: _ServedPrefix}
 
 
 class VLLMEngine:
@@ -192,15 +330,13 @@ class VLLMEngine:
             kv_transfer_config=KVTransferConfig(kv_connector="PrefixConnector", kv_role="kv_both",
                                                 kv_connector_module_path="server.engine.vllm_prefix"),
             # The bottleneck op's work depends on the batch, which a replayed CUDA graph cannot follow.
-            compilation_config={} if on_cpu else {"cudagraph_mode": "NONE"},
+            compilation_config={"cudagraph_mode": "NONE"},
         )
         self._model_path, self._max_lora_rank = model_path, settings.max_lora_rank
         self._requested_dtype = settings.dtype
-        self._token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
-        self._prompts: dict[str, PromptAdapter] = {}
-        self._prefixes: dict[str, _Prefix] = {}
+        self.token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
         self._llm: AsyncLLM | None = None
-        self._loras: dict[str, _Lora] = {}  # name -> the version new requests get (LoRAs and bottlenecks)
+        self._served: dict[str, _Served] = {}  # name -> the version new requests get
         self._in_flight: Counter[int] = Counter()  # LoRA or prefix id -> running requests
         self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
         self._worker_files: dict[int, tuple[str, str]] = {}  # id -> (kind, file) the worker holds for it
@@ -252,10 +388,10 @@ class VLLMEngine:
             log.exception("shutting the dead vLLM engine down")
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
         if self._merged is not None:
-            modules = list(self._loras[self._merged].adapter.layers)
+            modules = list(self._served[self._merged].lora.layers)
             await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path),
                                                                   str(self._folders / _DELTAS), modules))
-        requests = [self._unmerging] + [r for lora in self._loras.values() for r in (lora.request, lora.compensated)]
+        requests = [self._unmerging] + [r for s in self._served.values() for r in (s.request, s.compensated)]
         for request in filter(None, requests):
             await self._llm.add_lora(request)
         for resource_id, (kind, file) in self._worker_files.items():
@@ -272,84 +408,79 @@ class VLLMEngine:
         return self._failure
 
     def check_adapter(self, adapter: Adapter) -> None:
-        if isinstance(adapter, BottleneckAdapter):
-            c = adapter.config
-            for field, module, hooked in (("layers_module", c.layers_module, LAYERS),
-                                          ("attn_module", c.attn_module, ATTN), ("mlp_module", c.mlp_module, MLP)):
-                if module != hooked:
-                    raise AdapterError(field, f"`{module}`: the vLLM engine hooks bottlenecks into `{hooked}` "
-                                              f"(as `{LAYERS}.N.{ATTN}` and `{LAYERS}.N.{MLP}`)")
+        _KINDS[adapter.kind].check(self, adapter)
 
     def engine_for(self, kind: str) -> str:
         return "vllm"
 
     async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
         """Serve `adapter` under `name`; the version it replaces leaves once its running requests end."""
-        self.check_adapter(adapter)
-        if isinstance(adapter, BottleneckAdapter) and self._merged is not None:
-            self._check_compensated_rank(self._zero_lora, self._loras[self._merged].adapter)
-        elif isinstance(adapter, LoraAdapter) and self._merged is not None:
-            self._check_compensated_rank(adapter, self._loras[self._merged].adapter)
-        replaced = self._forget(name)
-        if isinstance(adapter, PromptAdapter):
-            if self._token_embeddings is None:
-                self._token_embeddings = await asyncio.to_thread(read_token_embeddings, self._model_path)
-            self._prompts[name] = adapter
-        elif isinstance(adapter, PrefixAdapter):
-            self._prefixes[name] = _Prefix(adapter, await self._add_prefix(adapter))
-        else:
-            self._loras[name] = await self._add_lora_kind(name, adapter, folder)
-        for resource_id in replaced:
+        kind = _KINDS[adapter.kind]
+        kind.check(self, adapter)
+        served = await kind.load(self, name, adapter, folder)
+        if self._merged is not None:
+            await self._compensate(name, served)
+        replaced = self._served.pop(name, None)
+        self._served[name] = served
+        for resource_id in replaced.ids if replaced is not None else []:
             await self._retire(resource_id)
 
     async def unload_adapter(self, name: str) -> None:
-        for resource_id in self._forget(name):
+        served = self._served.pop(name, None)
+        for resource_id in served.ids if served is not None else []:
             await self._retire(resource_id)
 
-    def _forget(self, name: str) -> list[int]:
-        """Stop routing new requests to `name`; the ids its current version holds."""
-        self._prompts.pop(name, None)
-        prefix, lora = self._prefixes.pop(name, None), self._loras.pop(name, None)
-        return ([prefix.prefix_id] if prefix else []) + (lora.ids if lora else [])
+    # What the kinds above load through.
 
-    async def _add_lora_kind(self, name: str, adapter: LoraAdapter | BottleneckAdapter, folder: Path) -> _Lora:
-        if isinstance(adapter, BottleneckAdapter):
-            lora = _Lora(self._zero_lora, await self._write_lora(name, self._zero_lora.scaled()), bottleneck=adapter)
-        else:
-            lora = _Lora(adapter, await self._add_lora(name, str(folder)))
-        if self._merged is not None:
-            lora.compensated = await self._compensate(name, lora.adapter)
-        for lora_id in lora.ids:
-            await self._attach_bottleneck(lora, lora_id)
-        return lora
+    def check_compensated_rank(self, adapter: LoraAdapter, merged: LoraAdapter | None = None) -> None:
+        """While a LoRA is merged (`merged`, or the one merged now), another LoRA is served with the merged
+        one's rank added."""
+        if merged is None and self._merged is None:
+            return
+        merged = merged or self._served[self._merged].lora
+        if adapter.rank + merged.rank > self._max_lora_rank:
+            raise AdapterError("r", f"while a rank-{merged.rank} LoRA is merged, a rank-{adapter.rank} LoRA is "
+                                    f"served as one of rank {adapter.rank + merged.rank}, over --max-lora-rank "
+                                    f"{self._max_lora_rank}")
 
     @cached_property
-    def _zero_lora(self) -> LoraAdapter:
+    def zero_lora(self) -> LoraAdapter:
         """Rank 1, all zero, on the first attention projection: a LoRA slot that changes nothing."""
         shapes = BaseModelSpec.from_pretrained(self._model_path).linear_shapes
         module = next(m for m in shapes if m.startswith(f"{LAYERS}.0.{ATTN}."))
         out_features, in_features = shapes[module]
         return LoraAdapter({module: LoraWeights(torch.zeros(1, in_features), torch.zeros(out_features, 1), 1.0)})
 
-    async def _attach_bottleneck(self, lora: _Lora, lora_id: int) -> None:
-        if lora.bottleneck is not None:
-            folder = self._folders / str(lora_id) / "bottleneck"
-            await asyncio.to_thread(lora.bottleneck.save, folder)
-            await self._to_worker(lora_id, "bottleneck", str(folder))
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._llm.model_config.dtype
 
-    async def _add_prefix(self, adapter: PrefixAdapter) -> int:
-        prefix_id = next(self._ids)
-        file = self._folders / str(prefix_id) / "kv.safetensors"
-        file.parent.mkdir()
-        await asyncio.to_thread(save_file, {"keys": adapter.keys, "values": adapter.values}, file)
-        await self._to_worker(prefix_id, "prefix", str(file))
-        return prefix_id
+    async def ensure_token_embeddings(self) -> None:
+        if self.token_embeddings is None:
+            self.token_embeddings = await asyncio.to_thread(read_token_embeddings, self._model_path)
 
-    async def _to_worker(self, resource_id: int, kind: str, file: str) -> None:
-        """Hand the worker the weights behind `resource_id` (kept to hand them again after a restart)."""
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def folder(self, resource_id: int) -> Path:
+        """Where files made for `resource_id` go; removed with it."""
+        return self._folders / str(resource_id)
+
+    async def to_worker(self, resource_id: int, kind: str, file: str) -> None:
+        """Hand the workers the weights behind `resource_id` (kept to hand them again after a restart)."""
         await self._llm.collective_rpc(f"swapyard_add_{kind}", args=(resource_id, file))
         self._worker_files[resource_id] = (kind, file)
         await self._count_worker_bytes()
+
+    async def write_lora(self, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> LoRARequest:
+        lora_id = self.new_id()
+        await asyncio.to_thread(save_lora, self.folder(lora_id), layers)
+        return await self.add_lora(f"{name}-{lora_id}", str(self.folder(lora_id)), lora_id)
+
+    async def add_lora(self, name: str, folder: str, lora_id: int | None = None) -> LoRARequest:
+        request = LoRARequest(lora_name=name, lora_int_id=lora_id or self.new_id(), lora_path=folder)
+        await self._llm.add_lora(request)  # loads now, so the first request pays no load
+        return request
 
     async def _count_worker_bytes(self) -> None:
         held = await self._llm.collective_rpc("swapyard_adapter_bytes")  # one dict per worker
@@ -357,24 +488,23 @@ class VLLMEngine:
             VLLM_WORKER_ADAPTER_BYTES.labels(kind).set(sum(worker[kind] for worker in held))
 
     async def merge_adapter(self, name: str) -> None:
-        lora = self._loras.get(name)
-        if lora is None:
+        served = self._served.get(name)
+        if not isinstance(served, _ServedLora):
             raise AdapterError("model", f"`{name}` is not a loaded LoRA adapter")
-        for other_name, other in self._loras.items():
-            if other_name != name:
-                self._check_compensated_rank(other.adapter, lora.adapter)
+        for other_name, other in self._served.items():
+            if other_name != name and other.lora is not None:
+                self.check_compensated_rank(other.lora, served.lora)
         async with self._gate.swap():
             await self._unmerge()
-            merged = lora.adapter.scaled()
+            merged = served.lora.scaled()
             deltas = self._folders / _DELTAS
             await asyncio.to_thread(save_file, {f"{m}.weight": b @ a for m, (a, b) in merged.items()}, deltas)
             await self._fold(str(deltas), list(merged))
             self._merged = name
-            self._unmerging = await self._write_lora("base", {m: (a, -b) for m, (a, b) in merged.items()})
-            for other_name, other in self._loras.items():
+            self._unmerging = await self.write_lora("base", {m: (a, -b) for m, (a, b) in merged.items()})
+            for other_name, other in self._served.items():
                 if other_name != name:
-                    other.compensated = await self._compensate(other_name, other.adapter)
-                    await self._attach_bottleneck(other, other.compensated.lora_int_id)
+                    await self._compensate(other_name, other)
 
     async def unmerge_adapter(self) -> None:
         async with self._gate.swap():
@@ -384,12 +514,12 @@ class VLLMEngine:
         """Reload the merged layers as the base has them and drop the compensating LoRAs (none is running)."""
         if self._merged is None:
             return
-        await self._fold(None, list(self._loras[self._merged].adapter.layers))
-        compensations = [self._unmerging] + [lora.compensated for lora in self._loras.values()]
+        await self._fold(None, list(self._served[self._merged].lora.layers))
+        compensations = [self._unmerging] + [served.compensated for served in self._served.values()]
         for request in filter(None, compensations):
             await self._retire(request.lora_int_id)
-        for lora in self._loras.values():
-            lora.compensated = None
+        for served in self._served.values():
+            served.compensated = None
         self._merged, self._unmerging = None, None
 
     async def _fold(self, deltas: str | None, modules: list[str]) -> None:
@@ -400,15 +530,11 @@ class VLLMEngine:
         if not await self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not empty its prefix cache after new base weights")
 
-    def _check_compensated_rank(self, adapter: LoraAdapter, merged: LoraAdapter) -> None:
-        if adapter.rank + merged.rank > self._max_lora_rank:
-            raise AdapterError("r", f"while a rank-{merged.rank} LoRA is merged, a rank-{adapter.rank} LoRA is "
-                                    f"served as one of rank {adapter.rank + merged.rank}, over --max-lora-rank "
-                                    f"{self._max_lora_rank}")
-
-    async def _compensate(self, name: str, adapter: LoraAdapter) -> LoRARequest:
-        """`name`'s LoRA with the merged one taken back out: [B, -B'][A; A'] per layer."""
-        own, merged = adapter.scaled(), self._loras[self._merged].adapter.scaled()
+    async def _compensate(self, name: str, served: _Served) -> None:
+        """Give a kind that carries a LoRA that LoRA with the merged one taken back out: [B, -B'][A; A']."""
+        if served.lora is None:
+            return  # it carries the base's compensating LoRA
+        own, merged = served.lora.scaled(), self._served[self._merged].lora.scaled()
         layers = {}
         for module in own.keys() | merged.keys():
             a, b = own.get(module, (None, None))
@@ -416,18 +542,8 @@ class VLLMEngine:
             parts = [(a, b)] if a is not None else []
             parts += [(a_merged, -b_merged)] if a_merged is not None else []
             layers[module] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1))
-        return await self._write_lora(name, layers)
-
-    async def _write_lora(self, name: str, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> LoRARequest:
-        lora_id = next(self._ids)
-        folder = self._folders / str(lora_id)
-        await asyncio.to_thread(save_lora, folder, layers)
-        return await self._add_lora(f"{name}-unmerged", str(folder), lora_id)
-
-    async def _add_lora(self, name: str, folder: str, lora_id: int | None = None) -> LoRARequest:
-        request = LoRARequest(lora_name=name, lora_int_id=lora_id or next(self._ids), lora_path=folder)
-        await self._llm.add_lora(request)  # loads now, so the first request pays no load
-        return request
+        served.compensated = await self.write_lora(name, layers)
+        await served.attach(self, served.compensated.lora_int_id)
 
     async def _retire(self, resource_id: int) -> None:
         self._retired.add(resource_id)
@@ -435,7 +551,7 @@ class VLLMEngine:
             await self._remove(resource_id)
 
     async def _remove(self, resource_id: int) -> None:
-        """Free what an id holds: a LoRA in vLLM, a prefix's K/V or a bottleneck in the worker, files here."""
+        """Free what an id holds: a LoRA in vLLM, a prefix's K/V or a bottleneck in the workers, files here."""
         self._retired.discard(resource_id)
         del self._in_flight[resource_id]
         kind = self._worker_files.pop(resource_id, ("lora",))[0]
@@ -444,28 +560,26 @@ class VLLMEngine:
             await self._count_worker_bytes()
         if kind != "prefix":
             await self._llm.remove_lora(resource_id)
-        shutil.rmtree(self._folders / str(resource_id), ignore_errors=True)
+        shutil.rmtree(self.folder(resource_id), ignore_errors=True)
 
-    def _lora_for(self, adapter: str | None) -> LoRARequest | None:
-        if adapter is None or adapter in self._prompts or adapter in self._prefixes:
-            return self._unmerging
-        if adapter == self._merged:
+    def _lora_for(self, name: str | None, served: _Served) -> LoRARequest | None:
+        if name is not None and name == self._merged:
             return None
-        lora = self._loras.get(adapter)
-        if lora is None:
-            raise AdapterError("model", f"adapter `{adapter}` is not loaded")
-        return lora.compensated or lora.request
+        if served.lora is None:
+            return self._unmerging  # the base's weights, with any merged LoRA taken back out
+        return served.compensated or served.request
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         async with self._gate.request():
-            prompt, lora = self._prompt_for(request), self._lora_for(request.adapter)
-            prefix = self._prefixes.get(request.adapter)
-            held = [lora.lora_int_id] if lora is not None else []
-            held += [prefix.prefix_id] if prefix is not None else []
+            served = self._served.get(request.adapter) if request.adapter is not None else _BASE
+            if served is None:
+                raise AdapterError("model", f"adapter `{request.adapter}` is not loaded")
+            lora = self._lora_for(request.adapter, served)
+            held = served.worker_ids + ([lora.lora_int_id] if lora is not None else [])
             for resource_id in held:
                 self._in_flight[resource_id] += 1
             try:
-                async for out in self._generate(request, prompt, lora, prefix):
+                async for out in self._generate(request, served, lora):
                     yield out
             finally:
                 for resource_id in held:
@@ -473,40 +587,13 @@ class VLLMEngine:
                     if resource_id in self._retired and self._in_flight[resource_id] == 0:
                         await self._remove(resource_id)
 
-    def _prompt_for(self, request: GenerationRequest) -> TokensPrompt | EmbedsPrompt:
-        token_ids, salt = request.prompt_token_ids, request.cache_salt
-        if request.adapter in self._prompts:
-            prompt = self._soft_prompt(self._prompts[request.adapter], token_ids)
-        elif (prefix := self._prefixes.get(request.adapter)) is not None:
-            prompt = TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN] * prefix.adapter.num_virtual_tokens + token_ids)
-            # Cached blocks of this version only: the placeholders are the same tokens for every prefix adapter.
-            salt = f"{salt or ''}/prefix-{prefix.prefix_id}"
-            if request.sampling.prompt_logprobs is not None:  # logprobs for every prompt token: no cache hit
-                salt += f"/{request.request_id}"
-        else:
-            prompt = TokensPrompt(prompt_token_ids=token_ids)
-        if salt is not None:
-            prompt["cache_salt"] = salt
-        return prompt
-
-    def _soft_prompt(self, adapter: PromptAdapter, token_ids: list[int]) -> EmbedsPrompt:
-        """(virtual + prompt, hidden) embeddings: the soft prompt, then the prompt's tokens, as PEFT feeds them."""
-        dtype = self._llm.model_config.dtype
-        tokens = self._token_embeddings[torch.tensor(token_ids)]
-        return EmbedsPrompt(prompt_embeds=torch.cat([adapter.embeddings, tokens]).to(dtype))
-
-    async def _generate(self, request: GenerationRequest, prompt: TokensPrompt | EmbedsPrompt,
-                        lora: LoRARequest | None, prefix: _Prefix | None) -> AsyncIterator[GenerationOutput]:
+    async def _generate(self, request: GenerationRequest, served: _Served,
+                        lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
         num_prompt, num_generated = len(request.prompt_token_ids), 0
-        num_virtual = prefix.adapter.num_virtual_tokens if prefix is not None else 0
         waited = time.monotonic() - request.arrival_time  # before vLLM: e.g. for a slot for its adapter
         sampling = to_vllm(request.sampling)
-        if prefix is not None:
-            params = {PARAMS_KEY: prefix.prefix_id, "num_virtual_tokens": num_virtual}
-            sampling.extra_args = {"kv_transfer_params": params}
-            # vLLM skips every cache read (the connector's too) for prompt logprobs: the prefix must still load.
-            sampling.skip_reading_prefix_cache = False
-        stream = self._llm.generate(prompt, sampling, request.request_id, lora_request=lora)
+        served.prepare(sampling)
+        stream = self._llm.generate(served.prompt(self, request), sampling, request.request_id, lora_request=lora)
         # Closing this generator closes vLLM's, which aborts the request inside vLLM.
         try:
             async with aclosing(stream) as outputs:
@@ -520,7 +607,8 @@ class VLLMEngine:
                     if out.prompt_logprobs is not None and request.sampling.prompt_logprobs is not None:
                         ids = request.prompt_token_ids
                         prompt_logprobs = [TokenLogprob(ids[0], None, [])] + to_token_logprobs(
-                            ids[1:], out.prompt_logprobs[num_virtual + 1:], request.sampling.prompt_logprobs)
+                            ids[1:], out.prompt_logprobs[served.num_placeholders + 1:],
+                            request.sampling.prompt_logprobs)
                     if request.sampling.max_tokens == 0:  # scoring only: the prefill's logprobs, no token
                         yield GenerationOutput("", [], num_prompt, 0, "length", queue_time=queue_time,
                                                prompt_logprobs=prompt_logprobs)

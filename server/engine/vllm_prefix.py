@@ -1,13 +1,14 @@
 """Prefix tuning inside vLLM's paged KV cache, through vLLM's KV connector API.
 
-A request for a prefix adapter reaches vLLM as `num_virtual_tokens` placeholder tokens and then its
-prompt, with `kv_transfer_params` naming the adapter's K/V. The scheduler side of this connector reports
-the placeholders as externally computed; the worker side writes the adapter's keys and values into the
+A request for a prefix adapter reaches vLLM as `num_virtual_tokens` placeholder tokens (copies of the
+prompt's first token: never embedded, and no new token for repetition penalties) and then its prompt,
+with `kv_transfer_params` naming the adapter's K/V. The scheduler side of this connector reports the
+placeholders as externally computed; the worker side writes the adapter's keys and values into the
 blocks vLLM allocated for them, through the attention backend's own cache write (so the layout is the
 platform's, CPU or CUDA). The prompt's positions start after the placeholders, as PEFT offsets them, and
 its attention reads the adapter's K/V from the cache like any earlier token's. A preempted request is
-loaded again when it is scheduled again; a salt per adapter version keeps vLLM's prefix cache from sharing
-these blocks across adapters or versions.
+loaded again when it is scheduled again; a salt per adapter version keeps vLLM's prefix cache from
+sharing these blocks across adapters or versions.
 
 The adapters' K/V stay in the worker's host memory (`PREFIX_KV`), registered and dropped by the worker
 extension (vllm_worker.py) over collective_rpc, each worker keeping its tensor-parallel share of the heads.
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 PARAMS_KEY = "swapyard_prefix"  # kv_transfer_params: {PARAMS_KEY: prefix id, "num_virtual_tokens": n}
-# The placeholder token ids: never embedded, since their K/V come from the adapter.
-PLACEHOLDER_TOKEN = 0
 
 # prefix id -> (keys, values), each (layers, kv_heads of this rank, virtual, head_dim), in the worker.
 PREFIX_KV: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
