@@ -45,7 +45,11 @@ class AdapterManager:
         self._lock = asyncio.Lock()  # one load, eviction or merge at a time
         self._slot_freed = asyncio.Event()  # set (and replaced) whenever a slot may have freed
         self._draining: str | None = None  # an adapter whose new requests wait, so its slot frees
-        self.merged: str | None = None  # the LoRA folded into the base weights
+
+    @property
+    def merged(self) -> str | None:
+        """The LoRA folded into the base weights, as the engine (its one owner) says."""
+        return self.engine.merged
 
     def get(self, name: str) -> AdapterRecord | None:
         return self.registry.get(name)
@@ -189,7 +193,6 @@ class AdapterManager:
             if self.merged not in (None, name):
                 await self._unmerge()
             await self.engine.merge_adapter(name)
-            self.merged = name
             MERGED_ADAPTER.labels(name).set(1)
         return record
 
@@ -202,10 +205,9 @@ class AdapterManager:
             return True
 
     async def _unmerge(self) -> None:
-        if self.merged is not None:
+        if (merged := self.merged) is not None:
             await self.engine.unmerge_adapter()
-            MERGED_ADAPTER.labels(self.merged).set(0)
-            self.merged = None
+            MERGED_ADAPTER.labels(merged).set(0)
 
     def _record(self, name: str) -> AdapterRecord:
         record = self.registry.get(name)

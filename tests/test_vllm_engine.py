@@ -129,20 +129,25 @@ def test_prefix_and_bottleneck_adapters_run_inside_vllm(vllm, http, inside_kinds
     assert answers == _answers(http, f"v-{kind}") and answers != _answers(vllm, MODEL)
 
 
-def test_prefix_adapter_prompt_logprobs_match_the_torch_engine(vllm, http, adapter_dirs):
-    """Echo scoring reads logprobs of every prompt token: vLLM computes them after the prefix's K/V are
-    loaded (the placeholders' own logprobs are left out), with the torch engine's numbers."""
+def test_prefix_adapter_logprobs_match_and_prompt_logprobs_are_refused(vllm, http, adapter_dirs):
+    """Sampled logprobs of a prefix request equal the torch engine's. Prompt logprobs (echo scoring) are a
+    400 naming `echo` on vLLM, which computes them only for tokens it runs (the prefix's are loaded): once
+    they came back as uninitialized rows and killed vLLM's output handler. The engine serves on."""
     for client in (vllm, http):
         assert client.post("/v1/adapters", json={"name": "lp-prefix", "path": str(adapter_dirs["prefix"]),
                                                  "replace": True}).status_code == 201
+    body = {"model": "lp-prefix", "messages": ask(QUESTIONS[0]), "temperature": 0, "max_tokens": 6,
+            "logprobs": True, "top_logprobs": 2}
+    got, want = (client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+                 for client in (vllm, http))
+    assert [e["token"] for e in got] == [e["token"] for e in want]
+    assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-3)
     score = {"model": "lp-prefix", "prompt": "The capital of France is Paris", "echo": True, "max_tokens": 0,
              "logprobs": 1}
-    for _ in range(2):  # the second time, the prefix's blocks could be in vLLM's prefix cache: they are not read
-        got, want = (client.post("/v1/completions", json=score).json()["choices"][0] for client in (vllm, http))
-        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
-        assert got["logprobs"]["token_logprobs"][0] is None
-        assert got["logprobs"]["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:],
-                                                                      abs=1e-3)
+    refused = vllm.post("/v1/completions", json=score)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo", refused.text
+    assert http.post("/v1/completions", json=score).status_code == 200
+    assert _answers(vllm, "lp-prefix") == _answers(http, "lp-prefix")
 
 
 def test_merge_into_vllm_weights_keeps_other_answers(vllm, adapter_dirs):

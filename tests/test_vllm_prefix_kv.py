@@ -11,6 +11,7 @@ import re
 
 import httpx
 import pytest
+import torch
 
 from adapter_factory import make_peft_adapter
 from conftest import MODEL, MODEL_PATH, ask, start_serve_process
@@ -138,3 +139,18 @@ def test_torch_beside_vllm_serves_prefix_and_bottleneck_on_a_torch_engine(tmp_pa
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_each_tensor_parallel_rank_keeps_the_heads_its_cache_holds(monkeypatch, ranks):
+    """vLLM splits 4 KV heads over 2 or 4 ranks and replicates them over 8 (ranks 0-1 hold head 0, ...)."""
+    from server.engine import vllm_prefix
+
+    kv = torch.arange(4.0).view(1, 4, 1, 1).expand(2, 4, 3, 2)  # (layers, heads, virtual, head_dim): head index
+    monkeypatch.setattr(vllm_prefix, "get_tensor_model_parallel_world_size", lambda: ranks)
+    held = []
+    for rank in range(ranks):
+        monkeypatch.setattr(vllm_prefix, "get_tensor_model_parallel_rank", lambda rank=rank: rank)
+        held.append(vllm_prefix._this_ranks_heads(kv)[0, :, 0, 0].tolist())
+    per_rank = max(1, 4 // ranks)
+    assert held == [[float(h) for h in range(r * 4 // ranks, r * 4 // ranks + per_rank)] for r in range(ranks)]

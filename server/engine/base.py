@@ -127,6 +127,7 @@ class FailureWindow:
 
 class Engine(Protocol):
     max_model_len: int
+    merged: str | None  # the LoRA folded into the base weights now: the engine owns this state
     failure: str | None  # why the engine can no longer serve (it died for good); None while it serves
     is_restarting: bool  # a failed engine is being replaced: requests get 503 + Retry-After meanwhile
 

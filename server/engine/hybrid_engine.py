@@ -31,6 +31,10 @@ class HybridEngine:
         return self._main.failure or (self._side.failure if self._side is not None else None)
 
     @property
+    def merged(self) -> str | None:
+        return self._main.merged  # the torch engine holds no LoRA: its base stays as it is
+
+    @property
     def is_restarting(self) -> bool:
         return self._main.is_restarting
 
@@ -70,7 +74,7 @@ class HybridEngine:
             await self._main.unload_adapter(name)
 
     async def merge_adapter(self, name: str) -> None:
-        await self._main.merge_adapter(name)  # the torch engine holds no LoRA: its base stays as it is
+        await self._main.merge_adapter(name)
 
     async def unmerge_adapter(self) -> None:
         await self._main.unmerge_adapter()

@@ -68,6 +68,11 @@ class TorchEngine:
         for finds the slot free, and the evicting request waits for one step boundary instead of two."""
         self._inbox.put(lambda: self._scheduler.runner.adapters.unload(name))
 
+    @property
+    def merged(self) -> str | None:
+        resident = self._scheduler.runner.adapters.merged
+        return resident.name if resident is not None else None
+
     async def merge_adapter(self, name: str) -> None:
         """Between two steps: running requests go on unchanged, the fold's own rows now without a LoRA."""
         await self._on_engine_thread(lambda: self._scheduler.runner.adapters.merge(name))

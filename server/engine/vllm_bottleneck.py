@@ -70,10 +70,11 @@ def install_hooks(model: torch.nn.Module, lora_manager: LoRAModelManager) -> Non
     _lora_manager = lora_manager
     modules = dict(model.named_modules())
     layer = 0
-    while f"{LAYERS}.{layer}" in modules:
+    while f"{LAYERS}.{layer}" in modules:  # with pipeline parallelism, other stages' layers are placeholders
         for position, name in enumerate((ATTN, MLP)):
             def hook(_module, _inputs, output, layer=layer, position=position):
                 torch.ops.swapyard.bottleneck_(output, layer, position)
                 return output
-            modules[f"{LAYERS}.{layer}.{name}"].register_forward_hook(hook)
+            if (module := modules.get(f"{LAYERS}.{layer}.{name}")) is not None:
+                module.register_forward_hook(hook)
         layer += 1

@@ -158,7 +158,6 @@ class _Served:
     lora: LoraAdapter | None = None  # the LoRA its requests carry (a bottleneck's is all zero); None: the base's
     request: LoRARequest | None = None  # that LoRA in vLLM while nothing is merged
     compensated: LoRARequest | None = None  # the same with the merged LoRA taken back out, while one is merged
-    num_placeholders = 0  # tokens vLLM's prompt has before the request's own
 
     @classmethod
     def check(cls, engine: "VLLMEngine", adapter: Adapter) -> None:
@@ -187,7 +186,7 @@ class _Served:
         return _salted(TokensPrompt(prompt_token_ids=request.prompt_token_ids), request.cache_salt)
 
     def prepare(self, sampling: VLLMSamplingParams) -> None:
-        """Add what vLLM needs for this kind to a request's sampling parameters."""
+        """Add what vLLM needs for this kind to a request's sampling parameters (or refuse the request)."""
 
 
 def _salted(prompt: TokensPrompt | EmbedsPrompt, salt: str | None) -> TokensPrompt | EmbedsPrompt:
@@ -291,16 +290,17 @@ class _ServedPrefix(_Served):
         # Copies of the first token: their K/V come from the adapter, and repetition penalties see no new token.
         prompt = TokensPrompt(prompt_token_ids=token_ids[:1] * self.num_placeholders + token_ids)
         # Cached blocks of this version only: the placeholders are the same tokens for every prefix adapter.
-        salt = f"{request.cache_salt or ''}/prefix-{self.prefix_id}"
-        if request.sampling.prompt_logprobs is not None:  # logprobs for every prompt token: no cache hit
-            salt += f"/{request.request_id}"
-        return _salted(prompt, salt)
+        return _salted(prompt, f"{request.cache_salt or ''}/prefix-{self.prefix_id}")
 
     def prepare(self, sampling: VLLMSamplingParams) -> None:
-        params = {PARAMS_KEY: self.prefix_id, "num_virtual_tokens": self.num_placeholders}
-        sampling.extra_args = {"kv_transfer_params": params}
-        # vLLM skips every cache read (the connector's too) for prompt logprobs: the prefix must still load.
-        sampling.skip_reading_prefix_cache = False
+        # vLLM computes prompt logprobs only for the tokens it runs (it skips every cache read for them, the
+        # connector's too): the placeholders would run as plain tokens, or leave rows it never fills.
+        if sampling.prompt_logprobs is not None:
+            raise AdapterError("echo", "prompt logprobs (echo with logprobs) are not available for prefix adapters "
+                                       "on the vLLM engine: their positions come from the adapter, not a forward "
+                                       "pass; ask without echo, or serve with --engine torch")
+        sampling.extra_args = {"kv_transfer_params": {PARAMS_KEY: self.prefix_id,
+                                                      "num_virtual_tokens": self.num_placeholders}}
 
 
 _BASE = _Served()
@@ -342,7 +342,7 @@ class VLLMEngine:
         self._worker_files: dict[int, tuple[str, str]] = {}  # id -> (kind, file) the worker holds for it
         self._ids = count(1)
         self._gate = SwapGate()
-        self._merged: str | None = None
+        self.merged: str | None = None  # the LoRA folded into vLLM's weights
         self._unmerging: LoRARequest | None = None  # the base's compensating LoRA while a LoRA is merged
         self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # files made here for vLLM, by id
         self._failure: str | None = None
@@ -387,8 +387,8 @@ class VLLMEngine:
         except Exception:
             log.exception("shutting the dead vLLM engine down")
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
-        if self._merged is not None:
-            modules = list(self._served[self._merged].lora.layers)
+        if self.merged is not None:
+            modules = list(self._served[self.merged].lora.layers)
             await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path),
                                                                   str(self._folders / _DELTAS), modules))
         requests = [self._unmerging] + [r for s in self._served.values() for r in (s.request, s.compensated)]
@@ -418,7 +418,7 @@ class VLLMEngine:
         kind = _KINDS[adapter.kind]
         kind.check(self, adapter)
         served = await kind.load(self, name, adapter, folder)
-        if self._merged is not None:
+        if self.merged is not None:
             await self._compensate(name, served)
         replaced = self._served.pop(name, None)
         self._served[name] = served
@@ -435,9 +435,9 @@ class VLLMEngine:
     def check_compensated_rank(self, adapter: LoraAdapter, merged: LoraAdapter | None = None) -> None:
         """While a LoRA is merged (`merged`, or the one merged now), another LoRA is served with the merged
         one's rank added."""
-        if merged is None and self._merged is None:
+        if merged is None and self.merged is None:
             return
-        merged = merged or self._served[self._merged].lora
+        merged = merged or self._served[self.merged].lora
         if adapter.rank + merged.rank > self._max_lora_rank:
             raise AdapterError("r", f"while a rank-{merged.rank} LoRA is merged, a rank-{adapter.rank} LoRA is "
                                     f"served as one of rank {adapter.rank + merged.rank}, over --max-lora-rank "
@@ -500,7 +500,7 @@ class VLLMEngine:
             deltas = self._folders / _DELTAS
             await asyncio.to_thread(save_file, {f"{m}.weight": b @ a for m, (a, b) in merged.items()}, deltas)
             await self._fold(str(deltas), list(merged))
-            self._merged = name
+            self.merged = name
             self._unmerging = await self.write_lora("base", {m: (a, -b) for m, (a, b) in merged.items()})
             for other_name, other in self._served.items():
                 if other_name != name:
@@ -512,15 +512,15 @@ class VLLMEngine:
 
     async def _unmerge(self) -> None:
         """Reload the merged layers as the base has them and drop the compensating LoRAs (none is running)."""
-        if self._merged is None:
+        if self.merged is None:
             return
-        await self._fold(None, list(self._served[self._merged].lora.layers))
+        await self._fold(None, list(self._served[self.merged].lora.layers))
         compensations = [self._unmerging] + [served.compensated for served in self._served.values()]
         for request in filter(None, compensations):
             await self._retire(request.lora_int_id)
         for served in self._served.values():
             served.compensated = None
-        self._merged, self._unmerging = None, None
+        self.merged, self._unmerging = None, None
 
     async def _fold(self, deltas: str | None, modules: list[str]) -> None:
         """Set the base weights of `modules` to the base's plus `deltas` (None: the base's alone). vLLM's cached
@@ -534,7 +534,7 @@ class VLLMEngine:
         """Give a kind that carries a LoRA that LoRA with the merged one taken back out: [B, -B'][A; A']."""
         if served.lora is None:
             return  # it carries the base's compensating LoRA
-        own, merged = served.lora.scaled(), self._served[self._merged].lora.scaled()
+        own, merged = served.lora.scaled(), self._served[self.merged].lora.scaled()
         layers = {}
         for module in own.keys() | merged.keys():
             a, b = own.get(module, (None, None))
@@ -563,7 +563,7 @@ class VLLMEngine:
         shutil.rmtree(self.folder(resource_id), ignore_errors=True)
 
     def _lora_for(self, name: str | None, served: _Served) -> LoRARequest | None:
-        if name is not None and name == self._merged:
+        if name is not None and name == self.merged:
             return None
         if served.lora is None:
             return self._unmerging  # the base's weights, with any merged LoRA taken back out
@@ -607,8 +607,7 @@ class VLLMEngine:
                     if out.prompt_logprobs is not None and request.sampling.prompt_logprobs is not None:
                         ids = request.prompt_token_ids
                         prompt_logprobs = [TokenLogprob(ids[0], None, [])] + to_token_logprobs(
-                            ids[1:], out.prompt_logprobs[served.num_placeholders + 1:],
-                            request.sampling.prompt_logprobs)
+                            ids[1:], out.prompt_logprobs[1:], request.sampling.prompt_logprobs)
                     if request.sampling.max_tokens == 0:  # scoring only: the prefill's logprobs, no token
                         yield GenerationOutput("", [], num_prompt, 0, "length", queue_time=queue_time,
                                                prompt_logprobs=prompt_logprobs)

@@ -37,9 +37,16 @@ PREFIX_KV: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def add_prefix(prefix_id: int, file: str, dtype: torch.dtype) -> None:
     tensors = load_file(file)
-    ranks, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    PREFIX_KV[prefix_id] = tuple(t.chunk(ranks, dim=1)[rank].to(dtype).contiguous()
-                                 for t in (tensors["keys"], tensors["values"]))
+    PREFIX_KV[prefix_id] = tuple(_this_ranks_heads(tensors[key]).to(dtype).contiguous() for key in ("keys", "values"))
+
+
+def _this_ranks_heads(kv: torch.Tensor) -> torch.Tensor:
+    """The KV heads (dim 1) this tensor-parallel rank's cache holds: its share, or with more ranks than
+    heads the one head vLLM replicates onto it."""
+    ranks, rank, heads = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), kv.shape[1]
+    if ranks <= heads:
+        return kv.chunk(ranks, dim=1)[rank]
+    return kv[:, [rank // (ranks // heads)]]
 
 
 def drop_prefix(prefix_id: int) -> None:
