@@ -43,10 +43,10 @@ def vllm(tmp_path_factory, adapter_root):
 
 @pytest.fixture(scope="module")
 def prefixes(adapter_root) -> dict[str, object]:
-    """A 150-token prefix (more than one of vLLM's CPU blocks, and not a multiple of their size), and two
-    6-token ones for a version swap."""
+    """150-token prefixes (more than one of vLLM's CPU blocks, and not a multiple of their size: full blocks
+    of placeholders get cached) and a 6-token one."""
     out = {}
-    for name, seed, virtual in (("long", 4, 150), ("first", 5, 6), ("second", 6, 6)):
+    for name, seed, virtual in (("long", 4, 150), ("first", 5, 150), ("second", 6, 150), ("short", 7, 6)):
         folder = adapter_root / f"kv-prefix-{name}"
         if not folder.exists():
             make_peft_adapter("prefix", MODEL_PATH, folder, seed=seed, num_virtual_tokens=virtual)
@@ -85,6 +85,8 @@ def test_a_prefix_longer_than_a_block_is_found_again_in_the_prefix_cache(vllm, h
 
 
 def test_a_replaced_prefix_never_serves_its_old_kv(vllm, http, prefixes):
+    """The new version's placeholder tokens are the old one's: only the salt per version keeps its requests
+    off the old version's cached blocks."""
     _register((vllm, http), "kv-swap", prefixes["first"])
     first = _answer(vllm, "kv-swap")
     assert _answer(vllm, "kv-swap") == first == _answer(http, "kv-swap")
@@ -109,7 +111,7 @@ def test_preempted_prefix_and_bottleneck_requests_are_recomputed_exactly(vllm, p
     """A burst over the small cache makes vLLM preempt running requests; a preempted prefix request gets
     its K/V loaded again when it resumes, and every answer equals the request's answer alone."""
     _register((vllm,), "pre-long", prefixes["long"])
-    _register((vllm,), "pre-short", prefixes["first"])
+    _register((vllm,), "pre-short", prefixes["short"])
     _register((vllm,), "pre-bottleneck", adapter_dirs["bottleneck"])
     models = [MODEL, "pre-long", "pre-short", "pre-bottleneck"] * 3
     alone = {model: _answer(vllm, model, max_tokens=120) for model in set(models)}
