@@ -27,6 +27,10 @@ def load_adapter(folder: Path, base: BaseModelSpec, *, max_lora_rank: int) -> Ad
                                         f"{str(exc)[:200]})") from exc
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _load(folder: Path, base: BaseModelSpec, max_lora_rank: int) -> Adapter:
     raw = read_config(folder)
     peft_type = raw.get("peft_type")
@@ -35,6 +39,8 @@ def _load(folder: Path, base: BaseModelSpec, max_lora_rank: int) -> Adapter:
     tensors = read_weights(folder)
     if peft_type == "BOTTLENECK":
         return load_bottleneck(parse_bottleneck_config(raw), tensors, base)
+    if peft_type == "LORA" and not _is_positive_int(raw.get("r", 8)):  # PEFT's own error names no field
+        raise AdapterError("r", f"must be a positive integer, not {str(raw['r'])[:40]}")
     config = PeftConfig.from_peft_type(**raw)
     if peft_type == "LORA":
         return load_lora(config, tensors, base, max_lora_rank)

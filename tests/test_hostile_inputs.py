@@ -68,6 +68,8 @@ def test_non_finite_weights_are_refused_by_name(http, adapter_dirs, adapter_root
     ("[1, 2, 3]", "adapter_config.json"),
     ("[" * 100_000 + "]" * 100_000, "adapter_config.json"),
     ('{"peft_type": "LORA", "r": 4}\xff', "adapter_config.json"),
+    ('{"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]}', "r"),
+    ('{"peft_type": "LORA", "r": "8", "lora_alpha": 8, "target_modules": ["q_proj"]}', "r"),
 ])
 def test_malformed_configs_are_refused(http, adapter_dirs, adapter_root, config_text, param):
     folder = _copy(adapter_dirs["lora"], adapter_root, "bad-config")

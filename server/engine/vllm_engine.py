@@ -445,9 +445,12 @@ class VLLMEngine:
 
     @cached_property
     def zero_lora(self) -> LoraAdapter:
-        """Rank 1, all zero, on the first attention projection: a LoRA slot that changes nothing."""
+        """Rank 1, all zero, on the first layer's first linear: a LoRA slot that changes nothing."""
         shapes = BaseModelSpec.from_pretrained(self._model_path).linear_shapes
-        module = next(m for m in shapes if m.startswith(f"{LAYERS}.0.{ATTN}."))
+        module = next((m for m in shapes if m.startswith(f"{LAYERS}.0.")), None)
+        if module is None:
+            raise AdapterError("peft_type", f"bottlenecks ride on a LoRA slot, and this base has no linear layer "
+                                            f"under `{LAYERS}.0` to hold one")
         out_features, in_features = shapes[module]
         return LoraAdapter({module: LoraWeights(torch.zeros(1, in_features), torch.zeros(out_features, 1), 1.0)})
 
