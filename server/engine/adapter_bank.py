@@ -241,40 +241,51 @@ class AdapterBank:
         self._dtype = next(model.parameters()).dtype
         self._kv_dtype = kv_dtype  # prefix keys/values go straight into the KV cache
         self._device = next(model.parameters()).device
+        self._placers = {PrefixAdapter.kind: self._place_prefix, PromptAdapter.kind: self._place_prompt,
+                         LoraAdapter.kind: self._place_lora, BottleneckAdapter.kind: self._place_bottleneck}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def load(self, name: str, adapter: Adapter) -> None:
         """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
         resident = Resident(name, adapter)
-        if isinstance(adapter, PrefixAdapter):  # cast once here, not at every admission or step
-            resident.adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
-                                       values=self._cast(adapter.values, self._kv_dtype))
-        elif isinstance(adapter, PromptAdapter):
-            resident.adapter = replace(adapter, embeddings=self._cast(adapter.embeddings))
-        elif isinstance(adapter, LoraAdapter):
-            if self._num_loras >= self.max_adapters:
-                raise AdapterCapacityError("capacity", f"all {self.max_adapters} LoRA slots are in use")
-            resident.pages = self._take_pages(-(-adapter.rank // LORA_PAGE_RANK))
-            try:
-                self._store_lora(resident.pages, adapter)
-            except Exception:
-                self._free_pages += resident.pages
-                raise
-            self._num_loras += 1
-        elif isinstance(adapter, BottleneckAdapter):
-            if not self._free_slots:
-                raise AdapterCapacityError("capacity", f"all {self.max_adapters} bottleneck slots are in use")
-            resident.slot = self._free_slots.pop()
-            try:
-                self._store_bottleneck(resident.slot, adapter)
-            except Exception:
-                self._free_slots.append(resident.slot)
-                raise
+        self._placers[adapter.kind](resident)
         previous = self._by_name.get(name)
         self._by_name[name] = resident
         if previous is not None:
             self._retire(previous)
+
+    # Where each kind lives on the device: one placer per kind (its rows are bound in `bind`). Casts happen
+    # once here, not at every admission or step.
+
+    def _place_prefix(self, resident: Resident) -> None:
+        adapter = resident.adapter
+        resident.adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
+                                   values=self._cast(adapter.values, self._kv_dtype))
+
+    def _place_prompt(self, resident: Resident) -> None:
+        resident.adapter = replace(resident.adapter, embeddings=self._cast(resident.adapter.embeddings))
+
+    def _place_lora(self, resident: Resident) -> None:
+        if self._num_loras >= self.max_adapters:
+            raise AdapterCapacityError("capacity", f"all {self.max_adapters} LoRA slots are in use")
+        resident.pages = self._take_pages(-(-resident.adapter.rank // LORA_PAGE_RANK))
+        try:
+            self._store_lora(resident.pages, resident.adapter)
+        except Exception:
+            self._free_pages += resident.pages
+            raise
+        self._num_loras += 1
+
+    def _place_bottleneck(self, resident: Resident) -> None:
+        if not self._free_slots:
+            raise AdapterCapacityError("capacity", f"all {self.max_adapters} bottleneck slots are in use")
+        resident.slot = self._free_slots.pop()
+        try:
+            self._store_bottleneck(resident.slot, resident.adapter)
+        except Exception:
+            self._free_slots.append(resident.slot)
+            raise
 
     def _take_pages(self, count: int) -> tuple[int, ...]:
         """The lowest `count` free LoRA pages (new ones once none is free)."""
@@ -296,7 +307,7 @@ class AdapterBank:
     def merge(self, name: str) -> None:
         """Fold LoRA `name` into the base weights (unmerging any other first)."""
         resident = self._by_name.get(name)
-        if resident is None or not isinstance(resident.adapter, LoraAdapter):
+        if resident is None or resident.adapter.kind != LoraAdapter.kind:
             raise AdapterError("model", f"`{name}` is not a loaded LoRA adapter")
         if self.merged is resident:
             return
