@@ -13,6 +13,7 @@ vLLM would pick bfloat16, whose greedy tokens drift from float32's). Marked slow
 import asyncio
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_prefix_and_bottleneck_adapters_run_inside_vllm(vllm, http, inside_kinds
     assert vllm.get(f"/v1/adapters/v-{kind}").json()["engine"] == "vllm"
     answers = _answers(vllm, f"v-{kind}")
     assert answers == _answers(http, f"v-{kind}") and answers != _answers(vllm, MODEL)
+
+
+def test_a_bottleneck_on_modules_vllm_does_not_hook_is_refused(vllm, adapter_dirs, adapter_root):
+    """The base has `model.layers.N.mlp`, so the files are valid; vLLM hooks attention at `self_attn` only."""
+    folder = adapter_root / "bottleneck-on-mlp-twice"
+    if not folder.exists():
+        shutil.copytree(adapter_dirs["bottleneck"], folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "attn_module": "mlp"}))
+    refused = vllm.post("/v1/adapters", json={"name": "v-mlp-twice", "path": str(folder)})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "attn_module", refused.text
+    assert vllm.get("/v1/adapters/v-mlp-twice").status_code == 404
 
 
 def test_prefix_adapter_logprobs_match_and_prompt_logprobs_are_refused(vllm, http, adapter_dirs):

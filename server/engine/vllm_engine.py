@@ -394,8 +394,8 @@ class VLLMEngine:
         requests = [self._unmerging] + [r for s in self._served.values() for r in (s.request, s.compensated)]
         for request in filter(None, requests):
             await self._llm.add_lora(request)
-        for resource_id, (kind, file) in self._worker_files.items():
-            await self._llm.collective_rpc(f"swapyard_add_{kind}", args=(resource_id, file))
+        for resource_id, (kind, file) in list(self._worker_files.items()):
+            await self.to_worker(resource_id, kind, file)
         log.info("the vLLM engine is serving again")
 
     async def shutdown(self) -> None:
