@@ -2,7 +2,8 @@
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -130,3 +131,14 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterError(CONFIG_FILE, f"must be a JSON object, not {type(config).__name__}")
     return config
+
+
+def map_tensors(value, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """`value` with `fn` applied to every tensor in it, through dataclasses and dicts (a parsed adapter)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{field.name: map_tensors(getattr(value, field.name), fn) for field in fields(value)})
+    if isinstance(value, dict):
+        return {key: map_tensors(item, fn) for key, item in value.items()}
+    return value

@@ -66,6 +66,10 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterRecord | None:
         return self._records().get(name)
 
+    def snapshot(self) -> dict[str, AdapterRecord]:
+        """Every record by name, as of one read."""
+        return self._records()
+
     def _records(self) -> dict[str, AdapterRecord]:
         """Every row, read again only when the registry's version moved (a write here or on another
         replica), so the hot path reads one row. While the database is down, the last copy serves."""

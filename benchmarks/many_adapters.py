@@ -41,9 +41,13 @@ from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
 
 LORA_RANKS = {8: 0.5, 16: 0.3, 32: 0.15, 64: 0.05}  # most adapters are small, as in S-LoRA's workloads
 LORA_TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
-# Counters summed over adapters: requests that waited for a load (and how long), loads (and how long).
+# Counters summed over adapters: requests that waited for a load (and how long), loads (and how long); and
+# per phase: engine steps (their time and sequences).
+PHASES = ("prefill", "decode")
 TALLIES = ("swapyard_adapter_wait_seconds_count", "swapyard_adapter_wait_seconds_sum",
-           "swapyard_adapter_load_seconds_count", "swapyard_adapter_load_seconds_sum")
+           "swapyard_adapter_load_seconds_count", "swapyard_adapter_load_seconds_sum",
+           *(f'swapyard_engine_{name}{{phase="{phase}"}}' for phase in PHASES
+             for name in ("step_seconds_count", "step_seconds_sum", "batch_size_sum")))
 
 
 def make_adapters(root: Path, args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -126,6 +130,20 @@ async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: 
             "ttft_p99_s": round(percentile(ttfts, 99), 3), "wall_s": round(wall, 1)}
 
 
+def measured_open_loop(url: str, models: list[str], gaps: list[float], max_tokens: int) -> tuple[dict, list[float]]:
+    """`open_loop`, with the engine's steps in that time (how busy, how wide), and the adapter tallies."""
+    before = tallies(url)
+    result = asyncio.run(open_loop(url, models, gaps, max_tokens))
+    after = tallies(url)
+    counts = [after[name] - before[name] for name in TALLIES]
+    adapters, engine = counts[:4], counts[4:]
+    result["engine_busy_share"] = round(sum(engine[1::3]) / result["wall_s"], 3)
+    for phase, (steps, step_s, rows) in zip(PHASES, (engine[:3], engine[3:])):
+        result[phase] = {"steps": int(steps), "mean_step_ms": round(1000 * step_s / max(steps, 1), 1),
+                         "mean_batch": round(rows / max(steps, 1), 1)}
+    return result, adapters
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loras", type=int, default=1000)
@@ -161,14 +179,11 @@ def main() -> None:
             rate = args.load * capacity["tokens_per_s"] / args.max_tokens  # requests per second
             gaps = [rng.expovariate(rate) for _ in range(args.requests)]
             models = zipf_choices([name for name, _ in adapters], args.zipf, args.requests, rng)
-            before = tallies(url)
-            mixed = asyncio.run(open_loop(url, models, gaps, args.max_tokens))
-            after = tallies(url)
-            waits, waited, loads, loading = (after[name] - before[name] for name in TALLIES)
+            mixed, (waits, waited, loads, loading) = measured_open_loop(url, models, gaps, args.max_tokens)
             mixed |= {"waited_for_load_share": round(waits / args.requests, 3), "loads": int(loads),
                       "mean_wait_s": round(waited / max(waits, 1), 3), "mean_load_s": round(loading / max(loads, 1), 4)}
             mixed["distinct_adapters"] = len(set(models))
-            base = asyncio.run(open_loop(url, [DEFAULT_MODEL_NAME] * args.requests, gaps, args.max_tokens))
+            base, _ = measured_open_loop(url, [DEFAULT_MODEL_NAME] * args.requests, gaps, args.max_tokens)
         finally:
             proc.terminate()
             proc.wait()

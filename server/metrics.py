@@ -54,6 +54,9 @@ PREEMPTIONS = Counter("swapyard_engine_preemptions", "Running sequences preempte
                       "each is recomputed from its tokens when blocks free up.")
 ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run together in one engine step.",
                               ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+ENGINE_STEP_TIME = Histogram("swapyard_engine_step_seconds", "One torch engine step: scheduling, the forward pass, "
+                             "sampling and outputs.", ["phase"],
+                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
 _PER_MODEL = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS,

@@ -1,6 +1,6 @@
 """The torch engine's two LoRA kernels agree with each row computed alone: rows of several adapters, rows
 with no LoRA, uneven groups, adapters of one page and of several (ranks 4 to 64 in one batch), pages not
-in order, and a layer whose stack is shorter than some adapters' pages."""
+in order, and layers that only some adapters write."""
 
 import pytest
 import torch
@@ -24,21 +24,13 @@ def test_masked_and_grouped_lora_match_each_row_alone(tokens):
                             for i, pages in enumerate(row_pages)])
 
     rows = LoraRows.of(row_pages)
-    assert rows.range == (2, 9) and rows.num_adapters == 4 and rows.group_pages.tolist() == [2, 5, 6, 4, 3, 7, 9]
+    assert rows.pages == slice(2, 10) and rows.num_adapters == 4 and rows.group_pages.tolist() == [2, 5, 6, 4, 3, 7, 9]
     masked, grouped = torch.zeros_like(expected), torch.zeros_like(expected)
-    lora_masked(x, masked, a[2:10], b[2:10], rows)
+    lora_masked(x, masked, a[rows.pages], b[rows.pages], rows)
     lora_grouped(x, grouped, a, b, rows)
     torch.testing.assert_close(masked, expected)
     torch.testing.assert_close(grouped, expected)
 
-    # A layer whose stack ends at page 6: pages 7 and 9 add nothing there, with either kernel.
-    cut = torch.stack([sum((x[i] @ a[p].T @ b[p] for p in pages if p <= 6), torch.zeros(tokens, d_out))
-                       for i, pages in enumerate(row_pages)])
-    short_masked, short_grouped = torch.zeros_like(expected), torch.zeros_like(expected)
-    lora_masked(x, short_masked, a[2:7], b[2:7], rows)
-    lora_grouped(x, short_grouped, a[:7], b[:7], rows)
-    torch.testing.assert_close(short_masked, cut)
-    torch.testing.assert_close(short_grouped, cut)
 
 
 def test_the_kernel_follows_the_batch_shape():
@@ -89,3 +81,36 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     assert not bank._lora_modules["0"].a[2:10].any()
     bank.load("r12b", adapters["r12"])  # the lowest free pages
     assert bank._by_name["r12b"].pages == (2, 3)
+
+
+def test_each_layer_runs_only_the_loras_that_write_it():
+    """A LoRA on layer 0 only and one on both layers share a batch: layer 1 runs the second one's rows
+    alone, a layer no row's LoRA writes runs none, and every row equals its own computation."""
+    torch.manual_seed(0)
+    width = 16
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(3)))
+    bank = AdapterBank(model, max_adapters=4, kv_dtype=torch.float32)
+
+    def lora(layers: list[str], rank: int) -> LoraAdapter:
+        return LoraAdapter({layer: LoraWeights(torch.randn(rank, width), torch.randn(width, rank), 0.5)
+                            for layer in layers})
+
+    adapters = {"first": lora(["0"], 8), "both": lora(["0", "1"], 16), "last": lora(["2"], 8)}
+    for name, adapter in adapters.items():
+        bank.load(name, adapter)
+    order = ["first", None, "both", "first", "both"]
+    bank.bind([bank.acquire(name) if name else None for name in order])
+    rows = bank.rows.lora
+    assert rows.keys() == {"0", "1"}  # no row's LoRA writes layer 2
+    assert rows["1"].num_adapters == 1 and rows["1"].own.any(dim=1).tolist() == [False, False, True, False, True]
+    x = torch.randn(len(order), 3, width)
+    with torch.no_grad():
+        got = model(x)
+        expected = []
+        for i, name in enumerate(order):
+            h = x[i]
+            for index, layer in enumerate(model):
+                weights = adapters[name].layers.get(str(index)) if name else None
+                h = layer.base(h) + (0 if weights is None else 0.5 * h @ weights.a.T @ weights.b.T)
+            expected.append(h)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)

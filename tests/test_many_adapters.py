@@ -5,9 +5,12 @@ import asyncio
 import time
 
 import httpx
+import torch
 
+from adapters.base import BaseModelSpec, map_tensors
+from adapters.loading import load_adapter
 from adapters.registry import AdapterRegistry
-from conftest import CHAT, KINDS, ask, running_server, scrape
+from conftest import CHAT, KINDS, MODEL_PATH, ask, running_server, scrape
 
 SLOTS = 2
 QUESTION = ask("Name a colour.")
@@ -101,3 +104,18 @@ def test_the_host_tier_reloads_without_the_disk_and_never_serves_a_replaced_vers
         assert hits >= 4, hits
         assert http.delete("/v1/adapters/host-a").status_code == 200
         assert http.post(CHAT, json=_body("host-a")).status_code == 404
+
+
+def test_the_host_tier_form_reaches_every_tensor_of_every_kind(adapter_dirs):
+    """On a GPU the host tier pins each parsed adapter with map_tensors (not testable here); every tensor of
+    every kind must go through it, so none is left to a slow synchronous copy."""
+    base = BaseModelSpec.from_pretrained(MODEL_PATH)
+    expected = {"lora": lambda a: [t for w in a.layers.values() for t in (w.a, w.b)],
+                "prefix": lambda a: [a.keys, a.values], "prompt": lambda a: [a.embeddings],
+                "bottleneck": lambda a: [a.down_weight, a.down_bias, a.up_weight, a.up_bias]}
+    for kind in KINDS:
+        adapter = load_adapter(adapter_dirs[kind], base, max_lora_rank=64)
+        doubled = map_tensors(adapter, lambda tensor: tensor.double())
+        assert type(doubled) is type(adapter)
+        assert all(t.dtype == torch.float64 for t in expected[kind](doubled)), kind
+        assert all(t.dtype != torch.float64 for t in expected[kind](adapter)), kind  # a copy, not changed in place

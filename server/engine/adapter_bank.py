@@ -3,10 +3,11 @@
 LoRA and bottleneck weights sit in per-module stacks (index 0: "no adapter"). LoRA stacks are paged, as
 S-LoRA pages adapters: a page holds LORA_PAGE_RANK rank rows, and a LoRA of rank r holds ceil(r / 8)
 pages, so a batch's LoRA matmuls are as wide as the ranks it uses, not its adapters x the widest rank,
-whatever ranks share the batch. A LoRA layer computes the batch's LoRA rows one of two ways, whichever
-is faster for the shape (measured by benchmarks/lora_kernels.py): masked, every row through the A and B
-of every page in the range its rows use, in one matmul each, keeping each row's own pages' columns of
-the shrunk activations (best for decode steps with few columns: one pass, no copies); or grouped
+whatever ranks share the batch. Each layer runs only the pages of the batch's adapters that have weights
+there (a q/v LoRA adds nothing to the MLP's cost). A LoRA layer computes its rows one of two ways,
+whichever is faster for the shape (measured by benchmarks/lora_kernels.py): masked, every row through
+the A and B of every page in the range its rows use, in one matmul each, keeping each row's own pages'
+columns of the shrunk activations (best for decode steps with few columns: one pass, no copies); or grouped
 (SGMV-like, as in Punica and S-LoRA), the rows gathered by page into a padded (pages, rows, ...) batch
 and run through one batched matmul per projection, so the cost follows the rows and pages used, not
 pages x rows (best for prefill, and for many or wide adapters).
@@ -25,6 +26,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters.base import AdapterCapacityError, AdapterError
@@ -36,11 +38,14 @@ from adapters.prompt import PromptAdapter
 
 
 def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A zero stack of at least `shape`, keeping what `stack` held."""
+    """A zero stack of at least `shape`, keeping what `stack` held. The first dimension (slots, pages) at
+    least doubles, so that loading adapters one by one copies the stacks a logarithmic number of times."""
     if stack is not None and all(have >= want for have, want in zip(stack.shape, shape)):
         return stack
     if stack is not None:
         shape = tuple(max(have, want) for have, want in zip(stack.shape, shape))
+        if shape[0] > stack.shape[0]:
+            shape = (max(shape[0], 2 * stack.shape[0]), *shape[1:])
     grown = torch.zeros(shape, dtype=like.dtype, device=like.device)
     if stack is not None:
         grown[tuple(slice(0, n) for n in stack.shape)] = stack
@@ -58,11 +63,12 @@ LORA_PAGE_RANK = 8  # rank rows per page of the LoRA stacks
 
 @dataclass
 class LoraRows:
-    """The LoRA pages of the forward pass in flight, and which rows each serves."""
+    """The LoRA pages one layer runs through in the forward pass in flight, and which rows each serves (a
+    layer's rows: those whose adapter has weights there, so a q/v LoRA costs nothing in the MLP)."""
 
-    range: tuple[int, int]  # lowest and highest page the batch uses
+    pages: slice  # the masked kernel's: from the lowest page the layer's rows use to the highest
     own: torch.Tensor  # (batch, pages in range): True where the page is the row's adapter's
-    num_adapters: int  # distinct LoRAs in the batch
+    num_adapters: int  # distinct LoRAs among the layer's rows
     # Grouped: each page of the batch, its rows (padded with row 0) and where the padding is.
     group_pages: torch.Tensor  # (groups,)
     group_rows: torch.Tensor  # (groups, most rows of one page)
@@ -76,27 +82,28 @@ class LoraRows:
         for row, pages in enumerate(row_pages):
             for page in pages:
                 groups.setdefault(page, []).append(row)
+        # Run through the whole range, other adapters' pages too: gathering just the used ones costs a copy
+        # longer than the matmul time it saves (decode, 32 rows, 576->1536, bf16: 18 of 38 pages gathered
+        # 163 us, the range 142 us; float32 breaks even).
         low, high = min(groups), max(groups)
-        own = [[low + i in pages for i in range(high - low + 1)] for pages in map(set, row_pages)]
+        own = [[page in mine for page in range(low, high + 1)] for mine in map(set, row_pages)]
         width = max(map(len, groups.values()))
-        return cls((low, high), torch.tensor(own, device=device), len({pages for pages in row_pages if pages}),
+        return cls(slice(low, high + 1), torch.tensor(own, device=device), len({pages for pages in row_pages if pages}),
                    torch.tensor(list(groups), device=device),
                    torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()], device=device),
                    torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
                                 device=device)[:, :, None, None])
 
-    def foreign(self, columns: int) -> torch.Tensor:
-        """(batch, 1, columns): True where a column of the pages in range is not the row's own (a layer's
-        stack may end before the range does: its first `columns`)."""
+    def foreign(self) -> torch.Tensor:
+        """(batch, 1, columns): True where a column of the masked kernel's pages is not the row's own."""
         if self._foreign is None:
             self._foreign = (~self.own).repeat_interleave(LORA_PAGE_RANK, dim=1)[:, None, :]
-        return self._foreign[:, :, :columns]
+        return self._foreign
 
     def is_grouped(self, tokens: int, dtype: torch.dtype) -> bool:
-        low, high = self.range
         if self.num_adapters < 2:  # one LoRA: a plain matmul, nothing to group
             return False
-        is_wide = (high - low + 1) * LORA_PAGE_RANK >= GROUPED_MIN_COLUMNS
+        is_wide = self.own.shape[1] * LORA_PAGE_RANK >= GROUPED_MIN_COLUMNS
         return tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
 
 
@@ -105,7 +112,7 @@ class RowAdapters:
     """What each row of the forward pass in flight uses: LoRA pages, bottleneck slots (None: no row of
     that kind)."""
 
-    lora: LoraRows | None = None
+    lora: dict[str, LoraRows] = field(default_factory=dict)  # by layer; none for a layer no row's LoRA has
     bottleneck: torch.Tensor | None = None  # [batch]
     bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
     bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
@@ -113,10 +120,10 @@ class RowAdapters:
 
 
 def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
-    """y += each row's B A x, through every page of the batch's range (a, b: the stack's pages in range)."""
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (pages_in_range * page rank, in / out)
-    # (batch, tokens, pages_in_range * page rank), zero outside each row's own pages
-    shrunk = (x @ a.T).masked_fill_(rows.foreign(a.shape[0]), 0.0)
+    """y += each row's B A x, through every page of `rows.pages` (a, b: the stack's a[rows.pages])."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (pages * page rank, in / out)
+    # (batch, tokens, pages * page rank), zero outside each row's own pages
+    shrunk = (x @ a.T).masked_fill_(rows.foreign(), 0.0)
     # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
     y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
 
@@ -124,11 +131,6 @@ def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
 def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
     """y += each row's B A x, rows gathered by page (a, b: the whole stack)."""
     slots, index, padding = rows.group_pages, rows.group_rows, rows.group_padding
-    if int(slots.max()) >= a.shape[0]:  # pages of adapters that leave this layer alone: nothing to add
-        kept = slots < a.shape[0]
-        slots, index, padding = slots[kept], index[kept], padding[kept]
-        if not len(slots):
-            return
     groups, tokens = index.shape[0], x.shape[1]
     gathered = x[index].view(groups, -1, x.shape[-1])  # (groups, rows * tokens, in)
     shrunk = torch.bmm(gathered, a[slots].transpose(1, 2))  # (groups, rows * tokens, rank)
@@ -140,9 +142,9 @@ def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Ten
 class BatchedLoraLinear(nn.Module):
     """y = base(x) + B[slot] A[slot] x with the slot chosen per row; scale is folded into B."""
 
-    def __init__(self, base: nn.Linear, bank: "AdapterBank"):
+    def __init__(self, name: str, base: nn.Linear, bank: "AdapterBank"):
         super().__init__()
-        self.base, self._bank = base, bank
+        self.name, self.base, self._bank = name, base, bank
         # A (pages, page rank, in) and B transposed (pages, page rank, out), so page ranges flatten to views;
         # a page's rows beyond its adapter's rank are zero.
         self.a: torch.Tensor | None = None
@@ -154,13 +156,12 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
         y = self.base(x)
         rows = self._bank.rows
-        lora, a, b = rows.lora, self.a, self.b
-        if lora is not None and a is not None and lora.range[0] < a.shape[0]:
+        lora = rows.lora.get(self.name)
+        if lora is not None:  # its rows' adapters all wrote here, so their pages are in the stacks
             if lora.is_grouped(x.shape[1], x.dtype):
-                lora_grouped(x, y, a, b, lora)
+                lora_grouped(x, y, self.a, self.b, lora)
             else:
-                low, high = lora.range[0], min(lora.range[1], a.shape[0] - 1)
-                lora_masked(x, y, a[low : high + 1], b[low : high + 1], lora)
+                lora_masked(x, y, self.a[lora.pages], self.b[lora.pages], lora)
         if self._compensation is not None and rows.merged_rows is not None:
             a, negated_b = self._compensation
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
@@ -178,24 +179,22 @@ class BatchedLoraLinear(nn.Module):
             self.base.weight.data.copy_(self._unfolded)
         self._unfolded = self._compensation = None
 
-    def store(self, pages: tuple[int, ...], a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Put one adapter's A (rank, in) and B (out, rank) into its pages, LORA_PAGE_RANK rank rows in each;
-        None zeroes them."""
-        if a is None:
-            if self.a is not None:
-                kept = [page for page in pages if page < self.a.shape[0]]
-                self.a[kept] = 0.0
-                self.b[kept] = 0.0
-            return
+    def store(self, pages: tuple[int, ...], a: torch.Tensor, b: torch.Tensor) -> None:
+        """Put one adapter's A (rank, in) and B (out, rank) into its pages, LORA_PAGE_RANK rank rows in each
+        (the pages are zero: free pages always are)."""
         self.a = _grow(self.a, (max(pages) + 1, LORA_PAGE_RANK, self.base.in_features), self.base.weight)
         self.b = _grow(self.b, (max(pages) + 1, LORA_PAGE_RANK, self.base.out_features), self.base.weight)
-        for i, page in enumerate(pages):
-            rows = slice(i * LORA_PAGE_RANK, (i + 1) * LORA_PAGE_RANK)
-            chunk_a, chunk_b = a[rows], b[:, rows].T
-            self.a[page].zero_()
-            self.b[page].zero_()
-            self.a[page, : len(chunk_a)] = chunk_a
-            self.b[page, : len(chunk_b)] = chunk_b
+        padding = len(pages) * LORA_PAGE_RANK - a.shape[0]
+        index = torch.tensor(pages, device=self.a.device)
+        # One indexed copy per matrix, not one per page: a load runs on the engine thread, between steps.
+        self.a[index] = F.pad(a, (0, 0, 0, padding)).view(len(pages), LORA_PAGE_RANK, -1)
+        self.b[index] = F.pad(b.T, (0, 0, 0, padding)).view(len(pages), LORA_PAGE_RANK, -1)
+
+    def clear(self, pages: tuple[int, ...]) -> None:
+        if self.a is not None:
+            index = torch.tensor([page for page in pages if page < self.a.shape[0]], device=self.a.device)
+            self.a[index] = 0.0
+            self.b[index] = 0.0
 
 
 @dataclass
@@ -273,7 +272,7 @@ class AdapterBank:
         try:
             self._store_lora(resident.pages, resident.adapter)
         except Exception:
-            self._free_pages += resident.pages
+            self._clear_lora(resident)
             raise
         self._num_loras += 1
 
@@ -296,8 +295,12 @@ class AdapterBank:
             pages.append(self._num_pages)
         return tuple(pages)
 
-    def _cast(self, weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return weights.to(self._device, dtype or self._dtype)
+    def _cast(self, weights: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> torch.Tensor:
+        """On the engine's device in `dtype`. Moved first, then cast there: a pinned host tensor's copy to a GPU
+        does not wait for the device (a cast on the host would make an unpinned copy first); scaled in the
+        adapter's own precision, before the one rounding to the engine's."""
+        moved = weights.to(self._device, non_blocking=True)
+        return (moved * scale if scale != 1.0 else moved).to(dtype or self._dtype)
 
     def unload(self, name: str) -> None:
         resident = self._by_name.pop(name, None)
@@ -352,9 +355,7 @@ class AdapterBank:
     def _free(self, resident: Resident) -> None:
         """Zero its pages or slot (a batch's range may span them) and give them back."""
         if resident.pages:
-            for wrapper in self._lora_modules.values():
-                wrapper.store(resident.pages, None, None)
-            self._free_pages += resident.pages
+            self._clear_lora(resident)
             self._num_loras -= 1
         elif resident.slot:
             bn = self._bottlenecks
@@ -372,9 +373,8 @@ class AdapterBank:
         # The merged LoRA is in the base weights: its rows need no slot, every other row the compensation.
         is_merged = [merged is not None and r is merged for r in residents]
         residents = [None if m else r for r, m in zip(residents, is_merged)]
-        pages = [r.pages if r is not None else () for r in residents]
         bottlenecks = [r.slot if r is not None else 0 for r in residents]
-        rows = RowAdapters(lora=LoraRows.of(pages, self._device) if any(pages) else None,
+        rows = RowAdapters(lora=self._lora_rows(residents),
                            bottleneck=torch.tensor(bottlenecks, device=self._device) if any(bottlenecks) else None)
         if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
             rows.merged_rows = torch.tensor(is_merged, device=self._device)[:, None, None]
@@ -389,22 +389,37 @@ class AdapterBank:
 
     # -- LoRA --------------------------------------------------------------------------------------------
 
+    def _lora_rows(self, residents: list[Resident | None]) -> dict[str, LoraRows]:
+        """Each layer's LoRA rows; layers that the same adapters of the batch write share one."""
+        writers: dict[str, list[Resident]] = {}
+        for resident in dict.fromkeys(r for r in residents if r is not None and r.pages):
+            for layer in resident.adapter.layers:
+                writers.setdefault(layer, []).append(resident)
+        shared: dict[tuple[Resident, ...], LoraRows] = {}
+        for adapters in map(tuple, writers.values()):
+            if adapters not in shared:
+                shared[adapters] = LoraRows.of([r.pages if r in adapters else () for r in residents], self._device)
+        return {layer: shared[tuple(adapters)] for layer, adapters in writers.items()}
+
     def _store_lora(self, pages: tuple[int, ...], adapter: LoraAdapter) -> None:
         modules = dict(self.model.named_modules())
         for name in adapter.layers.keys() - self._lora_modules.keys():
             self._wrap_linear(name, modules[name])
-        # Every wrapped layer is written, so layers this adapter leaves alone hold no earlier tenant's weights.
-        for name, wrapper in self._lora_modules.items():
-            weights = adapter.layers.get(name)
-            if weights is None:
-                wrapper.store(pages, None, None)
-            else:
-                # Scaled in float32, then cast: the adapter's own precision until the one rounding to the engine's.
-                wrapper.store(pages, self._cast(weights.a), self._cast(weights.b * weights.scale))
+        # Layers this adapter leaves alone keep its pages zero, as every free page is: `_clear_lora` zeroes
+        # what an adapter wrote when it leaves, so no earlier tenant's weights remain.
+        for name, weights in adapter.layers.items():
+            self._lora_modules[name].store(pages, self._cast(weights.a), self._cast(weights.b, scale=weights.scale))
+
+    def _clear_lora(self, resident: Resident) -> None:
+        """Zero the pages in every layer the adapter may have written, and give them back."""
+        for name in resident.adapter.layers:
+            if name in self._lora_modules:
+                self._lora_modules[name].clear(resident.pages)
+        self._free_pages += resident.pages
 
     def _wrap_linear(self, name: str, linear: nn.Module) -> BatchedLoraLinear:
         parent_name, _, child = name.rpartition(".")
-        wrapper = BatchedLoraLinear(linear, self)
+        wrapper = BatchedLoraLinear(name, linear, self)
         setattr(self.model.get_submodule(parent_name), child, wrapper)
         self._lora_modules[name] = wrapper
         return wrapper

@@ -130,6 +130,7 @@ class Engine(Protocol):
     merged: str | None  # the LoRA folded into the base weights now: the engine owns this state
     failure: str | None  # why the engine can no longer serve (it died for good); None while it serves
     is_restarting: bool  # a failed engine is being replaced: requests get 503 + Retry-After meanwhile
+    pins_host_memory: bool  # parsed adapters in host memory should be pinned (a torch engine on a GPU)
 
     async def start(self) -> None: ...
 

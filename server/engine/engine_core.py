@@ -4,6 +4,7 @@ output processor detokenizes and checks stops, and the scheduler sends the outpu
 All of it runs on the engine thread."""
 
 import logging
+import time
 from collections.abc import Callable
 
 from tokenizers import Tokenizer
@@ -15,7 +16,7 @@ from server.engine.output_processor import OutputProcessor
 from server.engine.sampler import make_generator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
-from server.metrics import KV_CACHE_BLOCKS
+from server.metrics import ENGINE_STEP_TIME, KV_CACHE_BLOCKS
 from server.structured import new_matcher
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class EngineCore:
                         make_generator(sampling, self.runner.device), new_matcher(request))
 
     def step(self) -> None:
+        start = time.perf_counter()
         try:
             batch = self.scheduler.schedule()
             if batch is None:
@@ -45,6 +47,7 @@ class EngineCore:
                 return
             self.scheduler.update(batch, sampled)
             self.scheduler.finish([batch.sequences[i] for i in sampled.rows], self.outputs.process(batch, sampled))
+            ENGINE_STEP_TIME.labels(batch.phase).observe(time.perf_counter() - start)
         finally:
             cache = self.runner.cache
             KV_CACHE_BLOCKS.labels("used").set(cache.num_used)

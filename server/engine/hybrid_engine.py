@@ -19,6 +19,8 @@ _SIDE_KINDS = {PrefixAdapter.kind, BottleneckAdapter.kind}
 
 
 class HybridEngine:
+    pins_host_memory = False  # vLLM's adapters come from files; the side engine's loads are few
+
     def __init__(self, main: Engine, build_side: Callable[[], Engine]):
         self.max_model_len = main.max_model_len
         self._main, self._build_side = main, build_side

@@ -45,6 +45,7 @@ class TorchEngine:
         self._thread = threading.Thread(target=self._loop, name="swapyard-torch-engine", daemon=True)
         self.failure: str | None = None  # why the engine no longer serves; None while it does
         self.is_restarting = False  # the loop restarts in place, between two messages
+        self.pins_host_memory = runner.device.type == "cuda"
 
     async def start(self) -> None:
         self._thread.start()

@@ -309,6 +309,8 @@ _KINDS: dict[str, type[_Served]] = {LoraAdapter.kind: _ServedLora, BottleneckAda
 
 
 class VLLMEngine:
+    pins_host_memory = False  # vLLM reads adapters from their files into its own (pinned) CPU cache
+
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
         on_cpu = current_platform.is_cpu()
