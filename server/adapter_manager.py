@@ -6,11 +6,11 @@ When every slot serves requests, the request waits here (queued, not refused) un
 adapter, first come first served: only the first adapter's requests try for the next slot. After
 FAIR_WAIT_S of waiting, new requests for the least recently used adapter wait too, so that its slot drains
 even under a steady stream for it. A request for a resident adapter takes no lock and reads only the
-registry's version row. The first PREFETCH_DEPTH cold requests in line read and check their adapter's files
-before they queue for the lock, so reading overlaps with the load ahead of them; later ones read when
-their turn comes. Files are read one adapter at a time: on a CPU host, a parse beside the engine's
-threads slows every step (measured on 2 cores: back-to-back parses made decode steps 3.5x slower), so
-reading ahead of need costs more than it hides.
+registry's version row. At most PREFETCH_DEPTH cold requests at a time (those arriving while fewer hold one)
+read and check their adapter's files before they queue for the lock, so reading overlaps with the loads
+ahead of them; the others read when their turn comes. Files are read one adapter at a time: on a CPU
+host, a parse beside the engine's threads slows every step (measured on 2 cores: back-to-back parses made
+decode steps 3.5x slower), so reading ahead of need costs more than it hides.
 Evicted adapters stay parsed in host memory (the host tier, `max_cached` of them), so a reload skips the disk;
 it is pinned memory when the engine copies to a GPU.
 At most one LoRA is merged into the base weights; replacing or deleting it unmerges it first.
