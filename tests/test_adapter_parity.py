@@ -110,21 +110,51 @@ def test_reused_slot_keeps_nothing_of_its_previous_tenant(adapter_dirs, prompt_i
 
 
 def test_bottlenecks_of_two_activations_share_a_batch_row_by_row(prompt_ids, tmp_path):
-    """Bottleneck rows are gathered by slot: rows of one adapter in several places, base rows between them
-    and two activations in one batch each get what they get alone."""
+    """Bottleneck rows run through every slot of the batch's range, each keeping its own: rows of one adapter
+    in several places, base rows between them, two activations, two sizes and an adapter on the MLP only in
+    one batch each get what they get alone, and alone what the reference hooks give. A slot freed and taken
+    by a smaller adapter of another activation keeps nothing of its previous tenant."""
     runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, kv_cache_bytes=2**30,
-                         max_resident_adapters=2)
+                         max_resident_adapters=3)
     spec, config = BaseModelSpec.from_model(runner.model), runner.model.config
-    for seed, activation in enumerate(("relu", "gelu")):
-        folder = make_bottleneck(config.num_hidden_layers, config.hidden_size, tmp_path / activation, seed=seed,
-                                 non_linearity=activation)
-        runner.adapters.load(activation, load_adapter(folder, spec, max_lora_rank=64))
-    order = ["gelu", None, "relu", "gelu", None, "relu", "gelu"]
+    reference = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype=torch.float32).eval()
+
+    def load(name: str, seed: int, activation: str, size: int, positions=("attn", "mlp")) -> None:
+        folder = make_bottleneck(config.num_hidden_layers, config.hidden_size, tmp_path / name, seed=seed,
+                                 non_linearity=activation, size=size, positions=positions)
+        runner.adapters.load(name, load_adapter(folder, spec, max_lora_rank=64))
+
+    def alone(name: str | None) -> torch.Tensor:
+        return prefill(runner, [runner.adapters.acquire(name) if name else None], prompt_ids)[0]
+
+    def referenced(name: str) -> torch.Tensor:
+        handles = attach(reference, runner.adapters._by_name[name].adapter)
+        try:
+            with torch.no_grad():
+                return reference(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    load("relu", 0, "relu", 8)
+    load("gelu", 1, "gelu", 16)
+    load("silu-mlp", 2, "silu", 8, positions=("mlp",))
+    order = ["gelu", None, "relu", "silu-mlp", "gelu", None, "relu", "gelu"]
     together = prefill(runner, [runner.adapters.acquire(n) if n else None for n in order], prompt_ids)
-    alone = {n: prefill(runner, [runner.adapters.acquire(n) if n else None], prompt_ids)[0] for n in set(order)}
+    single = {n: alone(n) for n in set(order)}
     for row, name in enumerate(order):
-        torch.testing.assert_close(together[row], alone[name], atol=LOGIT_ATOL, rtol=0, msg=str(name))
-    assert (alone["relu"] - alone["gelu"]).abs().max() > 0.1 and (alone["relu"] - alone[None]).abs().max() > 0.1
+        torch.testing.assert_close(together[row], single[name], atol=LOGIT_ATOL, rtol=0, msg=str(name))
+    for name in ("relu", "gelu", "silu-mlp"):
+        torch.testing.assert_close(single[name], referenced(name), atol=LOGIT_ATOL, rtol=0, msg=name)
+    assert (single["relu"] - single["gelu"]).abs().max() > 0.1 and (single["relu"] - single[None]).abs().max() > 0.1
+
+    gelu_slot = runner.adapters._by_name["gelu"].slot
+    for _ in range(order.count("gelu") + 1):  # every acquire above
+        runner.adapters.release(runner.adapters._by_name["gelu"])
+    runner.adapters.unload("gelu")
+    load("tanh", 3, "tanh", 4)
+    assert runner.adapters._by_name["tanh"].slot == gelu_slot
+    torch.testing.assert_close(alone("tanh"), referenced("tanh"), atol=LOGIT_ATOL, rtol=0)
 
 
 def _chat(model: str) -> dict:

@@ -1,4 +1,4 @@
-"""The torch engine's two LoRA kernels agree with each row computed alone: rows of several adapters, rows
+"""The torch engine's three LoRA kernels agree with each row computed alone: rows of several adapters, rows
 with no LoRA, uneven groups, adapters of one page and of several (ranks 4 to 64 in one batch), pages not
 in order, and layers that only some adapters write."""
 
@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from adapters.lora import LoraAdapter, LoraWeights
-from server.engine.adapter_bank import LORA_PAGE_RANK, AdapterBank, LoraRows, lora_grouped, lora_masked
+from server.engine.adapter_bank import (LORA_PAGE_RANK, AdapterBank, LoraRows, lora_grouped, lora_masked,
+                                        lora_sparse)
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_masked_and_grouped_lora_match_each_row_alone(tokens):
+def test_every_lora_kernel_matches_each_row_alone(tokens):
     torch.manual_seed(0)
     pages, d_in, d_out = 9, 24, 16
     a, b = torch.randn(pages + 1, LORA_PAGE_RANK, d_in), torch.randn(pages + 1, LORA_PAGE_RANK, d_out)
@@ -25,27 +26,30 @@ def test_masked_and_grouped_lora_match_each_row_alone(tokens):
 
     rows = LoraRows.of(row_pages)
     assert rows.pages == slice(2, 10) and rows.num_adapters == 4 and rows.group_pages.tolist() == [2, 5, 6, 4, 3, 7, 9]
-    masked, grouped = torch.zeros_like(expected), torch.zeros_like(expected)
-    lora_masked(x, masked, a[rows.pages], b[rows.pages], rows)
-    lora_grouped(x, grouped, a, b, rows)
-    torch.testing.assert_close(masked, expected)
-    torch.testing.assert_close(grouped, expected)
+    for kernel in (lora_masked, lora_grouped, lora_sparse):
+        got = torch.zeros_like(expected)
+        kernel(x, got, a, b, rows)
+        torch.testing.assert_close(got, expected, msg=kernel.__name__)
 
 
 
 def test_the_kernel_follows_the_batch_shape():
+    fp32, bf16, cpu, gpu = torch.float32, torch.bfloat16, torch.device("cpu"), torch.device("cuda")
+
+    def kernels(rows: LoraRows, tokens: int, device: torch.device = cpu) -> tuple:
+        return rows.kernel(tokens, fp32, device), rows.kernel(tokens, bf16, device)
+
     sixteen = LoraRows.of([(row % 16 + 1,) for row in range(32)])  # 16 rank-8 LoRAs: 128 columns
-    fp32, bf16 = torch.float32, torch.bfloat16
-    assert sixteen.is_grouped(tokens=7, dtype=fp32) and sixteen.is_grouped(tokens=7, dtype=bf16)
-    assert sixteen.is_grouped(tokens=1, dtype=fp32)
-    assert not sixteen.is_grouped(tokens=1, dtype=bf16)  # CPU bf16 batched matmuls lose at decode
+    # Sparse: float32 on a CPU, up to 128 token rows; CPU bf16 batched matmuls lose at decode.
+    assert kernels(sixteen, 1) == (lora_sparse, lora_masked) and kernels(sixteen, 4) == (lora_sparse, lora_grouped)
+    assert kernels(sixteen, 7) == (lora_grouped, lora_grouped)
+    assert kernels(sixteen, 1, gpu) == (lora_grouped, lora_masked)
     few = LoraRows.of([(row % 4 + 1,) for row in range(32)])  # 4 rank-8 LoRAs: 32 columns
-    assert not few.is_grouped(tokens=1, dtype=fp32) and few.is_grouped(tokens=7, dtype=fp32)
-    assert not few.is_grouped(tokens=7, dtype=bf16)
+    assert kernels(few, 1) == (lora_masked, lora_masked) and kernels(few, 7) == (lora_grouped, lora_masked)
     wide = LoraRows.of([tuple(range(1 + 8 * (row % 4), 9 + 8 * (row % 4))) for row in range(32)])  # 4 rank-64
-    assert wide.is_grouped(tokens=1, dtype=fp32) and not wide.is_grouped(tokens=1, dtype=bf16)
-    one = LoraRows.of([tuple(range(1, 9))] * 8)  # one rank-64 LoRA: a plain matmul, nothing to group
-    assert one.num_adapters == 1 and not one.is_grouped(tokens=64, dtype=fp32)
+    assert kernels(wide, 1) == (lora_sparse, lora_masked) and kernels(wide, 1, gpu) == (lora_grouped, lora_masked)
+    one = LoraRows.of([tuple(range(1, 9))] * 8)  # one rank-64 LoRA: a plain matmul, no column is another's
+    assert one.num_adapters == 1 and kernels(one, 1) == kernels(one, 64) == (lora_masked, lora_masked)
 
 
 @pytest.mark.parametrize("tokens", [1, 6])
@@ -114,3 +118,4 @@ def test_each_layer_runs_only_the_loras_that_write_it():
                 h = layer.base(h) + (0 if weights is None else 0.5 * h @ weights.a.T @ weights.b.T)
             expected.append(h)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)
+

@@ -4,16 +4,21 @@ LoRA and bottleneck weights sit in per-module stacks (index 0: "no adapter"). Lo
 S-LoRA pages adapters: a page holds LORA_PAGE_RANK rank rows, and a LoRA of rank r holds ceil(r / 8)
 pages, so a batch's LoRA matmuls are as wide as the ranks it uses, not its adapters x the widest rank,
 whatever ranks share the batch. Each layer runs only the pages of the batch's adapters that have weights
-there (a q/v LoRA adds nothing to the MLP's cost). A LoRA layer computes its rows one of two ways,
+there (a q/v LoRA adds nothing to the MLP's cost). A LoRA layer computes its rows one of three ways,
 whichever is faster for the shape (measured by benchmarks/lora_kernels.py): masked, every row through
 the A and B of every page in the range its rows use, in one matmul each, keeping each row's own pages'
-columns of the shrunk activations (best for decode steps with few columns: one pass, no copies); or grouped
-(SGMV-like, as in Punica and S-LoRA), the rows gathered by page into a padded (pages, rows, ...) batch
-and run through one batched matmul per projection, so the cost follows the rows and pages used, not
-pages x rows (best for prefill, and for many or wide adapters).
+columns of the shrunk activations (best with few columns: one pass, no copies); sparse (float32 on a CPU),
+only each row's own columns computed, the shrink sampled at them (SDDMM) and the expand a sparse-dense
+matmul (SpMM), so the cost follows the ranks each row uses (best for decode and short prefill steps across
+many or wide adapters); or grouped (SGMV-like, as in Punica and S-LoRA), the rows gathered by page into a
+padded (pages, rows, ...) batch and run through one batched matmul per projection (best for long float32
+prefills, and wide bf16 ones).
+Bottleneck adapters run the masked way too: every row through the down and up projections of every slot in
+the batch's range (stacked per layer and position, scaling folded into up), each row keeping its own slot's
+columns after the activation; gathering each row's weights (a per-row BGMV, as in Punica) cost a copy of
+both matrices per row and position (decode, 32 rows, 16 bottlenecks: 20 ms of an 88 ms step, bf16).
 Zeroing selects (masked_fill), never multiplies, so another adapter's overflow (inf * 0 = NaN) cannot reach
-a row; weights are checked finite at load, and freed pages and slots are zeroed. Bottleneck layers gather
-each row's weights (a per-row BGMV as in Punica).
+a row; weights are checked finite at load, and freed pages and slots are zeroed.
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
@@ -23,6 +28,8 @@ All methods run on the engine thread, between forward passes.
 """
 
 import itertools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,24 +44,30 @@ from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 
 
-def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A zero stack of at least `shape`, keeping what `stack` held. The first dimension (slots, pages) at
-    least doubles, so that loading adapters one by one copies the stacks a logarithmic number of times."""
+def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """A zero stack of at least `shape`, keeping what `stack` held. Dimension `dim` (slots, pages) at least
+    doubles, so that loading adapters one by one copies the stacks a logarithmic number of times."""
     if stack is not None and all(have >= want for have, want in zip(stack.shape, shape)):
         return stack
     if stack is not None:
         shape = tuple(max(have, want) for have, want in zip(stack.shape, shape))
-        if shape[0] > stack.shape[0]:
-            shape = (max(shape[0], 2 * stack.shape[0]), *shape[1:])
+        if shape[dim] > stack.shape[dim]:
+            shape = (*shape[:dim], max(shape[dim], 2 * stack.shape[dim]), *shape[dim + 1:])
     grown = torch.zeros(shape, dtype=like.dtype, device=like.device)
     if stack is not None:
         grown[tuple(slice(0, n) for n in stack.shape)] = stack
     return grown
 
 
-# When the grouped LoRA kernel wins (benchmarks/lora_kernels.py, both dtypes): in float32 for every prefill
-# of two or more slots, and for decode once the masked matmul would be this many columns wide (slots in range
-# x rank); in bf16, whose batched matmuls are slow on CPU, for prefill that wide only.
+# Which LoRA kernel wins (benchmarks/lora_kernels.py, both dtypes, two or more LoRAs). In float32 on a CPU,
+# sparse once the masked matmul would be SPARSE_MIN_COLUMNS wide (pages in range x page rank), for steps of at
+# most SPARSE_MAX_ROWS token rows (decode, 32 rows, 16 rank-8 LoRAs, 576->1536: masked 159 us, grouped 169,
+# sparse 65; 16 rank-64: 1240, 1028, 288; a whole decode step of 16 all-linear LoRAs: 0.74 -> 0.84 of the
+# base's speed). torch's CPU sparse kernels take float32 only: in bf16, converting to them (or keeping
+# float32 copies of the stacks) measured no faster end to end than the masked matmul. Beyond, grouped in
+# float32 for every prefill and once the masked matmul is GROUPED_MIN_COLUMNS wide, and in bf16, whose
+# batched matmuls are slow on CPU, for prefill that wide only; masked otherwise.
+SPARSE_MIN_COLUMNS, SPARSE_MAX_ROWS = 64, 128
 GROUPED_MIN_COLUMNS = 128
 
 
@@ -74,6 +87,7 @@ class LoraRows:
     group_rows: torch.Tensor  # (groups, most rows of one page)
     group_padding: torch.Tensor  # (groups, most rows, 1, 1)
     _foreign: torch.Tensor | None = None
+    _patterns: dict[int, torch.Tensor] = field(default_factory=dict)  # by tokens per row
 
     @classmethod
     def of(cls, row_pages: list[tuple[int, ...]], device: torch.device | str = "cpu") -> "LoraRows":
@@ -100,11 +114,50 @@ class LoraRows:
             self._foreign = (~self.own).repeat_interleave(LORA_PAGE_RANK, dim=1)[:, None, :]
         return self._foreign
 
-    def is_grouped(self, tokens: int, dtype: torch.dtype) -> bool:
-        if self.num_adapters < 2:  # one LoRA: a plain matmul, nothing to group
-            return False
-        is_wide = self.own.shape[1] * LORA_PAGE_RANK >= GROUPED_MIN_COLUMNS
-        return tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
+    def pattern(self, tokens: int) -> torch.Tensor:
+        """(batch * tokens, columns) sparse CSR: where each token's row has its own pages' columns."""
+        if tokens not in self._patterns:
+            own = (~self.foreign()).expand(-1, tokens, -1).reshape(-1, self.foreign().shape[-1])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta", at every first use
+                warnings.simplefilter("ignore", UserWarning)
+                self._patterns[tokens] = own.float().to_sparse_csr()
+        return self._patterns[tokens]
+
+    def kernel(self, tokens: int, dtype: torch.dtype, device: torch.device) -> "LoraKernel":
+        if self.num_adapters < 2:  # one LoRA: a plain matmul, no column is another's
+            return lora_masked
+        columns = self.own.shape[1] * LORA_PAGE_RANK
+        is_float32_cpu = device.type == "cpu" and dtype == torch.float32
+        if is_float32_cpu and columns >= SPARSE_MIN_COLUMNS and len(self.own) * tokens <= SPARSE_MAX_ROWS:
+            return lora_sparse
+        is_wide = columns >= GROUPED_MIN_COLUMNS
+        is_grouped = tokens > 1 or is_wide if dtype == torch.float32 else tokens > 1 and is_wide
+        return lora_grouped if is_grouped else lora_masked
+
+
+@dataclass
+class BottleneckRows:
+    """The bottleneck slots the forward pass in flight runs through, and which row each serves."""
+
+    slots: slice  # from the lowest slot the batch's rows use to the highest
+    slot_of_row: torch.Tensor  # (batch,): each row's slot, 0 for none (its up bias is zero)
+    foreign: torch.Tensor  # (batch, 1, columns): True where a column is not the row's own slot's
+    # After the first, each activation of the range with the columns it applies to (the first: all the rest).
+    activations: list[tuple[str, torch.Tensor | None]]
+
+    @classmethod
+    def of(cls, row_slots: list[int], activation: dict[int, str], size: int,
+           device: torch.device | str = "cpu") -> "BottleneckRows":
+        """row_slots[i]: row i's slot, 0 for none; activation: each resident slot's; size: columns a slot has."""
+        used = [slot for slot in row_slots if slot]
+        low, high = min(used), max(used)
+        column_slots = torch.arange(low, high + 1, device=device).repeat_interleave(size)
+        slot_of_row = torch.tensor(row_slots, device=device)
+        names = sorted({activation[slot] for slot in used})
+        by_name = [(name, torch.tensor([activation.get(s) == name for s in range(low, high + 1)], device=device)
+                    .repeat_interleave(size)) for name in names[1:]]
+        return cls(slice(low, high + 1), slot_of_row, (slot_of_row[:, None] != column_slots)[:, None, :],
+                   [(names[0], None), *by_name])
 
 
 @dataclass
@@ -113,23 +166,35 @@ class RowAdapters:
     that kind)."""
 
     lora: dict[str, LoraRows] = field(default_factory=dict)  # by layer; none for a layer no row's LoRA has
-    bottleneck: torch.Tensor | None = None  # [batch]
-    bottleneck_scaling: torch.Tensor | None = None  # [batch], 0 for rows without one
-    bottleneck_activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (name, rows)
+    bottleneck: BottleneckRows | None = None
     merged_rows: torch.Tensor | None = None  # (batch, 1, 1): True for the merged LoRA's own rows
 
 
+# Each kernel: y += each row's B A x, from the whole stacks a (pages, page rank, in) and b (pages, page rank, out).
+LoraKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoraRows], None]
+
+
 def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
-    """y += each row's B A x, through every page of `rows.pages` (a, b: the stack's a[rows.pages])."""
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (pages * page rank, in / out)
+    """Through every page of `rows.pages`."""
+    # (pages * page rank, in / out)
+    a, b = a[rows.pages].reshape(-1, a.shape[-1]), b[rows.pages].reshape(-1, b.shape[-1])
     # (batch, tokens, pages * page rank), zero outside each row's own pages
     shrunk = (x @ a.T).masked_fill_(rows.foreign(), 0.0)
     # In place: a second (batch, tokens, out) tensor per layer costs a prefill more than the matmuls.
     y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b)
 
 
+def lora_sparse(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
+    """Only each row's own pages' columns of `rows.pages`: the shrink sampled at them (SDDMM), then a
+    sparse-dense matmul (SpMM). float32 only (torch's CPU sparse kernels take no other)."""
+    a, b = a[rows.pages].reshape(-1, a.shape[-1]), b[rows.pages].reshape(-1, b.shape[-1])
+    shrunk = torch.sparse.sampled_addmm(rows.pattern(x.shape[1]), x.reshape(-1, x.shape[-1]), a.T,
+                                        beta=0.0)  # beta 0: the pattern's values are not added
+    y.view(-1, y.shape[-1]).addmm_(shrunk, b)
+
+
 def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
-    """y += each row's B A x, rows gathered by page (a, b: the whole stack)."""
+    """Rows gathered by page."""
     slots, index, padding = rows.group_pages, rows.group_rows, rows.group_padding
     groups, tokens = index.shape[0], x.shape[1]
     gathered = x[index].view(groups, -1, x.shape[-1])  # (groups, rows * tokens, in)
@@ -158,10 +223,7 @@ class BatchedLoraLinear(nn.Module):
         rows = self._bank.rows
         lora = rows.lora.get(self.name)
         if lora is not None:  # its rows' adapters all wrote here, so their pages are in the stacks
-            if lora.is_grouped(x.shape[1], x.dtype):
-                lora_grouped(x, y, self.a, self.b, lora)
-            else:
-                lora_masked(x, y, self.a[lora.pages], self.b[lora.pages], lora)
+            lora.kernel(x.shape[1], x.dtype, x.device)(x, y, self.a, self.b, lora)
         if self._compensation is not None and rows.merged_rows is not None:
             a, negated_b = self._compensation
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
@@ -199,13 +261,15 @@ class BatchedLoraLinear(nn.Module):
 
 @dataclass
 class _Bottlenecks:
-    """Stacked bottleneck weights: (slots, layers, 2 positions, ...), plus per-slot scaling and activation."""
+    """Stacked bottleneck weights, (layers, 2 positions, slots, ...), so that a slot range of one layer and
+    position flattens to a view: down (.., size, hidden) and its bias (.., size); up transposed
+    (.., size, hidden) and its bias (.., hidden), both scaled by the slot's scaling. Plus each slot's
+    activation."""
 
     down_weight: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     up_weight: torch.Tensor | None = None
     up_bias: torch.Tensor | None = None
-    scaling: dict[int, float] = field(default_factory=dict)
     activation: dict[int, str] = field(default_factory=dict)
     module_names: tuple[str, str, str] | None = None  # layers, attn, mlp: hooked once, shared by all
 
@@ -360,8 +424,7 @@ class AdapterBank:
         elif resident.slot:
             bn = self._bottlenecks
             for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
-                stack[resident.slot].zero_()
-            bn.scaling.pop(resident.slot, None)
+                stack[:, :, resident.slot].zero_()
             bn.activation.pop(resident.slot, None)
             self._free_slots.append(resident.slot)
 
@@ -373,18 +436,12 @@ class AdapterBank:
         # The merged LoRA is in the base weights: its rows need no slot, every other row the compensation.
         is_merged = [merged is not None and r is merged for r in residents]
         residents = [None if m else r for r, m in zip(residents, is_merged)]
-        bottlenecks = [r.slot if r is not None else 0 for r in residents]
-        rows = RowAdapters(lora=self._lora_rows(residents),
-                           bottleneck=torch.tensor(bottlenecks, device=self._device) if any(bottlenecks) else None)
+        bottlenecks, bn = [r.slot if r is not None else 0 for r in residents], self._bottlenecks
+        rows = RowAdapters(lora=self._lora_rows(residents))
+        if any(bottlenecks):
+            rows.bottleneck = BottleneckRows.of(bottlenecks, bn.activation, bn.down_weight.shape[3], self._device)
         if merged is not None and not all(is_merged):  # a batch of only the merged adapter runs as the base does
             rows.merged_rows = torch.tensor(is_merged, device=self._device)[:, None, None]
-        if rows.bottleneck is not None:
-            bn = self._bottlenecks
-            rows.bottleneck_scaling = torch.tensor([bn.scaling.get(s, 0.0) for s in bottlenecks],
-                                                   device=self._device, dtype=self._dtype)
-            for name in sorted({bn.activation.get(s, "relu") for s in bottlenecks}):
-                members = [i for i, s in enumerate(bottlenecks) if bn.activation.get(s, "relu") == name]
-                rows.bottleneck_activations.append((name, torch.tensor(members, device=self._device)))
         self.rows = rows
 
     # -- LoRA --------------------------------------------------------------------------------------------
@@ -437,17 +494,18 @@ class AdapterBank:
                                                 f"this one {names}")
         slots, layers, r, hidden = slot + 1, c.num_layers, c.bottleneck_size, c.hidden_size
         like = next(self.model.parameters())
-        bn.down_weight = _grow(bn.down_weight, (slots, layers, 2, r, hidden), like)
-        bn.down_bias = _grow(bn.down_bias, (slots, layers, 2, r), like)
-        bn.up_weight = _grow(bn.up_weight, (slots, layers, 2, hidden, r), like)
-        bn.up_bias = _grow(bn.up_bias, (slots, layers, 2, hidden), like)
+        # A slot narrower than the widest adds zero columns: act(0 + 0) = 0 for every activation offered.
+        bn.down_weight = _grow(bn.down_weight, (layers, 2, slots, r, hidden), like, dim=2)
+        bn.down_bias = _grow(bn.down_bias, (layers, 2, slots, r), like, dim=2)
+        bn.up_weight = _grow(bn.up_weight, (layers, 2, slots, r, hidden), like, dim=2)
+        bn.up_bias = _grow(bn.up_bias, (layers, 2, slots, hidden), like, dim=2)
         for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
-            stack[slot].zero_()
-        bn.down_weight[slot, :, :, :r] = adapter.down_weight.to(like)
-        bn.down_bias[slot, :, :, :r] = adapter.down_bias.to(like)
-        bn.up_weight[slot, :, :, :, :r] = adapter.up_weight.to(like)
-        bn.up_bias[slot] = adapter.up_bias.to(like)
-        bn.scaling[slot], bn.activation[slot] = c.scaling, c.non_linearity
+            stack[:, :, slot].zero_()
+        bn.down_weight[:, :, slot, :r] = self._cast(adapter.down_weight)
+        bn.down_bias[:, :, slot, :r] = self._cast(adapter.down_bias)
+        bn.up_weight[:, :, slot, :r] = self._cast(adapter.up_weight.transpose(-1, -2), scale=c.scaling)
+        bn.up_bias[:, :, slot] = self._cast(adapter.up_bias, scale=c.scaling)
+        bn.activation[slot] = c.non_linearity
 
     def _hook_bottlenecks(self, adapter: BottleneckAdapter) -> None:
         for layer in range(adapter.config.num_layers):
@@ -459,16 +517,22 @@ class AdapterBank:
         def hook(_module, _inputs, output):
             if self.rows.bottleneck is None:
                 return output
-            return with_delta(output, lambda h: h + self._bottleneck_delta(h, layer, p))
+            return with_delta(output, lambda h: self._with_bottlenecks(h, layer, p))
         return hook
 
-    def _bottleneck_delta(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
-        """h (batch, tokens, hidden) -> each row's scaling * up(act(down(h))); zero for rows without one."""
-        rows, bn = self.rows, self._bottlenecks
-        index = rows.bottleneck
-        down = torch.bmm(h, bn.down_weight[index, layer, p].transpose(1, 2)) + bn.down_bias[index, layer, p][:, None]
-        activated = torch.empty_like(down)
-        for name, members in rows.bottleneck_activations:
-            activated[members] = ACTIVATIONS[name](down[members])
-        up = torch.bmm(activated, bn.up_weight[index, layer, p].transpose(1, 2)) + bn.up_bias[index, layer, p][:, None]
-        return up * rows.bottleneck_scaling[:, None, None]
+    def _with_bottlenecks(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
+        """h (batch, tokens, hidden) + each row's scaling * up(act(down(h))); h alone for rows without one."""
+        rows, bn = self.rows.bottleneck, self._bottlenecks
+        hidden = h.shape[-1]
+        down = bn.down_weight[layer, p, rows.slots].flatten(0, 1)  # (columns, hidden)
+        up = bn.up_weight[layer, p, rows.slots].flatten(0, 1)
+        flat = h.reshape(-1, hidden)
+        shrunk = torch.addmm(bn.down_bias[layer, p, rows.slots].flatten(), flat, down.T)  # (batch * tokens, columns)
+        (first, _), *others = rows.activations
+        activated = ACTIVATIONS[first](shrunk)
+        for name, columns in others:
+            activated = torch.where(columns, ACTIVATIONS[name](shrunk), activated)
+        activated = activated.view(h.shape[0], -1, activated.shape[-1]).masked_fill_(rows.foreign, 0.0)
+        out = h + bn.up_bias[layer, p].index_select(0, rows.slot_of_row)[:, None, :]
+        out.view(-1, hidden).addmm_(activated.view(-1, activated.shape[-1]), up)
+        return out
