@@ -118,4 +118,3 @@ def test_each_layer_runs_only_the_loras_that_write_it():
                 h = layer.base(h) + (0 if weights is None else 0.5 * h @ weights.a.T @ weights.b.T)
             expected.append(h)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)
-
