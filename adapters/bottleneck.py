@@ -103,7 +103,13 @@ def load_bottleneck(config: BottleneckConfig, tensors: dict[str, torch.Tensor],
         name = f"{config.layers_module}.0.{getattr(config, field)}"
         if name not in base.module_names:
             raise AdapterError(field, f"the base model has no module `{name}`")
-    return stack_bottleneck(config, tensors)
+    adapter = stack_bottleneck(config, tensors)
+    # The torch engine folds scaling into up, in a stack every row's matmul reads: an overflow there would
+    # reach other adapters' rows (0 * inf = NaN), so it is refused here, as LoRA's alpha is.
+    for name, weights in (("up.weight", adapter.up_weight), ("up.bias", adapter.up_bias)):
+        if not torch.isfinite(weights * config.scaling).all():
+            raise AdapterError("scaling", f"{config.scaling} times the {name} overflows")
+    return adapter
 
 
 def read_bottleneck(folder: Path) -> BottleneckAdapter:

@@ -86,6 +86,10 @@ def test_config_that_is_a_folder_and_overflowing_alpha(http, adapter_dirs, adapt
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e300}))
     assert "overflows" in _refused(_register(http, "huge-alpha", folder), "lora_alpha")["message"]
+    folder = _copy(adapter_dirs["bottleneck"], adapter_root, "huge-scaling")  # folded into up by the torch engine
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "scaling": 1e39}))
+    assert "overflows" in _refused(_register(http, "huge-scaling", folder), "scaling")["message"]
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "/dev/zero", "fifo"])
