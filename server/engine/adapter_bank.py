@@ -43,6 +43,7 @@ from adapters.loading import Adapter
 from adapters.lora import LoraAdapter
 from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
+from server.engine.packed_linear import PackedLinear
 
 
 def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -235,12 +236,18 @@ class BatchedLoraLinear(nn.Module):
         """W += B A (b already scaled); other rows get -B A back through the compensation."""
         self._unfolded = self.base.weight.detach().clone()
         self.base.weight.data.addmm_(b, a)
+        self._base_changed()
         self._compensation = (a, -b.T.contiguous())
 
     def unfold(self) -> None:
         if self._unfolded is not None:
             self.base.weight.data.copy_(self._unfolded)
+            self._base_changed()
         self._unfolded = self._compensation = None
+
+    def _base_changed(self) -> None:
+        if isinstance(self.base, PackedLinear):  # its handle holds a copy of the weight as it was
+            self.base.pack()
 
     def store(self, pages: tuple[int, ...], a: torch.Tensor, b: torch.Tensor) -> None:
         """Put one adapter's A (rank, in) and B (out, rank) into its pages, LORA_PAGE_RANK rank rows in each

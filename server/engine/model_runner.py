@@ -11,6 +11,7 @@ from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import AdapterBank, Resident
 from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
+from server.engine.packed_linear import pack_linears
 from server.engine.sampler import apply_logit_changes, logprobs_of, sample
 from server.engine.sequence import SampledBatch, ScheduledBatch
 from server.host import detect_host, dtype_name, resolve_device, resolve_dtype
@@ -32,12 +33,13 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 
 class ModelRunner:
     def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, kv_cache_bytes: int,
-                 max_resident_adapters: int):
+                 max_resident_adapters: int, prepack_weights: bool = True):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
         ).to(self.device).eval()
+        packed = pack_linears(self.model) if prepack_weights and self.device.type == "cpu" else 0
         config = self.model.config
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.eos_token_ids = eos_token_ids(model_path, config)
@@ -51,8 +53,8 @@ class ModelRunner:
                                   device=self.device)
         self.adapters = AdapterBank(self.model, max_resident_adapters, kv_dtype)
         host = detect_host()
-        log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s)", model_path, self.device,
-                 dtype_name(self.dtype), dtype, host.cpu_model, host.isa)
+        log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s; %d linear layers prepacked for oneDNN)",
+                 model_path, self.device, dtype_name(self.dtype), dtype, host.cpu_model, host.isa, packed)
         ENGINE_INFO.labels("torch").info({"device": self.device.type, "dtype": dtype_name(self.dtype),
                           "requested_dtype": dtype, "cpu_isa": host.isa})
 

