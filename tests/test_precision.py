@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from adapters.base import AdapterError, BaseModelSpec
+from adapters.loading import load_adapter
 from conftest import CHAT, MODEL, MODEL_PATH, ask, scrape, serving_app
 from server.engine.model_runner import ModelRunner
 from test_adapter_parity import load_every_kind, prefill
@@ -25,6 +27,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Lis
 MAX_KL = 0.05
 MIN_AGREEMENT = 0.6
 MAX_BATCH_KL = 1e-3
+PROMPT_IDS = list(range(300, 320))
 
 
 def _cpu_flags() -> set[str]:
@@ -140,3 +143,32 @@ def test_unmerging_in_bf16_restores_the_base_bit_for_bit(adapter_dirs):
     assert changed()
     runner.adapters.unmerge()
     assert changed() == []
+
+
+def test_weights_beyond_bf16s_range_are_refused_and_a_merge_that_overflows_is_undone(adapter_dirs):
+    """The loaders check finiteness in the file's float32; a value between bf16's largest (3.39e38) and
+    float32's would become inf in a bf16 stack that every row's matmul reads, reaching other adapters'
+    rows as NaN. So the cast refuses it, naming the tensor; and W + BA overflowing at a merge is undone."""
+    runner = _runner("bfloat16")
+    spec = BaseModelSpec.from_model(runner.model)
+    residents = [None, *load_every_kind(runner, adapter_dirs)]
+    before = prefill(runner, residents, PROMPT_IDS)
+    lora = load_adapter(adapter_dirs["lora2"], spec, max_lora_rank=64)
+    module = next(iter(lora.layers))
+    lora.layers[module].b[0, 0] = 3.395e38 / lora.layers[module].scale  # finite in float32, inf in bf16
+    with pytest.raises(AdapterError) as refused:
+        runner.adapters.load("beyond", lora)
+    assert refused.value.field == f"{module}.lora_B"
+    bottleneck = load_adapter(adapter_dirs["bottleneck"], spec, max_lora_rank=64)
+    bottleneck.down_weight[3, 1, 0, 0] = 3.395e38
+    with pytest.raises(AdapterError) as refused:
+        runner.adapters.load("beyond", bottleneck)
+    assert refused.value.field == "down.weight"
+    assert torch.equal(prefill(runner, residents, PROMPT_IDS), before)  # nothing of them stayed in the stacks
+    huge = load_adapter(adapter_dirs["lora2"], spec, max_lora_rank=64)
+    huge.layers[module].a[0, 0] = huge.layers[module].b[0, 0] = 1e20  # each in range, B A is not
+    runner.adapters.load("huge", huge)
+    with pytest.raises(AdapterError) as refused:
+        runner.adapters.merge("huge")
+    assert refused.value.field == "name" and runner.adapters.merged is None
+    assert torch.equal(prefill(runner, residents, PROMPT_IDS), before)

@@ -19,7 +19,8 @@ columns after the activation; gathering each row's weights (a per-row BGMV, as i
 both matrices per row and position (decode, 32 rows, 16 bottlenecks, bf16: 41 ms more than the base's
 step, masked 22 ms).
 Zeroing selects (masked_fill), never multiplies, so another adapter's overflow (inf * 0 = NaN) cannot reach
-a row; weights are checked finite at load, and freed pages and slots are zeroed.
+a row; weights are checked finite at load, in the engine's precision too (a float32 value beyond bf16's
+range rounds to inf), and freed pages and slots are zeroed.
 Prompt-tuning rows get their soft prompt as input embeddings and prefix-tuning rows their keys/values
 written into the KV cache at admission (see the scheduler); neither needs anything inside the model.
 One LoRA at a time can be merged: folded into the base weights, so its rows run with no LoRA at all.
@@ -44,6 +45,7 @@ from adapters.lora import LoraAdapter
 from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.packed_linear import PackedLinear
+from server.host import dtype_name
 
 
 def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -262,7 +264,9 @@ class BatchedLoraLinear(nn.Module):
 
     def clear(self, pages: tuple[int, ...]) -> None:
         if self.a is not None:
-            index = torch.tensor([page for page in pages if page < self.a.shape[0]], device=self.a.device)
+            # long even when empty: a load that failed before the stacks grew to its pages clears none
+            index = torch.tensor([page for page in pages if page < self.a.shape[0]], dtype=torch.long,
+                                 device=self.a.device)
             self.a[index] = 0.0
             self.b[index] = 0.0
 
@@ -331,11 +335,12 @@ class AdapterBank:
 
     def _place_prefix(self, resident: Resident) -> None:
         adapter = resident.adapter
-        resident.adapter = replace(adapter, keys=self._cast(adapter.keys, self._kv_dtype),
-                                   values=self._cast(adapter.values, self._kv_dtype))
+        resident.adapter = replace(adapter, keys=self._cast(adapter.keys, "prompt_embeddings", self._kv_dtype),
+                                   values=self._cast(adapter.values, "prompt_embeddings", self._kv_dtype))
 
     def _place_prompt(self, resident: Resident) -> None:
-        resident.adapter = replace(resident.adapter, embeddings=self._cast(resident.adapter.embeddings))
+        resident.adapter = replace(resident.adapter, embeddings=self._cast(resident.adapter.embeddings,
+                                                                                "prompt_embeddings"))
 
     def _place_lora(self, resident: Resident) -> None:
         if self._num_loras >= self.max_adapters:
@@ -367,12 +372,20 @@ class AdapterBank:
             pages.append(self._num_pages)
         return tuple(pages)
 
-    def _cast(self, weights: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> torch.Tensor:
+    def _cast(self, weights: torch.Tensor, field: str, dtype: torch.dtype | None = None,
+              scale: float = 1.0) -> torch.Tensor:
         """On the engine's device in `dtype`. Moved first, then cast there: a pinned host tensor's copy to a GPU
         does not wait for the device (a cast on the host would make an unpinned copy first); scaled in the
-        adapter's own precision, before the one rounding to the engine's."""
+        adapter's own precision, before the one rounding to the engine's. A value beyond that precision's
+        range is refused, naming `field`: the loaders check finiteness in the file's precision, and an inf
+        in a stack every row's matmul reads would reach other adapters' rows (0 * inf = NaN)."""
+        dtype = dtype or self._dtype
+        largest = torch.finfo(dtype).max
+        if largest < torch.finfo(weights.dtype).max and weights.numel() and weights.abs().amax() * abs(scale) > largest:
+            raise AdapterError(field, f"holds values beyond {dtype_name(dtype)}'s range (+-{largest:.4g}), "
+                                      "the engine's precision")
         moved = weights.to(self._device, non_blocking=True)
-        return (moved * scale if scale != 1.0 else moved).to(dtype or self._dtype)
+        return (moved * scale if scale != 1.0 else moved).to(dtype)
 
     def unload(self, name: str) -> None:
         resident = self._by_name.pop(name, None)
@@ -387,9 +400,15 @@ class AdapterBank:
         if self.merged is resident:
             return
         self.unmerge()
-        for module, (a, b) in resident.adapter.scaled().items():
-            self._lora_modules[module].fold(self._cast(a), self._cast(b))
+        for module, (a, b) in resident.adapter.scaled().items():  # cast at load already, so in range
+            self._lora_modules[module].fold(self._cast(a, f"{module}.lora_A"), self._cast(b, f"{module}.lora_B"))
         self.merged = resident
+        # W + BA may still overflow, and merged weights serve every row: refused, the base restored.
+        overflowing = [module for module in resident.adapter.layers
+                       if not torch.isfinite(self._lora_modules[module].base.weight).all()]
+        if overflowing:
+            self.unmerge()
+            raise AdapterError("name", f"merging `{name}` overflows the base weights of `{overflowing[0]}`")
         self._merges += 1
 
     def unmerge(self) -> None:
@@ -473,7 +492,8 @@ class AdapterBank:
         # Layers this adapter leaves alone keep its pages zero, as every free page is: `_clear_lora` zeroes
         # what an adapter wrote when it leaves, so no earlier tenant's weights remain.
         for name, weights in adapter.layers.items():
-            self._lora_modules[name].store(pages, self._cast(weights.a), self._cast(weights.b, scale=weights.scale))
+            self._lora_modules[name].store(pages, self._cast(weights.a, f"{name}.lora_A"),
+                                           self._cast(weights.b, f"{name}.lora_B", scale=weights.scale))
 
     def _clear_lora(self, resident: Resident) -> None:
         """Zero the pages in every layer the adapter may have written, and give them back."""
@@ -509,10 +529,10 @@ class AdapterBank:
         bn.up_bias = _grow(bn.up_bias, (layers, 2, slots, hidden), like, dim=2)
         for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
             stack[:, :, slot].zero_()
-        bn.down_weight[:, :, slot, :r] = self._cast(adapter.down_weight)
-        bn.down_bias[:, :, slot, :r] = self._cast(adapter.down_bias)
-        bn.up_weight[:, :, slot, :r] = self._cast(adapter.up_weight.transpose(-1, -2), scale=c.scaling)
-        bn.up_bias[:, :, slot] = self._cast(adapter.up_bias, scale=c.scaling)
+        bn.down_weight[:, :, slot, :r] = self._cast(adapter.down_weight, "down.weight")
+        bn.down_bias[:, :, slot, :r] = self._cast(adapter.down_bias, "down.bias")
+        bn.up_weight[:, :, slot, :r] = self._cast(adapter.up_weight.transpose(-1, -2), "up.weight", scale=c.scaling)
+        bn.up_bias[:, :, slot] = self._cast(adapter.up_bias, "up.bias", scale=c.scaling)
         bn.activation[slot] = c.non_linearity
 
     def _hook_bottlenecks(self, adapter: BottleneckAdapter) -> None:
