@@ -5,7 +5,7 @@ beside plain `model.generate` on the same prompts.
 
 Starts one server per dtype as a subprocess (so the clients do not share its GIL) unless --url is given,
 and prints tokens/s, TTFT p50/p95 and ITL p50/p95 as seen by the clients, every request generating
-exactly --max-tokens greedy tokens; then times the same prompts through transformers' `generate` in one
+exactly --max-tokens tokens (greedy, or sampled with --sampling model|openai); then times the same prompts through transformers' `generate` in one
 batch (the baseline the torch engine must beat 2x at 32 streams). Targets for `auto` against float32:
 >= 1.7x on an AMX host, equal on an AVX2-only one (where auto is float32). The host is printed first.
 """
@@ -122,6 +122,10 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start")
 
 
+# Request fields per --sampling; streams send temperature 0 unless told otherwise (None: the server's default).
+SAMPLING = {"greedy": {}, "model": {"temperature": None}, "openai": {"temperature": 1.0}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -130,9 +134,12 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the model.generate baseline")
     parser.add_argument("--model", help="HF model folder (default: the embedded model)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "auto"], help="one server run per dtype")
+    parser.add_argument("--sampling", choices=SAMPLING, default="greedy",
+                        help="greedy; model: the model's generation_config.json defaults (SmolLM2: temperature "
+                             "0.2, top_p 0.9), what a request that leaves them out gets; openai: temperature 1")
     parser.add_argument("server_args", nargs="*", help="extra `swapyard serve` arguments, after --")
     args = parser.parse_args()
-    print(json.dumps({"host": detect_host().describe()}))
+    print(json.dumps({"host": detect_host().describe(), "sampling": args.sampling}))
     runs = [(None, args.url)] if args.url else [(dtype, None) for dtype in args.dtypes]
     results = {}
     for dtype, url in runs:
@@ -143,7 +150,8 @@ def main() -> None:
         try:
             model = httpx.get(f"{url}/v1/models").json()["data"][0]
             results[dtype or url] = asyncio.run(run_clients(url, [model["id"]] * args.concurrency, args.max_tokens,
-                                                            ignore_eos=True))
+                                                            ignore_eos=True,
+                                                            extras=[SAMPLING[args.sampling]] * args.concurrency))
         finally:
             if proc is not None:
                 proc.terminate()

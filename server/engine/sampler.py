@@ -79,38 +79,79 @@ def prompt_logprobs_of(logits: torch.Tensor, prompt: list[int], num_top: int) ->
         for token, lp, ids, values in zip(prompt[1:], chosen, top_ids.tolist(), top_values.tolist())]
 
 
+# Tokens ranked per sampled row before a full sort of the vocabulary is needed: top-k, top-p and min-p keep a
+# prefix of the ranking, and once the last of these candidates is cut every later token is too. Sorting a
+# 49,152-token vocabulary for 32 rows took 71 ms on a 2-core CPU, their top 256 3.4 ms (and a draw over the
+# whole vocabulary 1.3 ms a row, over the kept tokens 0.03 ms).
+CANDIDATES = 256
+
+
+def _filtered(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs (rows, n) of each row's best tokens in descending order (normalized over the whole vocabulary),
+    zero where top-k, top-p or min-p cut them. A token goes when the tokens ranked above it already hold top_p
+    of the mass, or when it is less likely than min_p x the top token; the first always stays (a top_p that
+    rounds to 0 in float32 would otherwise cut every token)."""
+    ranks = torch.arange(probs.shape[1], device=probs.device)
+    cut = (ranks[None, :] >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs >= top_p[:, None])
+    cut |= probs < min_p[:, None] * probs[:, :1]
+    cut[:, 0] = False
+    return probs.masked_fill(cut, 0.0)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index of `probs` (not normalized; zeros are never drawn) by inverse transform, from one uniform
+    number of the row's own generator, so a seeded row draws alike in any batch."""
+    cdf = probs.cumsum(dim=0)
+    total = cdf[-1]
+    if not (total > 0 and total.isfinite()):
+        raise RuntimeError(f"no probability mass to sample from ({total.item()})")
+    u = torch.rand((), generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    return min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | None]:
     """logits (batch, vocab) float32 -> one token id per row, None for a row that could not be sampled."""
     # A row fails on NaN or +inf logits (an adapter that overflowed); -inf is a barred token (min_tokens),
     # but a row with every token barred has nothing to give.
-    usable = ~(logits.isnan() | (logits == torch.inf)).any(dim=-1) & (logits > -torch.inf).any(dim=-1)
-    is_finite = usable.tolist()
-    chosen: list[int | None] = [t if ok else None for t, ok in zip(logits.argmax(dim=-1).tolist(), is_finite)]
+    # One reduction tells both: a row's max is NaN if any logit is, +inf if any is, -inf if all are.
+    best, best_ids = logits.max(dim=-1)  # the first of tied maxima, as argmax
+    is_finite = best.isfinite().tolist()
+    chosen: list[int | None] = [t if ok else None for t, ok in zip(best_ids.tolist(), is_finite)]
     sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy and is_finite[i]]
     if not sampled_rows:
         return chosen
-    rows = torch.tensor(sampled_rows, device=logits.device)
-    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
-    sorted_logits, sorted_ids = (logits[rows] / temps[:, None]).sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=logits.device)
-    top_k = torch.tensor([params[i].top_k or logits.shape[1] for i in sampled_rows], device=logits.device)
-    probs = sorted_logits.softmax(dim=-1)
-    top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=logits.device)
-    min_p = torch.tensor([params[i].min_p for i in sampled_rows], device=logits.device)
-    # Drop a token when the tokens ranked above it already hold top_p of the mass, or when it is less
-    # likely than min_p x the top token; the first always stays (a top_p that rounds to 0 in float32
-    # would otherwise cut every token).
-    cut = (ranks[None, :] >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs >= top_p[:, None])
-    cut |= probs < min_p[:, None] * probs[:, :1]
-    cut[:, 0] = False
-    probs = probs.masked_fill(cut, 0.0)
+    vocab, device = logits.shape[1], logits.device
+    temps = torch.tensor([params[i].temperature for i in sampled_rows], device=device)
+    # Indexing copies the batch's logits (3.6 ms for 32 rows): only when some rows are greedy or failed.
+    some = logits if len(sampled_rows) == len(logits) else logits[torch.tensor(sampled_rows, device=device)]
+    scaled = some / temps[:, None]
+    log_total = scaled.logsumexp(dim=-1, keepdim=True)
+    top_k = torch.tensor([params[i].top_k or vocab for i in sampled_rows], device=device)
+    top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=device)
+    min_p = torch.tensor([params[i].min_p for i in sampled_rows], device=device)
+    values, ids = scaled.topk(min(CANDIDATES, vocab), dim=-1)
+    kept = _filtered((values - log_total).exp(), top_k, top_p, min_p)
+    # Rows that cut nothing draw from the whole distribution as it is, unsorted; rows whose last candidate
+    # stays may keep later tokens too, so they rank the whole vocabulary (in one sort).
+    is_whole = [params[i].top_k in (0, vocab) and params[i].top_p == 1.0 and params[i].min_p == 0.0
+                for i in sampled_rows]
+    wide = [j for j, whole in enumerate(is_whole) if not whole and vocab > CANDIDATES and kept[j, -1] > 0]
+    if wide:
+        ranked, ranked_ids = scaled[wide].sort(dim=-1, descending=True)
+        ranked_probs = _filtered((ranked - log_total[wide]).exp(), top_k[wide], top_p[wide], min_p[wide])
     for j, i in enumerate(sampled_rows):
+        if is_whole[j]:
+            row_probs, row_ids = (scaled[j] - log_total[j]).exp(), None
+        elif j in wide:
+            row_probs, row_ids = ranked_probs[wide.index(j)], ranked_ids[wide.index(j)]
+        else:
+            row_probs, row_ids = kept[j], ids[j]
         try:
-            pick = torch.multinomial(probs[j], 1, generator=generators[i])
+            index = _draw(row_probs, generators[i])
         except RuntimeError:  # e.g. a row of non-finite probabilities: this row fails, not the batch
             log.exception("sampling failed for one row")
             chosen[i] = None
             continue
-        chosen[i] = int(sorted_ids[j, pick])
+        chosen[i] = index if row_ids is None else int(row_ids[index])
     return chosen
