@@ -13,7 +13,10 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MODEL, ask, scrape
+from adapters.lora import LoraAdapter, LoraWeights
+from conftest import MODEL, MODEL_PATH, ask, scrape
+from server.engine.model_runner import ModelRunner
+from test_adapter_parity import prefill
 
 QUESTION = ask("Write a short poem about the sea.")
 
@@ -133,3 +136,25 @@ def test_online_merge_errors(http, adapter_dirs):
     assert http.post("/v1/adapters/nope/merge").status_code == 404
     not_merged = http.post("/v1/adapters/e-lora/unmerge")
     assert not_merged.status_code == 409 and not_merged.json()["error"]["code"] == "not_merged"
+
+
+def test_merging_a_lora_on_the_tied_lm_head_leaves_the_input_embeddings_alone():
+    """SmolLM2's LM head shares the input embeddings' matrix: a fold into it in place would change every row's
+    embeddings, which the compensation (on the head's output only) does not take back."""
+    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, kv_cache_bytes=2**30,
+                         max_resident_adapters=4)
+    head, embeddings = runner.model.get_output_embeddings(), runner.model.get_input_embeddings()
+    assert head.weight is embeddings.weight
+    gen = torch.Generator().manual_seed(0)
+    vocab, hidden = head.weight.shape
+    lora = LoraAdapter({"lm_head": LoraWeights(torch.randn(8, hidden, generator=gen) * 0.1,
+                                               torch.randn(vocab, 8, generator=gen) * 0.1, 1.0)})
+    runner.adapters.load("head", lora)
+    residents = [None, runner.adapters.acquire("head")]
+    before = prefill(runner, residents, list(range(300, 320)))
+    runner.adapters.merge("head")
+    merged = prefill(runner, residents, list(range(300, 320)))
+    torch.testing.assert_close(merged, before, atol=1e-3, rtol=0)  # the base row too: its embeddings unchanged
+    runner.adapters.unmerge()
+    assert runner.model.get_output_embeddings().base.weight is embeddings.weight  # tied again
+    assert torch.equal(prefill(runner, residents, list(range(300, 320))), before)

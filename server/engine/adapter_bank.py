@@ -218,9 +218,9 @@ class BatchedLoraLinear(nn.Module):
         # a page's rows beyond its adapter's rank are zero.
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
-        # While a LoRA is merged here: the weight before the fold, and the fold's A (rank, in) and -B^T (rank, out).
-        self._unfolded: torch.Tensor | None = None
-        self._compensation: tuple[torch.Tensor, torch.Tensor] | None = None
+        # While a LoRA is merged here: the weight before the fold (kept aside, untouched; in a tuple, which
+        # nn.Module does not register as a parameter of its own), and the fold's A (rank, in) and -B^T (rank, out).
+        self._merged: tuple[nn.Parameter, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
         y = self.base(x)
@@ -228,24 +228,25 @@ class BatchedLoraLinear(nn.Module):
         lora = rows.lora.get(self.name)
         if lora is not None:  # its rows' adapters all wrote here, so their pages are in the stacks
             lora.kernel(x.shape[1], x.dtype, x.device)(x, y, self.a, self.b, lora)
-        if self._compensation is not None and rows.merged_rows is not None:
-            a, negated_b = self._compensation
+        if self._merged is not None and rows.merged_rows is not None:
+            _, a, negated_b = self._merged
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
             y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), negated_b)
         return y
 
     def fold(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """W += B A (b already scaled); other rows get -B A back through the compensation."""
-        self._unfolded = self.base.weight.detach().clone()
-        self.base.weight.data.addmm_(b, a)
+        """W + B A (b already scaled), in a new tensor: a weight tied to another module (an LM head shares the
+        input embeddings' matrix) stays as it is there. Other rows get -B A back through the compensation."""
+        original = self.base.weight
+        self.base.weight = nn.Parameter(torch.addmm(original.detach(), b, a), requires_grad=False)
+        self._merged = (original, a, -b.T.contiguous())
         self._base_changed()
-        self._compensation = (a, -b.T.contiguous())
 
     def unfold(self) -> None:
-        if self._unfolded is not None:
-            self.base.weight.data.copy_(self._unfolded)
+        if self._merged is not None:
+            self.base.weight = self._merged[0]  # the original, untouched: bit for bit, and tied again
+            self._merged = None
             self._base_changed()
-        self._unfolded = self._compensation = None
 
     def _base_changed(self) -> None:
         if isinstance(self.base, PackedLinear):  # its handle holds a copy of the weight as it was
