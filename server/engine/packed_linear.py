@@ -6,8 +6,10 @@ their blocked layout each time; a handle keeps the weight reordered once, so onl
 the AVX-512-BF16 EPYC, 2 threads (benchmarks/packed_linear.py, 32 rows): bf16 576->1536 212 -> 179 us, the
 49,152-wide LM head 11.1 -> 6.2 ms, a decode step 1.28x faster; float32 (MKL takes its slow path on an AMD
 CPU) 471 -> 319 us, 30.5 -> 12.5 ms, 1.69x. The handle holds its own copy of the weight: the module keeps
-the original as well, which merges fold into (then `pack` again) and tied embeddings read, so the linear
-weights take twice their memory (`--no-prepack-weights` keeps one).
+the original as well, which merges read (then `pack` again) and tied embeddings use, so the linear weights
+take twice their memory. Served on that 2-core host, where the event loop and the clients share the cores,
+the packed steps ran slower (bf16 decode, 28 rows: 118-175 ms against 98-116 ms unpacked), so it is opt-in
+(`--prepack-weights`).
 """
 
 import logging
