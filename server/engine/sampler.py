@@ -134,17 +134,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     kept = _filtered((values - log_total).exp(), top_k, top_p, min_p)
     # Rows that cut nothing draw from the whole distribution as it is, unsorted; rows whose last candidate
     # stays may keep later tokens too, so they rank the whole vocabulary (in one sort).
-    is_whole = [params[i].top_k in (0, vocab) and params[i].top_p == 1.0 and params[i].min_p == 0.0
-                for i in sampled_rows]
-    wide = [j for j, whole in enumerate(is_whole) if not whole and vocab > CANDIDATES and kept[j, -1] > 0]
+    is_whole = [(params[i].top_k == 0 or params[i].top_k >= vocab) and params[i].top_p == 1.0
+                and params[i].min_p == 0.0 for i in sampled_rows]
+    last_stays = (kept[:, -1] > 0).tolist()  # one read of the batch, not one per row
+    wide = {j: n for n, j in enumerate(j for j, whole in enumerate(is_whole)
+                                       if not whole and vocab > CANDIDATES and last_stays[j])}
     if wide:
-        ranked, ranked_ids = scaled[wide].sort(dim=-1, descending=True)
-        ranked_probs = _filtered((ranked - log_total[wide]).exp(), top_k[wide], top_p[wide], min_p[wide])
+        rows = list(wide)
+        ranked, ranked_ids = scaled[rows].sort(dim=-1, descending=True)
+        ranked_probs = _filtered((ranked - log_total[rows]).exp(), top_k[rows], top_p[rows], min_p[rows])
     for j, i in enumerate(sampled_rows):
         if is_whole[j]:
             row_probs, row_ids = (scaled[j] - log_total[j]).exp(), None
         elif j in wide:
-            row_probs, row_ids = ranked_probs[wide.index(j)], ranked_ids[wide.index(j)]
+            row_probs, row_ids = ranked_probs[wide[j]], ranked_ids[wide[j]]
         else:
             row_probs, row_ids = kept[j], ids[j]
         try:
