@@ -3,6 +3,7 @@ HTTP -> auth and limits -> router -> engine."""
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from server.engine.factory import build_engine
 from server.engine.model_runner import eos_token_ids
 from server.errors import install_error_handlers
 from server.generation_defaults import read_sampling_defaults
+from server.host import keep_torch_to_one_thread
 from server.limits import BodyLimit, InFlightLimit
 from server.ops_api import ops_api
 from server.router import Router
@@ -114,6 +116,10 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
 def build_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Torch runs on every core on the engine's thread only: here, and on the threads `to_thread` uses.
+        keep_torch_to_one_thread()
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="swapyard-worker", initializer=keep_torch_to_one_thread))
         path, name = resolve_model(settings)  # bad flags stop the server at once, before it listens
         max_model_len = context_length(path, settings.max_model_len)
         check_storage(settings)

@@ -15,6 +15,7 @@ from server.engine.base import FailureWindow, GenerationOutput, GenerationReques
 from server.engine.engine_core import EngineCore
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.host import ENGINE_TORCH_THREADS, set_torch_threads
 from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings
 
@@ -121,6 +122,7 @@ class TorchEngine:
 
     def _loop(self) -> None:
         """Run the scheduler; restart it after an unexpected failure, within the bounds above."""
+        set_torch_threads(ENGINE_TORCH_THREADS)  # the one thread of the process that runs torch on all cores
         failures = FailureWindow(FAILURE_WINDOW_S)
         while True:
             try:
