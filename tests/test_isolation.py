@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import CHAT, MODEL, ask, in_one_step, scrape, serving_app
+from server.engine.adapter_bank import lora_pool
 
 QUESTIONS = [ask(q) for q in ("What is the capital of France?", "Name three colours.", "Say hello.",
                               "Write a haiku about rain.")]
@@ -56,10 +57,11 @@ def _poison(app, name: str) -> None:
     """Make a resident LoRA's weights overflow, as a NaN/inf adapter or a float overflow would: the
     registration check refuses such files, so this writes into the engine's LoRA pages directly."""
     bank = app.state.engine._scheduler.runner.adapters
-    pages = list(bank._by_name[name].pages)
+    pages = bank._by_name[name].pages
     for wrapper in bank._lora_modules.values():
-        wrapper.a[pages] = torch.finfo(wrapper.a.dtype).max
-        wrapper.b[pages] = 1.0
+        if (pool := lora_pool(wrapper.name)) in pages:
+            wrapper.a[list(pages[pool])] = torch.finfo(wrapper.a.dtype).max
+            wrapper.b[list(pages[pool])] = 1.0
 
 
 def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapter_dirs):
@@ -92,7 +94,9 @@ def test_a_freed_slot_between_used_ones_is_inert(served, adapter_dirs):
         assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora"]),
                                                "replace": True}).status_code == 201
     bank = app.state.engine._scheduler.runner.adapters
-    assert bank._by_name["free-a"].pages < bank._by_name["free-gone"].pages < bank._by_name["free-c"].pages
+    for pool in bank._by_name["free-gone"].pages:
+        assert bank._by_name["free-a"].pages[pool] < bank._by_name["free-gone"].pages[pool] < \
+            bank._by_name["free-c"].pages[pool]
     alone = [_text(http.post(CHAT, json=_body(name, q))) for name in ("free-a", "free-c") for q in QUESTIONS[:3]]
     _poison(app, "free-gone")
     assert http.delete("/v1/adapters/free-gone").status_code == 200

@@ -66,8 +66,8 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     for name, adapter in adapters.items():
         bank.load(name, adapter)
     residents = dict(bank._by_name)
-    assert {name: r.pages for name, r in residents.items()} == {"r4": (1,), "r64": tuple(range(2, 10)),
-                                                                 "r12": (10, 11), "r8": (12,)}
+    assert {name: r.pages for name, r in residents.items()} == {"r4": {"0": (1,)}, "r64": {"0": tuple(range(2, 10))},
+                                                                 "r12": {"0": (10, 11)}, "r8": {"0": (12,)}}
     order = ["r64", None, "r4", "r12", "r8", "r64", None, "r4"]
     bank.bind([bank.acquire(name) if name else None for name in order])
     x = torch.randn(len(order), tokens, d_in)
@@ -84,7 +84,7 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     bank.unload("r64")
     assert not bank._lora_modules["0"].a[2:10].any()
     bank.load("r12b", adapters["r12"])  # the lowest free pages
-    assert bank._by_name["r12b"].pages == (2, 3)
+    assert bank._by_name["r12b"].pages == {"0": (2, 3)}
 
 
 def test_each_layer_runs_only_the_loras_that_write_it():
@@ -116,5 +116,43 @@ def test_each_layer_runs_only_the_loras_that_write_it():
             for index, layer in enumerate(model):
                 weights = adapters[name].layers.get(str(index)) if name else None
                 h = layer.base(h) + (0 if weights is None else 0.5 * h @ weights.a.T @ weights.b.T)
+            expected.append(h)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_each_projection_numbers_its_own_pages():
+    """Pages are numbered per projection across layers: an MLP's range holds only the LoRAs that write MLPs,
+    whatever attention-only LoRAs were loaded between them, and every row still equals its own computation."""
+    torch.manual_seed(0)
+    width = 16
+    model = torch.nn.ModuleList(torch.nn.ModuleDict({"q": torch.nn.Linear(width, width, bias=False),
+                                                     "up": torch.nn.Linear(width, width, bias=False)})
+                                for _ in range(2))
+    bank = AdapterBank(model, max_adapters=4, kv_dtype=torch.float32)
+
+    def lora(projections: list[str], rank: int) -> LoraAdapter:
+        return LoraAdapter({f"{layer}.{p}": LoraWeights(torch.randn(rank, width), torch.randn(width, rank), 0.5)
+                            for layer in range(2) for p in projections})
+
+    adapters = {"all": lora(["q", "up"], 8), "q-only": lora(["q"], 16), "all2": lora(["q", "up"], 8)}
+    for name, adapter in adapters.items():
+        bank.load(name, adapter)
+    assert {name: r.pages for name, r in bank._by_name.items()} == {
+        "all": {"*.q": (1,), "*.up": (1,)}, "q-only": {"*.q": (2, 3)}, "all2": {"*.q": (4,), "*.up": (2,)}}
+    order = ["all", None, "q-only", "all2", "q-only"]
+    bank.bind([bank.acquire(name) if name else None for name in order])
+    assert (bank.rows.lora["1.q"].pages, bank.rows.lora["1.up"].pages) == (slice(1, 5), slice(1, 3))
+    x = torch.randn(len(order), 3, width)
+    with torch.no_grad():
+        got = x
+        for layer in model:
+            got = layer["up"](layer["q"](got))
+        expected = []
+        for i, name in enumerate(order):
+            h = x[i]
+            for index, layer in enumerate(model):
+                for p in ("q", "up"):
+                    weights = adapters[name].layers.get(f"{index}.{p}") if name else None
+                    h = layer[p].base(h) + (0 if weights is None else 0.5 * h @ weights.a.T @ weights.b.T)
             expected.append(h)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)
