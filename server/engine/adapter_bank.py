@@ -35,6 +35,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,7 @@ GROUPED_MIN_COLUMNS = 128
 LORA_PAGE_RANK = 8  # rank rows per page of the LoRA stacks
 
 
+@cache  # read for every LoRA layer of every forward pass; module names are few
 def lora_pool(module: str) -> str:
     """Whose page numbering a module's LoRA stacks use: the same projection's in every layer
     (model.layers.*.mlp.up_proj). One numbering for all of them spread the range of an MLP layer over every
@@ -499,12 +501,14 @@ class AdapterBank:
             for layer in resident.adapter.layers:
                 writers.setdefault(layer, []).append(resident)
         shared: dict[tuple[str, tuple[Resident, ...]], LoraRows] = {}
+        rows: dict[str, LoraRows] = {}
         for layer, adapters in writers.items():
             pool = lora_pool(layer)
-            if (pool, tuple(adapters)) not in shared:
-                shared[pool, tuple(adapters)] = LoraRows.of([r.pages[pool] if r in adapters else () for r in residents],
-                                                            self._device)
-        return {layer: shared[lora_pool(layer), tuple(adapters)] for layer, adapters in writers.items()}
+            key = pool, tuple(adapters)
+            if key not in shared:
+                shared[key] = LoraRows.of([r.pages[pool] if r in adapters else () for r in residents], self._device)
+            rows[layer] = shared[key]
+        return rows
 
     def _store_lora(self, pages: dict[str, tuple[int, ...]], adapter: LoraAdapter) -> None:
         modules = dict(self.model.named_modules())
