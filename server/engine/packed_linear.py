@@ -7,9 +7,10 @@ the AVX-512-BF16 EPYC, 2 threads (benchmarks/packed_linear.py, 32 rows): bf16 57
 49,152-wide LM head 11.1 -> 6.2 ms, a decode step 1.28x faster; float32 (MKL takes its slow path on an AMD
 CPU) 471 -> 319 us, 30.5 -> 12.5 ms, 1.69x. The handle holds its own copy of the weight: the module keeps
 the original as well, which merges read (then `pack` again) and tied embeddings use, so the linear weights
-take twice their memory. Served on that 2-core host, where the event loop and the clients share the cores,
-the packed steps ran slower (bf16 decode, 28 rows: 118-175 ms against 98-116 ms unpacked), so it is opt-in
-(`--prepack-weights`).
+take twice their memory. Served on that 2-core host, the packed steps first ran slower (bf16 decode, 28
+rows: 118-175 ms against 98-116 ms unpacked); once torch ran on one thread outside the engine's
+(server/host.keep_torch_to_one_thread), 32 base streams ran 1.2x faster packed. It stays opt-in
+(`--prepack-weights`) until the many-adapter workloads are measured with it.
 """
 
 import logging
