@@ -1,7 +1,8 @@
-"""The torch engine's three LoRA kernels on this CPU, per batch shape: masked (every row through every page
-in the batch's range, one matmul), sparse (only each row's own columns: SDDMM then SpMM, in float32) and
-grouped (rows gathered by page, one batched matmul per projection), with the one the engine picks (see
-SPARSE_MIN_COLUMNS and GROUPED_MIN_COLUMNS in server/engine/adapter_bank.py). torch's CPU sparse kernels
+"""The torch engine's four LoRA kernels on this CPU, per batch shape: masked (every row through every page
+in the batch's range, one matmul), sparse (only each row's own columns: SDDMM then SpMM, in float32),
+grouped (rows gathered by page, one batched matmul per projection) and segmented (one matmul pair per LoRA
+over its own rows and pages), with the one the engine picks (see SPARSE_MIN_COLUMNS, GROUPED_MIN_COLUMNS
+and SEGMENTED_MIN_TOKENS in server/engine/adapter_bank.py). torch's CPU sparse kernels
 take float32 only: with --dtype bfloat16 the sparse column times it on float32 copies of the stacks and
 activations (conversions and the final add into the bf16 output not counted); the engine keeps no such
 copies, since end to end, conversions included, it measured no faster than the masked matmul.
@@ -15,7 +16,8 @@ import time
 import torch
 
 from server.engine.adapter_bank import (GROUPED_MIN_COLUMNS, LORA_PAGE_RANK, SPARSE_MAX_ROWS, SPARSE_MIN_COLUMNS,
-                                        LoraRows, lora_grouped, lora_masked, lora_sparse)
+                                        LoraRows, lora_grouped, lora_masked, lora_segmented,
+                                        lora_sparse)
 from server.host import detect_host
 
 # (rows, tokens per row, distinct slots, rank, in, out): decode and prefill at SmolLM2's 576/1536 widths.
@@ -23,7 +25,8 @@ SHAPES = [(32, 1, 1, 8, 576, 1536), (32, 1, 4, 8, 576, 1536), (32, 1, 16, 8, 576
           (32, 1, 16, 8, 1536, 576), (32, 1, 16, 64, 576, 1536), (8, 1, 8, 8, 576, 1536),
           (4, 128, 4, 8, 576, 1536), (4, 128, 4, 8, 1536, 576), (16, 64, 16, 8, 576, 1536), (32, 1, 2, 8, 576, 1536),
           (32, 1, 4, 8, 576, 576), (32, 1, 8, 8, 576, 1536), (32, 1, 16, 16, 576, 1536), (32, 1, 16, 32, 1536, 576),
-          (16, 8, 16, 8, 576, 1536), (8, 32, 8, 8, 576, 1536), (2, 256, 2, 8, 576, 1536)]
+          (16, 8, 16, 8, 576, 1536), (8, 32, 8, 8, 576, 1536), (2, 256, 2, 8, 576, 1536), (2, 256, 2, 64, 576, 1536),
+          (4, 128, 4, 64, 1536, 576), (4, 16, 4, 8, 576, 1536), (8, 8, 8, 8, 576, 1536), (32, 2, 16, 8, 576, 1536)]
 
 
 def microseconds(run, repeats: int = 200) -> float:
@@ -43,11 +46,12 @@ def time_shape(batch: int, tokens: int, slots: int, rank: int, d_in: int, d_out:
     base = microseconds(lambda: x @ w.T)
     masked = microseconds(lambda: lora_masked(x, y, a, b, rows))
     grouped = microseconds(lambda: lora_grouped(x, y, a, b, rows))
+    segmented = microseconds(lambda: lora_segmented(x, y, a, b, rows))
     a32, b32, y32 = a.float(), b.float(), y.float()
     sparse = microseconds(lambda: lora_sparse(x.float(), y32, a32, b32, rows))
     chosen = rows.kernel(tokens, x.dtype, x.device).__name__.removeprefix("lora_")
     return (f"{batch:4d} {tokens:6d} {slots:5d} {rank:4d} {d_in:5d}->{d_out:<5d} {base:8.0f} {masked:10.0f} "
-            f"{grouped:11.0f} {sparse:10.0f}  {chosen}")
+            f"{grouped:11.0f} {segmented:13.0f} {sparse:10.0f}  {chosen}")
 
 
 def main() -> None:
@@ -58,7 +62,7 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}; sparse (float32) from {SPARSE_MIN_COLUMNS} columns up to "
           f"{SPARSE_MAX_ROWS} token rows; beyond, grouped for float32 prefill and from {GROUPED_MIN_COLUMNS} "
           "columns (bf16: prefill only)")
-    print("rows tokens slots rank  in->out    base_us  masked_us  grouped_us  sparse_us  chosen")
+    print("rows tokens slots rank  in->out    base_us  masked_us  grouped_us  segmented_us  sparse_us  chosen")
     torch.manual_seed(0)
     for shape in SHAPES:
         print(time_shape(*shape))

@@ -1,4 +1,4 @@
-"""The torch engine's three LoRA kernels agree with each row computed alone: rows of several adapters, rows
+"""The torch engine's four LoRA kernels agree with each row computed alone: rows of several adapters, rows
 with no LoRA, uneven groups, adapters of one page and of several (ranks 4 to 64 in one batch), pages not
 in order, and layers that only some adapters write."""
 
@@ -7,7 +7,7 @@ import torch
 
 from adapters.lora import LoraAdapter, LoraWeights
 from server.engine.adapter_bank import (LORA_PAGE_RANK, AdapterBank, LoraRows, lora_grouped, lora_masked,
-                                        lora_sparse)
+                                        lora_segmented, lora_sparse)
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
@@ -26,7 +26,10 @@ def test_every_lora_kernel_matches_each_row_alone(tokens):
 
     rows = LoraRows.of(row_pages)
     assert rows.pages == slice(2, 10) and rows.num_adapters == 4 and rows.group_pages.tolist() == [2, 5, 6, 4, 3, 7, 9]
-    for kernel in (lora_masked, lora_grouped, lora_sparse):
+    # Segments index by views where rows and pages run in order: z's one row and page; w's pages skip 8.
+    assert [(r, p) for r, p in rows.segments if isinstance(r, slice) and isinstance(p, slice)] == [
+        (slice(4, 5), slice(3, 4))]
+    for kernel in (lora_masked, lora_grouped, lora_segmented, lora_sparse):
         got = torch.zeros_like(expected)
         kernel(x, got, a, b, rows)
         torch.testing.assert_close(got, expected, msg=kernel.__name__)
@@ -43,16 +46,19 @@ def test_the_kernel_follows_the_batch_shape():
     # Sparse: float32 on a CPU, up to 128 token rows; CPU bf16 batched matmuls lose at decode.
     assert kernels(sixteen, 1) == (lora_sparse, lora_masked) and kernels(sixteen, 4) == (lora_sparse, lora_grouped)
     assert kernels(sixteen, 7) == (lora_grouped, lora_grouped)
+    # Long float32 prefills: one matmul pair per LoRA (bf16 keeps grouped, wide, and masked).
+    assert kernels(sixteen, 64) == (lora_segmented, lora_grouped)
     assert kernels(sixteen, 1, gpu) == (lora_grouped, lora_masked)
     few = LoraRows.of([(row % 4 + 1,) for row in range(32)])  # 4 rank-8 LoRAs: 32 columns
     assert kernels(few, 1) == (lora_masked, lora_masked) and kernels(few, 7) == (lora_grouped, lora_masked)
+    assert kernels(few, 64) == (lora_segmented, lora_masked) and kernels(few, 64, gpu) == (lora_grouped, lora_masked)
     wide = LoraRows.of([tuple(range(1 + 8 * (row % 4), 9 + 8 * (row % 4))) for row in range(32)])  # 4 rank-64
     assert kernels(wide, 1) == (lora_sparse, lora_masked) and kernels(wide, 1, gpu) == (lora_grouped, lora_masked)
     one = LoraRows.of([tuple(range(1, 9))] * 8)  # one rank-64 LoRA: a plain matmul, no column is another's
     assert one.num_adapters == 1 and kernels(one, 1) == kernels(one, 64) == (lora_masked, lora_masked)
 
 
-@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("tokens", [1, 6, 64])  # sparse, grouped, segmented
 def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     """Ranks 4, 8, 12 and 64 loaded through the bank, batched with base rows, equal each row computed alone;
     each holds only the pages its rank needs, and a freed adapter's pages are zeroed and handed out again."""
