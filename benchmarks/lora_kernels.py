@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from server.engine.adapter_bank import (GROUPED_MIN_COLUMNS, LORA_PAGE_RANK, SPARSE_MAX_ROWS, SPARSE_MIN_COLUMNS,
-                                        LoraRows, lora_grouped, lora_masked, lora_segmented,
+from server.engine.adapter_bank import (GROUPED_MIN_COLUMNS, LORA_PAGE_RANK, SEGMENTED_MIN_TOKENS, SPARSE_MAX_ROWS,
+                                        SPARSE_MIN_COLUMNS, LoraRows, lora_grouped, lora_masked, lora_segmented,
                                         lora_sparse)
 from server.host import detect_host
 
@@ -60,8 +60,8 @@ def main() -> None:
     torch.set_default_dtype(getattr(torch, parser.parse_args().dtype))
     print(detect_host().describe(), torch.get_default_dtype())
     print(f"threads {torch.get_num_threads()}; sparse (float32) from {SPARSE_MIN_COLUMNS} columns up to "
-          f"{SPARSE_MAX_ROWS} token rows; beyond, grouped for float32 prefill and from {GROUPED_MIN_COLUMNS} "
-          "columns (bf16: prefill only)")
+          f"{SPARSE_MAX_ROWS} token rows; beyond, segmented for float32 prefill rows of {SEGMENTED_MIN_TOKENS} "
+          f"tokens or more, grouped for shorter ones and from {GROUPED_MIN_COLUMNS} columns (bf16: prefill only)")
     print("rows tokens slots rank  in->out    base_us  masked_us  grouped_us  segmented_us  sparse_us  chosen")
     torch.manual_seed(0)
     for shape in SHAPES:
