@@ -171,9 +171,9 @@ def test_cancel_stops_training(oai, http):
                                          http.get(f"{JOBS}/{j['id']}/events").json()["data"]))
     cancelled = http.post(f"{JOBS}/{job['id']}/cancel").json()
     assert cancelled["status"] == "cancelled"
-    time.sleep(3)  # the worker stops at its next step
-    events = http.get(f"{JOBS}/{job['id']}/events", params={"limit": 100}).json()["data"]
-    assert any("cancelled during epoch" in e["message"] for e in events)
+    # The worker stops at its next step, which takes seconds on a slow CPU: waited for, not slept on.
+    _wait(http, job["id"], lambda j: any("cancelled during epoch" in e["message"] for e in http.get(
+        f"{JOBS}/{j['id']}/events", params={"limit": 100}).json()["data"]), timeout=120)
     assert http.get(f"{JOBS}/{job['id']}").json()["status"] == "cancelled"
     assert http.post(f"{JOBS}/{job['id']}/cancel").status_code == 400
 
