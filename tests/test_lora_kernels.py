@@ -27,7 +27,7 @@ def test_every_lora_kernel_matches_each_row_alone(tokens):
     rows = LoraRows.of(row_pages)
     assert rows.pages == slice(2, 10) and rows.num_adapters == 4 and rows.group_pages.tolist() == [2, 5, 6, 4, 3, 7, 9]
     # Segments index by views where rows and pages run in order: z's one row and page; w's pages skip 8.
-    assert [(r, p) for r, p in rows.segments if isinstance(r, slice) and isinstance(p, slice)] == [
+    assert [(r, p) for r, p in rows.segments() if isinstance(r, slice) and isinstance(p, slice)] == [
         (slice(4, 5), slice(3, 4))]
     for kernel in (lora_masked, lora_grouped, lora_segmented, lora_sparse):
         got = torch.zeros_like(expected)
@@ -46,7 +46,7 @@ def test_the_kernel_follows_the_batch_shape():
     # Sparse: float32 on a CPU, up to 128 token rows; CPU bf16 batched matmuls lose at decode.
     assert kernels(sixteen, 1) == (lora_sparse, lora_masked) and kernels(sixteen, 4) == (lora_sparse, lora_grouped)
     assert kernels(sixteen, 7) == (lora_grouped, lora_grouped)
-    # Long float32 prefills: one matmul pair per LoRA (bf16 keeps grouped, wide, and masked).
+    # Long float32 prefills: one matmul pair per LoRA (bf16 keeps grouped where wide, masked otherwise).
     assert kernels(sixteen, 64) == (lora_segmented, lora_grouped)
     assert kernels(sixteen, 1, gpu) == (lora_grouped, lora_masked)
     few = LoraRows.of([(row % 4 + 1,) for row in range(32)])  # 4 rank-8 LoRAs: 32 columns

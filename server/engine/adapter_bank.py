@@ -132,9 +132,9 @@ class LoraRows:
     group_pages: torch.Tensor  # (groups,)
     group_rows: torch.Tensor  # (groups, most rows of one page)
     group_padding: torch.Tensor  # (groups, most rows, 1, 1)
-    # Segmented: each LoRA's rows and pages, as slices where they run in order (views, no copies).
-    segments: list[tuple[slice | torch.Tensor, slice | torch.Tensor]]
+    rows_by_pages: dict[tuple[int, ...], list[int]]  # each LoRA's rows, by its pages
     _foreign: torch.Tensor | None = None
+    _segments: list[tuple[slice | torch.Tensor, slice | torch.Tensor]] | None = None
     _patterns: dict[int, torch.Tensor] = field(default_factory=dict)  # by tokens per row
 
     @classmethod
@@ -150,22 +150,31 @@ class LoraRows:
         low, high = min(groups), max(groups)
         own = [[page in mine for page in range(low, high + 1)] for mine in map(set, row_pages)]
         width = max(map(len, groups.values()))
-        adapters: dict[tuple[int, ...], list[int]] = {}
+        rows_by_pages: dict[tuple[int, ...], list[int]] = {}
         for row, pages in enumerate(row_pages):
             if pages:
-                adapters.setdefault(pages, []).append(row)
-        return cls(slice(low, high + 1), torch.tensor(own, device=device), len(adapters),
+                rows_by_pages.setdefault(pages, []).append(row)
+        return cls(slice(low, high + 1), torch.tensor(own, device=device), len(rows_by_pages),
                    torch.tensor(list(groups), device=device),
                    torch.tensor([rows + [0] * (width - len(rows)) for rows in groups.values()], device=device),
                    torch.tensor([[i >= len(rows) for i in range(width)] for rows in groups.values()],
                                 device=device)[:, :, None, None],
-                   [(_as_slice(rows, device), _as_slice(pages, device)) for pages, rows in adapters.items()])
+                   rows_by_pages)
 
     def foreign(self) -> torch.Tensor:
         """(batch, 1, columns): True where a column of the masked kernel's pages is not the row's own."""
         if self._foreign is None:
             self._foreign = (~self.own).repeat_interleave(LORA_PAGE_RANK, dim=1)[:, None, :]
         return self._foreign
+
+    def segments(self) -> list[tuple[slice | torch.Tensor, slice | torch.Tensor]]:
+        """The segmented kernel's: each LoRA's rows and pages, as slices where they run in order (views, no
+        copies), else index tensors. Made at first use: decode steps never need them."""
+        if self._segments is None:
+            device = self.own.device
+            self._segments = [(_as_slice(rows, device), _as_slice(pages, device))
+                              for pages, rows in self.rows_by_pages.items()]
+        return self._segments
 
     def pattern(self, tokens: int) -> torch.Tensor:
         """(batch * tokens, columns) sparse CSR: where each token's row has its own pages' columns."""
@@ -262,7 +271,7 @@ def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Ten
 def lora_segmented(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
     """One shrink and one expand per LoRA, over its own rows and pages only (SGMV's segments, looped in Python:
     few LoRAs share a prefill step, and each runs its rank, not the range's)."""
-    for row, pages in rows.segments:
+    for row, pages in rows.segments():
         a_pages, b_pages = a[pages].reshape(-1, a.shape[-1]), b[pages].reshape(-1, b.shape[-1])
         shrunk = x[row] @ a_pages.T  # (its rows, tokens, its rank)
         if isinstance(row, slice):  # its rows in order: added in place
