@@ -23,8 +23,14 @@ from adapter_factory import KINDS, make_adapter
 from postgres import PostgresCluster
 from server.app import UVICORN_HTTP, build_app
 from server.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.host import keep_torch_to_one_thread
 from server.settings import DEFAULT_CACHE_DIR, ServeSettings
 
+# The servers of a test session run in this process, each on an engine thread with torch on every core; the
+# references tests compute on this thread would add an OpenMP team of their own, and then every team sleeps
+# between parallel regions (server/host.py): the session's server answered 1.75x slower from the first
+# adapter made here on (48 tokens: 1.53 -> 2.68 s). So this thread runs torch on one.
+keep_torch_to_one_thread()
 MODEL = DEFAULT_MODEL_NAME
 MAX_MODEL_LEN = 1024
 MODEL_PATH = default_model_dir(DEFAULT_CACHE_DIR)
