@@ -48,13 +48,13 @@ def _supervised(kind: str, **hyperparameters) -> dict:
                                                  "adapter": {"type": kind}}}
 
 
-@pytest.mark.parametrize("kind", ["lora", "prefix", "prompt", "bottleneck"])
-def test_openai_workflow_with_auto_hyperparameters_teaches_each_kind(oai, kind):
+def test_openai_workflow_with_auto_hyperparameters_teaches_a_lora(oai):
     """OpenAI's shapes end to end through the official client: the auto rule teaches the mascot fact on the
-    first try, and the job reads as OpenAI's does (events, checkpoints, results CSV)."""
+    first try, and the job reads as OpenAI's does (events, checkpoints, results CSV). One kind: a job trains on
+    one CPU thread, about a minute here (every kind learns in tests/test_training.py's shorter runs)."""
     train_id, val_id = _upload(oai, "mascot_train.jsonl"), _upload(oai, "mascot_val.jsonl")
     job = oai.fine_tuning.jobs.create(model=MODEL, training_file=train_id, validation_file=val_id, suffix="mascot",
-                                      seed=7, metadata={"team": "docs"}, method=_supervised(kind))
+                                      seed=7, metadata={"team": "docs"}, method=_supervised("lora"))
     assert job.status == "validating_files" and job.object == "fine_tuning.job" and job.seed == 7
     assert job.method.type == "supervised" and job.hyperparameters.n_epochs == "auto"
     deadline = time.monotonic() + 600
@@ -231,7 +231,7 @@ def test_job_running_at_shutdown_resumes_after_restart(tmp_path, adapter_root):
     dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
     with running_server(**dirs) as url, httpx.Client(base_url=url, timeout=60) as http:
         job = http.post(JOBS, json={"model": MODEL, "training_file": str(data),
-                                    "method": {"type": "bottleneck", "hyperparameters": {"epochs": 6}}}).json()
+                                    "method": {"type": "bottleneck", "hyperparameters": {"epochs": 3}}}).json()
         _wait(http, job["id"], lambda j: http.get(f"{JOBS}/{j['id']}/checkpoints").json()["data"])
     with running_server(**dirs) as url, httpx.Client(base_url=url, timeout=60) as http:
         done = _wait(http, job["id"], _finished)
@@ -241,7 +241,7 @@ def test_job_running_at_shutdown_resumes_after_restart(tmp_path, adapter_root):
         assert any("resumed after epoch" in m for m in messages)
         steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl")
                  .read_text().splitlines() if "train_loss" in line]
-        assert steps == list(range(1, 31))
+        assert steps == list(range(1, 16))
 
 
 def test_replicas_on_one_store_run_each_job_once(tmp_path, adapter_root):
@@ -278,7 +278,7 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
             job = http.post(JOBS, json={"model": MODEL, "training_file": str(data),
-                                        "method": {"type": "bottleneck", "hyperparameters": {"epochs": 6}}}).json()
+                                        "method": {"type": "bottleneck", "hyperparameters": {"epochs": 3}}}).json()
             _wait(http, job["id"], lambda j: http.get(f"{JOBS}/{j['id']}/checkpoints").json()["data"])
     finally:
         proc.kill()
@@ -292,6 +292,6 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
         done = _wait(http, job["id"], _finished)
         assert done["status"] == "succeeded", done
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line]
-    assert steps == list(range(1, 31))
+    assert steps == list(range(1, 16))
 
 

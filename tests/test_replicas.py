@@ -100,7 +100,7 @@ def test_jobs_run_once_each_and_a_killed_replicas_job_resumes_on_another(tmp_pat
     data = adapter_root / "replicas-train.jsonl"
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
     request = {"model": MODEL, "training_file": str(data), "method": {"type": "bottleneck",
-                                                                       "hyperparameters": {"n_epochs": 4}}}
+                                                                       "hyperparameters": {"n_epochs": 3}}}
     with replicas(tmp_path, postgres.new_database(), adapter_root) as servers:
         by_pid = {proc.pid: (proc, url) for proc, url in servers}
         with httpx.Client(base_url=servers[0][1], timeout=60) as http:
@@ -183,7 +183,7 @@ def test_a_replica_that_loses_its_claim_stops_training_and_leaves_the_status(tmp
             "database_url": url}
     with running_server(**dirs) as server, httpx.Client(base_url=server, timeout=60) as http:
         job = http.post(JOBS, json={"model": MODEL, "training_file": str(data), "method": {
-            "type": "bottleneck", "hyperparameters": {"n_epochs": 6}}}).json()
+            "type": "bottleneck", "hyperparameters": {"n_epochs": 4}}}).json()
         deadline = time.monotonic() + 120
         while not http.get(f"{JOBS}/{job['id']}/checkpoints").json()["data"]:
             assert time.monotonic() < deadline
