@@ -51,7 +51,8 @@ def vllm_server(tmp_path_factory, adapter_root):
 def inside_kinds(adapter_dirs, adapter_root) -> dict[str, Path]:
     """The kinds vLLM runs through swapyard's own code: PEFT prefixes with and without prefix_projection, a
     random bottleneck and one from `swapyard train` (a single epoch: its files, not its lesson, matter here)."""
-    projected, trained = adapter_root / "prefix-projection", adapter_root / "trained-bottleneck"
+    # Its own folder: test_training trains into trained-<kind>, and a second run there would resume that one.
+    projected, trained = adapter_root / "prefix-projection", adapter_root / "one-epoch-bottleneck"
     if not projected.exists():
         make_peft_adapter("prefix", MODEL_PATH, projected, seed=2, prefix_projection=True)
     if not trained.exists():
@@ -68,14 +69,29 @@ def vllm(vllm_server):
         yield client
 
 
+def _body(model: str, question: str) -> dict:
+    return {"model": model, "messages": ask(question), "temperature": 0, "max_tokens": 24}
+
+
+def _content(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
 def _answers(client: httpx.Client, model: str) -> list[str]:
-    out = []
-    for question in QUESTIONS:
-        body = {"model": model, "messages": ask(question), "temperature": 0, "max_tokens": 24}
-        response = client.post("/v1/chat/completions", json=body)
-        assert response.status_code == 200, response.text
-        out.append(response.json()["choices"][0]["message"]["content"])
-    return out
+    return [_content(client.post("/v1/chat/completions", json=_body(model, question))) for question in QUESTIONS]
+
+
+def _answers_together(client: httpx.Client, models: list[str]) -> dict[str, list[str]]:
+    """Each model's `_answers`, every request sent at once: one batch instead of a request at a time (a
+    batch answers as each request alone: test_every_kind_mixed_in_one_batch_answers_as_alone)."""
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=300) as concurrent:
+            return await asyncio.gather(*(concurrent.post("/v1/chat/completions", json=_body(model, question))
+                                          for model in models for question in QUESTIONS))
+
+    answers = iter(map(_content, asyncio.run(send())))
+    return {model: [next(answers) for _ in QUESTIONS] for model in models}
 
 
 def test_base_answers_and_streams_like_the_torch_engine(vllm, http):
@@ -172,16 +188,16 @@ def test_merge_into_vllm_weights_keeps_other_answers(vllm, adapter_dirs):
         registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
         assert registered.status_code == 201, registered.text
     models = [MODEL, *kinds]
-    before = {model: _answers(vllm, model) for model in models}
+    before = _answers_together(vllm, models)
 
     merged = vllm.post("/v1/adapters/mv-lora/merge")
     assert merged.status_code == 200 and merged.json()["merged"] is True, merged.text
-    assert {model: _answers(vllm, model) for model in models} == before
+    assert _answers_together(vllm, models) == before
     refused = vllm.post("/v1/adapters/mv-bottleneck/merge")
     assert refused.status_code == 400, refused.text
 
     assert vllm.post("/v1/adapters/mv-lora/unmerge").status_code == 200
-    assert {model: _answers(vllm, model) for model in models} == before
+    assert _answers_together(vllm, models) == before
 
 
 def test_replacing_an_adapter_with_another_kind_serves_the_new_kind(vllm, adapter_dirs):
@@ -265,10 +281,12 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, http, adapter_dirs
         registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora2"]), "replace": True})
         assert registered.status_code == 201, registered.text
     for name in (*fillers, "mix-lora", "mix-lora2", "mix-qv", "mix-bottleneck", "mix-trained"):
-        _answers(vllm, name)
+        loaded = vllm.post("/v1/chat/completions", json={"model": name, "messages": ask("Hi"), "max_tokens": 1})
+        assert loaded.status_code == 200, loaded.text
     models = [MODEL, *folders]
-    bodies = [{"model": m, "messages": ask(q), "temperature": 0, "max_tokens": 24, "ignore_eos": True}
-              for m in models for q in QUESTIONS]
+    # One request a model, the questions alternating so that the batch holds prompts of two lengths.
+    bodies = [{"model": m, "messages": ask(QUESTIONS[i % 2]), "temperature": 0, "max_tokens": 24, "ignore_eos": True}
+              for i, m in enumerate(models)]
     alone = [vllm.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
     on_torch = [http.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
     assert [(b["model"], a) for b, a in zip(bodies, alone)] == [(b["model"], a) for b, a in zip(bodies, on_torch)]
@@ -280,10 +298,10 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, http, adapter_dirs
     streams = asyncio.run(together())
     differ = [(b["model"], text[:40], a[:40]) for b, (text, _), a in zip(bodies, streams, alone) if text != a]
     assert not differ
-    times = {m: [t for b, (_, t) in zip(bodies, streams) if b["model"] == m] for m in models}
+    times = [t for _, t in streams]
     for i, first in enumerate(models):
-        for second in models[i + 1:]:
-            assert any(_shared_steps(a, b) for a in times[first] for b in times[second]), (first, second)
+        for j, second in enumerate(models[i + 1:], i + 1):
+            assert _shared_steps(times[i], times[j]), (first, second)
     assert vllm.get("/health").status_code == 200
 
 
@@ -351,7 +369,7 @@ def test_a_dead_engine_core_is_replaced(vllm_server, vllm, adapter_dirs):
                                                "replace": True}).status_code == 201
     assert vllm.post("/v1/adapters/rs-merged/merge").status_code == 200
     models = [MODEL, *kinds]
-    before = {model: _answers(vllm, model) for model in models}
+    before = _answers_together(vllm, models)
     server_pid = vllm_server[0].pid
     engine_cores = [c for c in _children(server_pid) if b"EngineCore" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert engine_cores, f"no engine-core process among {_children(server_pid)}"
@@ -367,5 +385,5 @@ def test_a_dead_engine_core_is_replaced(vllm_server, vllm, adapter_dirs):
             assert chat.status_code == 503 and "retry-after" in chat.headers, chat.text
         time.sleep(0.5)
     assert "swapyard_engine_failures_total 1.0" in vllm.get("/metrics").text
-    assert {model: _answers(vllm, model) for model in models} == before
+    assert _answers_together(vllm, models) == before
     assert vllm.get("/v1/adapters/rs-merged").json()["merged"] is True

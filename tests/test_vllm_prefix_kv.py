@@ -110,17 +110,19 @@ def test_delete_frees_the_workers_memory(vllm, prefixes, adapter_dirs):
 def test_preempted_prefix_and_bottleneck_requests_are_recomputed_exactly(vllm, prefixes, adapter_dirs):
     """A burst over the small cache makes vLLM preempt running requests; a preempted prefix request gets
     its K/V loaded again when it resumes, and every answer equals the request's answer alone."""
+    max_tokens = 96
     _register((vllm,), "pre-long", prefixes["long"])
     _register((vllm,), "pre-short", prefixes["short"])
     _register((vllm,), "pre-bottleneck", adapter_dirs["bottleneck"])
     models = [MODEL, "pre-long", "pre-short", "pre-bottleneck"] * 3
-    alone = {model: _answer(vllm, model, max_tokens=120) for model in set(models)}
+    # 96 tokens take every request past a 128-token block: 27 blocks at the end, against the cache's 10.
+    alone = {model: _answer(vllm, model, max_tokens=max_tokens) for model in set(models)}
     preemptions = _metric(vllm, "vllm:num_preemptions_total")
 
     async def burst() -> list[str]:
         async with httpx.AsyncClient(base_url=str(vllm.base_url), timeout=600) as client:
-            bodies = [{"model": m, "messages": ask(QUESTION), "temperature": 0, "max_tokens": 120, "ignore_eos": True}
-                      for m in models]
+            bodies = [{"model": m, "messages": ask(QUESTION), "temperature": 0, "max_tokens": max_tokens,
+                       "ignore_eos": True} for m in models]
             responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
         return [r.json()["choices"][0]["message"]["content"] for r in responses]
 
