@@ -285,8 +285,7 @@ def test_every_kind_mixed_in_one_batch_answers_as_alone(vllm, http, adapter_dirs
         assert loaded.status_code == 200, loaded.text
     models = [MODEL, *folders]
     # One request a model, the questions alternating so that the batch holds prompts of two lengths.
-    bodies = [{"model": m, "messages": ask(QUESTIONS[i % 2]), "temperature": 0, "max_tokens": 24, "ignore_eos": True}
-              for i, m in enumerate(models)]
+    bodies = [{**_body(m, QUESTIONS[i % 2]), "ignore_eos": True} for i, m in enumerate(models)]
     alone = [_content(vllm.post("/v1/chat/completions", json=b)) for b in bodies]
     on_torch = [_content(http.post("/v1/chat/completions", json=b)) for b in bodies]
     assert [(b["model"], a) for b, a in zip(bodies, alone)] == [(b["model"], a) for b, a in zip(bodies, on_torch)]

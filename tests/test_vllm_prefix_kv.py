@@ -60,9 +60,12 @@ def _register(clients, name: str, folder) -> None:
         assert registered.status_code == 201, registered.text
 
 
+def _body(model: str, max_tokens: int = 24, question: str = QUESTION) -> dict:
+    return {"model": model, "messages": ask(question), "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+
+
 def _answer(client: httpx.Client, model: str, max_tokens: int = 24, question: str = QUESTION) -> str:
-    body = {"model": model, "messages": ask(question), "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
-    response = client.post("/v1/chat/completions", json=body)
+    response = client.post("/v1/chat/completions", json=_body(model, max_tokens, question))
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
 
@@ -121,9 +124,8 @@ def test_preempted_prefix_and_bottleneck_requests_are_recomputed_exactly(vllm, p
 
     async def burst() -> list[str]:
         async with httpx.AsyncClient(base_url=str(vllm.base_url), timeout=600) as client:
-            bodies = [{"model": m, "messages": ask(QUESTION), "temperature": 0, "max_tokens": max_tokens,
-                       "ignore_eos": True} for m in models]
-            responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+            responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=_body(m, max_tokens))
+                                               for m in models))
         return [r.json()["choices"][0]["message"]["content"] for r in responses]
 
     answers = asyncio.run(burst())
