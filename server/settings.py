@@ -36,9 +36,10 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(64, gt=0)
     """Most sequences decoded together in one step."""
     max_num_batched_tokens: int | None = Field(None, gt=0)
-    """Torch engine: token budget of one prefill step (padded batch size x longest new prompt; default 512 on a CPU,
-    2048 on a GPU, vLLM's server default). A longer prompt is prefilled in chunks of this size, taking turns with
-    decode steps: on a 2-core CPU a 512-token chunk holds the running streams up for about 0.7 s."""
+    """Torch engine: token budget of one step (default 512 on a CPU, 2048 on a GPU, vLLM's server default). A
+    longer prompt is prefilled in chunks: where vLLM's CPU attention kernel runs, inside the decode steps (the
+    decode rows count against the budget), elsewhere in prefill steps (padded batch size x longest new prompt)
+    taking turns with them. On a 2-core CPU a 512-token chunk holds the running streams up for about 0.7 s."""
     enable_prefix_caching: bool = True
     """Reuse the KV-cache blocks of a prompt prefix (system prompt, earlier turns) that a request of the same adapter
     version computed before (both engines)."""

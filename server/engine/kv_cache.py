@@ -212,42 +212,67 @@ class PagedKVCache:
 
 @dataclass
 class KVBatch:
-    """Where one forward pass writes its new keys/values and which cached positions each row attends to:
-    row i's new tokens are the last of its sequence (positions seq_lens[i] - new .. seq_lens[i] - 1)."""
+    """Where one forward pass writes its new keys/values and which cached positions each sequence attends
+    to: sequence i's new tokens are its last (positions seq_lens[i] - new .. seq_lens[i] - 1). A sequence is
+    a padded row of the batch (`build`), or a run of one-token rows (`packed`)."""
 
     cache: PagedKVCache
     valid: torch.Tensor | None  # [batch, new_tokens] False on padding; None where no row is padded
     slots: torch.Tensor  # [num_valid_tokens] pool slot of each new token
-    tables: torch.Tensor  # [batch, blocks] each row's blocks, padded with NULL_BLOCK
-    seq_lens: torch.Tensor  # [batch] tokens of each row's sequence after this pass
-    query_start: torch.Tensor  # [batch + 1] where each row's new tokens start among the valid ones
+    tables: torch.Tensor  # [sequences, blocks] each sequence's blocks, padded with NULL_BLOCK
+    seq_lens: torch.Tensor  # [sequences] tokens of each sequence after this pass
+    query_start: torch.Tensor  # [sequences + 1] where each sequence's new tokens start among the valid ones
     kernel_plan: torch.Tensor | None  # vLLM's scheduler metadata (kernel path), shared by every layer
     mask: torch.Tensor | None  # [batch, 1, new_tokens, kv_len] query at position p sees keys 0..p (gather path)
 
     @classmethod
     def build(cls, cache: PagedKVCache, tables: list[list[int]], positions: torch.Tensor,
               valid: torch.Tensor) -> "KVBatch":
+        """Padded rows: row i feeds positions[i][valid[i]], its sequence's last tokens."""
         device = positions.device
         seq_lens = (positions.masked_fill(~valid, -1).amax(dim=1) + 1).to(torch.int32)
+        rows = torch.arange(positions.shape[0], device=device)[:, None].expand_as(positions)[valid]
+        mask = None
+        if cache.kernel is None:
+            keys = torch.arange(int(seq_lens.max()), device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        return cls._of(cache, tables, rows, positions[valid], seq_lens, valid.sum(dim=1),
+                       None if bool(valid.all()) else valid, mask)
+
+    @classmethod
+    def packed(cls, cache: PagedKVCache, tables: list[list[int]], positions: torch.Tensor,
+               lengths: list[int]) -> "KVBatch":
+        """One token a row (a step that mixes decode rows and prefill chunks): sequence i feeds the next
+        lengths[i] rows, at `positions` (tokens, 1). vLLM's kernel attends over ragged sequences; the gather
+        path would copy each token row's keys, so it takes padded rows only."""
+        if cache.kernel is None:
+            raise ValueError("packed rows need vLLM's CPU attention kernel")
+        counts = torch.tensor(lengths, device=positions.device)
+        written = positions.flatten()
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=positions.device), counts)
+        seq_lens = written[counts.cumsum(0) - 1].to(torch.int32) + 1  # each sequence's last position + 1
+        return cls._of(cache, tables, rows, written, seq_lens, counts, None, None)
+
+    @classmethod
+    def _of(cls, cache: PagedKVCache, tables: list[list[int]], rows: torch.Tensor, written: torch.Tensor,
+            seq_lens: torch.Tensor, new_tokens: torch.Tensor, valid: torch.Tensor | None,
+            mask: torch.Tensor | None) -> "KVBatch":
+        """rows/written: each new token's sequence and position; new_tokens: how many each sequence feeds."""
+        device = written.device
         width = cache.blocks_for(int(seq_lens.max()))
         table = torch.full((len(tables), width), NULL_BLOCK, dtype=torch.int32)
         for row, blocks in enumerate(tables):
             table[row, : min(len(blocks), width)] = torch.tensor(blocks[:width], dtype=torch.int32)
         table = table.to(device)
-        rows = torch.arange(positions.shape[0], device=device)[:, None].expand_as(positions)[valid]
-        written = positions[valid]
         slots = table[rows, written // cache.block_size].long() * cache.block_size + written % cache.block_size
-        query_start = F.pad(valid.sum(dim=1).cumsum(0), (1, 0)).to(torch.int32)
-        plan = mask = None
+        query_start = F.pad(new_tokens.cumsum(0), (1, 0)).to(torch.int32)
+        plan = None
         if cache.kernel is not None:
             plan = cache.kernel.cpu_attn_get_scheduler_metadata(
                 num_reqs=len(tables), num_heads=cache.num_heads, num_kv_heads=cache.kv.shape[2],
                 head_dim=cache.kv.shape[4], seq_lens=seq_lens, dtype=cache.kv.dtype, query_start_loc=query_start,
                 causal=True, sliding_window_size=-1, isa=cache.isa, enable_kv_split=False)
-        else:
-            keys = torch.arange(int(seq_lens.max()), device=device)
-            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        return cls(cache, None if bool(valid.all()) else valid, slots, table, seq_lens, query_start, plan, mask)
+        return cls(cache, valid, slots, table, seq_lens, query_start, plan, mask)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_batch=None, **_):

@@ -1,6 +1,7 @@
-"""Loads an HF causal LM; runs one step's padded forward pass over sequences of the paged KV cache and
-samples the next token of each row that is ready for one."""
+"""Loads an HF causal LM; runs one step's forward pass over sequences of the paged KV cache (padded, or packed
+one token a row) and samples the next token of each sequence that is ready for one."""
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class ModelRunner:
                                   head_dim, budget_bytes=kv_cache_bytes, max_model_len=max_model_len, dtype=kv_dtype,
                                   device=self.device)
         self.adapters = AdapterBank(self.model, max_resident_adapters, kv_dtype)
+        # Prefill chunks ride in decode steps (packed rows) where attention reads ragged sequences in place.
+        self.mixed_steps = self.cache.kernel is not None
         host = detect_host()
         log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s; %d linear layers prepacked for oneDNN)",
                  model_path, self.device, dtype_name(self.dtype), dtype, host.cpu_model, host.isa, packed)
@@ -68,7 +71,7 @@ class ModelRunner:
         seqs = batch.sequences
         scored = tuple(i for i, s in enumerate(seqs) if s.is_scoring_prompt)
         logits, full = self.forward_scoring([s.blocks for s in seqs], batch.inputs, [s.computed for s in seqs],
-                                            [s.resident for s in seqs], scored)
+                                            [s.resident for s in seqs], scored, packed=batch.phase == "mixed")
         rows = batch.sampled_rows
         if not rows:
             return SampledBatch([], [], [], full)
@@ -80,22 +83,46 @@ class ModelRunner:
         return SampledBatch(rows, tokens, logprobs_of(logits, tokens, params), full)
 
     def forward(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int],
-                residents: list[Resident | None]) -> torch.Tensor:
-        """Row i feeds `inputs[i]` at positions starts[i]... into the blocks tables[i], with its own adapter.
+                residents: list[Resident | None], *, packed: bool = False) -> torch.Tensor:
+        """Sequence i feeds `inputs[i]` at positions starts[i]... into the blocks tables[i], with its own
+        adapter. A negative id -k-1 stands for soft-prompt row k of the sequence's prompt-tuning adapter.
+        Returns the logits after each sequence's last input (sequences, vocab) in float32.
 
-        Rows are left-padded, so every row's last token is the last column and `logits_to_keep=1`
-        computes the LM head for that token only. A negative id -k-1 stands for soft-prompt row k of the
-        row's prompt-tuning adapter. Returns logits (batch, vocab) in float32.
+        Padded: a row per sequence, left-padded to the longest. Packed (`mixed_steps` only): a row per token,
+        so a prefill chunk rides in a decode step without padding the decode rows to its length; the
+        linear layers see the same (tokens, hidden) either way.
         """
-        return self.forward_scoring(tables, inputs, starts, residents, ())[0]
+        return self.forward_scoring(tables, inputs, starts, residents, (), packed=packed)[0]
 
     @torch.inference_mode()
     def forward_scoring(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int],
-                        residents: list[Resident | None], full_rows: tuple[int, ...]
+                        residents: list[Resident | None], full_rows: tuple[int, ...], *, packed: bool = False
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """`forward`, plus the logits at every input position (len(inputs[row]), vocab) of each row in
-        `full_rows` (prompt logprobs): the LM head runs on those rows' final hidden states only, caught
-        from the decoder, since the whole batch's (batch, width, vocab) logits would take gigabytes."""
+        `full_rows` (prompt logprobs). The LM head runs on the decoder's final hidden states at the positions
+        wanted only: every position's logits would take gigabytes, and a packed step's rows are tokens."""
+        ids, positions, kv_batch, fed = (self._packed if packed else self._padded)(tables, inputs, starts)
+        row_residents, chunks = residents, []
+        if packed:  # each row's adapter is its sequence's; the prefill chunks (after the decode rows) run apart
+            row_residents = [r for r, tokens in zip(residents, inputs) for _ in tokens]
+            chunks = fed[next((i for i, tokens in enumerate(inputs) if len(tokens) > 1), len(inputs)):]
+        self.adapters.bind(row_residents, chunks)
+        hidden = self.model.base_model(**self._embed(ids, row_residents), position_ids=positions, use_cache=False,
+                                       kv_batch=kv_batch).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        head = self.model.get_output_embeddings()
+        if packed:  # the head's LoRA rows: one per sequence
+            self.adapters.bind(residents)
+        logits = head(hidden[[rows.stop - 1 for rows in fed]][:, None])[:, 0].float()
+        full = {}
+        for row in full_rows:  # one row at a time, bound to its own adapter (a LoRA may target the head)
+            self.adapters.bind([residents[row]])
+            full[row] = head(hidden[fed[row]][None])[0].float()
+        return logits, full
+
+    def _padded(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int]):
+        """(ids, positions, KV batch, each sequence's rows of the flattened hidden states) of the padded
+        layout: rows are left-padded, so every row's last token is the last column."""
         width = max(map(len, inputs))
         ids = torch.full((len(inputs), width), self.pad_token_id, dtype=torch.long)
         positions = torch.zeros_like(ids)
@@ -106,22 +133,17 @@ class ModelRunner:
             positions[row, width - n :] = torch.arange(start, start + n)
             valid[row, width - n :] = True
         ids, positions, valid = ids.to(self.device), positions.to(self.device), valid.to(self.device)
-        kv_batch = KVBatch.build(self.cache, tables, positions, valid)
-        self.adapters.bind(residents)
-        hidden: list[torch.Tensor] = []
-        hook = self.model.base_model.register_forward_hook(
-            lambda _module, _args, out: hidden.append(out.last_hidden_state)) if full_rows else None
-        try:
-            out = self.model(**self._embed(ids, residents), position_ids=positions, use_cache=False,
-                             logits_to_keep=1, kv_batch=kv_batch)
-        finally:
-            if hook is not None:
-                hook.remove()
-        head, full = self.model.get_output_embeddings(), {}
-        for row in full_rows:  # one row at a time, bound to its own adapter (a LoRA may target the head)
-            self.adapters.bind([residents[row]])
-            full[row] = head(hidden[0][row : row + 1, width - len(inputs[row]) :])[0].float()
-        return out.logits[:, -1].float(), full
+        fed = [slice((row + 1) * width - len(tokens), (row + 1) * width) for row, tokens in enumerate(inputs)]
+        return ids, positions, KVBatch.build(self.cache, tables, positions, valid), fed
+
+    def _packed(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int]):
+        """The same for the packed layout: one token a row, each sequence's tokens one after another."""
+        ids = torch.tensor([token for tokens in inputs for token in tokens], device=self.device)[:, None]
+        positions = torch.cat([torch.arange(start, start + len(tokens)) for tokens, start in zip(inputs, starts)])
+        positions = positions.to(self.device)[:, None]
+        ends = list(itertools.accumulate(map(len, inputs)))
+        fed = [slice(end - len(tokens), end) for tokens, end in zip(inputs, ends)]
+        return ids, positions, KVBatch.packed(self.cache, tables, positions, list(map(len, inputs))), fed
 
     def _embed(self, ids: torch.Tensor, residents: list[Resident | None]) -> dict[str, torch.Tensor]:
         """Token ids, or input embeddings when some row carries soft-prompt positions."""
@@ -129,7 +151,8 @@ class ModelRunner:
         if not soft.any():
             return {"input_ids": ids}
         embeds = self.model.get_input_embeddings()(ids.clamp(min=0))
-        for row, resident in enumerate(residents):
-            if resident is not None and isinstance(resident.adapter, PromptAdapter) and soft[row].any():
+        for row in soft.any(dim=1).nonzero().flatten().tolist():  # packed rows are tokens: visit only these
+            resident = residents[row]
+            if resident is not None and isinstance(resident.adapter, PromptAdapter):
                 embeds[row, soft[row]] = resident.adapter.embeddings[-1 - ids[row, soft[row]]]
         return {"inputs_embeds": embeds}

@@ -8,8 +8,10 @@ their blocks are freed, and they go back to the head of the queue and are recomp
 
 Prefix caching: an admitted sequence takes the cached blocks of the longest prefix it shares with what
 earlier sequences of the same adapter version computed, and computes only the rest. Chunked prefill: a
-prefill step feeds at most `max_num_batched_tokens`, and prefill and decode steps alternate while both
-have work, so a long prompt delays the running streams by one chunk at a time, not by its whole prefill.
+step feeds at most `max_num_batched_tokens`, so a long prompt delays the running streams by one chunk at a
+time, not by its whole prefill. Where the model runner packs rows (`mixed_steps`: vLLM's CPU attention
+kernel), the chunks ride in the decode steps, as in vLLM v1; elsewhere prefill and decode steps alternate
+while both have work.
 """
 
 import logging
@@ -75,23 +77,49 @@ class Scheduler:
         self.running.clear()
 
     def schedule(self) -> ScheduledBatch | None:
-        """The next step: waiting sequences admitted while the budgets allow, then a prefill chunk or a
-        decode step (they take turns while both have work); None when nothing can run."""
+        """The next step: waiting sequences admitted while the budgets allow, then, where the runner mixes
+        steps, every decode row with prefill chunks in the rest of the token budget; elsewhere a prefill
+        chunk or a decode step (they take turns while both have work). None when nothing can run."""
         self._admit()
         prefilling = [s for s in self.running if s.length - s.computed > 1]
-        decode = not prefilling or (not self._decoded_last and len(prefilling) < len(self.running))
-        self._decoded_last = decode
-        if decode:
-            self._make_room_for_decode()
-            # A list of its own: finished sequences leave `running` while the batch is walked.
-            batch = [s for s in self.running if s.length - s.computed == 1]
-            scheduled = ScheduledBatch("decode", batch, [s.tokens()[s.computed :] for s in batch])
+        # Mixed while the decode rows leave some of the budget to the chunks; else they take turns, so that
+        # prefill goes on however many streams decode.
+        decoding = len(self.running) - len(prefilling)
+        if self.runner.mixed_steps and prefilling and 0 < decoding < self.max_num_batched_tokens:
+            scheduled = self._mixed()
         else:
-            scheduled = self._chunk(prefilling)
+            decode = not prefilling or (not self._decoded_last and len(prefilling) < len(self.running))
+            self._decoded_last = decode
+            scheduled = self._decode() if decode else self._chunk(prefilling)
         if not scheduled.sequences:
             return None
         ENGINE_BATCH_SIZE.labels(phase=scheduled.phase).observe(len(scheduled.sequences))
         return scheduled
+
+    def _decode(self) -> ScheduledBatch:
+        self._make_room_for_decode()
+        # A list of its own: finished sequences leave `running` while the batch is walked.
+        batch = [s for s in self.running if s.length - s.computed == 1]
+        return ScheduledBatch("decode", batch, [s.tokens()[s.computed :] for s in batch])
+
+    def _mixed(self) -> ScheduledBatch:
+        """vLLM v1's step: each decoding sequence's next token, then prefill chunks in order while the token
+        budget lasts (the last one cut to it), one step instead of a decode and a prefill step in turn."""
+        decode = self._decode()
+        if not decode.sequences:  # making room preempted every decoding sequence
+            return self._chunk([s for s in self.running if s.length - s.computed > 1])
+        batch, inputs = list(decode.sequences), list(decode.inputs)
+        budget = self.max_num_batched_tokens - len(batch)
+        for seq in self.running:  # after the decode rows' blocks: making room may have preempted some
+            pending = seq.length - seq.computed
+            if pending > 1 and budget > 0:
+                take = min(pending, budget)
+                batch.append(seq)
+                inputs.append(seq.tokens()[seq.computed : seq.computed + take])
+                budget -= take
+        if len(batch) == len(decode.sequences):  # no chunk fits beside the decode rows
+            return decode
+        return ScheduledBatch("mixed", batch, inputs)
 
     def update(self, batch: ScheduledBatch, sampled: SampledBatch) -> None:
         """After the forward pass: what each row fed is computed, its full blocks go to the prefix cache and

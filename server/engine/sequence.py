@@ -54,9 +54,10 @@ class Sequence:
 @dataclass
 class ScheduledBatch:
     """One step as the scheduler decided it: its rows, and the tokens each feeds from its `computed`
-    position. Rows whose prompt this step completes are sampled; a prefill chunk with more to come is not."""
+    position. Rows whose prompt this step completes are sampled; a prefill chunk with more to come is not.
+    A mixed step holds decode rows and prefill chunks (the model runner packs it, one token a row)."""
 
-    phase: Literal["prefill", "decode"]
+    phase: Literal["prefill", "decode", "mixed"]
     sequences: list[Sequence]
     inputs: list[list[int]]
 
