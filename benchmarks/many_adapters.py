@@ -43,7 +43,7 @@ LORA_RANKS = {8: 0.5, 16: 0.3, 32: 0.15, 64: 0.05}  # most adapters are small, a
 LORA_TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 # Counters summed over adapters: requests that waited for a load (and how long), loads (and how long); and
 # per phase: engine steps (their time and sequences).
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "mixed")
 TALLIES = ("swapyard_adapter_wait_seconds_count", "swapyard_adapter_wait_seconds_sum",
            "swapyard_adapter_load_seconds_count", "swapyard_adapter_load_seconds_sum",
            *(f'swapyard_engine_{name}{{phase="{phase}"}}' for phase in PHASES
@@ -138,7 +138,7 @@ def measured_open_loop(url: str, models: list[str], gaps: list[float], max_token
     counts = [after[name] - before[name] for name in TALLIES]
     adapters, engine = counts[:4], counts[4:]
     result["engine_busy_share"] = round(sum(engine[1::3]) / result["wall_s"], 3)
-    for phase, (steps, step_s, rows) in zip(PHASES, (engine[:3], engine[3:])):
+    for phase, (steps, step_s, rows) in zip(PHASES, (engine[i : i + 3] for i in range(0, len(engine), 3))):
         result[phase] = {"steps": int(steps), "mean_step_ms": round(1000 * step_s / max(steps, 1), 1),
                          "mean_batch": round(rows / max(steps, 1), 1)}
     return result, adapters
