@@ -3,9 +3,8 @@ in the batch's range, one matmul), sparse (only each row's own columns: SDDMM th
 grouped (rows gathered by page, one batched matmul per projection) and segmented (one matmul pair per LoRA
 over its own rows and pages), with the one the engine picks (see SPARSE_MIN_COLUMNS, GROUPED_MIN_COLUMNS
 and SEGMENTED_MIN_TOKENS in server/engine/adapter_bank.py). torch's CPU sparse kernels
-take float32 only: with --dtype bfloat16 the sparse column times it on float32 copies of the stacks and
-activations (conversions and the final add into the bf16 output not counted); the engine keeps no such
-copies, since end to end, conversions included, it measured no faster than the masked matmul.
+take float32 only: with --dtype bfloat16 the sparse column runs on the float32 copies of the stacks that a
+bf16 CPU engine keeps, converting the activations in and adding into the bf16 output (both counted).
 
     .venv/bin/python benchmarks/lora_kernels.py [--dtype bfloat16]
 """
@@ -47,8 +46,8 @@ def time_shape(batch: int, tokens: int, slots: int, rank: int, d_in: int, d_out:
     masked = microseconds(lambda: lora_masked(x, y, a, b, rows))
     grouped = microseconds(lambda: lora_grouped(x, y, a, b, rows))
     segmented = microseconds(lambda: lora_segmented(x, y, a, b, rows))
-    a32, b32, y32 = a.float(), b.float(), y.float()
-    sparse = microseconds(lambda: lora_sparse(x.float(), y32, a32, b32, rows))
+    a32, b32 = a.float(), b.float()
+    sparse = microseconds(lambda: lora_sparse(x, y, a32, b32, rows))
     chosen = rows.kernel(tokens, x.dtype, x.device).__name__.removeprefix("lora_")
     return (f"{batch:4d} {tokens:6d} {slots:5d} {rank:4d} {d_in:5d}->{d_out:<5d} {base:8.0f} {masked:10.0f} "
             f"{grouped:11.0f} {segmented:13.0f} {sparse:10.0f}  {chosen}")
@@ -59,9 +58,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     torch.set_default_dtype(getattr(torch, parser.parse_args().dtype))
     print(detect_host().describe(), torch.get_default_dtype())
-    print(f"threads {torch.get_num_threads()}; sparse (float32) from {SPARSE_MIN_COLUMNS} columns up to "
-          f"{SPARSE_MAX_ROWS} token rows; beyond, segmented for float32 prefill rows of {SEGMENTED_MIN_TOKENS} "
-          f"tokens or more, grouped for shorter ones and from {GROUPED_MIN_COLUMNS} columns (bf16: prefill only)")
+    print(f"threads {torch.get_num_threads()}; sparse up to {SPARSE_MAX_ROWS} token rows (float32 from "
+          f"{SPARSE_MIN_COLUMNS} columns, bf16 decode at any width); beyond, segmented for float32 prefill rows "
+          f"of {SEGMENTED_MIN_TOKENS} tokens or more, grouped for shorter ones and from {GROUPED_MIN_COLUMNS} "
+          "columns (bf16: prefill only)")
     print("rows tokens slots rank  in->out    base_us  masked_us  grouped_us  segmented_us  sparse_us  chosen")
     torch.manual_seed(0)
     for shape in SHAPES:

@@ -60,8 +60,10 @@ def _poison(app, name: str) -> None:
     pages = bank._by_name[name].pages
     for wrapper in bank._lora_modules.values():
         if (pool := lora_pool(wrapper.name)) in pages:
-            wrapper.a[list(pages[pool])] = torch.finfo(wrapper.a.dtype).max
-            wrapper.b[list(pages[pool])] = 1.0
+            for a, b in ((wrapper.a, wrapper.b), (wrapper.a_float32, wrapper.b_float32)):
+                if a is not None:  # the float32 copies of a CPU engine in bf16 too
+                    a[list(pages[pool])] = torch.finfo(a.dtype).max
+                    b[list(pages[pool])] = 1.0
 
 
 def test_an_overflowing_lora_fails_alone_and_leaves_nothing_behind(served, adapter_dirs):

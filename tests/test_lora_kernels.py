@@ -43,17 +43,18 @@ def test_the_kernel_follows_the_batch_shape():
         return rows.kernel(tokens, fp32, device), rows.kernel(tokens, bf16, device)
 
     sixteen = LoraRows.of([(row % 16 + 1,) for row in range(32)])  # 16 rank-8 LoRAs: 128 columns
-    # Sparse: float32 on a CPU, up to 128 token rows; CPU bf16 batched matmuls lose at decode.
-    assert kernels(sixteen, 1) == (lora_sparse, lora_masked) and kernels(sixteen, 4) == (lora_sparse, lora_grouped)
+    # Sparse on a CPU, up to 128 token rows: float32 from 64 columns, and bf16 decode of two or more LoRAs (on
+    # float32 copies of the stacks).
+    assert kernels(sixteen, 1) == (lora_sparse, lora_sparse) and kernels(sixteen, 4) == (lora_sparse, lora_grouped)
     assert kernels(sixteen, 7) == (lora_grouped, lora_grouped)
     # Long float32 prefills: one matmul pair per LoRA (bf16 keeps grouped where wide, masked otherwise).
     assert kernels(sixteen, 64) == (lora_segmented, lora_grouped)
     assert kernels(sixteen, 1, gpu) == (lora_grouped, lora_masked)
     few = LoraRows.of([(row % 4 + 1,) for row in range(32)])  # 4 rank-8 LoRAs: 32 columns
-    assert kernels(few, 1) == (lora_masked, lora_masked) and kernels(few, 7) == (lora_grouped, lora_masked)
+    assert kernels(few, 1) == (lora_masked, lora_sparse) and kernels(few, 7) == (lora_grouped, lora_masked)
     assert kernels(few, 64) == (lora_segmented, lora_masked) and kernels(few, 64, gpu) == (lora_grouped, lora_masked)
     wide = LoraRows.of([tuple(range(1 + 8 * (row % 4), 9 + 8 * (row % 4))) for row in range(32)])  # 4 rank-64
-    assert kernels(wide, 1) == (lora_sparse, lora_masked) and kernels(wide, 1, gpu) == (lora_grouped, lora_masked)
+    assert kernels(wide, 1) == (lora_sparse, lora_sparse) and kernels(wide, 1, gpu) == (lora_grouped, lora_masked)
     one = LoraRows.of([tuple(range(1, 9))] * 8)  # one rank-64 LoRA: a plain matmul, no column is another's
     assert one.num_adapters == 1 and kernels(one, 1) == kernels(one, 64) == (lora_masked, lora_masked)
 
@@ -91,6 +92,45 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     assert not bank._lora_modules["0"].a[2:10].any()
     bank.load("r12b", adapters["r12"])  # the lowest free pages
     assert bank._by_name["r12b"].pages == {"0": (2, 3)}
+
+
+def test_bf16_decode_runs_sparse_on_float32_copies_that_leave_with_the_adapter():
+    """A CPU engine in bf16 keeps float32 copies of its LoRA stacks, holding the same bf16-rounded weights: wide
+    decode batches run the sparse kernel on them, every row equals its own computation from those weights, and
+    an unloaded adapter's pages are zeroed in both copies."""
+    torch.manual_seed(0)
+    d_in, d_out = 32, 24
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False)).to(torch.bfloat16)
+    bank = AdapterBank(model, max_adapters=4, kv_dtype=torch.float32)
+    ranks = {"r8": 8, "r64": 64, "r16": 16}
+    adapters = {name: LoraAdapter({"0": LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5)})
+                for name, r in ranks.items()}
+    for name, adapter in adapters.items():
+        bank.load(name, adapter)
+    wrapper = bank._lora_modules["0"]
+    assert torch.equal(wrapper.a_float32, wrapper.a.float()) and torch.equal(wrapper.b_float32, wrapper.b.float())
+    order = ["r64", None, "r8", "r16", "r8", "r64"]
+    bank.bind([bank.acquire(name) if name else None for name in order])
+    assert bank.rows.lora["0"].kernel(1, torch.bfloat16, torch.device("cpu")) is lora_sparse
+    x = torch.randn(len(order), 1, d_in).to(torch.bfloat16)
+    with torch.no_grad():
+        got = model(x)
+        expected = []
+        for i, name in enumerate(order):
+            delta = 0.0
+            if name is not None:  # the stacks' own values: A in bf16, B scaled first, then rounded to bf16
+                weights = adapters[name].layers["0"]
+                a, b = weights.a.to(torch.bfloat16).float(), (0.5 * weights.b).to(torch.bfloat16).float()
+                delta = x[i].float() @ a.T @ b.T
+            expected.append((wrapper.base(x[i]).float() + delta).to(torch.bfloat16))
+    torch.testing.assert_close(got, torch.stack(expected))
+
+    for name in filter(None, order):
+        bank.release(bank._by_name[name])
+    pages = bank._by_name["r64"].pages["0"]
+    bank.unload("r64")
+    for stack in (wrapper.a, wrapper.b, wrapper.a_float32, wrapper.b_float32):
+        assert not stack[list(pages)].any()
 
 
 def test_each_layer_runs_only_the_loras_that_write_it():

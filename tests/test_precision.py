@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 from adapters.base import AdapterError, BaseModelSpec
 from adapters.loading import load_adapter
 from conftest import CHAT, MODEL, MODEL_PATH, ask, scrape, serving_app
+from server.engine.adapter_bank import lora_sparse
 from server.engine.model_runner import ModelRunner
-from test_adapter_parity import load_every_kind, prefill
+from test_adapter_parity import load_every_kind, prefill, prompt_rows
 from server.host import Host, detect_host, resolve_dtype
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers.",
@@ -121,6 +122,32 @@ def test_bf16_mixed_adapter_batch_matches_each_row_alone_and_float32(adapter_dir
     assert next_token_kl(together["float32"], together["bfloat16"]).max() < MAX_KL
     adapters_matter = next_token_kl(together["bfloat16"][:1], together["bfloat16"][1:]) > MAX_BATCH_KL
     assert adapters_matter.all()  # in bf16 too
+
+
+def test_bf16_decode_over_two_loras_runs_them_in_float32(adapter_dirs, prompts):
+    """A bf16 decode step over two LoRAs runs the sparse kernel on the float32 copies of the stacks, where a
+    row's one LoRA alone runs the masked bf16 matmul: batched, each row is no further from float32 than alone
+    (its LoRA's sums keep float32 until they are added), and its top token agrees with float32's."""
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        runner = _runner(dtype)
+        spec = BaseModelSpec.from_model(runner.model)
+        for kind in ("lora", "lora2"):
+            runner.adapters.load(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64))
+        residents = [None, *(runner.adapters.acquire(kind) for kind in ("lora", "lora2", "lora2", "lora"))]
+        tables, inputs, starts = prompt_rows(runner, residents, prompts[0])
+        runner.forward(tables, inputs, starts, residents)
+        token, position = [inputs[0][-1]], len(inputs[0])  # each row decodes one more token after its prompt
+        logits[dtype] = runner.forward(tables, [token] * len(residents), [position] * len(residents), residents)
+        if dtype == "bfloat16":
+            kernels = {rows.kernel(1, runner.dtype, runner.device) for rows in runner.adapters.rows.lora.values()}
+            assert kernels == {lora_sparse}
+            alone = torch.cat([runner.forward([table], [token], [position], [resident])
+                               for table, resident in zip(tables, residents)])
+    batched, reference = next_token_kl(logits["float32"], logits["bfloat16"]), next_token_kl(logits["float32"], alone)
+    assert (batched < reference + MAX_BATCH_KL).all() and batched.max() < MAX_KL
+    assert_same_top1_where_clear(logits["float32"], logits["bfloat16"])
+    assert (next_token_kl(logits["bfloat16"][:1], logits["bfloat16"][1:]) > MAX_BATCH_KL).all()  # LoRAs matter
 
 
 def _body(model: str, question: str) -> dict:

@@ -9,9 +9,11 @@ every layer shares one numbering), so an MLP's range spans only the LoRAs that w
 computes its rows one of four ways, whichever is faster for the shape (measured by
 benchmarks/lora_kernels.py): masked, every row through the A and B of every page in the range its rows
 use, in one matmul each, keeping each row's own pages' columns of the shrunk activations (best with few
-columns: one pass, no copies); sparse (float32 on a CPU), only each row's own columns computed, the shrink
+columns: one pass, no copies); sparse (on a CPU), only each row's own columns computed, the shrink
 sampled at them (SDDMM) and the expand a sparse-dense matmul (SpMM), so the cost follows the ranks each
-row uses (best for decode and short prefill steps across many or wide adapters); or grouped (SGMV-like, as
+row uses (best for decode and short prefill steps across many or wide adapters; torch's CPU sparse kernels
+take float32 only, so a CPU engine in bf16 keeps float32 copies of its LoRA stacks for them, 2x the
+stacks' memory, and runs its decode rows through them); or grouped (SGMV-like, as
 in Punica and S-LoRA), the rows gathered by page into a padded (pages, rows, ...) batch and run through one
 batched matmul per projection (best for short float32 prefills, and wide bf16 ones); or segmented, one
 shrink and expand per LoRA over its own rows and pages (best for long float32 prefills, whose steps hold
@@ -73,8 +75,11 @@ def _grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 # sparse once the masked matmul would be SPARSE_MIN_COLUMNS wide (pages in range x page rank), for steps of at
 # most SPARSE_MAX_ROWS token rows (decode, 32 rows, 16 rank-8 LoRAs, 576->1536: masked 159 us, grouped 169,
 # sparse 65; 16 rank-64: 1240, 1028, 288; a whole decode step of 16 all-linear LoRAs: 0.74 -> 0.84 of the
-# base's speed). torch's CPU sparse kernels take float32 only: in bf16, converting to them (or keeping
-# float32 copies of the stacks) measured no faster end to end than the masked matmul. Beyond, grouped in
+# base's speed). In bf16 on a CPU, decode rows of two or more LoRAs go sparse whatever the width, on float32
+# copies of the stacks: the masked matmul's cost grows with rows x columns, and many adapters make it wide
+# (54 rows over 50 LoRAs of ranks 8-64, 576->576: masked 468 us, sparse 124; 22 rows over 12: 89 and 60);
+# interleaved in one process, a decode step of 54 rows over 54 adapters of every kind took 177 -> 151 ms,
+# 22 over 16 100 -> 94 ms, against 102 ms when only ranges of 64 columns or more went sparse. Beyond, grouped in
 # float32 for every prefill and once the masked matmul is GROUPED_MIN_COLUMNS wide, and in bf16, whose
 # batched matmuls are slow on CPU, for prefill that wide only; masked otherwise. Except that float32 prefill
 # rows of SEGMENTED_MIN_TOKENS or more go segmented: one matmul pair per LoRA over its own rank, where grouped
@@ -191,7 +196,9 @@ class LoraRows:
             return lora_masked
         columns = self.own.shape[1] * LORA_PAGE_RANK
         is_float32_cpu = device.type == "cpu" and dtype == torch.float32
-        if is_float32_cpu and columns >= SPARSE_MIN_COLUMNS and len(self.own) * tokens <= SPARSE_MAX_ROWS:
+        is_reduced_cpu_decode = device.type == "cpu" and dtype != torch.float32 and tokens == 1  # float32 copies
+        if len(self.own) * tokens <= SPARSE_MAX_ROWS and (is_reduced_cpu_decode or
+                                                           is_float32_cpu and columns >= SPARSE_MIN_COLUMNS):
             return lora_sparse
         if is_float32_cpu and tokens >= SEGMENTED_MIN_TOKENS:
             return lora_segmented
@@ -256,11 +263,15 @@ def lora_masked(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 def lora_sparse(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
     """Only each row's own pages' columns of `rows.pages`: the shrink sampled at them (SDDMM), then a
-    sparse-dense matmul (SpMM). float32 only (torch's CPU sparse kernels take no other)."""
+    sparse-dense matmul (SpMM). The stacks are float32 (torch's CPU sparse kernels take no other); x and y
+    may be in a lower precision, converted on the way in and added once on the way out."""
     a, b = a[rows.pages].reshape(-1, a.shape[-1]), b[rows.pages].reshape(-1, b.shape[-1])
-    shrunk = torch.sparse.sampled_addmm(rows.pattern(x.shape[1]), x.reshape(-1, x.shape[-1]), a.T,
+    shrunk = torch.sparse.sampled_addmm(rows.pattern(x.shape[1]), x.reshape(-1, x.shape[-1]).to(a.dtype), a.T,
                                         beta=0.0)  # beta 0: the pattern's values are not added
-    y.view(-1, y.shape[-1]).addmm_(shrunk, b)
+    if y.dtype == b.dtype:
+        y.view(-1, y.shape[-1]).addmm_(shrunk, b)
+    else:
+        y.view(-1, y.shape[-1]).add_(torch.sparse.mm(shrunk, b))
 
 
 def lora_grouped(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoraRows) -> None:
@@ -302,6 +313,9 @@ class BatchedLoraLinear(nn.Module):
         # a page's rows beyond its adapter's rank are zero.
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
+        # Where the bank keeps them (a CPU engine in a lower precision): float32 copies of both, for lora_sparse.
+        self.a_float32: torch.Tensor | None = None
+        self.b_float32: torch.Tensor | None = None
         # While a LoRA is merged here: the weight before the fold (kept aside, untouched; in a tuple, which
         # nn.Module does not register as a parameter of its own), and the fold's A (rank, in) and -B^T (rank, out).
         self._merged: tuple[nn.Parameter, torch.Tensor, torch.Tensor] | None = None
@@ -312,7 +326,10 @@ class BatchedLoraLinear(nn.Module):
         lora = rows.lora.get(self.name)
         if lora is not None:  # its rows' adapters all wrote here, so their pages are in the stacks
             head = slice(None, rows.split)  # views: every row, or those before a packed step's chunks
-            lora.kernel(x.shape[1], x.dtype, x.device)(x[head], y[head], self.a, self.b, lora)
+            kernel = lora.kernel(x.shape[1], x.dtype, x.device)
+            is_float32 = kernel is lora_sparse and self.a_float32 is not None  # a reduced-precision CPU engine's
+            a, b = (self.a_float32, self.b_float32) if is_float32 else (self.a, self.b)
+            kernel(x[head], y[head], a, b, lora)
         for chunk, pages in rows.chunks.get(self.name, ()):
             lora_segment(x, y, self.a, self.b, chunk, pages)
         if self._merged is not None and rows.merged_rows is not None:
@@ -349,14 +366,18 @@ class BatchedLoraLinear(nn.Module):
         # One indexed copy per matrix, not one per page: a load runs on the engine thread, between steps.
         self.a[index] = F.pad(a, (0, 0, 0, padding)).view(len(pages), LORA_PAGE_RANK, -1)
         self.b[index] = F.pad(b.T, (0, 0, 0, padding)).view(len(pages), LORA_PAGE_RANK, -1)
+        if self._bank.keeps_float32_loras:  # the same values: rounded once, to the engine's precision
+            like = self.a.new_empty(0, dtype=torch.float32)
+            self.a_float32 = _grow(self.a_float32, tuple(self.a.shape), like)
+            self.b_float32 = _grow(self.b_float32, tuple(self.b.shape), like)
+            self.a_float32[index], self.b_float32[index] = self.a[index].float(), self.b[index].float()
 
     def clear(self, pages: tuple[int, ...]) -> None:
-        if self.a is not None:
-            # long even when empty: a load that failed before the stacks grew to its pages clears none
-            index = torch.tensor([page for page in pages if page < self.a.shape[0]], dtype=torch.long,
-                                 device=self.a.device)
-            self.a[index] = 0.0
-            self.b[index] = 0.0
+        for stack in (self.a, self.b, self.a_float32, self.b_float32):
+            if stack is not None:
+                # long even when empty: a load that failed before the stacks grew to its pages clears none
+                stack[torch.tensor([page for page in pages if page < stack.shape[0]], dtype=torch.long,
+                                   device=stack.device)] = 0.0
 
 
 @dataclass
@@ -403,6 +424,7 @@ class AdapterBank:
         self._dtype = next(model.parameters()).dtype
         self._kv_dtype = kv_dtype  # prefix keys/values go straight into the KV cache
         self._device = next(model.parameters()).device
+        self.keeps_float32_loras = self._device.type == "cpu" and self._dtype != torch.float32  # for lora_sparse
         self._placers = {PrefixAdapter.kind: self._place_prefix, PromptAdapter.kind: self._place_prompt,
                          LoraAdapter.kind: self._place_lora, BottleneckAdapter.kind: self._place_bottleneck}
 
