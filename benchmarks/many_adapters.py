@@ -8,8 +8,9 @@ capacity (closed loop, --concurrency streams), then sends the same open-loop Poi
 that capacity twice: once with each request's adapter drawn Zipf(--zipf) over all adapters, once with
 every request on the base model. Every request generates exactly --max-tokens tokens (ignore_eos).
 Reports tokens/s, TTFT p50/p95/p99, refused requests, and the share of requests that waited for an
-adapter load (swapyard_adapter_wait_seconds' count). Targets on this CPU: zero refused, tokens/s >= 0.8
-of base-only, TTFT p95 <= 2x base-only.
+adapter load (swapyard_adapter_wait_seconds' count), and the slot demand (`slot_demand`) of the adapters'
+run and of the same arrivals at base speed. Targets on this CPU: zero refused, tokens/s >= 0.8 of
+base-only, TTFT p95 <= 2x base-only.
 
 Adapters are random and cheap to make: one template per kind and LoRA shape, copied with new random
 weights of the template's scale, so 1,000 take a minute rather than 1,000 model loads.
@@ -138,6 +139,8 @@ def slot_demand(models: list[str], spans: list[tuple[float, float] | None], slot
     for a slot, whatever the scheduler, kernels or load path. Poisson arrivals see time averages, so these
     are also the shares of time."""
     held, blocked = [], 0
+    if not any(spans):
+        return {}
     for i, (model, span) in enumerate(zip(models, spans)):
         if span is None:
             continue
@@ -213,7 +216,7 @@ def main() -> None:
             base, _ = measured_open_loop(url, [DEFAULT_MODEL_NAME] * args.requests, gaps, args.max_tokens)
             # The same arrivals, each with its adapter: served at the adapters' speed, and at the base's (a lower
             # bound on what any engine meets with this many slots).
-            slots = resident_slots(args.server_args or ["--max-resident-adapters", "16"])
+            slots = resident_slots(args.server_args)
             mixed["slot_demand"] = slot_demand(models, mixed.pop("spans"), slots)
             base["slot_demand_at_base_speed"] = slot_demand(models, base.pop("spans"), slots)
         finally:
