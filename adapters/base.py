@@ -13,6 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+# What an adapter is, in every kind: what the registry stores of a folder it is given.
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # Pickle-based weight files run code when loaded: never read them.
 _PICKLED = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_CONFIG_BYTES = 1 << 20

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from adapters.base import AdapterError
+from adapters.base import ADAPTER_FILES, AdapterError
 from server.database import Database, DatabaseUnavailable, sqlite_url
 from server.database.schema import adapters, registry_state
 
@@ -107,8 +107,9 @@ class AdapterRegistry:
                            is_pinned=is_pinned)
 
     def stage(self, name: str, files: Path, *, replace: bool) -> str:
-        """Copy `files` into a fresh version folder of `name`, not yet committed (nothing serves it; the
-        sweep removes it after a crash). Returns the folder, relative to the store."""
+        """Copy the adapter in `files` (its config and weights: a trainer's checkpoints and metrics stay
+        behind) into a fresh version folder of `name`, not yet committed (nothing serves it; the sweep
+        removes it after a crash). Returns the folder, relative to the store."""
         if not NAME_PATTERN.fullmatch(name):
             raise AdapterError("name", f"`{name}` must be 1-64 letters, digits, '.', '_' or '-', "
                                        f"starting with a letter or digit")
@@ -116,7 +117,9 @@ class AdapterRegistry:
             raise _exists(name)
         with self._lock:
             staging = self.store / f".staging-{uuid.uuid4().hex}"
-            shutil.copytree(files, staging, symlinks=False)
+            staging.mkdir()
+            for file in ADAPTER_FILES:
+                shutil.copyfile(files / file, staging / file)
             folder = f"{name}/{uuid.uuid4().hex}"
             (self.store / name).mkdir(exist_ok=True)
             staging.rename(self.store / folder)

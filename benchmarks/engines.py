@@ -92,8 +92,8 @@ def main() -> None:
         kinds = ["lora-0", "lora-1", *others]
         for server in [s for s in args.servers if s != "vllm-serve"]:
             engine = "vllm" if server == "vllm-beside" else server
-            proc, url = start_server(["--engine", engine, "--max-model-len", "1024", "--adapter-store",
-                                      f"{tmp}/store-{server}", "--adapter-roots", json.dumps([str(root)]),
+            proc, url = start_server(["--engine", engine, "--max-model-len", "1024", "--data-dir",
+                                      f"{tmp}/data-{server}", "--adapter-roots", json.dumps([str(root)]),
                                       "--max-loras", "8", "--log-level", "warning",
                                       *(["--torch-beside-vllm"] if server == "vllm-beside" else [])])
             try:

@@ -198,7 +198,7 @@ def main() -> None:
         adapters = make_adapters(root, args)
         print(json.dumps({"adapters_made": len(adapters), "make_s": round(time.perf_counter() - start, 1)}),
               flush=True)
-        proc, url = start_server(["--adapter-store", f"{tmp}/store", "--adapter-roots", json.dumps([str(root)]),
+        proc, url = start_server(["--data-dir", f"{tmp}/data", "--adapter-roots", json.dumps([str(root)]),
                                   "--max-model-len", "1024", *(args.server_args or ["--max-resident-adapters",
                                                                                     "16"])])
         try:

@@ -35,8 +35,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="swapyard-merge-bench-"))
     folder = make_adapter("lora", default_model_dir(DEFAULT_CACHE_DIR), tmp / "lora")
-    proc, url = start_server(["--engine", args.engine, "--adapter-store", str(tmp / "store"),
-                              "--adapter-roots", json.dumps([str(tmp)]), "--fine-tuning-dir", str(tmp / "ft")])
+    proc, url = start_server(["--engine", args.engine, "--data-dir", str(tmp / "data"),
+                              "--adapter-roots", json.dumps([str(tmp)])])
 
     def tokens_per_s(model: str) -> float:
         r = asyncio.run(run_clients(url, [model] * args.concurrency, args.max_tokens, ignore_eos=True))

@@ -46,7 +46,7 @@ async def hot_register_first_token(url: str, name: str, folder: Path) -> dict:
 
 def measure(args: argparse.Namespace, dtype: str, tmp: str, root: Path, folders: dict, hot: Path) -> dict:
     """One server in `dtype`: the base, then each kind at each adapter count, then a hot registration."""
-    proc, url = start_server(["--dtype", dtype, "--adapter-store", f"{tmp}/store-{dtype}", "--adapter-roots",
+    proc, url = start_server(["--dtype", dtype, "--data-dir", f"{tmp}/data-{dtype}", "--adapter-roots",
                               f'["{root}"]',
                               # All resident: this measures mixed serving, not loads from disk.
                               "--max-resident-adapters", str(len(folders) + 1)])

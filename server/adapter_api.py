@@ -25,7 +25,7 @@ class RegisterAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    path: str | None = None  # a folder on the server, inside --adapter-roots; or upload `file` as multipart
+    path: str | None = None  # a server folder inside --adapter-roots or a job's output; or upload `file`
     replace: bool = False  # swap the version served under an existing name
     pinned: bool = False  # never evicted from the device
 
@@ -102,7 +102,7 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
                 raise invalid_request(exc.errors()) from exc
             if body.path is None:
                 raise AdapterError("path", "give a server folder in `path`, or upload an archive as multipart")
-            source_folder = confine(body.path, settings.adapter_roots)
+            source_folder = confine(body.path, settings.registrable_roots)
             # Read from a checked copy: links or devices in the folder are refused, its size is bounded.
             folder = await asyncio.to_thread(copy_folder, source_folder, Path(tmp) / "files", limit)
             source = str(source_folder)

@@ -53,33 +53,33 @@ def resolve_model(settings: ServeSettings) -> tuple[Path, str]:
     return path, settings.served_model_name or path.name
 
 
-def adapter_store(settings: ServeSettings) -> Path:
-    return settings.adapter_store or settings.cache_dir / "adapters"
-
-
-def fine_tuning_dir(settings: ServeSettings) -> Path:
-    return settings.fine_tuning_dir or settings.cache_dir / "fine_tuning"
-
-
 def databases(settings: ServeSettings) -> tuple[Database, Database]:
     """The registry's and the job store's database: one shared (--database-url), or two SQLite files
-    in their folders (where earlier versions kept them)."""
+    in the data folder."""
     if settings.database_url is not None:
         shared = Database(settings.database_url)
         return shared, shared
-    return (Database(sqlite_url(adapter_store(settings) / "registry.sqlite3")),
-            Database(sqlite_url(fine_tuning_dir(settings) / "jobs.sqlite3")))
+    return (Database(sqlite_url(settings.adapters_dir / "registry.sqlite3")),
+            Database(sqlite_url(settings.fine_tuning_dir / "jobs.sqlite3")))
 
 
 def check_storage(settings: ServeSettings) -> None:
     """Refuse storage known to be unsafe (server/storage.py), before anything is written."""
     url = normalize_url(settings.database_url) if settings.database_url is not None else None
     shared = url is not None and url.get_backend_name() == "postgresql"
-    for folder, option in ((adapter_store(settings), "--adapter-store"),
-                           (fine_tuning_dir(settings), "--fine-tuning-dir")):
-        require_store(folder, option, shared_database=shared)  # without a URL, the SQLite files are in them
+    # Without a URL, the SQLite files are in the data folder.
+    require_store(settings.data_dir, "--data-dir", shared_database=shared)
     if url is not None and not shared:
         require_local(Path(url.database).parent, "--database-url")
+
+
+def point_to_earlier_state(settings: ServeSettings) -> None:
+    """Earlier versions kept adapters and jobs in the cache folder, with the same layout: say so rather than
+    serve an empty registry without a word."""
+    earlier = settings.cache_dir / "adapters" / "registry.sqlite3"
+    if earlier.is_file() and not settings.adapters_dir.exists():
+        log.warning("adapters registered by an earlier swapyard are in %s; start with --data-dir %s to serve them",
+                    earlier.parent, settings.cache_dir)
 
 
 def context_length(path: Path, requested: int | None) -> int:
@@ -97,11 +97,11 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     app.state.engine = engine
     await engine.start()
     registry_db, jobs_db = app.state.databases = await asyncio.to_thread(databases, settings)
-    registry = AdapterRegistry(adapter_store(settings), registry_db)
+    registry = AdapterRegistry(settings.adapters_dir, registry_db)
     adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
                               max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank,
                               max_cached=settings.max_cpu_adapters)
-    app.state.jobs = JobRunner(JobStore(jobs_db), fine_tuning_dir(settings), adapters, settings.training_threads)
+    app.state.jobs = JobRunner(JobStore(jobs_db), settings.fine_tuning_dir, adapters, settings.training_threads)
     await app.state.jobs.start()
     defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}
     config = AutoConfig.from_pretrained(path)
@@ -123,6 +123,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
         path, name = resolve_model(settings)  # bad flags stop the server at once, before it listens
         max_model_len = context_length(path, settings.max_model_len)
         check_storage(settings)
+        point_to_earlier_state(settings)
         app.state.settings = settings
         app.state.phase, app.state.router, app.state.engine, app.state.jobs = "loading", None, None, None
         app.state.databases = ()

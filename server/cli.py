@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 from adapters.base import AdapterError
 from server.database import Database, url_from_env
 from server.default_model import ensure_default_model
-from server.settings import DEFAULT_CACHE_DIR, ServeSettings
+from server.settings import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, ServeSettings, adapters_dir
 from training.config import TrainConfig
 
 
@@ -58,8 +58,8 @@ class Merge(BaseModel):
     model: Path | None = None
     """Base model folder (default: the embedded SmolLM2-135M-Instruct)."""
     cache_dir: Path = DEFAULT_CACHE_DIR
-    adapter_store: Path | None = None
-    """Registry to look names up in (default: CACHE_DIR/adapters)."""
+    data_dir: Path = DEFAULT_DATA_DIR
+    """The server's data folder, whose registry names are looked up in (as `serve --data-dir`)."""
     database_url: str | None = Field(default_factory=url_from_env)
     """The registry's database, as `serve --database-url` (default: an SQLite file in the adapter store)."""
 
@@ -69,7 +69,7 @@ class Merge(BaseModel):
 
         folder = Path(self.adapter)
         if not folder.is_dir():
-            registry = AdapterRegistry(self.adapter_store or self.cache_dir / "adapters",
+            registry = AdapterRegistry(adapters_dir(self.data_dir),
                                        Database(self.database_url) if self.database_url else None)
             record = registry.get(self.adapter)
             if record is None:

@@ -58,7 +58,7 @@ async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
     validation = _training_path(body.validation_file, "validation_file", runner.store, settings) \
         if body.validation_file else None
     config = train_config(body, data=data, validation=validation, model=settings.model,
-                          out=runner.root / "jobs" / job_id, cache_dir=settings.cache_dir)
+                          out=settings.jobs_dir / job_id, cache_dir=settings.cache_dir)
     job = JobRecord(id=job_id, model=body.model, status="validating_files", method=config.method,
                     training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
                     config=config.model_dump(mode="json"), fine_tuned_model=None, error=None, trained_tokens=None,

@@ -1,5 +1,6 @@
 """Typed settings for `swapyard serve`; field docstrings are the CLI's help text."""
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -8,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.database import normalize_url, url_from_env
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "swapyard"
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "swapyard"
+
+
+def adapters_dir(data_dir: Path) -> Path:
+    """The adapter registry (SQLite, without --database-url) and store, inside a server's data folder."""
+    return data_dir / "adapters"
 
 
 class EngineSettings(BaseModel):
@@ -83,16 +90,17 @@ class ServeSettings(EngineSettings):
     """Address to listen on."""
     port: int = Field(8000, ge=0, le=65535)
     """Port to listen on."""
-    adapter_store: Path | None = None
-    """Folder of the adapter registry (SQLite) and store (default: CACHE_DIR/adapters)."""
+    data_dir: Path = DEFAULT_DATA_DIR
+    """All of this server's state: the adapter registry and store (`adapters/`), fine-tuning jobs, their files
+    and outputs (`fine_tuning/`). Replicas share one (with a PostgreSQL --database-url); unrelated servers on
+    one host each need their own."""
     adapter_roots: list[Path] = []
-    """Server folders adapters may be registered from by path (default: none, uploads only)."""
-    fine_tuning_dir: Path | None = None
-    """Folder of fine-tuning jobs, their files and outputs (default: CACHE_DIR/fine_tuning)."""
+    """Server folders adapters may be registered from by path, besides this server's own fine-tuning outputs
+    (default: none, uploads only)."""
     database_url: str | None = Field(default_factory=url_from_env)
     """Database of the adapter registry and fine-tuning jobs: postgresql://USER:PASSWORD@HOST:PORT/DB for
     replicas on several nodes, or sqlite:///PATH (also read: $SWAPYARD_DATABASE_URL; default: SQLite files in
-    the adapter store and the fine-tuning folder)."""
+    the data folder's adapters/ and fine_tuning/)."""
     training_threads: int | None = Field(1, gt=0)
     """CPU threads of a training process; 1 leaves the other cores to serving (None: torch's default)."""
     max_upload_mb: int = Field(1024, gt=0)
@@ -113,6 +121,25 @@ class ServeSettings(EngineSettings):
     """Origins browsers may call from (CORS); none by default."""
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight requests may take to finish before they are aborted."""
+
+    @property
+    def adapters_dir(self) -> Path:
+        return adapters_dir(self.data_dir)
+
+    @property
+    def fine_tuning_dir(self) -> Path:
+        """Fine-tuning jobs' database (SQLite), uploaded files (`files/`) and outputs (`jobs/`)."""
+        return self.data_dir / "fine_tuning"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.fine_tuning_dir / "jobs"
+
+    @property
+    def registrable_roots(self) -> list[Path]:
+        """Where POST /v1/adapters may read a server folder: --adapter-roots, and this server's own job
+        outputs, so a job's `fine_tuned_model_checkpoint` registers with default flags."""
+        return [*self.adapter_roots, self.jobs_dir]
 
     @field_validator("database_url")
     @classmethod

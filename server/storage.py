@@ -4,7 +4,7 @@ unsafe stops the server with the reason instead of corrupting the registry later
 - An SQLite database needs a local filesystem: WAL shares its index through memory-mapped files, which
   do not work across machines, and relies on POSIX locks that network filesystems implement loosely or
   not at all. So SQLite files on NFS, SMB, CephFS or FUSE mounts are refused.
-- The adapter store and fine-tuning folder are written stage -> rename -> commit. A network filesystem
+- The data folder (adapter store, fine-tuning jobs) is written stage -> rename -> commit. A network filesystem
   with POSIX renames (NFS, EFS, Filestore, SMB, CephFS...) serves, but only with PostgreSQL: a store
   shared across nodes means replicas across nodes, whose registry cannot be an SQLite file. FUSE mounts
   (S3 through Mountpoint or s3fs, GCS through gcsfuse) are refused: object stores cannot rename.

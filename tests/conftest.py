@@ -8,6 +8,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -49,8 +50,10 @@ def serving_app(**settings):
     """A real uvicorn server for the app on a free loopback port; yields (base URL, app), so a test can
     reach the engine inside it (to inject a failure)."""
     # float32 unless a test asks: exactness against transformers and PEFT is checked in float32 on every host.
+    # A data folder of its own unless the test shares one (replicas): no server sees another's jobs.
     config = ServeSettings(**{"engine": "torch", "dtype": "float32", "max_model_len": MAX_MODEL_LEN,
-                              "port": free_port(), "max_upload_mb": MAX_UPLOAD_MB, **settings})
+                              "port": free_port(), "max_upload_mb": MAX_UPLOAD_MB,
+                              "data_dir": tempfile.mkdtemp(prefix="swapyard-data-"), **settings})
     app = build_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning",
                                            **UVICORN_HTTP))
@@ -133,8 +136,8 @@ def adapter_dirs(adapter_root) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def base_url(tmp_path_factory, adapter_root):
-    with running_server(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
-                        fine_tuning_dir=tmp_path_factory.mktemp("fine-tuning"), max_resident_adapters=6) as url:
+    with running_server(data_dir=tmp_path_factory.mktemp("data"), adapter_roots=[adapter_root],
+                        max_resident_adapters=6) as url:
         yield url
 
 
@@ -142,7 +145,7 @@ def base_url(tmp_path_factory, adapter_root):
 def every_kind(adapter_dirs, adapter_root, tmp_path_factory):
     """A float32 server of the module's own with one adapter of every kind registered under its kind's name:
     (httpx client, app, openai client)."""
-    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root]) as (url, app):
+    with serving_app(data_dir=tmp_path_factory.mktemp("data"), adapter_roots=[adapter_root]) as (url, app):
         with httpx.Client(base_url=url, timeout=120) as http:
             for kind in KINDS:
                 assert http.post("/v1/adapters", json={"name": kind, "path": str(adapter_dirs[kind])}

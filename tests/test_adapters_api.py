@@ -209,9 +209,9 @@ def test_bad_names_are_refused(http, adapter_dirs, name):
 def test_lru_capacity_pinning_and_restart(tmp_path, adapter_root, adapter_dirs):
     """Two device slots, four adapters: loads and evictions happen on demand, a pinned one stays,
     every answer stays right, and the registry survives a restart."""
-    store = tmp_path / "store"
+    data = tmp_path / "data"
     names = ["cap-lora", "cap-prefix", "cap-prompt", "cap-bottleneck"]
-    with running_server(adapter_store=store, adapter_roots=[adapter_root], max_resident_adapters=2) as url:
+    with running_server(data_dir=data, adapter_roots=[adapter_root], max_resident_adapters=2) as url:
         with httpx.Client(base_url=url, timeout=120) as http:
             for name, kind in zip(names, KINDS):
                 assert _register(http, name, adapter_dirs[kind], pinned=kind == "lora").status_code == 201
@@ -224,7 +224,7 @@ def test_lru_capacity_pinning_and_restart(tmp_path, adapter_root, adapter_dirs):
             assert metrics[("swapyard_adapters_resident", ())] == 2
             assert metrics[("swapyard_adapter_load_seconds_count", (("model", "cap-prompt"),))] >= 2
             listed = http.get(ADAPTERS).json()
-    with running_server(adapter_store=store, adapter_roots=[adapter_root], max_resident_adapters=2) as url:
+    with running_server(data_dir=data, adapter_roots=[adapter_root], max_resident_adapters=2) as url:
         with httpx.Client(base_url=url, timeout=120) as http:
             assert http.get(ADAPTERS).json() == listed
             assert {name: _answer(http, name) for name in names} == first

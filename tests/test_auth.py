@@ -22,7 +22,7 @@ def secured(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("SWAPYARD_API_KEYS", f"inference:{INFERENCE_KEY}")
     try:
-        with running_server(api_keys_file=keys, adapter_store=tmp / "store", fine_tuning_dir=tmp / "ft") as url:
+        with running_server(api_keys_file=keys, data_dir=tmp / "data") as url:
             yield url
     finally:
         mp.undo()
@@ -86,8 +86,7 @@ def test_no_body_is_read_before_the_key_is_checked(tmp_path, monkeypatch):
     refused before the body is read, so the server's memory does not move."""
     monkeypatch.setenv("SWAPYARD_API_KEYS", f"admin:{ADMIN_KEY}")
     proc, url = start_serve_process(tmp_path / "serve.log", "--max-model-len", "512",
-                                    "--adapter-store", str(tmp_path / "store"),
-                                    "--fine-tuning-dir", str(tmp_path / "ft"))
+                                    "--data-dir", str(tmp_path / "data"))
     try:
         multipart = {"content-type": "multipart/form-data; boundary=xyz"}
 

@@ -44,6 +44,7 @@ def _register(registry: AdapterRegistry, name: str, tmp_path, *, replace=False, 
     files = tmp_path / f"files-{name}-{content}"
     files.mkdir(exist_ok=True)
     (files / "adapter_config.json").write_text(content)
+    (files / "adapter_model.safetensors").write_text(content)  # the registry stores an adapter's two files
     return registry.add(name, "lora", 0, files, source="test", replace=replace, is_pinned=False)
 
 

@@ -48,7 +48,7 @@ def _supervised(kind: str, **hyperparameters) -> dict:
                                                  "adapter": {"type": kind}}}
 
 
-def test_openai_workflow_with_auto_hyperparameters_teaches_a_lora(oai):
+def test_openai_workflow_with_auto_hyperparameters_teaches_a_lora(oai, http):
     """OpenAI's shapes end to end through the official client: the auto rule teaches the mascot fact on the
     first try, and the job reads as OpenAI's does (events, checkpoints, results CSV). One kind: a job trains on
     one CPU thread, about a minute here (every kind learns in tests/test_training.py's shorter runs)."""
@@ -84,6 +84,16 @@ def test_openai_workflow_with_auto_hyperparameters_teaches_a_lora(oai):
         .step_number == 35
     last = checkpoints.data[0].metrics
     assert last.step == 50 and last.valid_mean_token_accuracy > 0.9 and last.full_valid_loss == last.valid_loss
+
+    # A checkpoint registers by its path with no flag for it (the job's outputs are the server's own), and
+    # the registry stores the adapter alone: no checkpoints, optimizer state or metrics.
+    earlier = Path(checkpoints.data[1].fine_tuned_model_checkpoint)
+    registered = http.post("/v1/adapters", json={"name": "mascot-epoch-9", "path": str(earlier)})
+    assert registered.status_code == 201, registered.text
+    assert http.delete("/v1/adapters/mascot-epoch-9").status_code == 200
+    data_dir = earlier.parents[4]  # DATA/fine_tuning/jobs/JOB/checkpoints/epoch-N
+    (stored,) = (data_dir / "adapters" / "store" / job.fine_tuned_model).iterdir()
+    assert sorted(f.name for f in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     (results,) = job.result_files
     assert oai.files.retrieve(results).purpose == "fine-tune-results"
@@ -228,7 +238,7 @@ def test_bad_job_requests(oai, http, body, param):
 def test_job_running_at_shutdown_resumes_after_restart(tmp_path, adapter_root):
     data = adapter_root / "restart-train.jsonl"
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
-    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
+    dirs = {"data_dir": tmp_path / "data", "adapter_roots": [adapter_root]}
     with running_server(**dirs) as url, httpx.Client(base_url=url, timeout=60) as http:
         job = http.post(JOBS, json={"model": MODEL, "training_file": str(data),
                                     "method": {"type": "bottleneck", "hyperparameters": {"epochs": 3}}}).json()
@@ -239,8 +249,8 @@ def test_job_running_at_shutdown_resumes_after_restart(tmp_path, adapter_root):
         messages = [e["message"] for e in http.get(f"{JOBS}/{job['id']}/events", params={"limit": 200}).json()["data"]]
         assert any("the job's runner stopped" in m for m in messages)
         assert any("resumed after epoch" in m for m in messages)
-        steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl")
-                 .read_text().splitlines() if "train_loss" in line]
+        metrics = tmp_path / "data" / "fine_tuning" / "jobs" / job["id"] / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line]
         assert steps == list(range(1, 16))
 
 
@@ -249,7 +259,7 @@ def test_replicas_on_one_store_run_each_job_once(tmp_path, adapter_root):
     lease, so a replica starting while a job trains leaves it alone, and the adapter is served by both."""
     data = adapter_root / "replica-train.jsonl"
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
-    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
+    dirs = {"data_dir": tmp_path / "data", "adapter_roots": [adapter_root]}
     with running_server(**dirs) as first, httpx.Client(base_url=first, timeout=60) as http_first:
         job = http_first.post(JOBS, json={"model": MODEL, "training_file": str(data), "method": {
             "type": "lora", "hyperparameters": {"epochs": 2}}}).json()
@@ -270,10 +280,9 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
     the restarted server resumes from the last checkpoint and the metrics hold each step once."""
     data = adapter_root / "kill-train.jsonl"
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
-    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root]}
+    dirs = {"data_dir": tmp_path / "data", "adapter_roots": [adapter_root]}
     proc, url = start_serve_process(tmp_path / "serve.log", "--engine", "torch",
-                                    "--adapter-store", str(dirs["adapter_store"]),
-                                    "--fine-tuning-dir", str(dirs["fine_tuning_dir"]),
+                                    "--data-dir", str(dirs["data_dir"]),
                                     "--adapter-roots", json.dumps([str(adapter_root)]))
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
@@ -283,7 +292,7 @@ def test_job_survives_kill_9_of_the_server(tmp_path, adapter_root):
     finally:
         proc.kill()
         proc.wait()
-    metrics = tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl"
+    metrics = tmp_path / "data" / "fine_tuning" / "jobs" / job["id"] / "metrics.jsonl"
     size = metrics.stat().st_size
     time.sleep(3)
     assert metrics.stat().st_size == size  # the trainer died with the server

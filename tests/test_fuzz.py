@@ -18,8 +18,7 @@ schema = schemathesis.openapi.from_dict(build_app(ServeSettings()).openapi())
 @pytest.fixture(scope="module")
 def fuzzed_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    with running_server(max_tokens_limit=4, max_prompt_tokens=256, adapter_store=tmp / "store",
-                        fine_tuning_dir=tmp / "ft") as url:
+    with running_server(max_tokens_limit=4, max_prompt_tokens=256, data_dir=tmp) as url:
         yield url
 
 

@@ -107,7 +107,7 @@ def test_a_folder_over_the_upload_limit_is_refused_while_copying(tmp_path, adapt
     root = tmp_path / "root"
     folder = _copy(adapter_dirs["lora"], root, "big")
     (folder / "padding.bin").write_bytes(b"\0" * (2 * 2**20))
-    with running_server(adapter_store=tmp_path / "store", adapter_roots=[root], max_upload_mb=1) as url:
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[root], max_upload_mb=1) as url:
         with httpx.Client(base_url=url, timeout=60) as http:
             assert "limit" in _refused(_register(http, "big", folder), "path")["message"]
 
@@ -261,7 +261,7 @@ def test_a_replace_the_engine_refuses_changes_nothing(http, adapter_dirs, adapte
 
 
 def test_registered_while_every_slot_is_pinned_is_a_201(tmp_path, adapter_dirs, adapter_root):
-    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
                         max_resident_adapters=1) as url:
         with httpx.Client(base_url=url, timeout=60) as http:
             assert _register(http, "pinned", adapter_dirs["lora"], pinned=True).status_code == 201

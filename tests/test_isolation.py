@@ -33,7 +33,7 @@ def _text(response: httpx.Response) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, adapter_root):
-    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
+    with serving_app(data_dir=tmp_path_factory.mktemp("data"), adapter_roots=[adapter_root],
                      max_resident_adapters=8) as (url, app):
         with httpx.Client(base_url=url, timeout=120) as http:
             yield http, app
@@ -134,7 +134,7 @@ def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
 
 
 def test_a_failing_engine_loop_restarts_then_stays_down_and_says_so(tmp_path):
-    with serving_app(adapter_store=tmp_path / "store") as (url, app):
+    with serving_app(data_dir=tmp_path / "data") as (url, app):
         with httpx.Client(base_url=url, timeout=120) as http:
             core = app.state.engine._core
             real_step, failures = core.step, []

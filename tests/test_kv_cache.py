@@ -79,7 +79,7 @@ async def _together(url: str, bodies: list[dict]) -> list[httpx.Response]:
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory, adapter_root, adapter_dirs):
     """A server whose KV budget is below its floor, so the pool holds one whole context and no more."""
-    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
+    with serving_app(data_dir=tmp_path_factory.mktemp("data"), adapter_roots=[adapter_root],
                      max_model_len=CONTEXT, kv_cache_memory_gb=0.001, max_resident_adapters=8) as (url, app):
         with httpx.Client(base_url=url, timeout=300) as http:
             for kind in KINDS:

@@ -14,8 +14,7 @@ from conftest import MODEL, ask, running_server
 def limited(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("limits")
     with running_server(max_num_seqs=2, max_queued_requests=1, max_prompt_tokens=64, max_tokens_limit=40,
-                        cors_origins=["https://app.example"], adapter_store=tmp / "store",
-                        fine_tuning_dir=tmp / "ft") as url:
+                        cors_origins=["https://app.example"], data_dir=tmp) as url:
         yield url
 
 

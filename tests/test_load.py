@@ -39,8 +39,8 @@ async def _load(base_url: str, models: list[str]) -> list[str]:
 def test_200_concurrent_streams_over_8_adapters(tmp_path, adapter_root):
     adapters = {f"load-{kind}-{seed}": make_adapter(kind, MODEL_PATH, adapter_root / f"load-{kind}-{seed}", seed=seed)
                 for kind, seeds in SEEDS.items() for seed in seeds}
-    with running_server(max_resident_adapters=len(adapters), adapter_store=tmp_path / "store",
-                        adapter_roots=[adapter_root], fine_tuning_dir=tmp_path / "ft") as url:
+    with running_server(max_resident_adapters=len(adapters), data_dir=tmp_path / "data",
+                        adapter_roots=[adapter_root]) as url:
         for name, folder in adapters.items():
             response = httpx.post(f"{url}/v1/adapters", json={"name": name, "path": str(folder)})
             assert response.status_code == 201, response.text

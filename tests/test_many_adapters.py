@@ -27,7 +27,7 @@ async def _send_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
 
 def test_a_burst_over_5x_the_device_slots_queues_and_every_answer_is_right(tmp_path, adapter_root, adapter_dirs):
     folders = {f"burst-{i}": adapter_dirs[kind] for i, kind in enumerate((list(KINDS) * 3)[:5 * SLOTS])}
-    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
                         max_resident_adapters=SLOTS) as url, httpx.Client(base_url=url, timeout=120) as http:
         for name, folder in folders.items():
             assert http.post("/v1/adapters", json={"name": name, "path": str(folder)}).status_code == 201
@@ -66,7 +66,7 @@ async def _warm_stream_with_a_cold_request(url: str, warm: str, cold: str) -> tu
 
 
 def test_a_cold_adapter_is_not_starved_by_a_stream_of_warm_requests(tmp_path, adapter_root, adapter_dirs):
-    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
                         max_resident_adapters=1) as url, httpx.Client(base_url=url, timeout=120) as http:
         for name, kind in (("warm", "lora"), ("cold", "bottleneck")):
             assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])}).status_code == 201
@@ -86,7 +86,7 @@ def test_registry_cache_sees_every_change_at_once_in_this_replica_and_the_others
 
 def test_the_host_tier_reloads_without_the_disk_and_never_serves_a_replaced_version(tmp_path, adapter_root,
                                                                                      adapter_dirs):
-    with running_server(adapter_store=tmp_path / "store", adapter_roots=[adapter_root],
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
                         max_resident_adapters=1) as url, httpx.Client(base_url=url, timeout=120) as http:
         def answer(name: str) -> str:
             return http.post(CHAT, json=_body(name)).json()["choices"][0]["message"]["content"]

@@ -198,5 +198,5 @@ def test_the_models_sampling_defaults_apply_when_a_request_omits_them(http):
 
 
 def test_generation_config_none_keeps_openais_defaults(tmp_path):
-    with serving_app(adapter_store=tmp_path, generation_config="none") as (_, app):
+    with serving_app(data_dir=tmp_path, generation_config="none") as (_, app):
         assert app.state.router.sampling_defaults == {}

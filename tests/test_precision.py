@@ -59,7 +59,7 @@ def test_auto_is_bf16_only_on_cpus_with_bf16_matmul_hardware():
 
 def test_the_server_says_which_dtype_auto_chose(tmp_path):
     expected = "bfloat16" if {"avx512_bf16", "amx_tile"} & _cpu_flags() else "float32"
-    with serving_app(dtype="auto", adapter_store=tmp_path) as (url, _):
+    with serving_app(dtype="auto", data_dir=tmp_path) as (url, _):
         with httpx.Client(base_url=url) as http:
             info = [labels for (name, labels) in scrape(http) if name == "swapyard_engine_info"]
     assert [dict(labels) for labels in info] == [{"engine": "torch", "device": "cpu", "dtype": expected,
@@ -167,7 +167,7 @@ def _shared_start(a: list[int], b: list[int]) -> float:
 
 def test_greedy_answers_in_bf16_agree_with_float32(http, tmp_path):
     float32 = [_text(http.post(CHAT, json=_body(MODEL, q))) for q in QUESTIONS]
-    with serving_app(dtype="bfloat16", adapter_store=tmp_path) as (url, _):
+    with serving_app(dtype="bfloat16", data_dir=tmp_path) as (url, _):
         with httpx.Client(base_url=url, timeout=120) as bf16_http:
             bf16 = [_text(bf16_http.post(CHAT, json=_body(MODEL, q))) for q in QUESTIONS]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)

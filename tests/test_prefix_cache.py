@@ -43,7 +43,7 @@ def _hits(http: httpx.Client) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, adapter_root, adapter_dirs):
-    with serving_app(adapter_store=tmp_path_factory.mktemp("store"), adapter_roots=[adapter_root],
+    with serving_app(data_dir=tmp_path_factory.mktemp("data"), adapter_roots=[adapter_root],
                      max_model_len=4096, max_num_batched_tokens=BUDGET) as (url, app):
         with httpx.Client(base_url=url, timeout=300) as http:
             for kind in KINDS:

@@ -28,7 +28,7 @@ def test_ready_after_loading_and_sigterm_drains_streams(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--engine", "torch", "--port", str(port),
-                             "--adapter-store", str(tmp_path / "store"), "--fine-tuning-dir", str(tmp_path / "ft")],
+                             "--data-dir", str(tmp_path / "data")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         seen_loading = False
@@ -120,14 +120,14 @@ def test_kill_9_mid_registration_leaves_a_whole_version(tmp_path):
 
 
 def test_corrupt_stored_adapter_fails_only_its_own_requests(tmp_path, adapter_dirs, adapter_root):
-    store = tmp_path / "store"
+    data = tmp_path / "data"
     # No host tier: c-a's next load must read the corrupted store (with one, its checked copy would serve).
-    with running_server(max_resident_adapters=1, max_cpu_adapters=0, adapter_store=store,
-                        adapter_roots=[adapter_root], fine_tuning_dir=tmp_path / "ft") as url:
+    with running_server(max_resident_adapters=1, max_cpu_adapters=0, data_dir=data,
+                        adapter_roots=[adapter_root]) as url:
         for name, kind in (("c-a", "lora"), ("c-b", "lora2")):  # c-b's load evicts c-a
             registered = httpx.post(f"{url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])})
             assert registered.status_code == 201
-        (weights,) = (store / "store" / "c-a").glob("*/adapter_model.safetensors")
+        (weights,) = (data / "adapters" / "store" / "c-a").glob("*/adapter_model.safetensors")
         weights.write_bytes(b"\0garbage" * 64)
 
         broken = _chat(url, "c-a")
@@ -138,9 +138,8 @@ def test_corrupt_stored_adapter_fails_only_its_own_requests(tmp_path, adapter_di
 
 
 def test_replicas_share_one_registry(tmp_path, adapter_dirs, adapter_root):
-    shared = {"adapter_store": tmp_path / "store", "adapter_roots": [adapter_root]}
-    with running_server(fine_tuning_dir=tmp_path / "ft-a", **shared) as a, \
-            running_server(fine_tuning_dir=tmp_path / "ft-b", **shared) as b:
+    shared = {"data_dir": tmp_path / "data", "adapter_roots": [adapter_root]}
+    with running_server(**shared) as a, running_server(**shared) as b:
         registered = httpx.post(f"{a}/v1/adapters", json={"name": "shared", "path": str(adapter_dirs["lora"])})
         assert registered.status_code == 201
         first = _chat(a, "shared").json()["choices"][0]["message"]["content"]

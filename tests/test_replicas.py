@@ -27,7 +27,7 @@ QUESTION = ask("Write a short poem about the sea.")
 def replicas(tmp_path: Path, database_url: str, adapter_root: Path, count: int = 2):
     """`count` server processes on one database, one adapter store and one fine-tuning folder."""
     shared = ["--engine", "torch", "--dtype", "float32", "--max-model-len", "512", "--database-url", database_url,
-              "--adapter-store", str(tmp_path / "store"), "--fine-tuning-dir", str(tmp_path / "ft"),
+              "--data-dir", str(tmp_path / "data"),
               "--adapter-roots", json.dumps([str(adapter_root)])]
     started: list = []
     try:
@@ -132,8 +132,8 @@ def test_jobs_run_once_each_and_a_killed_replicas_job_resumes_on_another(tmp_pat
                 job = _wait_finished(http, job_id)
                 assert job["status"] == "succeeded", _events(http, job_id)
                 messages = [e["message"] for e in _events(http, job_id)]
-                steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "jobs" / job_id / "metrics.jsonl")
-                         .read_text().splitlines() if "train_loss" in line]
+                metrics = tmp_path / "data" / "fine_tuning" / "jobs" / job_id / "metrics.jsonl"
+                steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train_loss" in line]
                 assert steps == list(range(1, steps[-1] + 1))  # every step once, across the two replicas
                 if job_id == victim:
                     assert any("the job's runner stopped" in m for m in messages)
@@ -179,7 +179,7 @@ def test_a_replica_that_loses_its_claim_stops_training_and_leaves_the_status(tmp
     shutil.copy(EXAMPLES / "mascot_train.jsonl", data)
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     store = JobStore(Database(url))
-    dirs = {"adapter_store": tmp_path / "store", "fine_tuning_dir": tmp_path / "ft", "adapter_roots": [adapter_root],
+    dirs = {"data_dir": tmp_path / "data", "adapter_roots": [adapter_root],
             "database_url": url}
     with running_server(**dirs) as server, httpx.Client(base_url=server, timeout=60) as http:
         job = http.post(JOBS, json={"model": MODEL, "training_file": str(data), "method": {
@@ -191,7 +191,7 @@ def test_a_replica_that_loses_its_claim_stops_training_and_leaves_the_status(tmp
         with store.db.write() as connection:  # a replica elsewhere holds the job now
             connection.execute(update(jobs).where(jobs.c.id == job["id"])
                                .values(runner="elsewhere", claim_expires_at=time.time() + 3600))
-        log = tmp_path / "ft" / "jobs" / job["id"] / "metrics.jsonl"
+        log = tmp_path / "data" / "fine_tuning" / "jobs" / job["id"] / "metrics.jsonl"
         deadline = time.monotonic() + 30
         while True:  # the training process stops within one renewal (5 s)
             size = log.stat().st_size

@@ -29,7 +29,7 @@ async def count_on_workers() -> set[int]:
 
 
 def test_torch_runs_on_every_core_on_the_engine_thread_only(tmp_path, adapter_dirs, adapter_root):
-    with serving_app(adapter_store=tmp_path / "store", adapter_roots=[adapter_root]) as (url, app):
+    with serving_app(data_dir=tmp_path / "data", adapter_roots=[adapter_root]) as (url, app):
         with httpx.Client(base_url=url, timeout=120) as http:
             # read (parsed, checked, cast) on a worker thread: where the extra team came from
             http.post("/v1/adapters", json={"name": "lora", "path": str(adapter_dirs["lora"])}).raise_for_status()

@@ -37,8 +37,8 @@ def vllm_server(tmp_path_factory, adapter_root):
     """(process, URL) of the module's `swapyard serve --engine vllm`."""
     tmp = tmp_path_factory.mktemp("vllm")
     proc, url = start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len",
-                                    "1024", "--max-loras", "8", "--adapter-store", str(tmp / "store"),
-                                    "--fine-tuning-dir", str(tmp / "ft"), "--adapter-roots",
+                                    "1024", "--max-loras", "8", "--data-dir", str(tmp / "data"),
+                                    "--adapter-roots",
                                     json.dumps([str(adapter_root)]), timeout=400)
     try:
         yield proc, url

