@@ -1,18 +1,15 @@
-"""What ships for deployment tells the truth: no API key or database password in the manifests, SQLite
-on a network filesystem and stores on object-storage mounts are refused (SQLite's locking and WAL do not
-hold there, S3 mounts cannot rename), the PostgreSQL options are wired, and the command line explains
-itself."""
+"""What ships for deployment tells the truth: SQLite on a network filesystem and stores on object-storage
+mounts are refused (SQLite's locking and WAL do not hold there, S3 mounts cannot rename), and the command
+line explains itself. The Kubernetes manifests (no API key or database password in them, the PostgreSQL
+overlay) are rendered and checked in test_kubernetes.py; the images and compose in test_images.py."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from server.storage import filesystem_type, is_network, require_local, require_store
-
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -49,32 +46,6 @@ def test_storage_rules(tmp_path, monkeypatch):
     require_store(tmp_path / "nfs" / "store", "--adapter-store", shared_database=True)
     with pytest.raises(SystemExit, match=r"--fine-tuning-dir .* \(FUSE\) filesystem.*cannot do"):
         require_store(tmp_path / "s3" / "ft", "--fine-tuning-dir", shared_database=True)
-
-
-def test_postgres_options_in_the_manifests_keep_the_url_out_of_git():
-    overlay = DEPLOY / "kubernetes" / "replicas"
-    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["../"]
-    assert kustomization["secretGenerator"] == [{"name": "swapyard-database", "envs": ["database.env"],
-                                                 "options": {"disableNameSuffixHash": True}}]
-    assert "deploy/kubernetes/replicas/database.env" in (DEPLOY.parent / ".gitignore").read_text().splitlines()
-    patch = yaml.safe_load((overlay / "deployment-replicas.yaml").read_text())
-    container = patch["spec"]["template"]["spec"]["containers"][0]
-    assert patch["spec"]["replicas"] >= 2 and container["envFrom"] == [{"secretRef": {"name": "swapyard-database"}}]
-    assert yaml.safe_load((overlay / "pvc-rwx.yaml").read_text())["spec"]["accessModes"] == ["ReadWriteMany"]
-    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())["services"]
-    assert compose["postgres"]["image"].startswith("postgres:")
-    assert "SWAPYARD_DATABASE_URL" in compose["swapyard"]["environment"]
-
-
-def test_no_api_key_ships_with_the_manifests():
-    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
-    generated = kustomization["secretGenerator"][0]
-    assert generated["name"] == "swapyard-api-keys" and generated["files"] == ["keys.txt"]
-    assert not (DEPLOY / "kubernetes" / "keys.txt").exists() or "keys.txt" in (DEPLOY.parent / ".gitignore").read_text()
-    for manifest in (DEPLOY / "kubernetes").glob("*.yaml"):
-        for document in yaml.safe_load_all(manifest.read_text()):
-            assert document.get("kind") != "Secret", manifest
 
 
 def test_every_subcommand_says_what_it_does_in_help():
