@@ -90,6 +90,9 @@ async def _read_upload(request: Request, limit: int, staging: Path) -> tuple[Reg
 @adapter_api.post("", response_model=AdapterCard, status_code=201)
 async def register_adapter(request: Request, router: Router = Depends(get_router),
                            settings: ServeSettings = Depends(get_settings)) -> AdapterCard:
+    """Register an adapter: JSON `{"name", "path", "replace", "pinned"}` naming a server folder (inside
+    --adapter-roots, or a fine-tuning job's output), or multipart form fields `name`, `replace`, `pinned` with
+    a .tar.gz or .zip of the folder in `file`."""
     limit = settings.max_upload_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="swapyard-upload-") as tmp:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):

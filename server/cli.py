@@ -58,6 +58,7 @@ class Merge(BaseModel):
     model: Path | None = None
     """Base model folder (default: the embedded SmolLM2-135M-Instruct)."""
     cache_dir: Path = DEFAULT_CACHE_DIR
+    """Where the default model is converted to (as `serve --cache-dir`)."""
     data_dir: Path = DEFAULT_DATA_DIR
     """The server's data folder, whose registry names are looked up in (as `serve --data-dir`)."""
     database_url: str | None = Field(default_factory=url_from_env)

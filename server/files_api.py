@@ -29,6 +29,7 @@ def file_or_404(store: JobStore, file_id: str) -> FileRecord:
 
 @files_api.post("/v1/files", response_model=FileObject)
 async def upload_file(request: Request, runner: JobRunner = Depends(get_runner)) -> FileObject:
+    """Upload training data: multipart with the JSONL in `file` and `purpose` `fine-tune`."""
     form = await request.form(max_files=1, max_fields=4)  # spooled to disk; BodyLimit bounds its size
     upload, purpose = form.get("file"), form.get("purpose")
     if upload is None or isinstance(upload, str):

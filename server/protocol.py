@@ -39,12 +39,14 @@ def new_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do; known ones are strictly checked.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored, as OpenAI-compatible servers do; known ones are strictly checked. Field
+    # docstrings are the descriptions in the OpenAPI schema and docs/reference/request-fields.md.
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    """A last chunk, with no choices, carries the usage of the whole response."""
 
 
 class TextPart(_Request):
@@ -70,9 +72,12 @@ class ToolCall(BaseModel):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only for an assistant message that made tool calls
+    """Text, or text parts (no images or audio); only an assistant message with tool_calls may omit it."""
     name: str | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None  # assistant messages
+    """An assistant message's calls, as a response returned them."""
     tool_call_id: str | None = Field(None, max_length=128)  # tool messages: the call this answers
+    """A tool message: the id of the call it answers."""
     _valid_text = field_validator("content", "name")(_encodable)
 
     @model_validator(mode="after")
@@ -122,6 +127,7 @@ class JsonSchemaFormat(_Request):
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
+    """`json_object`: any JSON object; `json_schema`: JSON that matches `json_schema.schema`."""
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
@@ -135,10 +141,15 @@ class StructuredOutputs(_Request):
     """vLLM's extension: exactly one of these constrains the output."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
+    """A JSON schema (an object, or its text) the output must match."""
     regex: str | None = Field(None, max_length=MAX_SPEC_CHARS)
+    """A regular expression the whole output must match."""
     choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
+    """The output is exactly one of these strings."""
     grammar: str | None = Field(None, max_length=MAX_SPEC_CHARS)
+    """An EBNF grammar (xgrammar's dialect, as vLLM's) the output must match."""
     json_object: bool | None = None
+    """true: any JSON object."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StructuredOutputs":
@@ -154,33 +165,62 @@ class SamplingFields(_Request):
     defaults (its generation_config.json) where the server applies them, else OpenAI's."""
 
     model: str
+    """The base model's name, or a registered adapter's (`GET /v1/models` lists both)."""
     temperature: float | None = Field(None, ge=0.0, le=2.0)
+    """Unset: the model's default (SmolLM2: 0.2), else OpenAI's 1. Under 1e-5: greedy."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling. Unset: the model's default (SmolLM2: 0.9), else 1."""
     top_k: int | None = Field(None, ge=0, le=2**31 - 1)
+    """vLLM's extension: sample from the k likeliest tokens (0: off). Unset: the model's default, else off."""
     min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """vLLM's extension: drop tokens under min_p times the top token's probability. Unset: the model's default,
+    else 0."""
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """On the tokens generated so far, as vLLM applies it."""
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """On the tokens generated so far, as vLLM applies it."""
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    """vLLM's extension. Unset: the model's default, else 1."""
     # JSON keys are strings: "50256" is read as token 50256.
     logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] \
         | None = None
+    """Token id (a JSON string key, such as "50256") to a bias added to its logit."""
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    """vLLM's extension: token ids that end a choice."""
     min_tokens: int = Field(0, ge=0)
+    """vLLM's extension: end-of-sequence tokens and stop_token_ids are barred until this many tokens."""
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch generators take
+    """Seeds the request's own generator: the same tokens whatever it is batched with; choice i of n uses
+    seed + i."""
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    """Up to 4 strings of at most 256 characters; a choice ends before the first one it generates."""
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices per prompt, each its own sequence; n x prompts may be at most 16."""
     stream: bool = False
+    """Server-sent events, as OpenAI's, ending with `data: [DONE]`."""
     stream_options: StreamOptions | None = None
+    """With stream: `include_usage`."""
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    """vLLM's extension: generate max_tokens whatever end-of-sequence token the model emits."""
     # vLLM's extension: cached prompt prefixes are shared only between requests of the same salt, so a tenant
     # that salts its requests cannot be probed (by time to first token) for what it sent. vLLM's limits.
     cache_salt: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\\/@\x00]+$")
+    """vLLM's extension: cached prompt prefixes are shared only between requests of the same salt, so a tenant
+    that salts its requests cannot be probed through time to first token."""
     response_format: ResponseFormat | None = None
+    """`text`, `json_object` or `json_schema` (the openai client's `chat.completions.parse` works). Compiled with
+    xgrammar; a bad schema is a 400; JSON is generated compact."""
     structured_outputs: StructuredOutputs | None = None
+    """vLLM's extension: exactly one of `json`, `regex`, `choice`, `grammar`, `json_object`. Not together with
+    response_format."""
     functions: Any = None
+    """Not implemented: a 400 naming it unless `[]`."""
     function_call: Any = None
+    """Not implemented: a 400 naming it unless `"none"`."""
     best_of: Any = None
+    """Not implemented: a 400 naming it unless `1`."""
     suffix: Any = None
+    """Not implemented: a 400 naming it unless `""`."""
 
     @field_validator("stop")
     @classmethod
@@ -231,13 +271,24 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    """The conversation, rendered with the model's chat template."""
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    """Functions the model may call: rendered by the chat template where it knows tools, else put into the system
+    prompt in the Hermes format."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """`auto`: Hermes `<tool_call>` blocks in the output are parsed into tool_calls; `required` and a named
+    function are enforced by a grammar, so the output is a valid call."""
     parallel_tool_calls: bool = True
+    """false: at most one call per reply; true: under `required`, at most as many calls as there are tools."""
     max_tokens: int | None = Field(None, gt=0)
+    """Most tokens to generate. Unset: up to the rest of the context (at most the server's --max-tokens-limit)."""
     max_completion_tokens: int | None = Field(None, gt=0)
+    """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool = False
+    """Each generated token's logprob, of the model's raw distribution (before temperature, penalties, bias or
+    grammar), streamed too."""
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """This many likeliest alternatives per token; needs logprobs: true."""
 
     @field_validator("top_logprobs")
     @classmethod
@@ -256,10 +307,16 @@ TokenPrompts = Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | Prompts | TokenPrompts = Field(min_length=1)  # one prompt, or a batch of them
+    """Text, token ids, or a list of either (at most 16 prompts). Choices are prompt-major: index = prompt x n +
+    choice."""
     _valid_text = field_validator("prompt")(_encodable)
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this endpoint; 0 with echo: scoring only
+    """Most tokens to generate: OpenAI's default 16 when left out; null: up to the rest of the context. 0 with echo
+    scores the prompt only."""
     echo: bool = False  # the prompt leads the text (and, with logprobs, the logprobs: its first token's is null)
+    """The prompt leads the text; with logprobs, the prompt's tokens lead the logprobs (the first is null)."""
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """The chosen token's logprob and this many alternatives per token, in the legacy shape."""
 
     def num_logprobs(self) -> int | None:
         return self.logprobs

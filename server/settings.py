@@ -116,7 +116,8 @@ class ServeSettings(EngineSettings):
     max_prompt_tokens: int | None = Field(None, gt=0)
     """Longest prompt accepted, in tokens (default: the context length)."""
     max_tokens_limit: int | None = Field(None, gt=0)
-    """Largest max_tokens a request may ask for; also the default when it asks none (default: the context)."""
+    """Largest max_tokens a request may ask for; also the default of a chat request that leaves it out (a
+    completions request's default is 16, as OpenAI's). Default: the context."""
     cors_origins: list[str] = []
     """Origins browsers may call from (CORS); none by default."""
     drain_timeout_s: float = Field(30.0, ge=0)

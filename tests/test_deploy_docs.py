@@ -3,7 +3,8 @@ marker on the line above it: `<!-- run -->` (this test runs it), or `<!-- not ru
 needs what this machine lacks: a Docker daemon, a cluster, a GPU). A block without a marker fails here.
 
 Run blocks execute in order, in one bash per section, in a copy of deploy/ (so the keys and database files
-they write never land in the checkout), with the repository's venv first on PATH; a server a block starts
+they write never land in the checkout; setup.sh alone runs as the checkout's), with the repository's venv
+first on PATH; a server a block starts
 listens on a free port instead of 8000 (`localhost:8000` and `swapyard serve` are rewritten to it) and on a
 data folder of its own, and is stopped when the section ends."""
 
@@ -46,8 +47,10 @@ def test_every_shell_block_says_whether_it_runs_here():
 def test_runnable_blocks_run(title, tmp_path):
     port = free_port()
     script = "\n".join(body for marker, body in _sections()[title] if marker == RUN)
+    # setup.sh is the checkout's own: run from the copy, an install it found stale would point the venv there.
     script = script.replace("localhost:8000", f"127.0.0.1:{port}").replace(
-        "swapyard serve", f"swapyard serve --port {port}").replace("~/swapyard-data", str(tmp_path / "data"))
+        "swapyard serve", f"swapyard serve --port {port}").replace("~/swapyard-data", str(tmp_path / "data")).replace(
+        "./deploy/setup.sh", str(REPO / "deploy" / "setup.sh"))
     work = tmp_path / "checkout"
     shutil.copytree(REPO / "deploy", work / "deploy", ignore=shutil.ignore_patterns("keys.txt", "database.env"))
     (work / ".venv").symlink_to(REPO / ".venv")

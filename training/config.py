@@ -30,28 +30,41 @@ class TrainConfig(BaseModel):
     batch_size: Annotated[int, Field(gt=0, le=256)] | Auto = "auto"
     """auto: the power of two nearest the square root of the number of examples, from 1 to 32."""
     gradient_accumulation_steps: int = Field(1, gt=0, le=1024)
+    """Batches whose gradients add up to one optimizer step."""
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
     """Scales the method's base learning rate (auto: 1)."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] | Auto = "auto"
     """Peak learning rate; auto: the method's base (lora 1e-3, prefix 3e-2, prompt 3e-2, bottleneck 1e-3 at
     8 examples a step) times sqrt(examples a step / 8) times the multiplier. Give this or the multiplier."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of the optimizer steps over which the learning rate rises linearly to its peak."""
     lr_scheduler: Literal["cosine", "linear"] = "cosine"
+    """How the learning rate decays after the warmup."""
     weight_decay: float = Field(0.0, ge=0, le=1)
+    """AdamW's weight decay."""
     max_seq_len: int = Field(1024, gt=8, le=32768)
     """Longer examples are truncated (with a warning naming their line)."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seeds initialization, shuffling and dropout."""
     lora_r: int = Field(8, gt=0, le=512)
+    """LoRA: rank."""
     lora_alpha: float = Field(16, gt=0, le=10_000)
+    """LoRA: alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA: dropout on the adapter's input."""
     lora_target_modules: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=64)] | \
         Literal["all-linear"] = "all-linear"
+    """LoRA: the linear layers to adapt, by module name (q_proj, v_proj, ...), or every linear layer."""
     use_rslora: bool = False
+    """LoRA: rank-stabilized scaling, alpha / sqrt(r)."""
     num_virtual_tokens: int = Field(16, gt=0, le=1024)
     """Prefix and prompt tuning: learned positions before the prompt."""
     bottleneck_size: int = Field(16, gt=0, le=8192)
+    """Bottleneck: width of the down projection."""
     bottleneck_positions: list[Literal["attn", "mlp"]] = ["attn", "mlp"]
+    """Bottleneck: sublayer outputs it adds to (both: Houlsby's placement; mlp alone: Pfeiffer's)."""
     bottleneck_non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Bottleneck: activation between the down and up projections."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The frozen base's compute dtype (auto: bfloat16 on CPUs with bf16 matmul hardware and on GPUs that have
     it, else float32); the adapter's own weights always train in float32."""
