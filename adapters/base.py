@@ -28,6 +28,16 @@ class AdapterError(ValueError):
         self.field = field
 
 
+class AdapterGone(AdapterError):
+    """The adapter a request named left (deleted, or unloaded) before the request reached the engine: the
+    same 404 as a name never registered, on every engine."""
+
+
+class AdapterBusy(AdapterError):
+    """The change cannot happen now (a weight swap that would wait too long for running requests): 409,
+    nothing changed, try again."""
+
+
 class AdapterCapacityError(AdapterError):
     """Every adapter slot is pinned or busy: the client should retry later."""
 

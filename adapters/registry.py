@@ -70,6 +70,10 @@ class AdapterRegistry:
         """Every record by name, as of one read."""
         return self._records()
 
+    def cached(self) -> dict[str, AdapterRecord] | None:
+        """Every record by name as last read, without asking the database (None before the first read)."""
+        return self._cache[1] if self._cache is not None else None
+
     def _records(self) -> dict[str, AdapterRecord]:
         """Every row, read again only when the registry's version moved (a write here or on another
         replica), so the hot path reads one row. While the database is down, the last copy serves."""

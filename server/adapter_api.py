@@ -116,11 +116,12 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
 
 @adapter_api.get("", response_model=AdapterList)
 async def list_adapters(router: Router = Depends(get_router)) -> AdapterList:
-    return AdapterList(data=[AdapterCard.of(r, router) for r in router.adapters.registry.list()])
+    records = sorted((await router.adapters.records()).values(), key=lambda record: record.name)
+    return AdapterList(data=[AdapterCard.of(r, router) for r in records])
 
 
-def _record(router: Router, name: str) -> AdapterRecord:
-    record = router.adapters.get(name)
+async def _record(router: Router, name: str) -> AdapterRecord:
+    record = await router.adapters.get(name)
     if record is None:
         raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
     return record
@@ -128,19 +129,19 @@ def _record(router: Router, name: str) -> AdapterRecord:
 
 @adapter_api.get("/{name}", response_model=AdapterCard)
 async def show_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
-    return AdapterCard.of(_record(router, name), router)
+    return AdapterCard.of(await _record(router, name), router)
 
 
 @adapter_api.post("/{name}/merge", response_model=AdapterCard)
 async def merge_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
     """Fold this LoRA into the base weights: its requests run at base speed, all others stay exact."""
-    _record(router, name)
+    await _record(router, name)
     return AdapterCard.of(await router.adapters.merge(name), router)
 
 
 @adapter_api.post("/{name}/unmerge", response_model=AdapterCard)
 async def unmerge_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
-    record = _record(router, name)
+    record = await _record(router, name)
     if not await router.adapters.unmerge(name):
         raise APIError(409, f"`{name}` is not merged", param="name", code="not_merged")
     return AdapterCard.of(record, router)

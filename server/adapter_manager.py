@@ -5,12 +5,13 @@ the store, evicting the least recently used adapter that is neither pinned, merg
 When every slot serves requests, the request waits here (queued, not refused) until one frees, in line by
 adapter, first come first served: only the first adapter's requests try for the next slot. After
 FAIR_WAIT_S of waiting, new requests for the least recently used adapter wait too, so that its slot drains
-even under a steady stream for it. A request for a resident adapter takes no lock and reads only the
-registry's version row. At most PREFETCH_DEPTH cold requests at a time (those arriving while fewer hold one)
-read and check their adapter's files before they queue for the lock, so reading overlaps with the loads
-ahead of them; the others read when their turn comes. Files are read one adapter at a time: on a CPU
-host, a parse beside the engine's threads slows every step (measured on 2 cores: back-to-back parses made
-decode steps 3.5x slower), so reading ahead of need costs more than it hides.
+even under a steady stream for it. A request for a resident adapter takes no lock; routing it read the
+registry's version row once, in a worker thread shared with the requests that came meanwhile (`records`).
+At most PREFETCH_DEPTH cold requests at a time (those arriving while fewer hold one) read and check their
+adapter's files before they queue for the lock, so reading overlaps with the loads ahead of them; the others
+read when their turn comes. Files are read one adapter at a time: on a CPU host, a parse beside the engine's
+threads slows every step (measured on 2 cores: back-to-back parses made decode steps 3.5x slower), so reading
+ahead of need costs more than it hides.
 Evicted adapters stay parsed in host memory (the host tier, `max_cached` of them), so a reload skips the disk;
 it is pinned memory when the engine copies to a GPU.
 At most one LoRA is merged into the base weights; replacing or deleting it unmerges it first.
@@ -25,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from adapters.base import AdapterCapacityError, AdapterError, AdapterLoadError, BaseModelSpec, map_tensors
+from adapters.base import (AdapterCapacityError, AdapterError, AdapterGone, AdapterLoadError, BaseModelSpec,
+                           map_tensors)
 from adapters.loading import Adapter, load_adapter
 from adapters.registry import AdapterRecord, AdapterRegistry
+from server import database
 from server.engine.base import Engine
 from server.metrics import (
     ADAPTER_EVICTIONS, ADAPTER_HOST_CACHE, ADAPTER_LOAD_TIME, ADAPTER_LOADS, ADAPTER_QUEUE, ADAPTER_WAIT_TIME,
@@ -57,14 +60,42 @@ class AdapterManager:
         self._line: OrderedDict[str, tuple[int, asyncio.Event]] = OrderedDict()
         self._lock = asyncio.Lock()  # one load, eviction or merge at a time
         self._draining: str | None = None  # an adapter whose new requests wait, so its slot frees
+        self._reading_registry: asyncio.Future | None = None  # the registry read under way
+        self._next_registry_read: asyncio.Future | None = None  # the one after it, shared by calls meanwhile
 
     @property
     def merged(self) -> str | None:
         """The LoRA folded into the base weights, as the engine (its one owner) says."""
         return self.engine.merged
 
-    def get(self, name: str) -> AdapterRecord | None:
-        return self.registry.get(name)
+    async def records(self) -> dict[str, AdapterRecord]:
+        """The registry as of a read begun after this call, so whatever any replica committed before it is
+        seen. Reads run in a worker thread, one at a time, each shared by every call that came while the one
+        before it ran: the event loop never waits on the database, and a burst of requests costs one read. A
+        read that takes over database.WAIT_S (a database whose packets are dropped) is not waited for: the
+        last read serves meanwhile."""
+        if self._next_registry_read is None:
+            self._next_registry_read = self._read_registry_after(self._reading_registry)
+        read = self._next_registry_read
+        try:
+            return await asyncio.wait_for(asyncio.shield(read), database.WAIT_S)
+        except TimeoutError:
+            cached = self.registry.cached()
+            return cached if cached is not None else await asyncio.shield(read)
+
+    def _read_registry_after(self, previous: asyncio.Future | None) -> asyncio.Future:
+        async def read() -> dict[str, AdapterRecord]:
+            if previous is not None:
+                await asyncio.wait([previous])
+            self._reading_registry, self._next_registry_read = started, None  # later calls wait for the next
+            return await asyncio.to_thread(self.registry.snapshot)
+
+        started = asyncio.ensure_future(read())
+        started.add_done_callback(lambda done: done.cancelled() or done.exception())  # raised to its callers
+        return started
+
+    async def get(self, name: str) -> AdapterRecord | None:
+        return (await self.records()).get(name)
 
     async def register(self, name: str, folder: Path, *, source: str, replace: bool, is_pinned: bool) -> AdapterRecord:
         """Validate, stage, load into the engine, then commit. All or nothing: an adapter the engine refuses
@@ -117,9 +148,10 @@ class AdapterManager:
             self._signal()
 
     @asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[None]:
-        """Hold `name` resident for the duration of one request, loading it (or waiting for a slot) first."""
-        if self._is_ready(name):  # the warm path: no lock, and no await between the check and the claim
+    async def use(self, name: str, version: int) -> AsyncIterator[None]:
+        """Hold `name` resident for the duration of one request, loading it (or waiting for a slot) first;
+        `version` is the one the request was routed to (a newer one registered since is loaded instead)."""
+        if self._resident.get(name) == version and name != self._draining:  # warm: no lock, no await, no database
             self._in_use[name] += 1
         else:
             await self._claim_cold(name)
@@ -129,10 +161,6 @@ class AdapterManager:
             self._in_use[name] -= 1
             if self._in_use[name] == 0:
                 self._signal()
-
-    def _is_ready(self, name: str) -> bool:
-        record = self.registry.get(name)
-        return record is not None and self._resident.get(name) == record.version and name != self._draining
 
     def _signal(self) -> None:
         """A slot may have freed, or the line moved: wake the requests that may go now, those of the first adapter
@@ -145,7 +173,7 @@ class AdapterManager:
 
     async def _claim_cold(self, name: str) -> None:
         start, drains, prefetched = time.monotonic(), None, None
-        record = self._record(name)
+        record = await self._record(name)
         is_reading_ahead = self._resident.get(name) != record.version and self._num_prefetched < PREFETCH_DEPTH
         self._num_prefetched += is_reading_ahead
         count, event = self._line.get(name, (0, asyncio.Event()))
@@ -203,8 +231,8 @@ class AdapterManager:
                 self._host.popitem(last=False)
 
     def _eviction_order(self) -> list[str]:
-        """Resident adapters that may leave once idle, least recently used first."""
-        records = self.registry.snapshot()  # one read of the registry, not one per resident adapter
+        """Resident adapters that may leave once idle, least recently used first (pins as last read)."""
+        records = self.registry.cached() or {}
         return [name for name in self._resident
                 if name != self.merged and not (name in records and records[name].is_pinned)]
 
@@ -213,7 +241,7 @@ class AdapterManager:
 
     async def merge(self, name: str) -> AdapterRecord:
         """Fold LoRA `name` into the base weights (unmerging the one merged before)."""
-        record = self._record(name)
+        record = await self._record(name)
         if record.kind != "lora":
             raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is {record.kind}")
         async with self._lock:
@@ -237,10 +265,10 @@ class AdapterManager:
             await self.engine.unmerge_adapter()
             MERGED_ADAPTER.labels(merged).set(0)
 
-    def _record(self, name: str) -> AdapterRecord:
-        record = self.registry.get(name)
+    async def _record(self, name: str) -> AdapterRecord:
+        record = await self.get(name)
         if record is None:
-            raise AdapterError("model", f"adapter `{name}` is not registered")
+            raise AdapterGone("model", f"adapter `{name}` is not registered")
         return record
 
     async def _parse(self, record: AdapterRecord) -> tuple[tuple[str, int], Adapter, str]:
@@ -272,7 +300,7 @@ class AdapterManager:
                                ) -> None:
         """Load `name` unless its registered version is resident (another replica may have replaced it);
         `prefetched` is a parse made before the lock, used if it is still the registered version."""
-        record = self._record(name)
+        record = await self._record(name)
         if self._resident.get(name) != record.version:
             start = time.monotonic()
             if prefetched is None or prefetched[0] != (name, record.version):

@@ -182,9 +182,9 @@ async def completions(body: CompletionRequest, router: Router = Depends(get_rout
 
 @api.get("/v1/models", response_model=ModelList)
 async def list_models(router: Router = Depends(get_router)) -> ModelList:
-    return router.models()
+    return await router.models()
 
 
 @api.get("/v1/models/{model}", response_model=ModelCard)
 async def show_model(model: str, router: Router = Depends(get_router)) -> ModelCard:
-    return router.model(model)
+    return await router.model(model)

@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.base import AdapterCapacityError, AdapterError, AdapterLoadError
+from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, AdapterGone, AdapterLoadError
 from adapters.registry import AdapterExists
 from server.database import DatabaseUnavailable
 from server.protocol import ErrorBody, ErrorResponse
@@ -32,11 +32,16 @@ def error_json(status_code: int, body: ErrorResponse, headers: dict[str, str] | 
 
 
 def adapter_api_error(exc: AdapterError) -> APIError:
-    """A bad adapter is the client's 400; a taken name 409; a stored adapter that no longer loads 500;
-    a full device 503 (retry)."""
+    """A bad adapter is the client's 400; one gone since the request named it 404; a taken name or a swap
+    that would wait too long 409; a stored
+    adapter that no longer loads 500; a full device 503 (retry)."""
+    if isinstance(exc, AdapterGone):
+        return APIError(404, f"The model does not exist: {exc}", param="model", code="model_not_found",
+                        type="not_found_error")
     if isinstance(exc, AdapterLoadError):
         return APIError(500, str(exc), param=exc.field, code="adapter_load_failed", type="server_error")
-    status = 409 if isinstance(exc, AdapterExists) else 503 if isinstance(exc, AdapterCapacityError) else 400
+    status = 409 if isinstance(exc, AdapterExists | AdapterBusy) else 503 if isinstance(exc, AdapterCapacityError) \
+        else 400
     return APIError(status, str(exc), param=exc.field, code="invalid_adapter" if status == 400 else None,
                     type="server_error" if status == 503 else "invalid_request_error")
 

@@ -15,6 +15,7 @@ from server.fine_tuning_protocol import FileDeleted, FileObject, Page
 from server.job_runner import JobRunner
 from training.jobs import ACTIVE, FileRecord, JobStore, new_id
 
+# As in jobs_api: routes that only use the job store are plain functions, run in FastAPI's thread pool.
 files_api = APIRouter()
 
 UPLOAD_PURPOSE = "fine-tune"
@@ -48,12 +49,12 @@ async def upload_file(request: Request, runner: JobRunner = Depends(get_runner))
     num_bytes = await asyncio.to_thread(save)
     record = FileRecord(id=file_id, filename=(upload.filename or "upload.jsonl")[:255], bytes=num_bytes,
                         purpose=purpose, path=str(path), created_at=int(time.time()))
-    runner.store.add_file(record)
+    await asyncio.to_thread(runner.store.add_file, record)
     return FileObject.of(record)
 
 
 @files_api.get("/v1/files", response_model=Page)
-async def list_files(purpose: Annotated[str | None, Query(max_length=64)] = None, after: str | None = None,
+def list_files(purpose: Annotated[str | None, Query(max_length=64)] = None, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
                      order: Literal["asc", "desc"] = "desc", runner: JobRunner = Depends(get_runner)) -> Page:
     files = runner.store.list_files(purpose, after, limit + 1, newest_first=order == "desc")
@@ -61,12 +62,12 @@ async def list_files(purpose: Annotated[str | None, Query(max_length=64)] = None
 
 
 @files_api.get("/v1/files/{file_id}", response_model=FileObject)
-async def show_file(file_id: str, runner: JobRunner = Depends(get_runner)) -> FileObject:
+def show_file(file_id: str, runner: JobRunner = Depends(get_runner)) -> FileObject:
     return FileObject.of(file_or_404(runner.store, file_id))
 
 
 @files_api.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, runner: JobRunner = Depends(get_runner)) -> FileResponse:
+def file_content(file_id: str, runner: JobRunner = Depends(get_runner)) -> FileResponse:
     record = file_or_404(runner.store, file_id)
     if not Path(record.path).is_file():
         raise APIError(404, f"the content of file `{file_id}` is gone", param="file_id", code="file_not_found")
@@ -74,7 +75,7 @@ async def file_content(file_id: str, runner: JobRunner = Depends(get_runner)) ->
 
 
 @files_api.delete("/v1/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, runner: JobRunner = Depends(get_runner)) -> FileDeleted:
+def delete_file(file_id: str, runner: JobRunner = Depends(get_runner)) -> FileDeleted:
     record = file_or_404(runner.store, file_id)
     if users := runner.store.jobs_using_file(file_id, ACTIVE):
         raise APIError(409, f"file `{file_id}` is in use by fine-tuning job `{users[0]}`; cancel it or wait until "

@@ -38,10 +38,27 @@ def adapter_name(job: JobRecord) -> str:
     return f"ft-{suffix + '-' if suffix else ''}{job.id[-8:]}"
 
 
+class _OffTheLoop:
+    """A job store whose methods run in a worker thread: the database may be slow or unreachable, and the
+    event loop the runner shares with every stream must never wait on it."""
+
+    def __init__(self, store: JobStore):
+        self._store = store
+
+    def __getattr__(self, name: str):
+        method = getattr(self._store, name)
+
+        async def call(*args, **kwargs):
+            return await asyncio.to_thread(method, *args, **kwargs)
+
+        return call
+
+
 class JobRunner:
     def __init__(self, store: JobStore, root: Path, adapters: AdapterManager, num_threads: int | None):
         """`root` is the fine-tuning folder (uploaded files, job outputs), shared by replicas like the store."""
         self.store, self.root, self.adapters, self.num_threads = store, root, adapters, num_threads
+        self._store = _OffTheLoop(store)  # what the runner's own tasks use
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._training: asyncio.Task | None = None  # the job now training, while the loop validates new ones
@@ -68,7 +85,7 @@ class JobRunner:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._training_id is not None:  # another replica (or this one restarted) takes over at once
-            await asyncio.to_thread(self.store.release, self._training_id, self._runner)
+            await self._store.release(self._training_id, self._runner)
 
     async def _keep_claims(self) -> None:
         while not self._stopping:
@@ -77,7 +94,7 @@ class JobRunner:
             if not working:  # an idle replica holds no claim: no write every few seconds
                 continue
             try:
-                held = await asyncio.to_thread(self.store.renew_claims, self._runner, working, CLAIM_TTL_S)
+                held = await self._store.renew_claims(self._runner, working, CLAIM_TTL_S)
             except Exception:  # e.g. the database is down: try again; the claim holds until it expires
                 log.exception("could not renew the fine-tuning job claims")
                 continue
@@ -87,9 +104,9 @@ class JobRunner:
                 self._lost = self._training_id
                 self._process.terminate()
 
-    def submit(self, job: JobRecord) -> None:
-        self.store.add_job(job)
-        self.store.add_event(job.id, "info", f"Created fine-tuning job: {job.id}")
+    async def submit(self, job: JobRecord) -> None:
+        await self._store.add_job(job)
+        await self._store.add_event(job.id, "info", f"Created fine-tuning job: {job.id}")
         self._wake.set()
 
     def cancel(self, job_id: str) -> None:
@@ -106,21 +123,21 @@ class JobRunner:
             await self._idle()
 
     async def _take_work(self) -> None:
-        while (job := await asyncio.to_thread(self.store.claim, self._runner, ("validating_files",),
+        while (job := await self._store.claim(self._runner, ("validating_files",),
                                               CLAIM_TTL_S)) is not None:
             self._validating = job.id
             try:
                 await self._validate(job)
             finally:
                 self._validating = None
-            await asyncio.to_thread(self.store.release, job.id, self._runner)
+            await self._store.release(job.id, self._runner)
         if self._training is None or self._training.done():
             # A claimable `running` job lost its replica: it resumes here.
-            job = await asyncio.to_thread(self.store.claim, self._runner, ("queued", "running"), CLAIM_TTL_S)
+            job = await self._store.claim(self._runner, ("queued", "running"), CLAIM_TTL_S)
             if job is not None:
                 if job.status == "running":
-                    self.store.add_event(job.id, "info", "the job's runner stopped; it resumes from its last "
-                                                         "checkpoint")
+                    await self._store.add_event(job.id, "info", "the job's runner stopped; it resumes from its "
+                                                                "last checkpoint")
                 self._training_id, self._lost = job.id, None
                 self._training = asyncio.create_task(self._train(job))
                 self._training.add_done_callback(lambda _: self._wake.set())
@@ -130,11 +147,12 @@ class JobRunner:
             await self._run(job)
         except Exception as exc:  # one broken job must not stop the queue behind it
             log.exception("fine-tuning job %s failed", job.id)
-            self.store.set_status(job.id, "failed", error={"code": "server_error", "message": str(exc), "param": None})
+            await self._store.set_status(job.id, "failed", error={"code": "server_error", "message": str(exc),
+                                                                  "param": None})
         finally:
             if not self._stopping:  # (shutdown releases it.) A release lost to an outage expires: not renewed
                 self._training_id = None
-                self.store.release(job.id, self._runner)
+                await self._store.release(job.id, self._runner)
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -150,27 +168,28 @@ class JobRunner:
             path = job.config["data" if param == "training_file" else "validation"]
             if path is None:
                 continue
-            self.store.add_event(job.id, "info", f"Validating {label} file: {getattr(job, param)}")
+            await self._store.add_event(job.id, "info", f"Validating {label} file: {getattr(job, param)}")
             try:
                 examples, warnings = await asyncio.to_thread(read_examples, Path(path))
             except DataError as exc:
                 error = {"code": f"invalid_{param}", "message": str(exc), "param": param}
-                if self.store.set_status(job.id, "failed", only_from=frozenset({"validating_files"}), error=error):
-                    self.store.add_event(job.id, "error", str(exc))
+                if await self._store.set_status(job.id, "failed", only_from=frozenset({"validating_files"}),
+                                                error=error):
+                    await self._store.add_event(job.id, "error", str(exc))
                 return
             for warning in warnings:
-                self.store.add_event(job.id, "warn", warning)
+                await self._store.add_event(job.id, "warn", warning)
             num_examples = num_examples or len(examples)
         hyperparameters = resolve(TrainConfig.model_validate(job.config), num_examples).model_dump()
-        if self.store.set_status(job.id, "queued", only_from=frozenset({"validating_files"}),
+        if await self._store.set_status(job.id, "queued", only_from=frozenset({"validating_files"}),
                                  hyperparameters=hyperparameters):
-            self.store.add_event(job.id, "info", f"Files validated ({num_examples} training examples), moving job "
-                                                 "to queued state", {"hyperparameters": hyperparameters})
+            await self._store.add_event(job.id, "info", f"Files validated ({num_examples} training examples), "
+                                        "moving job to queued state", {"hyperparameters": hyperparameters})
 
     async def _run(self, job: JobRecord) -> None:
-        if not self.store.set_status(job.id, "running", only_from=frozenset({"queued", "running"})):
+        if not await self._store.set_status(job.id, "running", only_from=frozenset({"queued", "running"})):
             return  # cancelled since it was claimed
-        self.store.add_event(job.id, "info", "Fine-tuning job started", {"replica": self._runner})
+        await self._store.add_event(job.id, "info", "Fine-tuning job started", {"replica": self._runner})
         # spawn, not fork: the server's threads (engine, event loop) must not be copied into the child.
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_job, args=(self.store.db.url.render_as_string(hide_password=False), job.id, self.num_threads),
@@ -178,13 +197,13 @@ class JobRunner:
         self._process.start()
         await asyncio.to_thread(self._process.join)
         exit_code, self._process = self._process.exitcode, None
-        if self._stopping or self._lost == job.id or self.store.status(job.id) == "cancelled":
+        if self._stopping or self._lost == job.id or await self._store.status(job.id) == "cancelled":
             return  # the job goes on elsewhere, or is over: its status is not this replica's to set
         if exit_code != 0:
-            last_error = next((e for e in self.store.events(job.id, None, 50) if e.level == "error"), None)
+            last_error = next((e for e in await self._store.events(job.id, None, 50) if e.level == "error"), None)
             message = last_error.message if last_error else f"the training process exited with code {exit_code}"
             code = (last_error.data or {}).get("code", "training_error") if last_error else "training_error"
-            self.store.set_status(job.id, "failed", error={"code": code, "message": message, "param": None})
+            await self._store.set_status(job.id, "failed", error={"code": code, "message": message, "param": None})
             return
         await self._register(job)
 
@@ -195,14 +214,14 @@ class JobRunner:
         try:
             await self.adapters.register(name, out, source=f"fine-tune:{job.id}", replace=False, is_pinned=False)
         except AdapterError as exc:
-            self.store.set_status(job.id, "failed", error={"code": "registration_failed", "message": str(exc),
-                                                           "param": None})
+            await self._store.set_status(job.id, "failed", error={"code": "registration_failed",
+                                                                  "message": str(exc), "param": None})
             return
-        self.store.add_event(job.id, "info", f"New fine-tuned model created: {name}", summary)
+        await self._store.add_event(job.id, "info", f"New fine-tuned model created: {name}", summary)
         results = out / RESULTS_FILE
         record = FileRecord(id=new_id("file"), filename="step_metrics.csv", bytes=results.stat().st_size,
                             purpose="fine-tune-results", path=str(results), created_at=int(time.time()))
-        self.store.add_file(record)
-        self.store.set_status(job.id, "succeeded", fine_tuned_model=name, trained_tokens=summary["trained_tokens"],
-                              result_files=[record.id])
-        self.store.add_event(job.id, "info", "Fine-tuning job successfully completed")
+        await self._store.add_file(record)
+        await self._store.set_status(job.id, "succeeded", fine_tuned_model=name,
+                                     trained_tokens=summary["trained_tokens"], result_files=[record.id])
+        await self._store.add_event(job.id, "info", "Fine-tuning job successfully completed")

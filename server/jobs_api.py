@@ -1,5 +1,6 @@
 """OpenAI's fine-tuning jobs API: start, follow and cancel training (files are in files_api)."""
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,8 @@ from server.router import Router
 from server.settings import ServeSettings
 from training.jobs import FINAL, JobRecord, JobStore, new_id
 
+# Routes that only read or write the job store are plain functions: FastAPI runs them in its thread pool, so
+# a slow or unreachable database never holds the event loop (and with it every stream).
 jobs_api = APIRouter()
 
 PageSize = Annotated[int, Query(ge=1, le=1000)]  # bounded: SQLite takes 64-bit limits, and a page must fit memory
@@ -54,31 +57,31 @@ async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
         raise APIError(400, f"fine-tuning trains adapters for the served base model `{router.base_model}` only",
                        param="model", code="model_not_available")
     job_id = new_id("ftjob")
-    data = _training_path(body.training_file, "training_file", runner.store, settings)
-    validation = _training_path(body.validation_file, "validation_file", runner.store, settings) \
-        if body.validation_file else None
+    data = await asyncio.to_thread(_training_path, body.training_file, "training_file", runner.store, settings)
+    validation = await asyncio.to_thread(_training_path, body.validation_file, "validation_file", runner.store,
+                                         settings) if body.validation_file else None
     config = train_config(body, data=data, validation=validation, model=settings.model,
                           out=settings.jobs_dir / job_id, cache_dir=settings.cache_dir)
     job = JobRecord(id=job_id, model=body.model, status="validating_files", method=config.method,
                     training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
                     config=config.model_dump(mode="json"), fine_tuned_model=None, error=None, trained_tokens=None,
                     created_at=int(time.time()), finished_at=None, metadata=body.metadata)
-    runner.submit(job)
+    await runner.submit(job)
     return JobObject.of(job)
 
 
 @jobs_api.get("/v1/fine_tuning/jobs", response_model=Page)
-async def list_jobs(after: str | None = None, limit: PageSize = 20, runner: JobRunner = Depends(get_runner)) -> Page:
+def list_jobs(after: str | None = None, limit: PageSize = 20, runner: JobRunner = Depends(get_runner)) -> Page:
     return Page.of([JobObject.of(j) for j in runner.store.list_jobs(after, limit + 1)], limit)
 
 
 @jobs_api.get("/v1/fine_tuning/jobs/{job_id}", response_model=JobObject)
-async def show_job(job_id: str, runner: JobRunner = Depends(get_runner)) -> JobObject:
+def show_job(job_id: str, runner: JobRunner = Depends(get_runner)) -> JobObject:
     return JobObject.of(_job_or_404(runner.store, job_id))
 
 
 @jobs_api.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=Page)
-async def job_events(job_id: str, after: str | None = None, limit: PageSize = 20,
+def job_events(job_id: str, after: str | None = None, limit: PageSize = 20,
                      runner: JobRunner = Depends(get_runner)) -> Page:
     _job_or_404(runner.store, job_id)
     events = runner.store.events(job_id, _sequence(after, "ftevent-"), limit + 1)
@@ -86,7 +89,7 @@ async def job_events(job_id: str, after: str | None = None, limit: PageSize = 20
 
 
 @jobs_api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=Page)
-async def job_checkpoints(job_id: str, after: str | None = None, limit: PageSize = 10,
+def job_checkpoints(job_id: str, after: str | None = None, limit: PageSize = 10,
                           runner: JobRunner = Depends(get_runner)) -> Page:
     _job_or_404(runner.store, job_id)
     checkpoints = runner.store.checkpoints(job_id, _sequence(after, "ftckpt-"), limit + 1)
@@ -94,7 +97,7 @@ async def job_checkpoints(job_id: str, after: str | None = None, limit: PageSize
 
 
 @jobs_api.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=JobObject)
-async def cancel_job(job_id: str, runner: JobRunner = Depends(get_runner)) -> JobObject:
+def cancel_job(job_id: str, runner: JobRunner = Depends(get_runner)) -> JobObject:
     job = _job_or_404(runner.store, job_id)
     if job.status in FINAL:
         raise APIError(400, f"job `{job_id}` has already {job.status}", param="fine_tuning_job_id")

@@ -1,5 +1,6 @@
 """Prometheus metrics. Request metrics carry a `model` label: the base model's name or the adapter's."""
 
+import collections
 import time
 
 from prometheus_client import Counter, Gauge, Histogram, Info
@@ -64,10 +65,19 @@ _PER_MODEL = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY,
               MERGED_ADAPTER)
 
 
+_live: collections.Counter[str] = collections.Counter()  # requests of each model whose metrics are open
+_forgotten: set[str] = set()  # deleted while requests of it ran: its series go when the last of them ends
+
+
 def forget_model(name: str) -> None:
-    """Drop a deleted adapter's series, so registering and deleting adapters never grows /metrics."""
-    for metric in _PER_MODEL:
-        metric.remove_by_labels({"model": name})
+    """Drop a deleted adapter's series, so registering and deleting adapters never grows /metrics. Requests of
+    it still running keep them until the last one ends: removed under them, their observations would bring
+    the series back, and their gauges would end below zero."""
+    if _live[name]:
+        _forgotten.add(name)
+    else:
+        for metric in _PER_MODEL:
+            metric.remove_by_labels({"model": name})
 
 
 class RequestMetrics:
@@ -77,6 +87,7 @@ class RequestMetrics:
         self.model, self.arrival_time = model, arrival_time
         self._num_prompt_tokens = num_prompt_tokens
         self._last_token_time: float | None = None
+        _live[model] += 1
         WAITING.labels(model).inc()
 
     def observe(self, out: GenerationOutput) -> None:
@@ -98,3 +109,9 @@ class RequestMetrics:
         PROMPT_TOKENS.labels(self.model).inc(self._num_prompt_tokens)
         E2E_LATENCY.labels(self.model).observe(time.monotonic() - self.arrival_time)
         REQUESTS.labels(self.model, finish_reason).inc()
+        _live[self.model] -= 1
+        if not _live[self.model]:
+            del _live[self.model]
+            if self.model in _forgotten:
+                _forgotten.discard(self.model)
+                forget_model(self.model)

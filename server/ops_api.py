@@ -1,7 +1,5 @@
 """Operations routes, open without a key: liveness, readiness and Prometheus metrics."""
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,7 +32,7 @@ async def ready(request: Request) -> JSONResponse:
     phase = _phase(request)
     if phase == "ready":
         for database in set(request.app.state.databases):  # one, or the registry's and the jobs' files
-            if not await asyncio.to_thread(database.ping):
+            if not await database.answers():
                 phase = "database_unavailable"
     return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
 

@@ -38,6 +38,8 @@ def usage_of(out: GenerationOutput) -> Usage:
 
 def raise_for_failure(out: GenerationOutput) -> None:
     """Engine-side endings that are not a normal finish become API errors."""
+    if out.refusal is not None:
+        raise out.refusal
     if out.finish_reason == "abort":
         raise APIError(503, out.error or "request aborted", type="server_error", code="aborted",
                        headers={"Retry-After": "5"})
@@ -58,18 +60,19 @@ class Router:
         self.grammars = grammars
         self._created = int(time.time())
 
-    def models(self) -> ModelList:
-        return ModelList(data=[self._base_card(), *map(self._card, self.adapters.registry.list())])
+    async def models(self) -> ModelList:
+        records = sorted((await self.adapters.records()).values(), key=lambda record: record.name)
+        return ModelList(data=[self._base_card(), *map(self._card, records)])
 
-    def model(self, name: str) -> ModelCard:
-        return self._base_card() if name == self.base_model else self._card(self._adapter(name))
+    async def model(self, name: str) -> ModelCard:
+        return self._base_card() if name == self.base_model else self._card(await self._adapter(name))
 
     def _base_card(self) -> ModelCard:
         return ModelCard(id=self.base_model, created=self._created, root=self.base_model,
                          max_model_len=self.max_model_len)
 
-    def _adapter(self, name: str) -> AdapterRecord:
-        record = self.adapters.get(name)
+    async def _adapter(self, name: str) -> AdapterRecord:
+        record = await self.adapters.get(name)
         if record is None:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
         return record
@@ -78,11 +81,9 @@ class Router:
         return ModelCard(id=record.name, created=int(record.created_at), root=self.base_model, parent=self.base_model,
                          max_model_len=self.max_model_len)
 
-    def resolve(self, name: str) -> tuple[str | None, int]:
-        """(adapter name or None for the base, virtual tokens it adds before the prompt)."""
-        if name == self.base_model:
-            return None, 0
-        return name, self._adapter(name).num_virtual_tokens
+    async def resolve(self, name: str) -> AdapterRecord | None:
+        """The adapter version `name` is served by now, or None for the base model."""
+        return None if name == self.base_model else await self._adapter(name)
 
     async def chat_prompt(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
         knows_tools = "tools" in str(self.tokenizer.chat_template or "")
@@ -111,7 +112,11 @@ class Router:
 
     async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
                     tools: ToolPlan | None = None) -> GenerationRequest:
-        adapter, num_virtual = self.resolve(body.model)
+        record = await self.resolve(body.model)
+        num_virtual = record.num_virtual_tokens if record is not None else 0  # positions it adds before the prompt
+        if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
+            raise APIError(400, f"{prompt_param} gives no tokens to generate from", param=prompt_param,
+                           code="empty_prompt")
         if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
             raise APIError(400, f"The prompt has {len(prompt_ids)} tokens; this server accepts at most "
                                 f"{self.max_prompt_tokens}.", param=prompt_param, code="prompt_too_long")
@@ -157,8 +162,9 @@ class Router:
             logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, adapter, body.cache_salt,
-                                 grammar=grammar)
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model,
+                                 record.name if record is not None else None, body.cache_salt, grammar=grammar,
+                                 adapter_version=record.version if record is not None else None)
 
     @staticmethod
     def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:
@@ -180,7 +186,7 @@ class Router:
         metrics = RequestMetrics(request.model, len(request.prompt_token_ids), request.arrival_time)
         finish_reason = "abort"
         try:
-            async with self._adapter_held(request.adapter), aclosing(self.engine.generate(request)) as outputs:
+            async with self._adapter_held(request), aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
                     metrics.observe(out)
                     finish_reason = out.finish_reason or finish_reason
@@ -221,8 +227,9 @@ class Router:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _adapter_held(self, adapter: str | None):
-        return self.adapters.use(adapter) if adapter is not None else nullcontext()
+    def _adapter_held(self, request: GenerationRequest):
+        return self.adapters.use(request.adapter, request.adapter_version) if request.adapter is not None \
+            else nullcontext()
 
     async def complete(self, requests: list[GenerationRequest]) -> list[Completed]:
         """Each request run to its end, side by side: one Completed per request, in order."""

@@ -61,7 +61,11 @@ class EngineSettings(BaseModel):
     max_loras: int = Field(4, gt=0)
     """vLLM engine: distinct LoRAs in one batch (vLLM's max_loras)."""
     max_cpu_loras: int | None = Field(None, gt=0)
-    """vLLM engine: LoRAs cached in host memory (vLLM's max_cpu_loras; default: max_loras)."""
+    """vLLM engine: LoRAs cached in host memory (vLLM's max_cpu_loras; default: twice --max-resident-adapters,
+    room for each resident adapter's LoRA and, while a LoRA is merged, its compensation; at least max_loras)."""
+    swap_timeout_s: float = Field(10.0, gt=0)
+    """vLLM engine: how long a merge or unmerge waits for running requests to finish, new requests held
+    meanwhile; past it the swap is refused (409) and serving goes on."""
     tensor_parallel_size: int = Field(1, gt=0)
     """vLLM engine: GPUs one model is sharded over (vLLM's tensor parallelism)."""
     pipeline_parallel_size: int = Field(1, gt=0)

@@ -6,8 +6,10 @@ PostgreSQL refuses to run as root, so under root the server runs as the `postgre
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -67,3 +69,52 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+class StallingProxy:
+    """A TCP proxy in front of PostgreSQL that can stop forwarding: connections stay open and nothing comes
+    back, as from a server behind a network that drops packets (a refused connection fails at once; this one
+    hangs)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def is_stalled(self) -> bool:
+        return not self._forwarding.is_set()
+
+    def stall(self) -> None:
+        self._forwarding.clear()
+
+    def resume(self) -> None:
+        self._forwarding.set()
+
+    def close(self) -> None:
+        self.resume()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, upstream]
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                self._forwarding.wait()
+                target.sendall(data)
+        except OSError:
+            pass

@@ -33,6 +33,11 @@ def _chat(**fields):
     (CHAT, _chat(messages=ask("word " * MAX_MODEL_LEN)), 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    # Prompts of no tokens: never prefilled nor decoded, they once held their sequence slots forever.
+    ("/v1/completions", {"model": MODEL, "prompt": [""]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["fine", ""], "n": 8}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [""], "n": 16, "stream": True}, 400, "prompt"),
     # Text that no tokenizer can encode: a lone surrogate parses from JSON.
     (CHAT, _chat(messages=ask("hi \ud800")), 400, "messages.0.content"),
     (CHAT, _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]), 400, "messages"),

@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import tarfile
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -271,6 +273,28 @@ def test_registered_while_every_slot_is_pinned_is_a_201(tmp_path, adapter_dirs, 
             assert http.get(f"{ADAPTERS}/waiting").json()["version"] == 1
 
 
+def test_an_adapter_deleted_while_its_request_waits_for_a_slot_is_a_404(tmp_path, adapter_dirs, adapter_root):
+    """One slot, held by a stream of `busy`: a request for `cold` waits in line for it; `cold` is deleted
+    meanwhile, and the request ends as a request for an unknown model does (it was a 400)."""
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root], max_resident_adapters=1) as url:
+        with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(2) as pool:
+            assert _register(http, "busy", adapter_dirs["lora"]).status_code == 201
+            assert _register(http, "cold", adapter_dirs["lora2"]).status_code == 201
+            long = {"model": "busy", "messages": ask("Count from one to a hundred."), "max_tokens": 160,
+                    "temperature": 0, "ignore_eos": True}
+            busy = pool.submit(http.post, "/v1/chat/completions", json=long)
+            while scrape(http).get(("swapyard_requests_running", (("model", "busy"),)), 0) < 1:
+                time.sleep(0.05)
+            cold = pool.submit(http.post, "/v1/chat/completions", json={**long, "model": "cold", "max_tokens": 4})
+            while scrape(http).get(("swapyard_adapter_queue_length", ()), 0) < 1:  # in line for the slot
+                time.sleep(0.05)
+            assert http.delete(f"{ADAPTERS}/cold").status_code == 200
+            refused = cold.result()
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["error"]["code"] == "model_not_found"
+            assert busy.result().status_code == 200
+
+
 def test_deleted_adapters_leave_no_metric_series(http, adapter_dirs):
     def series() -> int:
         return len(scrape(http))
@@ -283,3 +307,21 @@ def test_deleted_adapters_leave_no_metric_series(http, adapter_dirs):
             after_first = series()
     assert series() == after_first
     assert not any("cycled-" in str(labels) for _, labels in scrape(http))
+
+
+def test_deleting_an_adapter_mid_stream_leaves_no_series_and_no_negative_gauge(http, adapter_dirs):
+    """The stream finishes on the weights it started with; its metrics close on series that then go, rather
+    than bringing the deleted adapter's series back with its running gauge at -1."""
+    assert _register(http, "doomed", adapter_dirs["lora"]).status_code == 201
+    body = {"model": "doomed", "messages": ask("Count from one to fifty."), "temperature": 0, "max_tokens": 48,
+            "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if '"content"' in line)  # generating
+        assert http.delete(f"{ADAPTERS}/doomed").status_code == 200
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and any('"finish_reason":"length"' in line.replace(" ", "") for line in rest)
+    metrics = scrape(http)
+    assert not [labels for _, labels in metrics if ("model", "doomed") in labels]
+    assert min(value for (name, _), value in metrics.items()
+               if name in ("swapyard_requests_running", "swapyard_requests_waiting")) >= 0

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import httpx
 from sqlalchemy import update
 
 from conftest import CHAT, MODEL, ask, running_server, start_serve_process
+from postgres import StallingProxy
 from server.database import Database
 from server.database.schema import jobs
 from training.jobs import JobStore
@@ -170,6 +172,38 @@ def test_a_database_outage_keeps_resident_adapters_serving(tmp_path, postgres, a
         assert httpx.post(f"{url}/v1/adapters", json={"name": "later", "path": str(adapter_dirs["lora2"])}
                           ).status_code == 201
         assert _answer(url, "later") != before
+
+
+def test_a_database_that_stops_answering_never_stalls_serving(tmp_path, postgres, adapter_root, adapter_dirs):
+    """PostgreSQL behind a network that drops packets (a proxy that stops forwarding: no error, no answer): a
+    stream of a resident adapter goes on without a pause, and new requests for it are served from the
+    registry as last read. Registry reads used to run on the event loop and froze every stream with them."""
+    proxy = StallingProxy(postgres.port)
+    database = postgres.new_database().replace(f":{postgres.port}/", f":{proxy.port}/")
+    body = {"model": "resident", "messages": QUESTION, "temperature": 0, "max_tokens": 64, "stream": True}
+    arrivals: list[float] = []
+    try:
+        with replicas(tmp_path, database, adapter_root, count=1) as [(_, url)]:
+            assert httpx.post(f"{url}/v1/adapters", json={"name": "resident", "path": str(adapter_dirs["lora"])}
+                              ).status_code == 201
+            before = _answer(url, "resident")
+            with ThreadPoolExecutor(1) as pool, httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data: "):
+                        arrivals.append(time.monotonic())
+                    if len(arrivals) == 3 and not proxy.is_stalled:
+                        proxy.stall()
+                        started = time.monotonic()
+                        answers = pool.submit(lambda: [_answer(url, "resident") for _ in range(3)])
+                assert answers.result() == [before] * 3 and time.monotonic() - started < 15
+            for _ in range(8):  # each probe waits its bounded time; none leaves a thread behind to exhaust the pool
+                ready = httpx.get(f"{url}/ready", timeout=5)
+                assert ready.status_code == 503 and ready.json()["status"] == "database_unavailable"
+            assert _answer(url, "resident") == before
+        gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+        assert len(arrivals) > 60 and max(gaps) < 2.0, max(gaps)
+    finally:
+        proxy.close()
 
 
 def test_a_replica_that_loses_its_claim_stops_training_and_leaves_the_status(tmp_path, adapter_root):

@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,13 +25,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from adapter_factory import make_adapter, make_peft_adapter
-from conftest import MODEL, MODEL_PATH, ask, start_serve_process
+from conftest import MODEL, MODEL_PATH, ask, scrape, start_serve_process
 from training.config import TrainConfig
 from training.recipe import train
 
 pytestmark = pytest.mark.slow
 
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea."]
+SWAP_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,8 @@ def vllm_server(tmp_path_factory, adapter_root):
     """(process, URL) of the module's `swapyard serve --engine vllm`."""
     tmp = tmp_path_factory.mktemp("vllm")
     proc, url = start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len",
-                                    "1024", "--max-loras", "8", "--data-dir", str(tmp / "data"),
+                                    "1024", "--max-loras", "8", "--data-dir", str(tmp / "data"), "--swap-timeout-s",
+                                    str(SWAP_TIMEOUT_S),
                                     "--adapter-roots",
                                     json.dumps([str(adapter_root)]), timeout=400)
     try:
@@ -200,6 +204,58 @@ def test_merge_into_vllm_weights_keeps_other_answers(vllm, adapter_dirs):
     assert _answers_together(vllm, models) == before
 
 
+def test_a_merge_holds_new_requests_no_longer_than_the_swap_timeout(vllm, adapter_dirs):
+    """A stream outlasting --swap-timeout-s keeps a merge waiting: the merge is refused with 409 once the
+    timeout passes, changing nothing, and a request held behind it runs then, not when the stream ends."""
+    assert vllm.post("/v1/adapters", json={"name": "st-lora", "path": str(adapter_dirs["lora"]),
+                                           "replace": True}).status_code == 201
+    long = {"model": MODEL, "messages": ask(QUESTIONS[1]), "max_tokens": 700, "ignore_eos": True, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(vllm.post, "/v1/chat/completions", json=long)
+        while scrape(vllm).get(("swapyard_requests_running", (("model", MODEL),)), 0) < 1:
+            time.sleep(0.05)
+        merge = pool.submit(vllm.post, "/v1/adapters/st-lora/merge")
+        time.sleep(0.5)  # the merge holds new requests now
+        start = time.monotonic()
+        held = vllm.post("/v1/chat/completions", json={**long, "max_tokens": 4})
+        assert held.status_code == 200 and time.monotonic() - start < SWAP_TIMEOUT_S + 3
+        assert not stream.done(), "the stream ended before the timeout: make it longer"
+        refused = merge.result()
+        assert refused.status_code == 409 and refused.json()["error"]["param"] == "name", refused.text
+        assert stream.result().status_code == 200
+    assert vllm.get("/v1/adapters/st-lora").json()["merged"] is False
+
+
+def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_it(vllm, adapter_dirs):
+    """A replaced prefix adapter's old version leaves vLLM's workers and the engine's temp folder when its
+    last stream ends, also when that end is the client disconnecting (the clean-up was cancelled with it,
+    leaking the worker's K/V and the files)."""
+    def held() -> float:
+        return scrape(vllm).get(("swapyard_vllm_worker_adapter_bytes", (("kind", "prefix"),)), 0)
+
+    def files() -> int:  # the engine's own folder: the newest swapyard-vllm-*, the module's server's
+        newest = max(Path(tempfile.gettempdir()).glob("swapyard-vllm-*"), key=lambda p: p.stat().st_ctime)
+        return len(list(newest.iterdir()))
+
+    register = {"name": "gone-prefix", "path": str(adapter_dirs["prefix"]), "replace": True}
+    before_bytes, before_files = held(), files()
+    assert vllm.post("/v1/adapters", json=register).status_code == 201
+    one_version = (held() - before_bytes, files() - before_files)
+    assert one_version[0] > 0 and one_version[1] >= 1
+    body = {"model": "gone-prefix", "messages": ask(QUESTIONS[1]), "max_tokens": 500, "ignore_eos": True,
+            "stream": True}
+    with vllm.stream("POST", "/v1/chat/completions", json=body) as stream:
+        next(line for line in stream.iter_lines() if '"content"' in line)
+        assert vllm.post("/v1/adapters", json=register).status_code == 201
+        assert (held(), files()) == (before_bytes + 2 * one_version[0], before_files + 2 * one_version[1])
+    # The response closed mid-stream: the client is gone.
+    deadline = time.monotonic() + 20
+    while (held(), files()) != (before_bytes + one_version[0], before_files + one_version[1]):
+        assert time.monotonic() < deadline, (held(), files())
+        time.sleep(0.2)
+    assert vllm.delete("/v1/adapters/gone-prefix").status_code == 200
+
+
 def test_replacing_an_adapter_with_another_kind_serves_the_new_kind(vllm, adapter_dirs):
     for name, kind in (("kind-lora", "lora"), ("kind-prompt", "prompt")):
         registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
@@ -348,6 +404,10 @@ def test_openai_depth_through_vllm(vllm, http, adapter_dirs):
                                                      "tools": [weather], "tool_choice": "required"}).json()
     assert called["choices"][0]["finish_reason"] == "tool_calls"
     assert "city" in json.loads(called["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+    # A prompt of no tokens is the same 400 on both engines (vLLM's was a 500).
+    for empty in ([""], [[]]):
+        statuses = [client.post("/v1/completions", json={"model": MODEL, "prompt": empty}) for client in (vllm, http)]
+        assert [(r.status_code, r.json()["error"]["param"][:6]) for r in statuses] == [(400, "prompt")] * 2
 
 
 def _children(pid: int) -> list[int]:

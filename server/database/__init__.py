@@ -7,6 +7,7 @@ upgrades a read. A database that stops answering is reported (`is_up`, /ready) a
 RETRY_AFTER_S, so requests that need nothing new from it go on meanwhile.
 """
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -21,6 +22,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 RETRY_AFTER_S = 1.0
+# How long the event loop's callers wait for the database before going on without it (serving what they read
+# before, or answering /ready with 503): far above a healthy database's answer, far below a dropped
+# connection's (minutes), and within Kubernetes' default probe timeout (1 s).
+WAIT_S = 0.5
+# Dropped packets: the kernel gives up on a connection whose data goes unacknowledged this long (libpq's
+# tcp_user_timeout, in ms), so a query fails instead of waiting forever for an answer.
+TCP_USER_TIMEOUT_MS = 10_000
 SQLITE_BUSY_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 3
 STATEMENT_TIMEOUT_MS = 10_000
@@ -62,7 +70,7 @@ class Database:
             options = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
         else:  # no pre-ping (a round trip per checkout): a dropped connection fails one query, then the pool renews
             options = {"pool_size": 5, "max_overflow": 10, "pool_timeout": CONNECT_TIMEOUT_S, "pool_recycle": 1800,
-                       "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S,
+                       "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S, "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
                                         "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"}}
         self.engine = create_engine(self.url, **options)
         # Reads get a pool of their own, in autocommit from the start: switching a pooled connection to
@@ -73,6 +81,7 @@ class Database:
                 event.listen(engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._failed_at: float | None = None
+        self._ping: asyncio.Future[bool] | None = None
         if migrate:
             self.migrate()
 
@@ -107,6 +116,16 @@ class Database:
         except DatabaseUnavailable:
             return False
         return True
+
+    async def answers(self) -> bool:
+        """Whether a ping answers within WAIT_S. One ping at a time, in a worker thread, shared by every caller
+        meanwhile: a database that hangs holds one thread, not one per readiness probe."""
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(asyncio.to_thread(self.ping))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ping), WAIT_S)
+        except TimeoutError:
+            return False
 
     @contextmanager
     def _reporting(self) -> Iterator[None]:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import AdapterCapacityError, AdapterError
+from adapters.base import AdapterCapacityError, AdapterError, AdapterGone
 from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter
@@ -531,7 +531,7 @@ class AdapterBank:
     def acquire(self, name: str) -> Resident:
         resident = self._by_name.get(name)
         if resident is None:
-            raise AdapterError("model", f"adapter `{name}` is not loaded")
+            raise AdapterGone("model", f"adapter `{name}` is not loaded")
         resident.num_active += 1
         return resident
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.base import AdapterError
+
 if TYPE_CHECKING:
     from adapters.loading import Adapter
 
@@ -78,6 +80,12 @@ class GenerationRequest:
     # sampling.constraint compiled for the torch engine's token masks (an xgrammar CompiledGrammar); vLLM
     # compiles its own from the constraint.
     grammar: Any = None
+    adapter_version: int | None = None  # the registry's version of `adapter` when the request was routed
+
+    def __post_init__(self):
+        # A sequence of no tokens is never prefilled nor decoded, yet would count as work forever.
+        if not self.prompt_token_ids:
+            raise ValueError("a generation request needs at least one prompt token")
 
 
 @dataclass
@@ -103,6 +111,9 @@ class GenerationOutput:
     queue_time: float | None = None  # seconds from arrival to first scheduled; set on the first output
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when the request asked for them
+    # What ended a request the engine refused on the client's account (its adapter left, its adapter's virtual
+    # tokens overflow the context): raised as that 4xx rather than the 500 of a generation failure.
+    refusal: AdapterError | None = None
 
     @property
     def is_finished(self) -> bool:

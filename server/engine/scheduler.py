@@ -54,7 +54,7 @@ class Scheduler:
                 raise AdapterError("messages", f"{seq.num_virtual} virtual + {len(request.prompt_token_ids)} prompt "
                                                f"tokens exceed the context of {self.max_model_len}")
         except Exception as exc:  # AdapterError, or anything unexpected: this request fails, not the engine
-            self._finish(seq, seq.failure(str(exc)))
+            self._finish(seq, seq.failure(str(exc), exc if isinstance(exc, AdapterError) else None))
             return
         self.waiting.append(seq)
 

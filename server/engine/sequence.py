@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from xgrammar import GrammarMatcher
 
+from adapters.base import AdapterError
 from server.engine.adapter_bank import Resident
 from server.engine.base import GenerationOutput, GenerationRequest, TokenLogprob
 from server.engine.detokenizer import IncrementalText
@@ -46,9 +47,10 @@ class Sequence:
         virtual = [-1 - k for k in range(self.num_virtual)]
         return virtual + self.request.prompt_token_ids + self.generated
 
-    def failure(self, message: str) -> GenerationOutput:
-        """The final output of a request that failed with `message`."""
-        return GenerationOutput("", [], len(self.request.prompt_token_ids), len(self.generated), "error", message)
+    def failure(self, message: str, refusal: AdapterError | None = None) -> GenerationOutput:
+        """The final output of a request that failed with `message` (or that `refusal` refused)."""
+        return GenerationOutput("", [], len(self.request.prompt_token_ids), len(self.generated), "error", message,
+                                refusal=refusal)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from adapters.base import AdapterError, BaseModelSpec
+from adapters.base import AdapterBusy, AdapterError, AdapterGone, BaseModelSpec
 from adapters.bottleneck import BottleneckAdapter
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, LoraWeights, save_lora
@@ -117,9 +117,11 @@ def read_token_embeddings(model_path: Path) -> torch.Tensor:
 
 
 class SwapGate:
-    """Requests run side by side; a weight swap waits until none is running and holds new ones meanwhile."""
+    """Requests run side by side; a weight swap waits until none is running and holds new ones meanwhile, for
+    `timeout` seconds at most: past it the swap is refused and the held requests go on."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
         self._changed = asyncio.Condition()
         self._num_running = 0
         self._is_swapping = False
@@ -141,7 +143,14 @@ class SwapGate:
         async with self._changed:
             await self._changed.wait_for(lambda: not self._is_swapping)
             self._is_swapping = True
-            await self._changed.wait_for(lambda: self._num_running == 0)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._changed.wait_for(lambda: self._num_running == 0)
+            except TimeoutError:
+                self._is_swapping = False
+                self._changed.notify_all()
+                raise AdapterBusy("name", f"{self._num_running} requests still ran after --swap-timeout-s "
+                                          f"{self.timeout:g}; nothing was changed, try again later") from None
         try:
             yield
         finally:
@@ -207,7 +216,11 @@ class _ServedLora(_Served):
 
     @classmethod
     async def load(cls, engine: "VLLMEngine", name: str, adapter: LoraAdapter, folder: Path) -> "_ServedLora":
-        return cls(adapter, await engine.add_lora(name, str(folder)))
+        # vLLM reads the files again whenever its host cache dropped the LoRA, so they must outlive the
+        # registry's version folder (removed at the replace's commit): the engine's own copy goes with the id.
+        lora_id = engine.new_id()
+        await asyncio.to_thread(shutil.copytree, folder, engine.folder(lora_id))
+        return cls(adapter, await engine.add_lora(name, str(engine.folder(lora_id)), lora_id))
 
 
 @dataclass
@@ -326,7 +339,8 @@ class VLLMEngine:
             tensor_parallel_size=settings.tensor_parallel_size, pipeline_parallel_size=settings.pipeline_parallel_size,
             distributed_executor_backend=settings.distributed_executor_backend,
             enable_lora=True, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-            max_cpu_loras=settings.max_cpu_loras, enable_prompt_embeds=True,
+            max_cpu_loras=settings.max_cpu_loras or max(settings.max_loras, 2 * settings.max_resident_adapters),
+            enable_prompt_embeds=True,
             enable_prefix_caching=settings.enable_prefix_caching,
             worker_extension_cls="server.engine.vllm_worker.SwapyardExtension",
             kv_transfer_config=KVTransferConfig(kv_connector="PrefixConnector", kv_role="kv_both",
@@ -341,9 +355,10 @@ class VLLMEngine:
         self._served: dict[str, _Served] = {}  # name -> the version new requests get
         self._in_flight: Counter[int] = Counter()  # LoRA or prefix id -> running requests
         self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
+        self._removals: set[asyncio.Task] = set()  # removals under way: tasks of their own, see _remove_soon
         self._worker_files: dict[int, tuple[str, str]] = {}  # id -> (kind, file) the worker holds for it
         self._ids = count(1)
-        self._gate = SwapGate()
+        self._gate = SwapGate(settings.swap_timeout_s)
         self.merged: str | None = None  # the LoRA folded into vLLM's weights
         self._unmerging: LoRARequest | None = None  # the base's compensating LoRA while a LoRA is merged
         self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # files made here for vLLM, by id
@@ -553,7 +568,21 @@ class VLLMEngine:
     async def _retire(self, resource_id: int) -> None:
         self._retired.add(resource_id)
         if self._in_flight[resource_id] == 0:
-            await self._remove(resource_id)
+            await asyncio.shield(self._remove_soon(resource_id))
+
+    def _remove_soon(self, resource_id: int) -> asyncio.Task:
+        """Remove `resource_id` in a task the engine holds: awaited in a request's clean-up, a removal would be
+        cancelled with the request (a client gone) after its bookkeeping and before vLLM and the workers let
+        go, leaking both, untracked."""
+        task = asyncio.create_task(self._remove(resource_id))
+        self._removals.add(task)
+        task.add_done_callback(self._removed)
+        return task
+
+    def _removed(self, task: asyncio.Task) -> None:
+        self._removals.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("freeing a vLLM adapter id failed", exc_info=task.exception())
 
     async def _remove(self, resource_id: int) -> None:
         """Free what an id holds: a LoRA in vLLM, a prefix's K/V or a bottleneck in the workers, files here."""
@@ -578,7 +607,7 @@ class VLLMEngine:
         async with self._gate.request():
             served = self._served.get(request.adapter) if request.adapter is not None else _BASE
             if served is None:
-                raise AdapterError("model", f"adapter `{request.adapter}` is not loaded")
+                raise AdapterGone("model", f"adapter `{request.adapter}` is not loaded")
             lora = self._lora_for(request.adapter, served)
             held = served.worker_ids + ([lora.lora_int_id] if lora is not None else [])
             for resource_id in held:
@@ -590,7 +619,7 @@ class VLLMEngine:
                 for resource_id in held:
                     self._in_flight[resource_id] -= 1
                     if resource_id in self._retired and self._in_flight[resource_id] == 0:
-                        await self._remove(resource_id)
+                        self._remove_soon(resource_id)
 
     async def _generate(self, request: GenerationRequest, served: _Served,
                         lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
