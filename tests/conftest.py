@@ -5,12 +5,14 @@ The context is cut to 1024 tokens so that context-limit errors are cheap to prov
 Adapters are small random ones of every kind (tests/adapter_factory.py), made once per session."""
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,6 +164,15 @@ def http(base_url):
 @pytest.fixture
 def oai(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def until_generating(lines: Iterator[str]) -> None:
+    """Read a chat stream's SSE lines up to the first chunk that carries generated text: the first chunk (the
+    assistant's role) is sent before the request reaches the engine."""
+    for line in lines:
+        if line.startswith("data: {") and any(c["delta"].get("content") for c in json.loads(line[6:])["choices"]):
+            return
+    raise AssertionError("the stream ended before any text")
 
 
 def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:

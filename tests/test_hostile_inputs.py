@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from adapter_factory import KINDS
-from conftest import MODEL, ask, running_server, scrape
+from conftest import MODEL, ask, running_server, scrape, until_generating
 
 ADAPTERS = "/v1/adapters"
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
@@ -317,7 +317,7 @@ def test_deleting_an_adapter_mid_stream_leaves_no_series_and_no_negative_gauge(h
             "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as stream:
         lines = stream.iter_lines()
-        next(line for line in lines if '"content"' in line)  # generating
+        until_generating(lines)
         assert http.delete(f"{ADAPTERS}/doomed").status_code == 200
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]" and any('"finish_reason":"length"' in line.replace(" ", "") for line in rest)

@@ -25,7 +25,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from adapter_factory import make_adapter, make_peft_adapter
-from conftest import MODEL, MODEL_PATH, ask, scrape, start_serve_process
+from conftest import MODEL, MODEL_PATH, ask, scrape, start_serve_process, until_generating
 from training.config import TrainConfig
 from training.recipe import train
 
@@ -242,10 +242,12 @@ def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_it(vllm,
     assert vllm.post("/v1/adapters", json=register).status_code == 201
     one_version = (held() - before_bytes, files() - before_files)
     assert one_version[0] > 0 and one_version[1] >= 1
-    body = {"model": "gone-prefix", "messages": ask(QUESTIONS[1]), "max_tokens": 500, "ignore_eos": True,
+    # Long enough to outlast the replace (the registration reads, checks and loads the new version meanwhile).
+    body = {"model": "gone-prefix", "messages": ask(QUESTIONS[1]), "max_tokens": 900, "ignore_eos": True,
             "stream": True}
     with vllm.stream("POST", "/v1/chat/completions", json=body) as stream:
-        next(line for line in stream.iter_lines() if '"content"' in line)
+        lines = stream.iter_lines()  # held: a dropped iterator closes the response (the client goes)
+        until_generating(lines)
         assert vllm.post("/v1/adapters", json=register).status_code == 201
         assert (held(), files()) == (before_bytes + 2 * one_version[0], before_files + 2 * one_version[1])
     # The response closed mid-stream: the client is gone.
