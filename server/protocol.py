@@ -71,12 +71,12 @@ class ToolCall(BaseModel):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None  # None only for an assistant message that made tool calls
+    content: str | list[TextPart] | None = None
     """Text, or text parts (no images or audio); only an assistant message with tool_calls may omit it."""
     name: str | None = None
-    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None  # assistant messages
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
     """An assistant message's calls, as a response returned them."""
-    tool_call_id: str | None = Field(None, max_length=128)  # tool messages: the call this answers
+    tool_call_id: str | None = Field(None, max_length=128)
     """A tool message: the id of the call it answers."""
     _valid_text = field_validator("content", "name")(_encodable)
 
@@ -200,11 +200,9 @@ class SamplingFields(_Request):
     """Server-sent events, as OpenAI's, ending with `data: [DONE]`."""
     stream_options: StreamOptions | None = None
     """With stream: `include_usage`."""
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    ignore_eos: bool = False
     """vLLM's extension: generate max_tokens whatever end-of-sequence token the model emits."""
-    # vLLM's extension: cached prompt prefixes are shared only between requests of the same salt, so a tenant
-    # that salts its requests cannot be probed (by time to first token) for what it sent. vLLM's limits.
-    cache_salt: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\\/@\x00]+$")
+    cache_salt: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\\/@\x00]+$")  # vLLM's limits
     """vLLM's extension: cached prompt prefixes are shared only between requests of the same salt, so a tenant
     that salts its requests cannot be probed through time to first token."""
     response_format: ResponseFormat | None = None
