@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from adapter_factory import KINDS
-from conftest import MODEL, ask, running_server, scrape, until_generating
+from conftest import MODEL, ask, running_server, scrape, start_serve_process, until_generating
 
 ADAPTERS = "/v1/adapters"
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
@@ -275,8 +275,12 @@ def test_registered_while_every_slot_is_pinned_is_a_201(tmp_path, adapter_dirs, 
 
 def test_an_adapter_deleted_while_its_request_waits_for_a_slot_is_a_404(tmp_path, adapter_dirs, adapter_root):
     """One slot, held by a stream of `busy`: a request for `cold` waits in line for it; `cold` is deleted
-    meanwhile, and the request ends as a request for an unknown model does (it was a 400)."""
-    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root], max_resident_adapters=1) as url:
+    meanwhile, and the request ends as a request for an unknown model does (it was a 400). A server process of
+    its own: the memory of a model loaded in pytest's process is not all returned, and the vLLM tests need it."""
+    proc, url = start_serve_process(tmp_path / "serve.log", "--engine", "torch", "--dtype", "float32",
+                                    "--max-model-len", "512", "--data-dir", str(tmp_path / "data"),
+                                    "--adapter-roots", json.dumps([str(adapter_root)]), "--max-resident-adapters", "1")
+    try:
         with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(2) as pool:
             assert _register(http, "busy", adapter_dirs["lora"]).status_code == 201
             assert _register(http, "cold", adapter_dirs["lora2"]).status_code == 201
@@ -293,6 +297,9 @@ def test_an_adapter_deleted_while_its_request_waits_for_a_slot_is_a_404(tmp_path
             assert refused.status_code == 404, refused.text
             assert refused.json()["error"]["code"] == "model_not_found"
             assert busy.result().status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_deleted_adapters_leave_no_metric_series(http, adapter_dirs):
