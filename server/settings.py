@@ -73,7 +73,8 @@ class EngineSettings(BaseModel):
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     """vLLM engine: how workers are run (default: vLLM's choice; `ray` for more than one node)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    """vLLM engine on a GPU: share of GPU memory for weights, activations and KV cache."""
+    """vLLM engine: share of GPU memory for weights, activations and KV cache; on a CPU, of host memory, which
+    vLLM reserves at start and must find free (default there 0.5)."""
     vllm_kv_cache_memory_gb: float | None = Field(None, gt=0)
     """vLLM engine: its KV cache's size (default: what --gpu-memory-utilization leaves; on a CPU, half the host
     memory less the process's own)."""

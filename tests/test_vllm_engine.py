@@ -42,6 +42,8 @@ def vllm_server(tmp_path_factory, adapter_root):
     proc, url = start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len",
                                     "1024", "--max-loras", "8", "--data-dir", str(tmp / "data"), "--swap-timeout-s",
                                     str(SWAP_TIMEOUT_S),
+                                    # A restarted engine core must find this share free beside pytest's own memory.
+                                    "--gpu-memory-utilization", "0.3",
                                     "--adapter-roots",
                                     json.dumps([str(adapter_root)]), timeout=400)
     try:

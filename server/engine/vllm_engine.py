@@ -62,9 +62,13 @@ log = logging.getLogger(__name__)
 
 # A dead engine core is replaced in-process this many times within the window; then the engine stays down.
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 600.0
+# A dead engine core's workers can take a while to give back the memory a new core reserves (on a CPU, half
+# the host's): a new core that finds too little is tried again.
+START_ATTEMPTS, START_RETRY_S = 4, 10.0
 _DELTAS = "deltas.safetensors"  # the merged LoRA's (out, in) updates, kept to fold them again after a restart
 
-# vLLM's CPU backend sizes its KV cache from host memory; half of it leaves room for everything else.
+# vLLM's CPU backend reserves this share of host memory (unless --gpu-memory-utilization says otherwise); half
+# of it leaves room for everything else.
 _CPU_MEMORY_FRACTION = 0.5
 
 
@@ -327,7 +331,8 @@ class VLLMEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
         on_cpu = current_platform.is_cpu()
-        memory = _CPU_MEMORY_FRACTION if on_cpu else settings.gpu_memory_utilization
+        is_set = "gpu_memory_utilization" in settings.model_fields_set
+        memory = _CPU_MEMORY_FRACTION if on_cpu and not is_set else settings.gpu_memory_utilization
         # vLLM's own `auto` is bf16 on every x86 CPU, 2-3x slower than fp32 where bf16 is emulated (AVX2 only).
         dtype = dtype_name(resolve_dtype("auto", torch.device("cpu"))) if on_cpu and settings.dtype == "auto" \
             else settings.dtype
@@ -403,7 +408,16 @@ class VLLMEngine:
             self._llm.shutdown()
         except Exception:
             log.exception("shutting the dead vLLM engine down")
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._args)
+                break
+            except Exception:
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.exception("starting a new vLLM engine core failed (try %d of %d); trying again in %.0f s",
+                              attempt, START_ATTEMPTS, START_RETRY_S)
+                await asyncio.sleep(START_RETRY_S)
         if self.merged is not None:
             modules = list(self._served[self.merged].lora.layers)
             await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path),
