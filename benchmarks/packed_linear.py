@@ -56,9 +56,9 @@ def time_steps(args: argparse.Namespace) -> None:
         if prepack:
             print(f"packed copies of the linear weights: {packed_mb(runner):.0f} MB")
         spec = BaseModelSpec.from_model(runner.model)
-        for i, folder in enumerate(folders):
-            runner.adapters.load(f"lora{i}", load_adapter(folder, spec, max_lora_rank=64))
-        residents = [runner.adapters.acquire(f"lora{i % args.loras}") for i in range(args.rows)] if args.loras else []
+        placed = [runner.adapters.place(f"lora{i}", load_adapter(folder, spec, max_lora_rank=64))
+                  for i, folder in enumerate(folders)]
+        residents = [placed[i % args.loras] for i in range(args.rows)] if args.loras else []
         tables = [runner.cache.allocate(runner.cache.blocks_for(args.context + 1)) for _ in range(args.rows)]
         runner.forward(tables, [list(range(100, 100 + args.context))] * args.rows, [0] * args.rows,
                        [None] * args.rows)

@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from transformers import AutoConfig, AutoTokenizer
 
-from adapters.base import BaseModelSpec
 from adapters.registry import AdapterRegistry
 from server.database import Database, normalize_url, sqlite_url
 from training.jobs import JobStore
@@ -98,9 +97,7 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     await engine.start()
     registry_db, jobs_db = app.state.databases = await asyncio.to_thread(databases, settings)
     registry = AdapterRegistry(settings.adapters_dir, registry_db)
-    adapters = AdapterManager(registry, engine, BaseModelSpec.from_pretrained(path), name,
-                              max_resident=settings.max_resident_adapters, max_lora_rank=settings.max_lora_rank,
-                              max_cached=settings.max_cpu_adapters)
+    adapters = AdapterManager(registry, engine, name)
     app.state.jobs = JobRunner(JobStore(jobs_db), settings.fine_tuning_dir, adapters, settings.training_threads)
     await app.state.jobs.start()
     defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}

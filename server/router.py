@@ -4,13 +4,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, nullcontext
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from adapters.registry import AdapterRecord
 from server.adapter_manager import AdapterManager
+from server.engine.residency import AdapterRef
 from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.errors import APIError
 from server.logprobs import LogprobFormatter
@@ -81,9 +82,9 @@ class Router:
         return ModelCard(id=record.name, created=int(record.created_at), root=self.base_model, parent=self.base_model,
                          max_model_len=self.max_model_len)
 
-    async def resolve(self, name: str) -> AdapterRecord | None:
+    async def resolve(self, name: str) -> AdapterRef | None:
         """The adapter version `name` is served by now, or None for the base model."""
-        return None if name == self.base_model else await self._adapter(name)
+        return None if name == self.base_model else self.adapters.ref(await self._adapter(name))
 
     async def chat_prompt(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
         knows_tools = "tools" in str(self.tokenizer.chat_template or "")
@@ -112,8 +113,8 @@ class Router:
 
     async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
                     tools: ToolPlan | None = None) -> GenerationRequest:
-        record = await self.resolve(body.model)
-        num_virtual = record.num_virtual_tokens if record is not None else 0  # positions it adds before the prompt
+        ref = await self.resolve(body.model)
+        num_virtual = ref.num_virtual_tokens if ref is not None else 0  # positions it adds before the prompt
         if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
             raise APIError(400, f"{prompt_param} gives no tokens to generate from", param=prompt_param,
                            code="empty_prompt")
@@ -162,9 +163,8 @@ class Router:
             logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model,
-                                 record.name if record is not None else None, body.cache_salt, grammar=grammar,
-                                 adapter_version=record.version if record is not None else None)
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, ref, body.cache_salt,
+                                 grammar=grammar)
 
     @staticmethod
     def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:
@@ -186,7 +186,7 @@ class Router:
         metrics = RequestMetrics(request.model, len(request.prompt_token_ids), request.arrival_time)
         finish_reason = "abort"
         try:
-            async with self._adapter_held(request), aclosing(self.engine.generate(request)) as outputs:
+            async with aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
                     metrics.observe(out)
                     finish_reason = out.finish_reason or finish_reason
@@ -226,10 +226,6 @@ class Router:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _adapter_held(self, request: GenerationRequest):
-        return self.adapters.use(request.adapter, request.adapter_version) if request.adapter is not None \
-            else nullcontext()
 
     async def complete(self, requests: list[GenerationRequest]) -> list[Completed]:
         """Each request run to its end, side by side: one Completed per request, in order."""

@@ -57,9 +57,7 @@ def references(adapter_dirs, prompt_ids, tokenizer):
 def load_every_kind(runner: ModelRunner, adapter_dirs) -> list:
     """Every kind loaded under its own name; returns their residents, in KINDS order."""
     spec = BaseModelSpec.from_model(runner.model)
-    for kind in KINDS:
-        runner.adapters.load(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64))
-    return [runner.adapters.acquire(kind) for kind in KINDS]
+    return [runner.adapters.place(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64)) for kind in KINDS]
 
 
 def prompt_rows(runner: ModelRunner, residents: list, prompt_ids: list[int]
@@ -132,10 +130,9 @@ def test_reused_slot_keeps_nothing_of_its_previous_tenant(adapter_dirs, prompt_i
     runner = ModelRunner(MODEL_PATH, device="cpu", dtype="float32", max_model_len=256, kv_cache_bytes=2**30,
                          max_resident_adapters=1)
     spec = BaseModelSpec.from_model(runner.model)
-    runner.adapters.load("everywhere", load_adapter(adapter_dirs["lora"], spec, max_lora_rank=64))
-    runner.adapters.unload("everywhere")
-    runner.adapters.load("qv", load_adapter(qv, spec, max_lora_rank=64))
-    logits = prefill(runner, [runner.adapters.acquire("qv")], prompt_ids)
+    runner.adapters.retire(runner.adapters.place("everywhere", load_adapter(adapter_dirs["lora"], spec,
+                                                                            max_lora_rank=64)))
+    logits = prefill(runner, [runner.adapters.place("qv", load_adapter(qv, spec, max_lora_rank=64))], prompt_ids)
     with torch.no_grad():
         reference = reference_model("lora", qv)(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
     torch.testing.assert_close(logits[0], reference, atol=LOGIT_ATOL, rtol=0)
@@ -151,16 +148,18 @@ def test_bottlenecks_of_two_activations_share_a_batch_row_by_row(prompt_ids, tmp
     spec, config = BaseModelSpec.from_model(runner.model), runner.model.config
     reference = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype=torch.float32).eval()
 
+    residents = {None: None}
+
     def load(name: str, seed: int, activation: str, size: int, positions=("attn", "mlp")) -> None:
         folder = make_bottleneck(config.num_hidden_layers, config.hidden_size, tmp_path / name, seed=seed,
                                  non_linearity=activation, size=size, positions=positions)
-        runner.adapters.load(name, load_adapter(folder, spec, max_lora_rank=64))
+        residents[name] = runner.adapters.place(name, load_adapter(folder, spec, max_lora_rank=64))
 
     def alone(name: str | None) -> torch.Tensor:
-        return prefill(runner, [runner.adapters.acquire(name) if name else None], prompt_ids)[0]
+        return prefill(runner, [residents[name]], prompt_ids)[0]
 
     def referenced(name: str) -> torch.Tensor:
-        handles = attach(reference, runner.adapters._by_name[name].adapter)
+        handles = attach(reference, residents[name].adapter)
         try:
             with torch.no_grad():
                 return reference(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
@@ -172,7 +171,7 @@ def test_bottlenecks_of_two_activations_share_a_batch_row_by_row(prompt_ids, tmp
     load("gelu", 1, "gelu", 16)
     load("silu-mlp", 2, "silu", 8, positions=("mlp",))
     order = ["gelu", None, "relu", "silu-mlp", "gelu", None, "relu", "gelu"]
-    together = prefill(runner, [runner.adapters.acquire(n) if n else None for n in order], prompt_ids)
+    together = prefill(runner, [residents[n] for n in order], prompt_ids)
     single = {n: alone(n) for n in set(order)}
     for row, name in enumerate(order):
         torch.testing.assert_close(together[row], single[name], atol=LOGIT_ATOL, rtol=0, msg=str(name))
@@ -180,12 +179,10 @@ def test_bottlenecks_of_two_activations_share_a_batch_row_by_row(prompt_ids, tmp
         torch.testing.assert_close(single[name], referenced(name), atol=LOGIT_ATOL, rtol=0, msg=name)
     assert (single["relu"] - single["gelu"]).abs().max() > 0.1 and (single["relu"] - single[None]).abs().max() > 0.1
 
-    gelu_slot = runner.adapters._by_name["gelu"].slot
-    for _ in range(order.count("gelu") + 1):  # every acquire above
-        runner.adapters.release(runner.adapters._by_name["gelu"])
-    runner.adapters.unload("gelu")
+    gelu_slot = residents["gelu"].slot
+    runner.adapters.retire(residents["gelu"])  # no sequence holds it: its slot frees at once
     load("tanh", 3, "tanh", 4)
-    assert runner.adapters._by_name["tanh"].slot == gelu_slot
+    assert residents["tanh"].slot == gelu_slot
     torch.testing.assert_close(alone("tanh"), referenced("tanh"), atol=LOGIT_ATOL, rtol=0)
 
 

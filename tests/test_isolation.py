@@ -4,12 +4,13 @@ requests they belong to. Requests are sent concurrently so that they share engin
 engine's batch-size histogram), and every innocent answer must equal the same request served alone."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
 import torch
 
-from conftest import CHAT, MODEL, ask, in_one_step, scrape, serving_app
+from conftest import CHAT, MODEL, ask, in_one_step, scrape, serving_app, until_generating
 from server.engine.adapter_bank import lora_pool
 
 QUESTIONS = [ask(q) for q in ("What is the capital of France?", "Name three colours.", "Say hello.",
@@ -53,11 +54,16 @@ def test_hostile_sampling_never_changes_other_answers(served, hostile):
     assert responses[-1].status_code == 200, responses[-1].text  # the hostile one is answered too
 
 
+def _resident(app, name: str):
+    """The torch engine's resident version of `name` (its bank's pages and running count)."""
+    return app.state.engine._residency.slots.get(name).handle
+
+
 def _poison(app, name: str) -> None:
     """Make a resident LoRA's weights overflow, as a NaN/inf adapter or a float overflow would: the
     registration check refuses such files, so this writes into the engine's LoRA pages directly."""
     bank = app.state.engine._scheduler.runner.adapters
-    pages = bank._by_name[name].pages
+    pages = _resident(app, name).pages
     for wrapper in bank._lora_modules.values():
         if (pool := lora_pool(wrapper.name)) in pages:
             for a, b in ((wrapper.a, wrapper.b), (wrapper.a_float32, wrapper.b_float32)):
@@ -95,15 +101,36 @@ def test_a_freed_slot_between_used_ones_is_inert(served, adapter_dirs):
     for name in names:
         assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs["lora"]),
                                                "replace": True}).status_code == 201
-    bank = app.state.engine._scheduler.runner.adapters
-    for pool in bank._by_name["free-gone"].pages:
-        assert bank._by_name["free-a"].pages[pool] < bank._by_name["free-gone"].pages[pool] < \
-            bank._by_name["free-c"].pages[pool]
+    pages = {name: _resident(app, name).pages for name in names}
+    for pool in pages["free-gone"]:
+        assert pages["free-a"][pool] < pages["free-gone"][pool] < pages["free-c"][pool]
     alone = [_text(http.post(CHAT, json=_body(name, q))) for name in ("free-a", "free-c") for q in QUESTIONS[:3]]
     _poison(app, "free-gone")
     assert http.delete("/v1/adapters/free-gone").status_code == 200
     responses = in_one_step(http, app, [_body(n, q) for n in ("free-a", "free-c") for q in QUESTIONS[:3]])
     assert [_text(r) for r in responses] == alone
+
+
+def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_its_pages(served, adapter_dirs):
+    """A replaced LoRA keeps its pages while a stream of it runs; when that stream's client leaves, they go
+    back, and the bank holds what the new version alone needs."""
+    http, app = served
+    bank = app.state.engine._scheduler.runner.adapters
+    register = {"name": "gone-lora", "path": str(adapter_dirs["lora"]), "replace": True}
+    assert http.post("/v1/adapters", json=register).status_code == 201
+    assert _text(http.post(CHAT, json=_body("gone-lora", QUESTIONS[0])))  # resident
+    one_version = bank._num_loras
+    body = {**_body("gone-lora", QUESTIONS[1], max_tokens=400, ignore_eos=True), "stream": True}
+    with http.stream("POST", CHAT, json=body) as stream:
+        lines = stream.iter_lines()  # held: a dropped iterator closes the response (the client goes)
+        until_generating(lines)
+        assert http.post("/v1/adapters", json={**register, "path": str(adapter_dirs["lora2"])}).status_code == 201
+        assert bank._num_loras == one_version + 1
+    deadline = time.monotonic() + 20
+    while bank._num_loras != one_version:
+        assert time.monotonic() < deadline, bank._num_loras
+        time.sleep(0.1)
+    assert _text(http.post(CHAT, json=_body("gone-lora", QUESTIONS[0])))
 
 
 def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
@@ -128,7 +155,7 @@ def test_kv_cache_growth_failure_answers_every_request(served, adapter_dirs):
     assert calls
     for response in responses:
         assert response.status_code == 500 and "KV-cache memory" in response.json()["error"]["message"]
-    assert scheduler.runner.adapters._by_name["grow-lora"].num_active == 0
+    assert _resident(app, "grow-lora").num_active == 0
     assert not scheduler.waiting and not scheduler.running
     assert "Paris" in _text(http.post(CHAT, json=_body(MODEL, QUESTIONS[0])))
 

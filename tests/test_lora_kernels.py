@@ -70,13 +70,11 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     ranks = {"r4": 4, "r64": 64, "r12": 12, "r8": 8}
     adapters = {name: LoraAdapter({"0": LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5)})
                 for name, r in ranks.items()}
-    for name, adapter in adapters.items():
-        bank.load(name, adapter)
-    residents = dict(bank._by_name)
+    residents = {name: bank.place(name, adapter) for name, adapter in adapters.items()}
     assert {name: r.pages for name, r in residents.items()} == {"r4": {"0": (1,)}, "r64": {"0": tuple(range(2, 10))},
                                                                  "r12": {"0": (10, 11)}, "r8": {"0": (12,)}}
     order = ["r64", None, "r4", "r12", "r8", "r64", None, "r4"]
-    bank.bind([bank.acquire(name) if name else None for name in order])
+    bank.bind([residents.get(name) for name in order])
     x = torch.randn(len(order), tokens, d_in)
     with torch.no_grad():
         got = model(x)
@@ -86,12 +84,9 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
             for i, name in enumerate(order)])
     torch.testing.assert_close(got, expected)
 
-    for name in filter(None, order):
-        bank.release(residents[name])
-    bank.unload("r64")
+    bank.retire(residents["r64"])  # no sequence holds it: freed at once
     assert not bank._lora_modules["0"].a[2:10].any()
-    bank.load("r12b", adapters["r12"])  # the lowest free pages
-    assert bank._by_name["r12b"].pages == {"0": (2, 3)}
+    assert bank.place("r12b", adapters["r12"]).pages == {"0": (2, 3)}  # the lowest free pages
 
 
 def test_bf16_decode_runs_sparse_on_float32_copies_that_leave_with_the_adapter():
@@ -105,12 +100,11 @@ def test_bf16_decode_runs_sparse_on_float32_copies_that_leave_with_the_adapter()
     ranks = {"r8": 8, "r64": 64, "r16": 16}
     adapters = {name: LoraAdapter({"0": LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5)})
                 for name, r in ranks.items()}
-    for name, adapter in adapters.items():
-        bank.load(name, adapter)
+    residents = {name: bank.place(name, adapter) for name, adapter in adapters.items()}
     wrapper = bank._lora_modules["0"]
     assert torch.equal(wrapper.a_float32, wrapper.a.float()) and torch.equal(wrapper.b_float32, wrapper.b.float())
     order = ["r64", None, "r8", "r16", "r8", "r64"]
-    bank.bind([bank.acquire(name) if name else None for name in order])
+    bank.bind([residents.get(name) for name in order])
     assert bank.rows.lora["0"].kernel(1, torch.bfloat16, torch.device("cpu")) is lora_sparse
     x = torch.randn(len(order), 1, d_in).to(torch.bfloat16)
     with torch.no_grad():
@@ -125,10 +119,8 @@ def test_bf16_decode_runs_sparse_on_float32_copies_that_leave_with_the_adapter()
             expected.append((wrapper.base(x[i]).float() + delta).to(torch.bfloat16))
     torch.testing.assert_close(got, torch.stack(expected))
 
-    for name in filter(None, order):
-        bank.release(bank._by_name[name])
-    pages = bank._by_name["r64"].pages["0"]
-    bank.unload("r64")
+    pages = residents["r64"].pages["0"]
+    bank.retire(residents["r64"])
     for stack in (wrapper.a, wrapper.b, wrapper.a_float32, wrapper.b_float32):
         assert not stack[list(pages)].any()
 
@@ -146,10 +138,9 @@ def test_each_layer_runs_only_the_loras_that_write_it():
                             for layer in layers})
 
     adapters = {"first": lora(["0"], 8), "both": lora(["0", "1"], 16), "last": lora(["2"], 8)}
-    for name, adapter in adapters.items():
-        bank.load(name, adapter)
+    residents = {name: bank.place(name, adapter) for name, adapter in adapters.items()}
     order = ["first", None, "both", "first", "both"]
-    bank.bind([bank.acquire(name) if name else None for name in order])
+    bank.bind([residents.get(name) for name in order])
     rows = bank.rows.lora
     assert rows.keys() == {"0", "1"}  # no row's LoRA writes layer 2
     assert rows["1"].num_adapters == 1 and rows["1"].own.any(dim=1).tolist() == [False, False, True, False, True]
@@ -181,12 +172,11 @@ def test_each_projection_numbers_its_own_pages():
                             for layer in range(2) for p in projections})
 
     adapters = {"all": lora(["q", "up"], 8), "q-only": lora(["q"], 16), "all2": lora(["q", "up"], 8)}
-    for name, adapter in adapters.items():
-        bank.load(name, adapter)
-    assert {name: r.pages for name, r in bank._by_name.items()} == {
+    residents = {name: bank.place(name, adapter) for name, adapter in adapters.items()}
+    assert {name: r.pages for name, r in residents.items()} == {
         "all": {"*.q": (1,), "*.up": (1,)}, "q-only": {"*.q": (2, 3)}, "all2": {"*.q": (4,), "*.up": (2,)}}
     order = ["all", None, "q-only", "all2", "q-only"]
-    bank.bind([bank.acquire(name) if name else None for name in order])
+    bank.bind([residents.get(name) for name in order])
     assert (bank.rows.lora["1.q"].pages, bank.rows.lora["1.up"].pages) == (slice(1, 5), slice(1, 3))
     x = torch.randn(len(order), 3, width)
     with torch.no_grad():

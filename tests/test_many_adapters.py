@@ -3,6 +3,7 @@ adapter is not starved by warm traffic, and the registry cache never serves a re
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
@@ -10,7 +11,7 @@ import torch
 from adapters.base import BaseModelSpec, map_tensors
 from adapters.loading import load_adapter
 from adapters.registry import AdapterRegistry
-from conftest import CHAT, KINDS, MODEL_PATH, ask, running_server, scrape
+from conftest import CHAT, KINDS, MODEL_PATH, ask, running_server, scrape, until_generating
 
 SLOTS = 2
 QUESTION = ask("Name a colour.")
@@ -72,6 +73,32 @@ def test_a_cold_adapter_is_not_starved_by_a_stream_of_warm_requests(tmp_path, ad
             assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])}).status_code == 201
         took, warm_after, served = asyncio.run(_warm_stream_with_a_cold_request(url, "warm", "cold"))
         assert took < 30 and warm_after > 0 and served > 3, (took, warm_after, served)
+
+
+def test_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot(tmp_path, adapter_root, adapter_dirs):
+    """One slot, held by a stream of `warm`: a request for `cold` waits in the engine's queue, and a request for
+    `warm` sent after it is admitted past it (admission skips a sequence whose adapter cannot be resident yet)
+    instead of queueing behind it. `cold` runs once the stream ends."""
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
+                        max_resident_adapters=1) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for name, kind in (("pass-warm", "lora"), ("pass-cold", "bottleneck")):
+            assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])}).status_code == 201
+        long = {**_body("pass-warm", 150), "ignore_eos": True, "stream": True}
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=url, timeout=120) as other:
+            with http.stream("POST", CHAT, json=long) as stream:
+                lines = stream.iter_lines()  # held: a dropped iterator closes the response
+                until_generating(lines)
+                cold = pool.submit(other.post, CHAT, json=_body("pass-cold"))
+                while scrape(http)[("swapyard_adapter_queue_length", ())] < 1:
+                    assert not cold.done(), cold.result().text
+                    time.sleep(0.05)
+                warm = http.post(CHAT, json=_body("pass-warm"))
+                assert warm.status_code == 200 and not cold.done()
+                assert scrape(http)[("swapyard_adapter_queue_length", ())] == 1
+                for _ in lines:  # the stream runs to its end: then the slot frees
+                    pass
+            assert cold.result().status_code == 200, cold.result().text
+        assert scrape(http)[("swapyard_adapter_queue_length", ())] == 0
 
 
 def test_registry_cache_sees_every_change_at_once_in_this_replica_and_the_others(tmp_path, adapter_dirs):

@@ -149,10 +149,9 @@ def test_merging_a_lora_on_the_tied_lm_head_leaves_the_input_embeddings_alone():
     vocab, hidden = head.weight.shape
     lora = LoraAdapter({"lm_head": LoraWeights(torch.randn(8, hidden, generator=gen) * 0.1,
                                                torch.randn(vocab, 8, generator=gen) * 0.1, 1.0)})
-    runner.adapters.load("head", lora)
-    residents = [None, runner.adapters.acquire("head")]
+    residents = [None, runner.adapters.place("head", lora)]
     before = prefill(runner, residents, list(range(300, 320)))
-    runner.adapters.merge("head")
+    runner.adapters.merge(residents[1])
     merged = prefill(runner, residents, list(range(300, 320)))
     torch.testing.assert_close(merged, before, atol=1e-3, rtol=0)  # the base row too: its embeddings unchanged
     runner.adapters.unmerge()

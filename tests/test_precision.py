@@ -132,9 +132,9 @@ def test_bf16_decode_over_two_loras_runs_them_in_float32(adapter_dirs, prompts):
     for dtype in ("float32", "bfloat16"):
         runner = _runner(dtype)
         spec = BaseModelSpec.from_model(runner.model)
-        for kind in ("lora", "lora2"):
-            runner.adapters.load(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64))
-        residents = [None, *(runner.adapters.acquire(kind) for kind in ("lora", "lora2", "lora2", "lora"))]
+        placed = {kind: runner.adapters.place(kind, load_adapter(adapter_dirs[kind], spec, max_lora_rank=64))
+                  for kind in ("lora", "lora2")}
+        residents = [None, *(placed[kind] for kind in ("lora", "lora2", "lora2", "lora"))]
         tables, inputs, starts = prompt_rows(runner, residents, prompts[0])
         runner.forward(tables, inputs, starts, residents)
         token, position = [inputs[0][-1]], len(inputs[0])  # each row decodes one more token after its prompt
@@ -178,14 +178,14 @@ def test_greedy_answers_in_bf16_agree_with_float32(http, tmp_path):
 def test_unmerging_in_bf16_restores_the_base_bit_for_bit(adapter_dirs):
     runner = _runner("bfloat16")
     before = {name: p.detach().clone() for name, p in runner.model.named_parameters()}
-    load_every_kind(runner, adapter_dirs)
+    lora = load_every_kind(runner, adapter_dirs)[0]  # KINDS order: the LoRA first
 
     def changed() -> list[str]:
         now = {name.replace(".base.", "."): p for name, p in runner.model.named_parameters()}  # LoRA-wrapped
         assert now.keys() == before.keys()
         return [name for name in before if not torch.equal(now[name], before[name])]
 
-    runner.adapters.merge("lora")
+    runner.adapters.merge(lora)
     assert changed()
     runner.adapters.unmerge()
     assert changed() == []
@@ -203,18 +203,18 @@ def test_weights_beyond_bf16s_range_are_refused_and_a_merge_that_overflows_is_un
     module = next(iter(lora.layers))
     lora.layers[module].b[0, 0] = 3.395e38 / lora.layers[module].scale  # finite in float32, inf in bf16
     with pytest.raises(AdapterError) as refused:
-        runner.adapters.load("beyond", lora)
+        runner.adapters.place("beyond", lora)
     assert refused.value.field == f"{module}.lora_B"
     bottleneck = load_adapter(adapter_dirs["bottleneck"], spec, max_lora_rank=64)
     bottleneck.down_weight[3, 1, 0, 0] = 3.395e38
     with pytest.raises(AdapterError) as refused:
-        runner.adapters.load("beyond", bottleneck)
+        runner.adapters.place("beyond", bottleneck)
     assert refused.value.field == "down.weight"
     assert torch.equal(prefill(runner, residents, PROMPT_IDS), before)  # nothing of them stayed in the stacks
     huge = load_adapter(adapter_dirs["lora2"], spec, max_lora_rank=64)
     huge.layers[module].a[0, 0] = huge.layers[module].b[0, 0] = 1e20  # each in range, B A is not
-    runner.adapters.load("huge", huge)
+    huge = runner.adapters.place("huge", huge)
     with pytest.raises(AdapterError) as refused:
-        runner.adapters.merge("huge")
+        runner.adapters.merge(huge)
     assert refused.value.field == "name" and runner.adapters.merged is None
     assert torch.equal(prefill(runner, residents, PROMPT_IDS), before)

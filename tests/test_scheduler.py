@@ -14,6 +14,7 @@ from server.engine.engine_core import EngineCore
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.engine.torch_residency import TorchResidency
 
 VOCAB = 1000
 BLOCK = 32
@@ -55,8 +56,9 @@ class FakeRunner:
 def _scheduler(max_blocks: int, budget: int, caching: bool = True, mixed: bool = False
                ) -> tuple[EngineCore, FakeRunner]:
     runner = FakeRunner(max_blocks, mixed)
-    scheduler = Scheduler(runner, max_model_len=max_blocks * BLOCK, max_num_seqs=16, max_num_batched_tokens=budget,
-                          enable_prefix_caching=caching)
+    no_adapters = TorchResidency(None, 1, read=print, keep=print)  # these requests name none
+    scheduler = Scheduler(runner, no_adapters, max_model_len=max_blocks * BLOCK, max_num_seqs=16,
+                          max_num_batched_tokens=budget, enable_prefix_caching=caching)
     return EngineCore(scheduler, runner, Tokenizer.from_file(str(MODEL_PATH / "tokenizer.json"))), runner
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.base import AdapterCapacityError, AdapterError, AdapterGone
+from adapters.base import AdapterCapacityError, AdapterError
 from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter
@@ -412,7 +412,6 @@ class AdapterBank:
     def __init__(self, model: nn.Module, max_adapters: int, kv_dtype: torch.dtype):
         self.model, self.max_adapters = model, max_adapters
         self.rows = RowAdapters()
-        self._by_name: dict[str, Resident] = {}
         # Lowest first, so that a batch's slot and page ranges stay short.
         self._free_slots = list(range(max_adapters, 0, -1))  # bottleneck
         self._page_pools: dict[str, _PagePool] = {}  # by `lora_pool`
@@ -430,14 +429,11 @@ class AdapterBank:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def load(self, name: str, adapter: Adapter) -> None:
-        """Make `adapter` servable as `name`; a previous version keeps serving the sequences that hold it."""
+    def place(self, name: str, adapter: Adapter) -> Resident:
+        """Put `adapter` on the device as a version of `name`; it stays until retired and idle."""
         resident = Resident(name, adapter)
         self._placers[adapter.kind](resident)
-        previous = self._by_name.get(name)
-        self._by_name[name] = resident
-        if previous is not None:
-            self._retire(previous)
+        return resident
 
     # Where each kind lives on the device: one placer per kind (its rows are bound in `bind`). Casts happen
     # once here, not at every admission or step.
@@ -489,16 +485,12 @@ class AdapterBank:
         moved = weights.to(self._device, non_blocking=True)
         return (moved * scale if scale != 1.0 else moved).to(dtype)
 
-    def unload(self, name: str) -> None:
-        resident = self._by_name.pop(name, None)
-        if resident is not None:
-            self._retire(resident)
-
-    def merge(self, name: str) -> None:
-        """Fold LoRA `name` into the base weights (unmerging any other first)."""
-        resident = self._by_name.get(name)
-        if resident is None or resident.adapter.kind != LoraAdapter.kind:
-            raise AdapterError("model", f"`{name}` is not a loaded LoRA adapter")
+    def merge(self, resident: Resident) -> None:
+        """Fold LoRA `resident` into the base weights (unmerging any other first)."""
+        name = resident.name
+        if resident.adapter.kind != LoraAdapter.kind:
+            raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is "
+                                       f"{resident.adapter.kind}")
         if self.merged is resident:
             return
         self.unmerge()
@@ -528,19 +520,16 @@ class AdapterBank:
         root = f"{resident.serial if resident is not None else 0}/{self._merges}"
         return (root if salt is None else f"{root}|{salt}").encode()
 
-    def acquire(self, name: str) -> Resident:
-        resident = self._by_name.get(name)
-        if resident is None:
-            raise AdapterGone("model", f"adapter `{name}` is not loaded")
+    def acquire(self, resident: Resident) -> None:
         resident.num_active += 1
-        return resident
 
     def release(self, resident: Resident) -> None:
         resident.num_active -= 1
         if resident.is_retired and resident.num_active == 0:
             self._free(resident)
 
-    def _retire(self, resident: Resident) -> None:
+    def retire(self, resident: Resident) -> None:
+        """`resident` takes no new sequences; its pages or slot free once the last running one ends."""
         resident.is_retired = True
         if resident.num_active == 0:
             self._free(resident)

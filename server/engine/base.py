@@ -13,6 +13,7 @@ from adapters.base import AdapterError
 
 if TYPE_CHECKING:
     from adapters.loading import Adapter
+    from server.engine.residency import AdapterRef
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -74,13 +75,12 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     model: str  # the name the client asked for; labels the metrics
-    adapter: str | None = None  # the adapter to run with, None for the base model
+    adapter: "AdapterRef | None" = None  # the adapter version it was routed to, None for the base model
     cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
     arrival_time: float = field(default_factory=time.monotonic)
     # sampling.constraint compiled for the torch engine's token masks (an xgrammar CompiledGrammar); vLLM
     # compiles its own from the constraint.
     grammar: Any = None
-    adapter_version: int | None = None  # the registry's version of `adapter` when the request was routed
 
     def __post_init__(self):
         # A sequence of no tokens is never prefilled nor decoded, yet would count as work forever.
@@ -137,15 +137,21 @@ class FailureWindow:
 
 
 class Engine(Protocol):
+    """Each engine owns its adapters' residency: what is on the device, what waits for a slot, and when a
+    replaced version's memory frees. The server only names versions (AdapterRef)."""
+
     max_model_len: int
     merged: str | None  # the LoRA folded into the base weights now: the engine owns this state
     failure: str | None  # why the engine can no longer serve (it died for good); None while it serves
     is_restarting: bool  # a failed engine is being replaced: requests get 503 + Retry-After meanwhile
-    pins_host_memory: bool  # parsed adapters in host memory should be pinned (a torch engine on a GPU)
 
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
+
+    async def read_adapter(self, folder: Path) -> "Adapter":
+        """Parse and check the adapter in `folder` as this engine reads adapters (AdapterError if it cannot)."""
+        ...
 
     def check_adapter(self, adapter: "Adapter") -> None:
         """Raise AdapterError when this engine cannot serve the adapter (before it is registered)."""
@@ -155,15 +161,19 @@ class Engine(Protocol):
         """The engine that serves adapters of `kind`: "torch" or "vllm"."""
         ...
 
-    async def load_adapter(self, name: str, adapter: "Adapter", folder: Path) -> None:
-        """Serve `adapter` (stored in `folder`) under `name` from now on; running requests keep their version."""
+    async def add_adapter(self, ref: "AdapterRef", adapter: "Adapter") -> None:
+        """A version of `ref.name` is being registered (`adapter`, read from `ref.folder`): serve it to
+        requests routed to it or to an older version from now on, loading it now where a slot is free.
+        Called again once the registry commits it, with the version it got. Running requests keep theirs."""
         ...
 
-    async def unload_adapter(self, name: str) -> None: ...
+    async def remove_adapter(self, name: str) -> None:
+        """`name` was deleted: its versions leave once their running requests end."""
+        ...
 
-    async def merge_adapter(self, name: str) -> None:
-        """Fold loaded LoRA `name` into the base weights (unmerging any other); the base and every other
-        adapter keep their exact outputs through compensating LoRAs."""
+    async def merge_adapter(self, ref: "AdapterRef") -> None:
+        """Fold LoRA `ref` into the base weights (loading it first, unmerging any other); the base and every
+        other adapter keep their exact outputs through compensating LoRAs."""
         ...
 
     async def unmerge_adapter(self) -> None:
@@ -171,5 +181,6 @@ class Engine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Stream outputs until one is finished; closing the iterator early aborts the request."""
+        """Stream outputs until one is finished, making the request's adapter resident first (it may wait
+        for a slot); closing the iterator early aborts the request."""
         ...

@@ -32,22 +32,24 @@ class EngineCore:
         return Sequence(request, emit, IncrementalText(self.tokenizer, sampling.stop),
                         make_generator(sampling, self.runner.device), new_matcher(request))
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One step; False when nothing could run (every waiting sequence waits for its adapter)."""
         start = time.perf_counter()
         try:
             batch = self.scheduler.schedule()
             if batch is None:
-                return
+                return False
             try:
                 sampled = self.runner.execute(batch)
             except Exception as exc:  # a failed batch fails its own requests, never the engine
                 log.exception("%s step failed for %d sequences", batch.phase, len(batch.sequences))
                 self.scheduler.finish(batch.sequences,
                                       [s.failure(f"generation failed: {exc}") for s in batch.sequences])
-                return
+                return True
             self.scheduler.update(batch, sampled)
             self.scheduler.finish([batch.sequences[i] for i in sampled.rows], self.outputs.process(batch, sampled))
             ENGINE_STEP_TIME.labels(batch.phase).observe(time.perf_counter() - start)
+            return True
         finally:
             cache = self.runner.cache
             KV_CACHE_BLOCKS.labels("used").set(cache.num_used)

@@ -7,6 +7,7 @@ holds its own copy of the base weights (the model's size again: 0.5 GB for SmolL
 """
 
 import asyncio
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,19 +15,17 @@ from adapters.bottleneck import BottleneckAdapter
 from adapters.loading import Adapter
 from adapters.prefix import PrefixAdapter
 from server.engine.base import Engine, GenerationOutput, GenerationRequest
+from server.engine.residency import AdapterRef
 
 _SIDE_KINDS = {PrefixAdapter.kind, BottleneckAdapter.kind}
 
 
 class HybridEngine:
-    pins_host_memory = False  # vLLM's adapters come from files; the side engine's loads are few
-
     def __init__(self, main: Engine, build_side: Callable[[], Engine]):
         self.max_model_len = main.max_model_len
         self._main, self._build_side = main, build_side
         self._side: Engine | None = None
         self._side_started = asyncio.Lock()
-        self._on_side: set[str] = set()  # adapter names the torch engine serves
 
     @property
     def failure(self) -> str | None:
@@ -48,6 +47,9 @@ class HybridEngine:
             await self._side.shutdown()
         await self._main.shutdown()
 
+    async def read_adapter(self, folder: Path) -> Adapter:
+        return await self._main.read_adapter(folder)
+
     def check_adapter(self, adapter: Adapter) -> None:
         if adapter.kind not in _SIDE_KINDS:
             self._main.check_adapter(adapter)
@@ -55,35 +57,28 @@ class HybridEngine:
     def engine_for(self, kind: str) -> str:
         return "torch" if kind in _SIDE_KINDS else self._main.engine_for(kind)
 
-    async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
-        if adapter.kind in _SIDE_KINDS:
-            side = await self._side_engine()
-            await side.load_adapter(name, adapter, folder)
-            if name not in self._on_side:  # a new kind under an old name: the main engine lets it go
-                await self._main.unload_adapter(name)
-            self._on_side.add(name)
-            return
-        await self._main.load_adapter(name, adapter, folder)
-        if name in self._on_side:
-            self._on_side.discard(name)
-            await self._side.unload_adapter(name)
+    async def add_adapter(self, ref: AdapterRef, adapter: Adapter) -> None:
+        engine, other = (await self._side_engine(), self._main) if ref.kind in _SIDE_KINDS else (self._main, self._side)
+        await engine.add_adapter(ref, adapter)
+        if other is not None:  # a new kind under an old name: the other engine lets the old version go
+            await other.remove_adapter(ref.name)
 
-    async def unload_adapter(self, name: str) -> None:
-        if name in self._on_side:
-            self._on_side.discard(name)
-            await self._side.unload_adapter(name)
-        else:
-            await self._main.unload_adapter(name)
+    async def remove_adapter(self, name: str) -> None:
+        for engine in filter(None, (self._main, self._side)):
+            await engine.remove_adapter(name)
 
-    async def merge_adapter(self, name: str) -> None:
-        await self._main.merge_adapter(name)
+    async def merge_adapter(self, ref: AdapterRef) -> None:
+        await self._main.merge_adapter(ref)
 
     async def unmerge_adapter(self) -> None:
         await self._main.unmerge_adapter()
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        engine = self._side if request.adapter in self._on_side else self._main
-        return engine.generate(request)
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        is_side = request.adapter is not None and request.adapter.kind in _SIDE_KINDS
+        engine = await self._side_engine() if is_side else self._main  # a replica may have registered it
+        async with aclosing(engine.generate(request)) as outputs:
+            async for out in outputs:
+                yield out
 
     async def _side_engine(self) -> Engine:
         async with self._side_started:

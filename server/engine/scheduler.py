@@ -24,15 +24,19 @@ from server.engine.base import FinishReason, GenerationOutput
 from server.engine.kv_cache import KVCacheFull, block_hashes
 from server.engine.model_runner import ModelRunner
 from server.engine.sequence import SampledBatch, ScheduledBatch, Sequence
-from server.metrics import ENGINE_BATCH_SIZE, PREEMPTIONS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES
+from server.engine.torch_residency import TorchResidency
+from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_BATCH_SIZE, PREEMPTIONS, PREFIX_CACHE_HITS,
+                            PREFIX_CACHE_QUERIES)
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, runner: ModelRunner, residency: TorchResidency, *, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int,
                  enable_prefix_caching: bool = True):
         self.runner = runner  # its KV cache and adapter bank: the step's model work is the engine core's call
+        self.residency = residency
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
@@ -46,17 +50,20 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         request = seq.request
-        try:
-            if request.adapter is not None:
-                seq.resident = self.runner.adapters.acquire(request.adapter)
-                seq.num_virtual = seq.resident.adapter.num_virtual_tokens
-            if seq.length >= self.max_model_len:
-                raise AdapterError("messages", f"{seq.num_virtual} virtual + {len(request.prompt_token_ids)} prompt "
-                                               f"tokens exceed the context of {self.max_model_len}")
-        except Exception as exc:  # AdapterError, or anything unexpected: this request fails, not the engine
-            self._finish(seq, seq.failure(str(exc), exc if isinstance(exc, AdapterError) else None))
+        if request.adapter is not None:
+            seq.num_virtual = request.adapter.num_virtual_tokens  # as routed; checked again once it is resident
+        if not self._fits_context(seq):
             return
         self.waiting.append(seq)
+
+    def _fits_context(self, seq: Sequence) -> bool:
+        """False (the sequence refused) where its adapter's virtual tokens and its prompt overflow the context."""
+        if seq.length < self.max_model_len:
+            return True
+        refusal = AdapterError("messages", f"{seq.num_virtual} virtual + {len(seq.request.prompt_token_ids)} "
+                                           f"prompt tokens exceed the context of {self.max_model_len}")
+        self._finish(seq, seq.failure(str(refusal), refusal))
+        return False
 
     def abort(self, request_id: str) -> None:
         for seq in [s for s in self.waiting if s.request.request_id == request_id]:
@@ -147,25 +154,66 @@ class Scheduler:
         return ScheduledBatch("prefill", batch, inputs)
 
     def _admit(self) -> None:
-        """Move waiting sequences into the running set while the sequence, prefill and KV-cache budgets
-        allow; each takes the cached blocks of its prefix and new ones for the rest. If the pool cannot grow
-        (out of memory) the sequences it was for are answered with an error; none is left in no queue
-        holding its adapter."""
+        """Move waiting sequences into the running set, in order, while the sequence, prefill and KV-cache
+        budgets allow; each takes the cached blocks of its prefix and new ones for the rest. A sequence whose
+        adapter cannot be resident yet (read under way, no slot free) is skipped and keeps its place. If the
+        pool cannot grow (out of memory) the sequences it was for are answered with an error; none is left in
+        no queue holding its adapter."""
         now = time.monotonic()
-        for _ in range(self._count_admissions()):
-            seq = self.waiting.popleft()
+        cache = self.runner.cache
+        backlog = sum(s.length - s.computed for s in self.running if s.length - s.computed > 1)
+        waited_for: list[tuple] = []  # the adapter versions skipped sequences wait for
+        for seq in list(self.waiting):
+            num_running = len(self.running)
+            # With a block kept per running sequence for its next decode step (else admitting one preempts
+            # another); with cached blocks it takes fewer. A lone sequence always runs (the pool holds one of
+            # the whole context), so nothing waits forever.
+            over_memory = cache.blocks_for(seq.length) + num_running > cache.num_free
+            if num_running >= self.max_num_seqs or backlog >= self.max_num_batched_tokens or (
+                    num_running > 0 and over_memory):
+                break
+            if not self._claim_adapter(seq, now):
+                if seq.resident is None and seq in self.waiting:
+                    waited_for.append(seq.request.adapter.key)
+                continue
             try:
                 self._take_blocks(seq)
             except KVCacheFull:  # its prefix was evicted by an earlier admission: it waits for the next step
-                self.waiting.appendleft(seq)
                 break
             except Exception as exc:  # e.g. out of memory: this request fails, the running ones go on
                 log.exception("the KV cache could not grow for a new sequence")
+                self.waiting.remove(seq)
                 self._finish(seq, seq.failure(f"no KV-cache memory for this request ({exc})"))
                 continue
+            self.waiting.remove(seq)
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
             self.running.append(seq)
+            backlog += seq.length
+        ADAPTER_QUEUE.set(len(waited_for))
+        self.residency.settle(set(waited_for))
+
+    def _claim_adapter(self, seq: Sequence, now: float) -> bool:
+        """Hold the sequence's adapter version; False while it must wait for it (or it was refused)."""
+        ref = seq.request.adapter
+        if ref is None or seq.resident is not None:
+            return True
+        try:
+            seq.resident = self.residency.claim(ref)
+        except AdapterError as exc:
+            self.waiting.remove(seq)
+            self._finish(seq, seq.failure(str(exc), exc))
+            return False
+        if seq.resident is None:
+            seq.adapter_wait_start = seq.adapter_wait_start or now
+            return False
+        if seq.adapter_wait_start is not None:
+            ADAPTER_WAIT_TIME.labels(ref.name).observe(now - seq.adapter_wait_start)
+        seq.num_virtual = seq.resident.adapter.num_virtual_tokens  # a newer version may have others
+        if not self._fits_context(seq):
+            self.waiting.remove(seq)
+            return False
+        return True
 
     def _take_blocks(self, seq: Sequence) -> None:
         """Its blocks: the cached ones of its longest cached prefix (leaving at least one token to compute,
@@ -202,24 +250,6 @@ class Scheduler:
         for block, digest in zip(seq.blocks[seq.published : full], seq.hashes[seq.published : full]):
             self.runner.cache.publish(block, digest)
         seq.published = full
-
-    def _count_admissions(self) -> int:
-        """How many at the head of the queue fit the free sequences, the prefill backlog (tokens admitted
-        but not prefilled yet: under one step's budget, whatever the last one's length) and the free blocks,
-        keeping a block per running sequence for its next decode step (else admitting one preempts another)."""
-        count = blocks = 0
-        cache = self.runner.cache
-        backlog = sum(s.length - s.computed for s in self.running if s.length - s.computed > 1)
-        for seq in self.waiting:
-            num_running = len(self.running) + count
-            blocks += cache.blocks_for(seq.length)  # with cached blocks it takes fewer: at most this many
-            over_memory = blocks + num_running > cache.num_free
-            # A lone sequence always runs (the pool holds one of the whole context), so nothing waits forever.
-            if num_running >= self.max_num_seqs or backlog >= self.max_num_batched_tokens or (
-                    num_running > 0 and over_memory):
-                break
-            count, backlog = count + 1, backlog + seq.length
-        return count
 
     def _make_room_for_decode(self) -> None:
         """Give each running sequence a block for the token it feeds next, preempting the newest ones (their

@@ -31,6 +31,7 @@ class Sequence:
     published: int = 0  # leading blocks offered to the prefix cache
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # prompt logprobs: the chunks' logits so far
     first_scheduled: float | None = None
+    adapter_wait_start: float | None = None  # when it first waited for its adapter to become resident
 
     @property
     def length(self) -> int:

@@ -10,11 +10,14 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from adapters.base import AdapterError, BaseModelSpec
 from adapters.loading import Adapter
 from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest
 from server.engine.engine_core import EngineCore
 from server.engine.model_runner import ModelRunner
+from server.engine.residency import AdapterReader, AdapterRef
 from server.engine.scheduler import Scheduler
+from server.engine.torch_residency import TorchResidency
 from server.host import ENGINE_TORCH_THREADS, set_torch_threads
 from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings
@@ -25,6 +28,7 @@ _STOP = object()
 # The engine loop is restarted after an unexpected failure (every request in flight fails with it), unless
 # it failed this many times within the window: then it stays down and /health reports it.
 MAX_FAILURES, FAILURE_WINDOW_S = 3, 60.0
+IDLE_WAKE_S = 0.5  # while sequences wait for adapters and none runs: how often admission is tried again
 
 
 class TorchEngine:
@@ -36,8 +40,12 @@ class TorchEngine:
                              # Headroom: a replaced version holds its slot until its running requests end.
                              max_resident_adapters=2 * settings.max_resident_adapters,
                              prepack_weights=settings.prepack_weights)
+        self._reader = AdapterReader(BaseModelSpec.from_pretrained(model_path), settings.max_lora_rank,
+                                     settings.max_cpu_adapters, pin=runner.device.type == "cuda")
+        self._residency = TorchResidency(runner.adapters, settings.max_resident_adapters, read=self._ask_read,
+                                         keep=self._keep_on_host)
         self._scheduler = Scheduler(
-            runner, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
+            runner, self._residency, max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens or (512 if runner.device.type == "cpu" else 2048),
             enable_prefix_caching=settings.enable_prefix_caching,
         )
@@ -47,9 +55,11 @@ class TorchEngine:
         self._thread = threading.Thread(target=self._loop, name="swapyard-torch-engine", daemon=True)
         self.failure: str | None = None  # why the engine no longer serves; None while it does
         self.is_restarting = False  # the loop restarts in place, between two messages
-        self.pins_host_memory = runner.device.type == "cuda"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reads: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._thread.start()
 
     async def shutdown(self) -> None:
@@ -62,26 +72,48 @@ class TorchEngine:
     def engine_for(self, kind: str) -> str:
         return "torch"
 
-    async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
-        """Serve `adapter` as `name` from the next step; requests already running keep their version."""
-        await self._on_engine_thread(lambda: self._scheduler.runner.adapters.load(name, adapter))
+    async def read_adapter(self, folder: Path) -> Adapter:
+        return await self._reader.read_folder(folder)
 
-    async def unload_adapter(self, name: str) -> None:
-        """Queued, not awaited: the engine thread runs its inbox in order, so the load an eviction makes room
-        for finds the slot free, and the evicting request waits for one step boundary instead of two."""
-        self._inbox.put(lambda: self._scheduler.runner.adapters.unload(name))
+    async def add_adapter(self, ref: AdapterRef, adapter: Adapter) -> None:
+        """Serve `ref` from the next step (placed at once if a slot is free or idle); requests already
+        running keep their version."""
+        await self._on_engine_thread(lambda: self._residency.add(ref, adapter))
+
+    async def remove_adapter(self, name: str) -> None:
+        self._reader.forget(name)
+        await self._on_engine_thread(lambda: self._residency.remove(name))
 
     @property
     def merged(self) -> str | None:
-        resident = self._scheduler.runner.adapters.merged
-        return resident.name if resident is not None else None
+        return self._residency.merged
 
-    async def merge_adapter(self, name: str) -> None:
+    async def merge_adapter(self, ref: AdapterRef) -> None:
         """Between two steps: running requests go on unchanged, the fold's own rows now without a LoRA."""
-        await self._on_engine_thread(lambda: self._scheduler.runner.adapters.merge(name))
+        adapter = await self._reader.read(ref)
+        await self._on_engine_thread(lambda: self._residency.merge(ref, adapter))
 
     async def unmerge_adapter(self) -> None:
         await self._on_engine_thread(self._scheduler.runner.adapters.unmerge)
+
+    def _ask_read(self, ref: AdapterRef) -> None:
+        """From the engine thread: read `ref` on the event loop, and offer it to the residency when done."""
+        self._loop.call_soon_threadsafe(self._start_read, ref)
+
+    def _start_read(self, ref: AdapterRef) -> None:
+        async def read() -> None:
+            try:
+                adapter = await self._reader.read(ref)
+            except AdapterError as exc:
+                adapter = exc
+            self._inbox.put(lambda: self._residency.offer(ref, adapter))
+
+        task = asyncio.create_task(read())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    def _keep_on_host(self, ref: AdapterRef, adapter: Adapter) -> None:
+        self._loop.call_soon_threadsafe(self._reader.keep, ref, adapter)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if self.failure is not None:
@@ -141,9 +173,11 @@ class TorchEngine:
                     return
 
     def _serve(self) -> None:
-        scheduler = self._scheduler
+        scheduler, ran = self._scheduler, True
         while True:
-            messages = [self._inbox.get()] if not scheduler.has_work else []
+            # Blocks while nothing can run: no work, or only sequences waiting for their adapter's read (which
+            # arrives here). The timeout lets a wait for a slot turn to draining another adapter.
+            messages = [] if scheduler.has_work and ran else [self._next_message(scheduler.has_work)]
             while not self._inbox.empty():
                 messages.append(self._inbox.get_nowait())
             for message in messages:
@@ -154,8 +188,13 @@ class TorchEngine:
                     message()
                 except Exception:
                     log.exception("engine work failed")
-            if scheduler.has_work:
-                self._core.step()
+            ran = scheduler.has_work and self._core.step()
+
+    def _next_message(self, has_work: bool):
+        try:
+            return self._inbox.get(timeout=IDLE_WAKE_S if has_work else None)
+        except queue.Empty:
+            return lambda: None
 
     def _refuse_from_now_on(self) -> None:
         """A dead engine still answers what reaches its inbox, so nobody waits on it forever."""

@@ -43,7 +43,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from adapters.base import AdapterBusy, AdapterError, AdapterGone, BaseModelSpec
+from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, BaseModelSpec
 from adapters.bottleneck import BottleneckAdapter
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, LoraWeights, save_lora
@@ -51,10 +51,12 @@ from adapters.prefix import PrefixAdapter
 from adapters.prompt import PromptAdapter
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
                                 TokenLogprob)
+from server.engine.residency import FAIR_WAIT_S, AdapterReader, AdapterRef, SlotTable
 from server.engine.vllm_bottleneck import ATTN, LAYERS, MLP
 from server.engine.vllm_prefix import PARAMS_KEY
 from server.host import detect_host, dtype_name, resolve_dtype
-from server.metrics import ENGINE_FAILURES, ENGINE_INFO, VLLM_WORKER_ADAPTER_BYTES
+from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_FAILURES, ENGINE_INFO,
+                            VLLM_WORKER_ADAPTER_BYTES)
 from server.structured import ANY_OBJECT
 from server.settings import EngineSettings
 
@@ -326,8 +328,6 @@ _KINDS: dict[str, type[_Served]] = {LoraAdapter.kind: _ServedLora, BottleneckAda
 
 
 class VLLMEngine:
-    pins_host_memory = False  # vLLM reads adapters from their files into its own (pinned) CPU cache
-
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
         on_cpu = current_platform.is_cpu()
@@ -357,14 +357,24 @@ class VLLMEngine:
         self._requested_dtype = settings.dtype
         self.token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
         self._llm: AsyncLLM | None = None
-        self._served: dict[str, _Served] = {}  # name -> the version new requests get
+        # The one owner of which version of each adapter is loaded (new requests get it), least recently used
+        # first; at most --max-resident-adapters, so vLLM's own LoRA cache (max_cpu_loras, twice that) never
+        # evicts one of them.
+        self._slots: SlotTable[_Served] = SlotTable(settings.max_resident_adapters, is_idle=self._is_idle,
+                                                    merged=lambda: self.merged)
+        self._reader = AdapterReader(BaseModelSpec.from_pretrained(model_path), settings.max_lora_rank,
+                                     settings.max_cpu_adapters, pin=False)  # vLLM copies to the device itself
+        self._loading = asyncio.Lock()  # one load at a time, first come first served
+        self._changed = asyncio.Event()  # set (and replaced) when a slot may have freed
+        self._num_waiting = 0  # requests waiting for a slot
+        self._tasks: set[asyncio.Task] = set()  # loads and removals under way: see _owned
         self._in_flight: Counter[int] = Counter()  # LoRA or prefix id -> running requests
         self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
-        self._removals: set[asyncio.Task] = set()  # removals under way: tasks of their own, see _remove_soon
         self._worker_files: dict[int, tuple[str, str]] = {}  # id -> (kind, file) the worker holds for it
         self._ids = count(1)
         self._gate = SwapGate(settings.swap_timeout_s)
         self.merged: str | None = None  # the LoRA folded into vLLM's weights
+        self._merged_lora: LoraAdapter | None = None  # its weights
         self._unmerging: LoRARequest | None = None  # the base's compensating LoRA while a LoRA is merged
         self._folders = Path(tempfile.mkdtemp(prefix="swapyard-vllm-"))  # files made here for vLLM, by id
         self._failure: str | None = None
@@ -419,10 +429,10 @@ class VLLMEngine:
                               attempt, START_ATTEMPTS, START_RETRY_S)
                 await asyncio.sleep(START_RETRY_S)
         if self.merged is not None:
-            modules = list(self._served[self.merged].lora.layers)
+            modules = list(self._merged_lora.layers)
             await self._llm.collective_rpc("swapyard_fold", args=(str(self._model_path),
                                                                   str(self._folders / _DELTAS), modules))
-        requests = [self._unmerging] + [r for s in self._served.values() for r in (s.request, s.compensated)]
+        requests = [self._unmerging] + [r for s in self._served() for r in (s.request, s.compensated)]
         for request in filter(None, requests):
             await self._llm.add_lora(request)
         for resource_id, (kind, file) in list(self._worker_files.items()):
@@ -431,6 +441,8 @@ class VLLMEngine:
 
     async def shutdown(self) -> None:
         self._watch.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         self._llm.shutdown()
         shutil.rmtree(self._folders, ignore_errors=True)
 
@@ -444,22 +456,95 @@ class VLLMEngine:
     def engine_for(self, kind: str) -> str:
         return "vllm"
 
-    async def load_adapter(self, name: str, adapter: Adapter, folder: Path) -> None:
-        """Serve `adapter` under `name`; the version it replaces leaves once its running requests end."""
+    async def read_adapter(self, folder: Path) -> Adapter:
+        return await self._reader.read_folder(folder)
+
+    async def add_adapter(self, ref: AdapterRef, adapter: Adapter) -> None:
+        """Serve `ref` from now on, loaded at once where a slot is free or idle, else at its first request;
+        the version it replaces leaves once its running requests end."""
+        if self._slots.renamed(ref):
+            return
+        async with self._loading:
+            try:
+                if self._slots.room_for(ref):
+                    await self._owned(self._place(ref, adapter, time.monotonic()))
+                    return
+            except AdapterCapacityError:
+                pass
+        self._reader.keep(ref, adapter)
+
+    async def remove_adapter(self, name: str) -> None:
+        self._reader.forget(name)
+        slot = self._slots.remove(name)
+        if slot is not None:
+            await self._owned(self._retire_all(slot.handle))
+
+    def _served(self) -> list[_Served]:
+        return [slot.handle for slot in self._slots]
+
+    def _is_idle(self, served: _Served) -> bool:
+        return all(self._in_flight[resource_id] == 0 for resource_id in served.ids)
+
+    async def _claim(self, ref: AdapterRef) -> _Served:
+        """The version a request routed to `ref` runs with, loaded first if it is not (waiting for a slot,
+        first come first served, while every slot serves requests)."""
+        if ref.name != self._slots.draining and (served := self._slots.serves(ref)) is not None:
+            return served
+        start = time.monotonic()
+        self._num_waiting += 1
+        ADAPTER_QUEUE.inc()
+        try:
+            while ref.name == self._slots.draining or (served := self._slots.serves(ref)) is None:
+                changed = self._changed
+                async with self._loading:
+                    if self._slots.serves(ref) is None:
+                        adapter = await self._reader.read(ref)
+                        if self._slots.serves(ref) is None and self._slots.room_for(ref):
+                            await self._owned(self._place(ref, adapter, start))
+                            continue
+                try:  # woken when a slot may have freed; also on a timer, to make a busy adapter drain
+                    await asyncio.wait_for(changed.wait(), FAIR_WAIT_S)
+                except TimeoutError:
+                    pass
+        finally:
+            ADAPTER_QUEUE.dec()
+            self._num_waiting -= 1
+            if self._num_waiting == 0:
+                self._slots.nobody_waits()
+        ADAPTER_WAIT_TIME.labels(ref.name).observe(time.monotonic() - start)
+        return served
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _place(self, ref: AdapterRef, adapter: Adapter, start: float) -> None:
+        """Load `ref` into vLLM, in the least recently used idle slot's place when none is free."""
+        if self._slots.get(ref.name) is None and (evicted := self._slots.evict_one()) is not None:
+            self._reader.keep(evicted.ref, evicted.adapter)
+            await self._retire_all(evicted.handle)
         kind = _KINDS[adapter.kind]
         kind.check(self, adapter)
-        served = await kind.load(self, name, adapter, folder)
+        replaced = self._slots.get(ref.name)
+        if replaced is not None and self.merged == ref.name:  # the old version leaves the weights first
+            async with self._gate.swap():
+                await self._unmerge()
+        served = await kind.load(self, ref.name, adapter, ref.folder)
         if self.merged is not None:
-            await self._compensate(name, served)
-        replaced = self._served.pop(name, None)
-        self._served[name] = served
-        for resource_id in replaced.ids if replaced is not None else []:
+            await self._compensate(ref.name, served)
+        if (replaced := self._slots.placed(ref, served, adapter, start)) is not None:
+            await self._retire_all(replaced.handle)
+        self._signal()
+
+    async def _retire_all(self, served: _Served) -> None:
+        for resource_id in served.ids:
             await self._retire(resource_id)
 
-    async def unload_adapter(self, name: str) -> None:
-        served = self._served.pop(name, None)
-        for resource_id in served.ids if served is not None else []:
-            await self._retire(resource_id)
+    async def _owned(self, work) -> None:
+        """Run `work` in a task the engine holds, awaited shielded: a request's task is cancelled when its
+        client leaves, and a load or removal cut halfway would leave vLLM, the workers and the slot table
+        disagreeing (an adapter or its files held that nothing tracks)."""
+        await asyncio.shield(self._spawn(work))
 
     # What the kinds above load through.
 
@@ -468,7 +553,7 @@ class VLLMEngine:
         one's rank added."""
         if merged is None and self.merged is None:
             return
-        merged = merged or self._served[self.merged].lora
+        merged = merged or self._merged_lora
         if adapter.rank + merged.rank > self._max_lora_rank:
             raise AdapterError("r", f"while a rank-{merged.rank} LoRA is merged, a rank-{adapter.rank} LoRA is "
                                     f"served as one of rank {adapter.rank + merged.rank}, over --max-lora-rank "
@@ -521,24 +606,33 @@ class VLLMEngine:
         for kind in held[0]:
             VLLM_WORKER_ADAPTER_BYTES.labels(kind).set(sum(worker[kind] for worker in held))
 
-    async def merge_adapter(self, name: str) -> None:
-        served = self._served.get(name)
+    async def merge_adapter(self, ref: AdapterRef) -> None:
+        served, name = await self._claim(ref), ref.name
         if not isinstance(served, _ServedLora):
-            raise AdapterError("model", f"`{name}` is not a loaded LoRA adapter")
-        for other_name, other in self._served.items():
-            if other_name != name and other.lora is not None:
+            raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is {ref.kind}")
+        for other in self._served():
+            if other is not served and other.lora is not None:
                 self.check_compensated_rank(other.lora, served.lora)
+        # Held like a running request's until the swap starts, so that no load evicts it meanwhile.
+        for resource_id in served.ids:
+            self._in_flight[resource_id] += 1
+        try:
+            await self._swap_in(name, served)
+        finally:
+            self._let_go(served.ids)
+
+    async def _swap_in(self, name: str, served: "_ServedLora") -> None:
         async with self._gate.swap():
             await self._unmerge()
             merged = served.lora.scaled()
             deltas = self._folders / _DELTAS
             await asyncio.to_thread(save_file, {f"{m}.weight": b @ a for m, (a, b) in merged.items()}, deltas)
             await self._fold(str(deltas), list(merged))
-            self.merged = name
+            self.merged, self._merged_lora = name, served.lora
             self._unmerging = await self.write_lora("base", {m: (a, -b) for m, (a, b) in merged.items()})
-            for other_name, other in self._served.items():
-                if other_name != name:
-                    await self._compensate(other_name, other)
+            for slot in self._slots:
+                if slot.handle is not served:
+                    await self._compensate(slot.ref.name, slot.handle)
 
     async def unmerge_adapter(self) -> None:
         async with self._gate.swap():
@@ -548,13 +642,13 @@ class VLLMEngine:
         """Reload the merged layers as the base has them and drop the compensating LoRAs (none is running)."""
         if self.merged is None:
             return
-        await self._fold(None, list(self._served[self.merged].lora.layers))
-        compensations = [self._unmerging] + [served.compensated for served in self._served.values()]
+        await self._fold(None, list(self._merged_lora.layers))
+        compensations = [self._unmerging] + [served.compensated for served in self._served()]
         for request in filter(None, compensations):
             await self._retire(request.lora_int_id)
-        for served in self._served.values():
+        for served in self._served():
             served.compensated = None
-        self.merged, self._unmerging = None, None
+        self.merged, self._merged_lora, self._unmerging = None, None, None
 
     async def _fold(self, deltas: str | None, modules: list[str]) -> None:
         """Set the base weights of `modules` to the base's plus `deltas` (None: the base's alone). vLLM's cached
@@ -568,7 +662,7 @@ class VLLMEngine:
         """Give a kind that carries a LoRA that LoRA with the merged one taken back out: [B, -B'][A; A']."""
         if served.lora is None:
             return  # it carries the base's compensating LoRA
-        own, merged = served.lora.scaled(), self._served[self.merged].lora.scaled()
+        own, merged = served.lora.scaled(), self._merged_lora.scaled()
         layers = {}
         for module in own.keys() | merged.keys():
             a, b = own.get(module, (None, None))
@@ -582,21 +676,27 @@ class VLLMEngine:
     async def _retire(self, resource_id: int) -> None:
         self._retired.add(resource_id)
         if self._in_flight[resource_id] == 0:
-            await asyncio.shield(self._remove_soon(resource_id))
+            await self._owned(self._remove(resource_id))
 
-    def _remove_soon(self, resource_id: int) -> asyncio.Task:
-        """Remove `resource_id` in a task the engine holds: awaited in a request's clean-up, a removal would be
-        cancelled with the request (a client gone) after its bookkeeping and before vLLM and the workers let
-        go, leaking both, untracked."""
-        task = asyncio.create_task(self._remove(resource_id))
-        self._removals.add(task)
-        task.add_done_callback(self._removed)
+    def _let_go(self, ids: list[int]) -> None:
+        """A request (or merge) no longer holds `ids`: retired ones are removed once nothing holds them, and the
+        requests waiting for a slot try again. Never awaits: it runs in clean-up that may be cancelled."""
+        for resource_id in ids:
+            self._in_flight[resource_id] -= 1
+            if resource_id in self._retired and self._in_flight[resource_id] == 0:
+                self._spawn(self._remove(resource_id))
+        self._signal()
+
+    def _spawn(self, work) -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
         return task
 
-    def _removed(self, task: asyncio.Task) -> None:
-        self._removals.discard(task)
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("freeing a vLLM adapter id failed", exc_info=task.exception())
+            log.error("loading or freeing a vLLM adapter failed", exc_info=task.exception())
 
     async def _remove(self, resource_id: int) -> None:
         """Free what an id holds: a LoRA in vLLM, a prefix's K/V or a bottleneck in the workers, files here."""
@@ -619,10 +719,9 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         async with self._gate.request():
-            served = self._served.get(request.adapter) if request.adapter is not None else _BASE
-            if served is None:
-                raise AdapterGone("model", f"adapter `{request.adapter}` is not loaded")
-            lora = self._lora_for(request.adapter, served)
+            ref = request.adapter
+            served = await self._claim(ref) if ref is not None else _BASE
+            lora = self._lora_for(ref.name if ref is not None else None, served)
             held = served.worker_ids + ([lora.lora_int_id] if lora is not None else [])
             for resource_id in held:
                 self._in_flight[resource_id] += 1
@@ -630,10 +729,7 @@ class VLLMEngine:
                 async for out in self._generate(request, served, lora):
                     yield out
             finally:
-                for resource_id in held:
-                    self._in_flight[resource_id] -= 1
-                    if resource_id in self._retired and self._in_flight[resource_id] == 0:
-                        self._remove_soon(resource_id)
+                self._let_go(held)
 
     async def _generate(self, request: GenerationRequest, served: _Served,
                         lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
