@@ -8,6 +8,7 @@ merged or unmerged.
 """
 
 import asyncio
+import time
 from pathlib import Path
 
 from adapters.base import AdapterError, AdapterGone
@@ -61,7 +62,7 @@ class AdapterManager:
 
     def ref(self, record: AdapterRecord) -> AdapterRef:
         return AdapterRef(record.name, record.version, record.kind, self.registry.path(record),
-                          record.num_virtual_tokens, record.is_pinned)
+                          record.num_virtual_tokens, record.is_pinned, record.created_at)
 
     async def register(self, name: str, folder: Path, *, source: str, replace: bool, is_pinned: bool) -> AdapterRecord:
         """Validate, stage, hand to the engine, then commit. All or nothing: an adapter the engine refuses
@@ -76,7 +77,7 @@ class AdapterManager:
         # The version the commit is expected to give; if another replica commits first, the engine is told
         # the one it gave.
         expected = AdapterRef(name, current.version + 1 if current is not None and replace else 1, adapter.kind,
-                              self.registry.store / staged, adapter.num_virtual_tokens, is_pinned)
+                              self.registry.store / staged, adapter.num_virtual_tokens, is_pinned, time.time())
         try:
             await self.engine.add_adapter(expected, adapter)
         except BaseException:

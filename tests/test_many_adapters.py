@@ -11,6 +11,7 @@ import torch
 from adapters.base import BaseModelSpec, map_tensors
 from adapters.loading import load_adapter
 from adapters.registry import AdapterRegistry
+from server.engine.residency import FAIR_WAIT_S
 from conftest import CHAT, KINDS, MODEL_PATH, ask, running_server, scrape, until_generating
 
 SLOTS = 2
@@ -99,6 +100,29 @@ def test_requests_of_a_resident_adapter_pass_one_that_waits_for_a_slot(tmp_path,
                     pass
             assert cold.result().status_code == 200, cold.result().text
         assert scrape(http)[("swapyard_adapter_queue_length", ())] == 0
+
+
+def test_a_drained_adapter_serves_again_when_the_request_that_waited_for_its_slot_leaves(tmp_path, adapter_root,
+                                                                                          adapter_dirs):
+    """A request for `cold` waits long enough for the busy `warm` to drain (its new requests wait, so its slot
+    frees), then its client leaves: `warm` serves new requests again at once, not never."""
+    with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
+                        max_resident_adapters=1) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for name, kind in (("drain-warm", "lora"), ("drain-cold", "bottleneck")):
+            assert http.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])}).status_code == 201
+        long = {**_body("drain-warm", 300), "ignore_eos": True, "stream": True}
+        with http.stream("POST", CHAT, json=long) as stream, httpx.Client(base_url=url, timeout=120) as other:
+            lines = stream.iter_lines()  # held: a dropped iterator closes the response
+            until_generating(lines)
+            with other.stream("POST", CHAT, json={**_body("drain-cold"), "stream": True}) as cold:
+                assert cold.status_code == 200
+                time.sleep(FAIR_WAIT_S + 1.5)  # it waits: `warm` drains
+            start = time.monotonic()
+            warm = http.post(CHAT, json=_body("drain-warm"))
+            assert warm.status_code == 200, warm.text
+            took = time.monotonic() - start
+            assert next(lines, None) is not None, "the stream ended first: make it longer"
+        assert took < 10, took
 
 
 def test_registry_cache_sees_every_change_at_once_in_this_replica_and_the_others(tmp_path, adapter_dirs):

@@ -61,6 +61,8 @@ class HybridEngine:
         engine, other = (await self._side_engine(), self._main) if ref.kind in _SIDE_KINDS else (self._main, self._side)
         await engine.add_adapter(ref, adapter)
         if other is not None:  # a new kind under an old name: the other engine lets the old version go
+            if other.merged == ref.name:
+                await other.unmerge_adapter()
             await other.remove_adapter(ref.name)
 
     async def remove_adapter(self, name: str) -> None:

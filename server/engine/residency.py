@@ -37,6 +37,9 @@ class AdapterRef:
     folder: Path  # its files in the store (a fresh folder per version)
     num_virtual_tokens: int = 0  # prefix/prompt positions it adds before the prompt
     is_pinned: bool = False  # never evicted
+    # When the registry committed it: orders versions across a delete and a new registration under the same
+    # name, whose versions start at 1 again.
+    registered_at: float = 0.0
 
     @property
     def key(self) -> tuple[str, int, Path]:
@@ -134,7 +137,7 @@ class SlotTable(Generic[Handle]):
         slot = self._slots.get(ref.name)
         if slot is None:
             return None
-        if slot.ref.key != ref.key and slot.ref.version <= ref.version:  # an older version is resident
+        if slot.ref.key != ref.key and slot.ref.registered_at <= ref.registered_at:  # an older one is resident
             return None
         self._slots.move_to_end(ref.name)
         return slot.handle
@@ -189,9 +192,11 @@ class SlotTable(Generic[Handle]):
         ADAPTER_LOAD_TIME.labels(ref.name).observe(time.monotonic() - started)
         return replaced
 
-    def nobody_waits(self) -> None:
-        """No request waits for a slot any more: the drained adapter serves again."""
-        self.draining = self._waiting_since = None
+    def waiting_for(self, names: set[str]) -> None:
+        """The adapters requests wait for now: when none but the drained one (whose own requests wait while it
+        drains), nobody waits for a slot any more and it serves again."""
+        if not names - {self.draining}:
+            self.draining = self._waiting_since = None
 
     def remove(self, name: str) -> _Slot[Handle] | None:
         slot = self._slots.pop(name, None)

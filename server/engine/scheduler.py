@@ -37,6 +37,7 @@ class Scheduler:
                  enable_prefix_caching: bool = True):
         self.runner = runner  # its KV cache and adapter bank: the step's model work is the engine core's call
         self.residency = residency
+        self._num_waiting_for_adapters = 0  # queued sequences whose adapter is not resident yet
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
@@ -162,7 +163,6 @@ class Scheduler:
         now = time.monotonic()
         cache = self.runner.cache
         backlog = sum(s.length - s.computed for s in self.running if s.length - s.computed > 1)
-        waited_for: list[tuple] = []  # the adapter versions skipped sequences wait for
         for seq in list(self.waiting):
             num_running = len(self.running)
             # With a block kept per running sequence for its next decode step (else admitting one preempts
@@ -173,8 +173,6 @@ class Scheduler:
                     num_running > 0 and over_memory):
                 break
             if not self._claim_adapter(seq, now):
-                if seq.resident is None and seq in self.waiting:
-                    waited_for.append(seq.request.adapter.key)
                 continue
             try:
                 self._take_blocks(seq)
@@ -190,8 +188,12 @@ class Scheduler:
                 seq.first_scheduled = now
             self.running.append(seq)
             backlog += seq.length
-        ADAPTER_QUEUE.set(len(waited_for))
-        self.residency.settle(set(waited_for))
+        # Every queued sequence without its adapter, also those behind where admission stopped: their reads
+        # stay asked, and the wait that makes a busy adapter drain goes on.
+        waiting = [seq.request.adapter.key for seq in self.waiting if seq.resident is None and seq.request.adapter]
+        ADAPTER_QUEUE.inc(len(waiting) - self._num_waiting_for_adapters)  # inc: a vLLM engine beside it counts too
+        self._num_waiting_for_adapters = len(waiting)
+        self.residency.settle(set(waiting))
 
     def _claim_adapter(self, seq: Sequence, now: float) -> bool:
         """Hold the sequence's adapter version; False while it must wait for it (or it was refused)."""
@@ -200,9 +202,12 @@ class Scheduler:
             return True
         try:
             seq.resident = self.residency.claim(ref)
-        except AdapterError as exc:
+        except Exception as exc:  # AdapterError, or e.g. out of memory placing it: this request fails alone
+            if not isinstance(exc, AdapterError):
+                log.exception("placing adapter %s failed", ref.name)
             self.waiting.remove(seq)
-            self._finish(seq, seq.failure(str(exc), exc))
+            self._finish(seq, seq.failure(f"adapter `{ref.name}` could not be loaded: {exc}",
+                                          exc if isinstance(exc, AdapterError) else None))
             return False
         if seq.resident is None:
             seq.adapter_wait_start = seq.adapter_wait_start or now

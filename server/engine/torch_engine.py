@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from adapters.base import AdapterError, BaseModelSpec
+from adapters.base import AdapterError, AdapterLoadError, BaseModelSpec
 from adapters.loading import Adapter
 from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest
 from server.engine.engine_core import EngineCore
@@ -106,6 +106,9 @@ class TorchEngine:
                 adapter = await self._reader.read(ref)
             except AdapterError as exc:
                 adapter = exc
+            except Exception as exc:  # answered all the same: the sequences waiting for it must not wait forever
+                log.exception("reading adapter %s failed", ref.name)
+                adapter = AdapterLoadError("model", f"adapter `{ref.name}` could not be read: {exc}")
             self._inbox.put(lambda: self._residency.offer(ref, adapter))
 
         task = asyncio.create_task(read())

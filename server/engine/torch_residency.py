@@ -50,7 +50,7 @@ class TorchResidency:
         return resident
 
     def settle(self, waiting: set[tuple]) -> None:
-        """After an admission pass: `waiting`, the keys of the versions sequences still wait for. Reads nobody
+        """After an admission pass: `waiting`, the keys of the versions queued sequences wait for. Reads nobody
         waits for any more (their requests left) give their place to others; a finished one goes to the host
         tier."""
         for key in [key for key in self._asked if key not in waiting]:
@@ -58,8 +58,7 @@ class TorchResidency:
             if done is not None and not isinstance(done, AdapterError):
                 self._keep(self._asked[key][0], done)
             self._forget_read(key)
-        if not waiting:
-            self.slots.nobody_waits()
+        self.slots.waiting_for({key[0] for key in waiting})
 
     def offer(self, ref: AdapterRef, adapter: Adapter | AdapterError) -> None:
         """A read asked for is done (or failed): the sequences waiting for it try at the next admission. One
@@ -131,6 +130,9 @@ class TorchResidency:
             resident = self.bank.place(ref.name, done)
         except AdapterCapacityError:  # replaced versions still running hold the bank's spare places: wait
             return None
+        except BaseException:  # e.g. out of memory: this sequence fails; the next one reads again
+            self._forget_read(ref.key)
+            raise
         self.slots.placed(ref, resident, done, self._asked[ref.key][1])
         if replaced is not None:
             self.bank.retire(replaced.handle)

@@ -366,7 +366,7 @@ class VLLMEngine:
                                      settings.max_cpu_adapters, pin=False)  # vLLM copies to the device itself
         self._loading = asyncio.Lock()  # one load at a time, first come first served
         self._changed = asyncio.Event()  # set (and replaced) when a slot may have freed
-        self._num_waiting = 0  # requests waiting for a slot
+        self._waiting: Counter[str] = Counter()  # requests waiting for a slot, by adapter
         self._tasks: set[asyncio.Task] = set()  # loads and removals under way: see _owned
         self._in_flight: Counter[int] = Counter()  # LoRA or prefix id -> running requests
         self._retired: set[int] = set()  # replaced or unloaded ids, removed once idle
@@ -464,13 +464,11 @@ class VLLMEngine:
         the version it replaces leaves once its running requests end."""
         if self._slots.renamed(ref):
             return
-        async with self._loading:
-            try:
-                if self._slots.room_for(ref):
-                    await self._owned(self._place(ref, adapter, time.monotonic()))
-                    return
-            except AdapterCapacityError:
-                pass
+        try:
+            if await self._owned(self._place_if_room(ref, adapter, time.monotonic())):
+                return
+        except AdapterCapacityError:
+            pass
         self._reader.keep(ref, adapter)
 
     async def remove_adapter(self, name: str) -> None:
@@ -490,27 +488,28 @@ class VLLMEngine:
         first come first served, while every slot serves requests)."""
         if ref.name != self._slots.draining and (served := self._slots.serves(ref)) is not None:
             return served
-        start = time.monotonic()
-        self._num_waiting += 1
+        start, adapter = time.monotonic(), None
+        self._waiting[ref.name] += 1
         ADAPTER_QUEUE.inc()
         try:
-            while ref.name == self._slots.draining or (served := self._slots.serves(ref)) is None:
+            while True:
+                self._slots.waiting_for(set(self._waiting))  # only the drained adapter's own: it serves again
+                if ref.name != self._slots.draining and (served := self._slots.serves(ref)) is not None:
+                    break
                 changed = self._changed
-                async with self._loading:
-                    if self._slots.serves(ref) is None:
-                        adapter = await self._reader.read(ref)
-                        if self._slots.serves(ref) is None and self._slots.room_for(ref):
-                            await self._owned(self._place(ref, adapter, start))
-                            continue
+                if self._slots.serves(ref) is None:
+                    adapter = adapter or await self._reader.read(ref)  # once: a wake-up does not read again
+                    if await self._owned(self._place_if_room(ref, adapter, start)):
+                        continue
                 try:  # woken when a slot may have freed; also on a timer, to make a busy adapter drain
                     await asyncio.wait_for(changed.wait(), FAIR_WAIT_S)
                 except TimeoutError:
                     pass
         finally:
             ADAPTER_QUEUE.dec()
-            self._num_waiting -= 1
-            if self._num_waiting == 0:
-                self._slots.nobody_waits()
+            self._waiting -= Counter({ref.name: 1})  # drops names nobody waits for
+            self._slots.waiting_for(set(self._waiting))
+            self._signal()
         ADAPTER_WAIT_TIME.labels(ref.name).observe(time.monotonic() - start)
         return served
 
@@ -518,13 +517,24 @@ class VLLMEngine:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def _place_if_room(self, ref: AdapterRef, adapter: Adapter, start: float) -> bool:
+        """Under the load lock, in a task the engine owns (see _owned): True once `ref` is resident, False when
+        no slot is free or idle."""
+        async with self._loading:
+            if self._slots.serves(ref) is not None:
+                return True
+            if not self._slots.room_for(ref):
+                return False
+            await self._place(ref, adapter, start)
+            return True
+
     async def _place(self, ref: AdapterRef, adapter: Adapter, start: float) -> None:
         """Load `ref` into vLLM, in the least recently used idle slot's place when none is free."""
+        kind = _KINDS[adapter.kind]
+        kind.check(self, adapter)  # before anything leaves for it
         if self._slots.get(ref.name) is None and (evicted := self._slots.evict_one()) is not None:
             self._reader.keep(evicted.ref, evicted.adapter)
             await self._retire_all(evicted.handle)
-        kind = _KINDS[adapter.kind]
-        kind.check(self, adapter)
         replaced = self._slots.get(ref.name)
         if replaced is not None and self.merged == ref.name:  # the old version leaves the weights first
             async with self._gate.swap():
@@ -540,11 +550,11 @@ class VLLMEngine:
         for resource_id in served.ids:
             await self._retire(resource_id)
 
-    async def _owned(self, work) -> None:
+    async def _owned(self, work):
         """Run `work` in a task the engine holds, awaited shielded: a request's task is cancelled when its
         client leaves, and a load or removal cut halfway would leave vLLM, the workers and the slot table
         disagreeing (an adapter or its files held that nothing tracks)."""
-        await asyncio.shield(self._spawn(work))
+        return await asyncio.shield(self._spawn(work))
 
     # What the kinds above load through.
 
@@ -607,15 +617,19 @@ class VLLMEngine:
             VLLM_WORKER_ADAPTER_BYTES.labels(kind).set(sum(worker[kind] for worker in held))
 
     async def merge_adapter(self, ref: AdapterRef) -> None:
-        served, name = await self._claim(ref), ref.name
+        name = ref.name
+        try:  # a merge waits for a slot no longer than for running requests
+            served = await asyncio.wait_for(self._claim(ref), self._gate.timeout)
+        except TimeoutError:
+            raise AdapterBusy("name", f"no adapter slot freed for `{name}` within --swap-timeout-s "
+                                      f"{self._gate.timeout:g}; try again later") from None
         if not isinstance(served, _ServedLora):
             raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is {ref.kind}")
         for other in self._served():
             if other is not served and other.lora is not None:
                 self.check_compensated_rank(other.lora, served.lora)
         # Held like a running request's until the swap starts, so that no load evicts it meanwhile.
-        for resource_id in served.ids:
-            self._in_flight[resource_id] += 1
+        self._hold(served.ids)
         try:
             await self._swap_in(name, served)
         finally:
@@ -678,6 +692,10 @@ class VLLMEngine:
         if self._in_flight[resource_id] == 0:
             await self._owned(self._remove(resource_id))
 
+    def _hold(self, ids: list[int]) -> None:
+        for resource_id in ids:
+            self._in_flight[resource_id] += 1
+
     def _let_go(self, ids: list[int]) -> None:
         """A request (or merge) no longer holds `ids`: retired ones are removed once nothing holds them, and the
         requests waiting for a slot try again. Never awaits: it runs in clean-up that may be cancelled."""
@@ -718,18 +736,23 @@ class VLLMEngine:
         return served.compensated or served.request
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        async with self._gate.request():
-            ref = request.adapter
-            served = await self._claim(ref) if ref is not None else _BASE
-            lora = self._lora_for(ref.name if ref is not None else None, served)
-            held = served.worker_ids + ([lora.lora_int_id] if lora is not None else [])
-            for resource_id in held:
-                self._in_flight[resource_id] += 1
-            try:
-                async for out in self._generate(request, served, lora):
-                    yield out
-            finally:
-                self._let_go(held)
+        ref = request.adapter
+        # Claimed before the swap gate: a request waiting for a slot must not hold a merge back.
+        served = await self._claim(ref) if ref is not None else _BASE
+        pinned = served.ids  # held meanwhile, so that no load evicts it before it runs
+        self._hold(pinned)
+        try:
+            async with self._gate.request():
+                lora = self._lora_for(ref.name if ref is not None else None, served)  # after a swap, if one ran
+                held = served.worker_ids + ([lora.lora_int_id] if lora is not None else [])
+                self._hold(held)
+                try:
+                    async for out in self._generate(request, served, lora):
+                        yield out
+                finally:
+                    self._let_go(held)
+        finally:
+            self._let_go(pinned)
 
     async def _generate(self, request: GenerationRequest, served: _Served,
                         lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
