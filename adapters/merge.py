@@ -15,7 +15,7 @@ def merge_lora(base_path: Path, adapter_folder: Path, out: Path) -> Path:
     """W' = W + scale * B A for every LoRA layer; other adapter kinds are not linear in the weights."""
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     adapter = load_adapter(adapter_folder, BaseModelSpec.from_model(base), max_lora_rank=2**16)
-    if not isinstance(adapter, LoraAdapter):
+    if adapter.kind != LoraAdapter.kind:
         raise AdapterError("peft_type", f"only LoRA adapters fold into the weights; this one is {adapter.kind}")
     merged = PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

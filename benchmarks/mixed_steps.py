@@ -68,8 +68,7 @@ def main() -> None:
         if resident.adapter.kind == "prompt":  # its soft prompt rides in as the first positions
             runner.forward([table], [[-1 - k for k in range(n)] + context], [0], [resident])
             continue
-        if resident.adapter.kind == "prefix":
-            runner.write_prefix(table, resident.adapter)
+        runner.adapters.admit(resident, table, runner.cache)  # a prefix writes its keys/values
         runner.forward([table], [context], [n], [resident])
     prompt = list(range(300, 300 + args.prompt))
 

@@ -74,8 +74,8 @@ def prompt_rows(runner: ModelRunner, residents: list, prompt_ids: list[int]
         else:
             inputs.append(prompt_ids)
             starts.append(n)
-        if resident is not None and resident.adapter.kind == "prefix":
-            runner.write_prefix(tables[-1], resident.adapter)
+        if resident is not None:
+            runner.adapters.admit(resident, tables[-1], runner.cache)  # a prefix writes its keys/values
     return tables, inputs, starts
 
 

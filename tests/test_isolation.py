@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CHAT, MODEL, ask, in_one_step, scrape, serving_app, until_generating
-from server.engine.adapter_bank import lora_pool
+from server.engine.lora_stacks import lora_pool
 
 QUESTIONS = [ask(q) for q in ("What is the capital of France?", "Name three colours.", "Say hello.",
                               "Write a haiku about rain.")]
@@ -64,7 +64,7 @@ def _poison(app, name: str) -> None:
     registration check refuses such files, so this writes into the engine's LoRA pages directly."""
     bank = app.state.engine._scheduler.runner.adapters
     pages = _resident(app, name).pages
-    for wrapper in bank._lora_modules.values():
+    for wrapper in bank.kinds["lora"].modules.values():
         if (pool := lora_pool(wrapper.name)) in pages:
             for a, b in ((wrapper.a, wrapper.b), (wrapper.a_float32, wrapper.b_float32)):
                 if a is not None:  # the float32 copies of a CPU engine in bf16 too
@@ -119,16 +119,17 @@ def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_its_page
     register = {"name": "gone-lora", "path": str(adapter_dirs["lora"]), "replace": True}
     assert http.post("/v1/adapters", json=register).status_code == 201
     assert _text(http.post(CHAT, json=_body("gone-lora", QUESTIONS[0])))  # resident
-    one_version = bank._num_loras
+    loras = bank.kinds["lora"]
+    one_version = loras.num_resident
     body = {**_body("gone-lora", QUESTIONS[1], max_tokens=400, ignore_eos=True), "stream": True}
     with http.stream("POST", CHAT, json=body) as stream:
         lines = stream.iter_lines()  # held: a dropped iterator closes the response (the client goes)
         until_generating(lines)
         assert http.post("/v1/adapters", json={**register, "path": str(adapter_dirs["lora2"])}).status_code == 201
-        assert bank._num_loras == one_version + 1
+        assert loras.num_resident == one_version + 1
     deadline = time.monotonic() + 20
-    while bank._num_loras != one_version:
-        assert time.monotonic() < deadline, bank._num_loras
+    while loras.num_resident != one_version:
+        assert time.monotonic() < deadline, loras.num_resident
         time.sleep(0.1)
     assert _text(http.post(CHAT, json=_body("gone-lora", QUESTIONS[0])))
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from adapters.lora import LoraAdapter, LoraWeights
-from server.engine.adapter_bank import (LORA_PAGE_RANK, AdapterBank, LoraRows, lora_grouped, lora_masked,
-                                        lora_segmented, lora_sparse)
+from server.engine.adapter_bank import AdapterBank
+from server.engine.lora_stacks import (LORA_PAGE_RANK, LoraRows, lora_grouped, lora_masked, lora_segmented,
+                                       lora_sparse)
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
@@ -85,7 +86,7 @@ def test_loras_of_mixed_ranks_share_a_batch_in_pages(tokens):
     torch.testing.assert_close(got, expected)
 
     bank.retire(residents["r64"])  # no sequence holds it: freed at once
-    assert not bank._lora_modules["0"].a[2:10].any()
+    assert not bank.kinds["lora"].modules["0"].a[2:10].any()
     assert bank.place("r12b", adapters["r12"]).pages == {"0": (2, 3)}  # the lowest free pages
 
 
@@ -101,11 +102,11 @@ def test_bf16_decode_runs_sparse_on_float32_copies_that_leave_with_the_adapter()
     adapters = {name: LoraAdapter({"0": LoraWeights(torch.randn(r, d_in), torch.randn(d_out, r), 0.5)})
                 for name, r in ranks.items()}
     residents = {name: bank.place(name, adapter) for name, adapter in adapters.items()}
-    wrapper = bank._lora_modules["0"]
+    wrapper = bank.kinds["lora"].modules["0"]
     assert torch.equal(wrapper.a_float32, wrapper.a.float()) and torch.equal(wrapper.b_float32, wrapper.b.float())
     order = ["r64", None, "r8", "r16", "r8", "r64"]
     bank.bind([residents.get(name) for name in order])
-    assert bank.rows.lora["0"].kernel(1, torch.bfloat16, torch.device("cpu")) is lora_sparse
+    assert bank.kinds["lora"].rows.layers["0"].kernel(1, torch.bfloat16, torch.device("cpu")) is lora_sparse
     x = torch.randn(len(order), 1, d_in).to(torch.bfloat16)
     with torch.no_grad():
         got = model(x)
@@ -141,7 +142,7 @@ def test_each_layer_runs_only_the_loras_that_write_it():
     residents = {name: bank.place(name, adapter) for name, adapter in adapters.items()}
     order = ["first", None, "both", "first", "both"]
     bank.bind([residents.get(name) for name in order])
-    rows = bank.rows.lora
+    rows = bank.kinds["lora"].rows.layers
     assert rows.keys() == {"0", "1"}  # no row's LoRA writes layer 2
     assert rows["1"].num_adapters == 1 and rows["1"].own.any(dim=1).tolist() == [False, False, True, False, True]
     x = torch.randn(len(order), 3, width)
@@ -177,7 +178,8 @@ def test_each_projection_numbers_its_own_pages():
         "all": {"*.q": (1,), "*.up": (1,)}, "q-only": {"*.q": (2, 3)}, "all2": {"*.q": (4,), "*.up": (2,)}}
     order = ["all", None, "q-only", "all2", "q-only"]
     bank.bind([residents.get(name) for name in order])
-    assert (bank.rows.lora["1.q"].pages, bank.rows.lora["1.up"].pages) == (slice(1, 5), slice(1, 3))
+    layers = bank.kinds["lora"].rows.layers
+    assert (layers["1.q"].pages, layers["1.up"].pages) == (slice(1, 5), slice(1, 3))
     x = torch.randn(len(order), 3, width)
     with torch.no_grad():
         got = x

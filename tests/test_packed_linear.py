@@ -45,7 +45,7 @@ def test_merging_and_unmerging_repack_the_weights(adapter_dirs):
     runner = _runner("float32", prepack=True)
     base, *residents = [None, *load_every_kind(runner, adapter_dirs)]
     before = prefill(runner, [base, *residents], PROMPT)
-    runner.adapters.merge("lora")
+    runner.adapters.merge(residents[0])  # KINDS order: the LoRA first
     merged = prefill(runner, [base, *residents], PROMPT)
     # Every row, the merged LoRA's (now the base weights) and the others' (compensated), as before the merge.
     assert next_token_kl(before, merged).max() < 1e-4

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from adapters.base import AdapterError, BaseModelSpec
 from adapters.loading import load_adapter
 from conftest import CHAT, MODEL, MODEL_PATH, ask, scrape, serving_app
-from server.engine.adapter_bank import lora_sparse
+from server.engine.lora_stacks import lora_sparse
 from server.engine.model_runner import ModelRunner
 from test_adapter_parity import load_every_kind, prefill, prompt_rows
 from server.host import Host, detect_host, resolve_dtype
@@ -140,7 +140,8 @@ def test_bf16_decode_over_two_loras_runs_them_in_float32(adapter_dirs, prompts):
         token, position = [inputs[0][-1]], len(inputs[0])  # each row decodes one more token after its prompt
         logits[dtype] = runner.forward(tables, [token] * len(residents), [position] * len(residents), residents)
         if dtype == "bfloat16":
-            kernels = {rows.kernel(1, runner.dtype, runner.device) for rows in runner.adapters.rows.lora.values()}
+            layers = runner.adapters.kinds["lora"].rows.layers
+            kernels = {rows.kernel(1, runner.dtype, runner.device) for rows in layers.values()}
             assert kernels == {lora_sparse}
             alone = torch.cat([runner.forward([table], [token], [position], [resident])
                                for table, resident in zip(tables, residents)])

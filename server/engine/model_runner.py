@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from adapters.prefix import PrefixAdapter
-from adapters.prompt import PromptAdapter
 from server.engine.adapter_bank import AdapterBank, Resident
 from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
 from server.engine.packed_linear import pack_linears
@@ -60,10 +58,6 @@ class ModelRunner:
                  model_path, self.device, dtype_name(self.dtype), dtype, host.cpu_model, host.isa, packed)
         ENGINE_INFO.labels("torch").info({"device": self.device.type, "dtype": dtype_name(self.dtype),
                           "requested_dtype": dtype, "cpu_isa": host.isa})
-
-    def write_prefix(self, blocks: list[int], adapter: PrefixAdapter) -> None:
-        """Prefix tuning: the learned keys/values become the first cache positions of the sequence."""
-        self.cache.write(blocks, adapter.keys, adapter.values)
 
     def execute(self, batch: ScheduledBatch) -> SampledBatch:
         """The step's forward pass, then each sampled row's logits processed (penalties, biases, grammar
@@ -153,6 +147,7 @@ class ModelRunner:
         embeds = self.model.get_input_embeddings()(ids.clamp(min=0))
         for row in soft.any(dim=1).nonzero().flatten().tolist():  # packed rows are tokens: visit only these
             resident = residents[row]
-            if resident is not None and isinstance(resident.adapter, PromptAdapter):
-                embeds[row, soft[row]] = resident.adapter.embeddings[-1 - ids[row, soft[row]]]
+            soft_prompt = self.adapters.soft_prompt(resident) if resident is not None else None
+            if soft_prompt is not None:
+                embeds[row, soft[row]] = soft_prompt[-1 - ids[row, soft[row]]]
         return {"inputs_embeds": embeds}

@@ -19,7 +19,6 @@ import time
 from collections import deque
 
 from adapters.base import AdapterError
-from adapters.prefix import PrefixAdapter
 from server.engine.base import FinishReason, GenerationOutput
 from server.engine.kv_cache import KVCacheFull, block_hashes
 from server.engine.model_runner import ModelRunner
@@ -240,9 +239,8 @@ class Scheduler:
             cache.free(reused)
             raise
         seq.computed, seq.published = len(reused) * cache.block_size, len(reused)
-        adapter = seq.resident.adapter if seq.resident is not None else None
-        if isinstance(adapter, PrefixAdapter) and seq.computed < seq.num_virtual:
-            self.runner.write_prefix(seq.blocks, adapter)
+        if seq.resident is not None and seq.computed < seq.num_virtual and \
+                self.runner.adapters.admit(seq.resident, seq.blocks, cache):  # a prefix's keys/values, written
             seq.computed = seq.num_virtual
 
     def _publish(self, seq: Sequence) -> None:

@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import count
 from pathlib import Path
@@ -36,7 +35,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.inputs import EmbedsPrompt, TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -44,16 +42,13 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, BaseModelSpec
-from adapters.bottleneck import BottleneckAdapter
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, LoraWeights, save_lora
-from adapters.prefix import PrefixAdapter
-from adapters.prompt import PromptAdapter
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
                                 TokenLogprob)
 from server.engine.residency import FAIR_WAIT_S, AdapterReader, AdapterRef, SlotTable
-from server.engine.vllm_bottleneck import ATTN, LAYERS, MLP
-from server.engine.vllm_prefix import PARAMS_KEY
+from server.engine.vllm_bottleneck import LAYERS
+from server.engine.vllm_kinds import BASE, KINDS, Served
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_FAILURES, ENGINE_INFO,
                             VLLM_WORKER_ADAPTER_BYTES)
@@ -165,168 +160,6 @@ class SwapGate:
                 self._changed.notify_all()
 
 
-class _Served:
-    """One adapter version as the vLLM engine serves it. Each kind says in its subclass what its requests
-    carry into vLLM and what it holds there; adding a kind is adding a subclass to _KINDS. The base model's
-    requests are served by this class itself."""
-
-    lora: LoraAdapter | None = None  # the LoRA its requests carry (a bottleneck's is all zero); None: the base's
-    request: LoRARequest | None = None  # that LoRA in vLLM while nothing is merged
-    compensated: LoRARequest | None = None  # the same with the merged LoRA taken back out, while one is merged
-
-    @classmethod
-    def check(cls, engine: "VLLMEngine", adapter: Adapter) -> None:
-        """Raise AdapterError when the engine cannot serve this adapter, before anything is loaded."""
-
-    @classmethod
-    async def load(cls, engine: "VLLMEngine", name: str, adapter: Adapter, folder: Path) -> "_Served":
-        """Put `adapter` (stored in `folder`) into vLLM and its workers."""
-        raise NotImplementedError
-
-    @property
-    def worker_ids(self) -> list[int]:
-        """Ids of what the workers hold for this version besides its LoRAs (a prefix's K/V): each request
-        holds them until it ends."""
-        return []
-
-    @property
-    def ids(self) -> list[int]:
-        """Every id this version holds in vLLM and its workers, freed when it leaves."""
-        return [r.lora_int_id for r in (self.request, self.compensated) if r is not None] + self.worker_ids
-
-    async def attach(self, engine: "VLLMEngine", lora_id: int) -> None:
-        """Give the workers what requests carrying LoRA `lora_id` need besides the LoRA."""
-
-    def prompt(self, engine: "VLLMEngine", request: GenerationRequest) -> TokensPrompt | EmbedsPrompt:
-        return _salted(TokensPrompt(prompt_token_ids=request.prompt_token_ids), request.cache_salt)
-
-    def prepare(self, sampling: VLLMSamplingParams) -> None:
-        """Add what vLLM needs for this kind to a request's sampling parameters (or refuse the request)."""
-
-
-def _salted(prompt: TokensPrompt | EmbedsPrompt, salt: str | None) -> TokensPrompt | EmbedsPrompt:
-    if salt is not None:
-        prompt["cache_salt"] = salt
-    return prompt
-
-
-@dataclass
-class _ServedLora(_Served):
-    lora: LoraAdapter = field()  # field(): required, not the default _Served gives
-    request: LoRARequest = field()
-    compensated: LoRARequest | None = None
-
-    @classmethod
-    def check(cls, engine: "VLLMEngine", adapter: LoraAdapter) -> None:
-        engine.check_compensated_rank(adapter)
-
-    @classmethod
-    async def load(cls, engine: "VLLMEngine", name: str, adapter: LoraAdapter, folder: Path) -> "_ServedLora":
-        # vLLM reads the files again whenever its host cache dropped the LoRA, so they must outlive the
-        # registry's version folder (removed at the replace's commit): the engine's own copy goes with the id.
-        lora_id = engine.new_id()
-        await asyncio.to_thread(shutil.copytree, folder, engine.folder(lora_id))
-        return cls(adapter, await engine.add_lora(name, str(engine.folder(lora_id)), lora_id))
-
-
-@dataclass
-class _ServedBottleneck(_Served):
-    """Its requests carry an all-zero LoRA: vLLM batches and maps them like any LoRA's, and the hooked op
-    (vllm_bottleneck.py) adds the bottleneck to the rows of that LoRA's slot."""
-
-    lora: LoraAdapter = field()
-    request: LoRARequest = field()
-    bottleneck: BottleneckAdapter = field()
-    compensated: LoRARequest | None = None
-
-    @classmethod
-    def check(cls, engine: "VLLMEngine", adapter: BottleneckAdapter) -> None:
-        c = adapter.config
-        for name, module, hooked in (("layers_module", c.layers_module, LAYERS),
-                                     ("attn_module", c.attn_module, ATTN), ("mlp_module", c.mlp_module, MLP)):
-            if module != hooked:
-                raise AdapterError(name, f"`{module}`: the vLLM engine hooks bottlenecks into `{hooked}` "
-                                          f"(as `{LAYERS}.N.{ATTN}` and `{LAYERS}.N.{MLP}`)")
-        engine.check_compensated_rank(engine.zero_lora)
-
-    @classmethod
-    async def load(cls, engine: "VLLMEngine", name: str, adapter: BottleneckAdapter,
-                   folder: Path) -> "_ServedBottleneck":
-        served = cls(engine.zero_lora, await engine.write_lora(name, engine.zero_lora.scaled()), adapter)
-        await served.attach(engine, served.request.lora_int_id)
-        return served
-
-    async def attach(self, engine: "VLLMEngine", lora_id: int) -> None:
-        folder = engine.folder(lora_id) / "bottleneck"
-        await asyncio.to_thread(self.bottleneck.save, folder)
-        await engine.to_worker(lora_id, "bottleneck", str(folder))
-
-
-@dataclass
-class _ServedPrompt(_Served):
-    """Prompt embeddings (enable_prompt_embeds): the soft prompt rows, then the prompt's tokens', as PEFT
-    feeds them."""
-
-    adapter: PromptAdapter
-
-    @classmethod
-    async def load(cls, engine: "VLLMEngine", name: str, adapter: PromptAdapter, folder: Path) -> "_ServedPrompt":
-        await engine.ensure_token_embeddings()
-        return cls(adapter)
-
-    def prompt(self, engine: "VLLMEngine", request: GenerationRequest) -> EmbedsPrompt:
-        tokens = engine.token_embeddings[torch.tensor(request.prompt_token_ids)]
-        embeds = torch.cat([self.adapter.embeddings, tokens]).to(engine.dtype)
-        return _salted(EmbedsPrompt(prompt_embeds=embeds), request.cache_salt)
-
-
-@dataclass
-class _ServedPrefix(_Served):
-    """Placeholder tokens whose K/V the KV connector (vllm_prefix.py) writes into the paged cache."""
-
-    adapter: PrefixAdapter
-    prefix_id: int  # its K/V in the workers; requests name it to the connector
-
-    @classmethod
-    async def load(cls, engine: "VLLMEngine", name: str, adapter: PrefixAdapter, folder: Path) -> "_ServedPrefix":
-        prefix_id = engine.new_id()
-        file = engine.folder(prefix_id) / "kv.safetensors"
-        file.parent.mkdir()
-        await asyncio.to_thread(save_file, {"keys": adapter.keys, "values": adapter.values}, file)
-        await engine.to_worker(prefix_id, "prefix", str(file))
-        return cls(adapter, prefix_id)
-
-    @property
-    def worker_ids(self) -> list[int]:
-        return [self.prefix_id]
-
-    @property
-    def num_placeholders(self) -> int:
-        return self.adapter.num_virtual_tokens
-
-    def prompt(self, engine: "VLLMEngine", request: GenerationRequest) -> TokensPrompt:
-        token_ids = request.prompt_token_ids
-        # Copies of the first token: their K/V come from the adapter, and repetition penalties see no new token.
-        prompt = TokensPrompt(prompt_token_ids=token_ids[:1] * self.num_placeholders + token_ids)
-        # Cached blocks of this version only: the placeholders are the same tokens for every prefix adapter.
-        return _salted(prompt, f"{request.cache_salt or ''}/prefix-{self.prefix_id}")
-
-    def prepare(self, sampling: VLLMSamplingParams) -> None:
-        # vLLM computes prompt logprobs only for the tokens it runs (it skips every cache read for them, the
-        # connector's too): the placeholders would run as plain tokens, or leave rows it never fills.
-        if sampling.prompt_logprobs is not None:
-            raise AdapterError("echo", "prompt logprobs (echo with logprobs) are not available for prefix adapters "
-                                       "on the vLLM engine: their positions come from the adapter, not a forward "
-                                       "pass; ask without echo, or serve with --engine torch")
-        sampling.extra_args = {"kv_transfer_params": {PARAMS_KEY: self.prefix_id,
-                                                      "num_virtual_tokens": self.num_placeholders}}
-
-
-_BASE = _Served()
-_KINDS: dict[str, type[_Served]] = {LoraAdapter.kind: _ServedLora, BottleneckAdapter.kind: _ServedBottleneck,
-                                    PromptAdapter.kind: _ServedPrompt, PrefixAdapter.kind: _ServedPrefix}
-
-
 class VLLMEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, max_model_len: int):
         self.max_model_len = max_model_len
@@ -360,7 +193,7 @@ class VLLMEngine:
         # The one owner of which version of each adapter is loaded (new requests get it), least recently used
         # first; at most --max-resident-adapters, so vLLM's own LoRA cache (max_cpu_loras, twice that) never
         # evicts one of them.
-        self._slots: SlotTable[_Served] = SlotTable(settings.max_resident_adapters, is_idle=self._is_idle,
+        self._slots: SlotTable[Served] = SlotTable(settings.max_resident_adapters, is_idle=self._is_idle,
                                                     merged=lambda: self.merged)
         self._reader = AdapterReader(BaseModelSpec.from_pretrained(model_path), settings.max_lora_rank,
                                      settings.max_cpu_adapters, pin=False)  # vLLM copies to the device itself
@@ -451,7 +284,7 @@ class VLLMEngine:
         return self._failure
 
     def check_adapter(self, adapter: Adapter) -> None:
-        _KINDS[adapter.kind].check(self, adapter)
+        KINDS[adapter.kind].check(self, adapter)
 
     def engine_for(self, kind: str) -> str:
         return "vllm"
@@ -477,13 +310,13 @@ class VLLMEngine:
         if slot is not None:
             await self._owned(self._retire_all(slot.handle))
 
-    def _served(self) -> list[_Served]:
+    def _served(self) -> list[Served]:
         return [slot.handle for slot in self._slots]
 
-    def _is_idle(self, served: _Served) -> bool:
+    def _is_idle(self, served: Served) -> bool:
         return all(self._in_flight[resource_id] == 0 for resource_id in served.ids)
 
-    async def _claim(self, ref: AdapterRef) -> _Served:
+    async def _claim(self, ref: AdapterRef) -> Served:
         """The version a request routed to `ref` runs with, loaded first if it is not (waiting for a slot,
         first come first served, while every slot serves requests)."""
         if ref.name != self._slots.draining and (served := self._slots.serves(ref)) is not None:
@@ -530,7 +363,7 @@ class VLLMEngine:
 
     async def _place(self, ref: AdapterRef, adapter: Adapter, start: float) -> None:
         """Load `ref` into vLLM, in the least recently used idle slot's place when none is free."""
-        kind = _KINDS[adapter.kind]
+        kind = KINDS[adapter.kind]
         kind.check(self, adapter)  # before anything leaves for it
         if self._slots.get(ref.name) is None and (evicted := self._slots.evict_one()) is not None:
             self._reader.keep(evicted.ref, evicted.adapter)
@@ -546,7 +379,7 @@ class VLLMEngine:
             await self._retire_all(replaced.handle)
         self._signal()
 
-    async def _retire_all(self, served: _Served) -> None:
+    async def _retire_all(self, served: Served) -> None:
         for resource_id in served.ids:
             await self._retire(resource_id)
 
@@ -623,7 +456,7 @@ class VLLMEngine:
         except TimeoutError:
             raise AdapterBusy("name", f"no adapter slot freed for `{name}` within --swap-timeout-s "
                                       f"{self._gate.timeout:g}; try again later") from None
-        if not isinstance(served, _ServedLora):
+        if not served.folds:
             raise AdapterError("name", f"only LoRA adapters fold into the weights; `{name}` is {ref.kind}")
         for other in self._served():
             if other is not served and other.lora is not None:
@@ -635,7 +468,7 @@ class VLLMEngine:
         finally:
             self._let_go(served.ids)
 
-    async def _swap_in(self, name: str, served: "_ServedLora") -> None:
+    async def _swap_in(self, name: str, served: Served) -> None:
         async with self._gate.swap():
             await self._unmerge()
             merged = served.lora.scaled()
@@ -672,7 +505,7 @@ class VLLMEngine:
         if not await self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not empty its prefix cache after new base weights")
 
-    async def _compensate(self, name: str, served: _Served) -> None:
+    async def _compensate(self, name: str, served: Served) -> None:
         """Give a kind that carries a LoRA that LoRA with the merged one taken back out: [B, -B'][A; A']."""
         if served.lora is None:
             return  # it carries the base's compensating LoRA
@@ -728,7 +561,7 @@ class VLLMEngine:
             await self._llm.remove_lora(resource_id)
         shutil.rmtree(self.folder(resource_id), ignore_errors=True)
 
-    def _lora_for(self, name: str | None, served: _Served) -> LoRARequest | None:
+    def _lora_for(self, name: str | None, served: Served) -> LoRARequest | None:
         if name is not None and name == self.merged:
             return None
         if served.lora is None:
@@ -738,7 +571,7 @@ class VLLMEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         ref = request.adapter
         # Claimed before the swap gate: a request waiting for a slot must not hold a merge back.
-        served = await self._claim(ref) if ref is not None else _BASE
+        served = await self._claim(ref) if ref is not None else BASE
         pinned = served.ids  # held meanwhile, so that no load evicts it before it runs
         self._hold(pinned)
         try:
@@ -754,7 +587,7 @@ class VLLMEngine:
         finally:
             self._let_go(pinned)
 
-    async def _generate(self, request: GenerationRequest, served: _Served,
+    async def _generate(self, request: GenerationRequest, served: Served,
                         lora: LoRARequest | None) -> AsyncIterator[GenerationOutput]:
         num_prompt, num_generated = len(request.prompt_token_ids), 0
         waited = time.monotonic() - request.arrival_time  # before vLLM: e.g. for a slot for its adapter
