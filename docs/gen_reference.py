@@ -4,7 +4,7 @@
   ServeSettings, training/config.py's TrainConfig, ...): flag, type, default, and the field's docstring;
 - openapi.json: FastAPI's OpenAPI schema of the app (building the app loads no model), and api.md rendered
   from it: every route with its method, summary, parameters, request body and responses;
-- request-fields.md: the fields of the chat and completions request bodies (server/protocol.py);
+- request-fields.md: the fields of the chat and completions request bodies (server/web/protocol.py);
 - metrics.md: every `swapyard_*` Prometheus family (server/metrics.py).
 
 Run it after changing a setting, a route or a request model:
@@ -285,7 +285,7 @@ def _fields_table(name: str, schema: dict, link, level: str) -> list[str]:
 
 
 def request_fields_page() -> str:
-    from server.protocol import ChatCompletionRequest, CompletionRequest
+    from server.web.protocol import ChatCompletionRequest, CompletionRequest
 
     chat = ChatCompletionRequest.model_json_schema(ref_template="#/$defs/{model}")
     completion = CompletionRequest.model_json_schema(ref_template="#/$defs/{model}")
@@ -298,7 +298,7 @@ def request_fields_page() -> str:
         return "required" if required else f"`{json.dumps(prop['default'])}`" if "default" in prop else "—"
 
     names = list(chat["properties"]) + [f for f in completion["properties"] if f not in chat["properties"]]
-    lines = [GENERATED.format(source="the request models in server/protocol.py"),
+    lines = [GENERATED.format(source="the request models in server/web/protocol.py"),
              "# Request fields\n",
              "The fields of `POST /v1/chat/completions` and `POST /v1/completions`, as the server validates them. A "
              "field not listed is ignored, as OpenAI-compatible servers do. A value out of its range is a 400 naming "

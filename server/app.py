@@ -15,13 +15,13 @@ from transformers import AutoConfig, AutoTokenizer
 from adapters.registry import AdapterRegistry
 from server.database import Database, normalize_url, sqlite_url
 from training.jobs import JobStore
-from server.adapter_api import adapter_api, models_api
+from server.web.adapter_api import adapter_api, models_api
 from server.auth import ApiKeyGate, ApiKeys
 from server.adapter_manager import AdapterManager
-from server.api import api
+from server.web.api import api
 from server.job_runner import JobRunner
-from server.files_api import files_api
-from server.jobs_api import jobs_api
+from server.web.files_api import files_api
+from server.web.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
 from server.engine.model_runner import eos_token_ids
@@ -29,7 +29,7 @@ from server.errors import install_error_handlers
 from server.generation_defaults import read_sampling_defaults
 from server.host import keep_torch_to_one_thread
 from server.limits import BodyLimit, InFlightLimit
-from server.ops_api import ops_api
+from server.web.ops_api import ops_api
 from server.router import Router
 from server.structured import GrammarCompiler
 from server.settings import ServeSettings

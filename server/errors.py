@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, AdapterGone, AdapterLoadError
 from adapters.registry import AdapterExists
 from server.database import DatabaseUnavailable
-from server.protocol import ErrorBody, ErrorResponse
+from server.web.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 

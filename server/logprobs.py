@@ -3,7 +3,7 @@
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.base import TokenLogprob
-from server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.web.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 
 class LogprobFormatter:

@@ -18,7 +18,7 @@ from server.logprobs import LogprobFormatter
 from server.structured import GrammarCompiler
 from server.tools import ToolPlan, render_message
 from server.metrics import RequestMetrics
-from server.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
+from server.web.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
 
 log = logging.getLogger(__name__)
 

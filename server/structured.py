@@ -15,7 +15,7 @@ import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.base import GenerationRequest, OutputConstraint
-from server.protocol import MAX_SPEC_CHARS
+from server.web.protocol import MAX_SPEC_CHARS
 
 
 log = logging.getLogger(__name__)

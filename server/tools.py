@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from server.engine.base import OutputConstraint
-from server.protocol import CalledFunction, ChatCompletionRequest, ChatMessage, Tool, ToolCall
+from server.web.protocol import CalledFunction, ChatCompletionRequest, ChatMessage, Tool, ToolCall
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from adapters.registry import AdapterExists, AdapterRegistry
 from server.database import Database, DatabaseUnavailable, sqlite_url
 from server.database.schema import metadata
-from server.fine_tuning_protocol import JobObject
+from server.web.fine_tuning_protocol import JobObject
 from training.jobs import FileRecord, JobRecord, JobStore
 
 

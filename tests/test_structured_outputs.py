@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from adapter_factory import KINDS
 from conftest import CHAT, MODEL, ask, in_one_step
-from server.protocol import ChatCompletionRequest
+from server.web.protocol import ChatCompletionRequest
 from server.tools import ToolPlan
 
 

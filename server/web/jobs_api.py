@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Query
 from adapters.archive import confine
 from server.dependencies import get_router, get_runner, get_settings
 from server.errors import APIError
-from server.files_api import UPLOAD_PURPOSE
-from server.fine_tuning_protocol import CheckpointObject, CreateJob, EventObject, JobObject, Page, train_config
+from server.web.files_api import UPLOAD_PURPOSE
+from server.web.fine_tuning_protocol import CheckpointObject, CreateJob, EventObject, JobObject, Page, train_config
 from server.job_runner import JobRunner
 from server.router import Router
 from server.settings import ServeSettings

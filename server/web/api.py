@@ -12,7 +12,7 @@ from server.engine.base import GenerationOutput, GenerationRequest, TokenLogprob
 from adapters.base import AdapterError
 from server.dependencies import get_router
 from server.errors import APIError, adapter_api_error
-from server.protocol import (
+from server.web.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     MAX_CHOICES, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, DeltaMessage, ErrorResponse,
     ModelCard, ModelList, ToolCallDelta, Usage, new_id,

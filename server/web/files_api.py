@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 
 from server.dependencies import get_runner
 from server.errors import APIError
-from server.fine_tuning_protocol import FileDeleted, FileObject, Page
+from server.web.fine_tuning_protocol import FileDeleted, FileObject, Page
 from server.job_runner import JobRunner
 from training.jobs import ACTIVE, FileRecord, JobStore, new_id
 
