@@ -2,7 +2,7 @@
 in the batch's range, one matmul), sparse (only each row's own columns: SDDMM then SpMM, in float32),
 grouped (rows gathered by page, one batched matmul per projection) and segmented (one matmul pair per LoRA
 over its own rows and pages), with the one the engine picks (see SPARSE_MIN_COLUMNS, GROUPED_MIN_COLUMNS
-and SEGMENTED_MIN_TOKENS in server/engine/lora_stacks.py). torch's CPU sparse kernels
+and SEGMENTED_MIN_TOKENS in server/engine/torch/lora_stacks.py). torch's CPU sparse kernels
 take float32 only: with --dtype bfloat16 the sparse column runs on the float32 copies of the stacks that a
 bf16 CPU engine keeps, converting the activations in and adding into the bf16 output (both counted).
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from server.engine.lora_stacks import (GROUPED_MIN_COLUMNS, LORA_PAGE_RANK, SEGMENTED_MIN_TOKENS, SPARSE_MAX_ROWS,
+from server.engine.torch.lora_stacks import (GROUPED_MIN_COLUMNS, LORA_PAGE_RANK, SEGMENTED_MIN_TOKENS, SPARSE_MAX_ROWS,
                                        SPARSE_MIN_COLUMNS, LoraRows, lora_grouped, lora_masked, lora_segmented,
                                        lora_sparse)
 from server.host import detect_host

@@ -20,8 +20,8 @@ from adapter_factory import make_adapter, make_peft_adapter  # noqa: E402  (rand
 from adapters.base import BaseModelSpec  # noqa: E402
 from adapters.loading import load_adapter  # noqa: E402
 from server.default_model import default_model_dir  # noqa: E402
-from server.engine.adapter_bank import Resident  # noqa: E402
-from server.engine.model_runner import ModelRunner  # noqa: E402
+from server.engine.torch.adapter_bank import Resident  # noqa: E402
+from server.engine.torch.model_runner import ModelRunner  # noqa: E402
 from server.host import detect_host  # noqa: E402
 from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""The torch engine's linear layers with and without vLLM's prepacked oneDNN GEMM (server/engine/packed_linear.py),
-on this CPU: each of the embedded model's matmul shapes, then whole decode steps of the base and of rows spread
-over random all-linear rank-8 LoRAs, both runners interleaved step by step in one process (so host noise hits
-both alike), and the memory the packed copies take.
+"""The torch engine's linear layers with and without vLLM's prepacked oneDNN GEMM
+(server/engine/torch/packed_linear.py), on this CPU: each of the embedded model's matmul shapes, then whole decode
+steps of the base and of rows spread over random all-linear rank-8 LoRAs, both runners interleaved step by step in
+one process (so host noise hits both alike), and the memory the packed copies take.
 
     .venv/bin/python benchmarks/packed_linear.py [--dtype bfloat16] [--rows 32] [--loras 16]
 """
@@ -22,8 +22,8 @@ from adapter_factory import make_adapter  # noqa: E402  (random adapters, shared
 from adapters.base import BaseModelSpec  # noqa: E402
 from adapters.loading import load_adapter  # noqa: E402
 from server.default_model import default_model_dir  # noqa: E402
-from server.engine.model_runner import ModelRunner  # noqa: E402
-from server.engine.packed_linear import PRIMITIVE_CACHE_SIZE, PackedLinear, onednn_ops  # noqa: E402
+from server.engine.torch.model_runner import ModelRunner  # noqa: E402
+from server.engine.torch.packed_linear import PRIMITIVE_CACHE_SIZE, PackedLinear, onednn_ops  # noqa: E402
 from server.host import detect_host  # noqa: E402
 from server.settings import DEFAULT_CACHE_DIR  # noqa: E402
 

@@ -24,7 +24,7 @@ from server.web.files_api import files_api
 from server.web.jobs_api import jobs_api
 from server.default_model import ensure_default_model
 from server.engine.factory import build_engine
-from server.engine.model_runner import eos_token_ids
+from server.engine.torch.model_runner import eos_token_ids
 from server.errors import install_error_handlers
 from server.generation_defaults import read_sampling_defaults
 from server.host import keep_torch_to_one_thread

@@ -14,7 +14,7 @@ from adapters.base import BaseModelSpec
 from adapters.bottleneck import attach
 from adapters.loading import load_adapter
 from conftest import MODEL, MODEL_PATH, ask
-from server.engine.model_runner import ModelRunner
+from server.engine.torch.model_runner import ModelRunner
 
 QUESTION = ask("Write a short poem about the sea.")
 NUM_TOKENS = 16

@@ -222,9 +222,9 @@ def test_setup_in_the_image_installs_runtime_dependencies_only(kind, tmp_path):
 
 def test_cuda_image_pins_the_vllm_the_code_patches():
     stated = set()
-    for module in (ROOT / "server" / "engine").glob("vllm_*.py"):
+    for module in (ROOT / "server" / "engine" / "vllm").rglob("*.py"):
         stated |= set(re.findall(r"vLLM (\d+\.\d+)\b", module.read_text()))
-    assert len(stated) == 1, f"server/engine/vllm_*.py name {stated or 'no'} vLLM releases"
+    assert len(stated) == 1, f"server/engine/vllm/ names {stated or 'no'} vLLM releases"
     (series,) = stated
     (pin,) = set(re.findall(r"\bvllm==([\d.]+)", DOCKERFILES["cuda"].read_text()))
     assert pin.startswith(series + "."), (pin, series)

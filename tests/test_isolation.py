@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import CHAT, MODEL, ask, in_one_step, scrape, serving_app, until_generating
-from server.engine.lora_stacks import lora_pool
+from server.engine.torch.lora_stacks import lora_pool
 
 QUESTIONS = [ask(q) for q in ("What is the capital of France?", "Name three colours.", "Say hello.",
                               "Write a haiku about rain.")]

@@ -10,7 +10,7 @@ import torch
 
 from adapter_factory import KINDS
 from conftest import CHAT, MODEL, ask, scrape, serving_app, steps_wider_than
-from server.engine.kv_cache import NULL_BLOCK, KVCacheFull, PagedKVCache, block_hashes
+from server.engine.torch.kv_cache import NULL_BLOCK, KVCacheFull, PagedKVCache, block_hashes
 
 CONTEXT = 256  # the tight server's pool holds this many tokens: one whole context, its floor
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Say hello.", "What is 2 + 2?",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adapters.lora import LoraAdapter, LoraWeights
-from server.engine.adapter_bank import AdapterBank
-from server.engine.lora_stacks import (LORA_PAGE_RANK, LoraRows, lora_grouped, lora_masked, lora_segmented,
+from server.engine.torch.adapter_bank import AdapterBank
+from server.engine.torch.lora_stacks import (LORA_PAGE_RANK, LoraRows, lora_grouped, lora_masked, lora_segmented,
                                        lora_sparse)
 
 

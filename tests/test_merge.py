@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.lora import LoraAdapter, LoraWeights
 from conftest import MODEL, MODEL_PATH, ask, scrape
-from server.engine.model_runner import ModelRunner
+from server.engine.torch.model_runner import ModelRunner
 from test_adapter_parity import prefill
 
 QUESTION = ask("Write a short poem about the sea.")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapter_factory import KINDS
 from conftest import CHAT, MODEL, MODEL_PATH, ask, in_one_step, serving_app
 from server.engine.base import SamplingParams
-from server.engine.sampler import apply_logit_changes
+from server.engine.torch.sampler import apply_logit_changes
 from server.generation_defaults import read_sampling_defaults
 from test_adapter_parity import reference_model
 

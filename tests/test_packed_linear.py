@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from conftest import MODEL_PATH
-from server.engine import packed_linear
-from server.engine.model_runner import ModelRunner
-from server.engine.packed_linear import PackedLinear, onednn_ops, pack_linears
+from server.engine.torch import packed_linear
+from server.engine.torch.model_runner import ModelRunner
+from server.engine.torch.packed_linear import PackedLinear, onednn_ops, pack_linears
 from test_adapter_parity import load_every_kind, prefill
 from test_precision import next_token_kl, assert_same_top1_where_clear
 

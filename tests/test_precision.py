@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from adapters.base import AdapterError, BaseModelSpec
 from adapters.loading import load_adapter
 from conftest import CHAT, MODEL, MODEL_PATH, ask, scrape, serving_app
-from server.engine.lora_stacks import lora_sparse
-from server.engine.model_runner import ModelRunner
+from server.engine.torch.lora_stacks import lora_sparse
+from server.engine.torch.model_runner import ModelRunner
 from test_adapter_parity import load_every_kind, prefill, prompt_rows
 from server.host import Host, detect_host, resolve_dtype
 

@@ -5,7 +5,7 @@ in proportion, and a seeded row draws the same tokens in any batch."""
 import torch
 
 from server.engine.base import SamplingParams
-from server.engine.sampler import CANDIDATES, make_generator, sample
+from server.engine.torch.sampler import CANDIDATES, make_generator, sample
 
 VOCAB = 4 * CANDIDATES
 CPU = torch.device("cpu")

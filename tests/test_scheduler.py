@@ -10,11 +10,11 @@ from tokenizers import Tokenizer
 
 from conftest import MODEL_PATH
 from server.engine.base import GenerationOutput, GenerationRequest, SamplingParams
-from server.engine.engine_core import EngineCore
-from server.engine.kv_cache import PagedKVCache
-from server.engine.model_runner import ModelRunner
-from server.engine.scheduler import Scheduler
-from server.engine.torch_residency import TorchResidency
+from server.engine.torch.engine_core import EngineCore
+from server.engine.torch.kv_cache import PagedKVCache
+from server.engine.torch.model_runner import ModelRunner
+from server.engine.torch.scheduler import Scheduler
+from server.engine.torch.residency import TorchResidency
 
 VOCAB = 1000
 BLOCK = 32

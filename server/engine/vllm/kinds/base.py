@@ -12,7 +12,7 @@ from adapters.lora import LoraAdapter
 from server.engine.base import GenerationRequest
 
 if TYPE_CHECKING:
-    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.vllm.engine import VLLMEngine
 
 
 class Served:

@@ -11,8 +11,8 @@ import torch
 
 from adapters.base import AdapterCapacityError, AdapterError
 from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
-from server.engine.torch_kinds.base import TorchKind
-from server.engine.lora_stacks import grow
+from server.engine.torch.kinds.base import TorchKind
+from server.engine.torch.lora_stacks import grow
 
 
 @dataclass

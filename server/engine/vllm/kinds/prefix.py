@@ -1,5 +1,5 @@
 """Prefix tuning in the vLLM engine: placeholder tokens whose K/V a KV connector writes into the paged cache
-(server/engine/vllm_prefix.py)."""
+(server/engine/vllm/prefix.py)."""
 
 import asyncio
 from dataclasses import dataclass
@@ -13,16 +13,16 @@ from vllm.inputs import TokensPrompt
 from adapters.base import AdapterError
 from adapters.prefix import PrefixAdapter
 from server.engine.base import GenerationRequest
-from server.engine.vllm_kinds.base import Served, salted
-from server.engine.vllm_prefix import PARAMS_KEY
+from server.engine.vllm.kinds.base import Served, salted
+from server.engine.vllm.prefix import PARAMS_KEY
 
 if TYPE_CHECKING:
-    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.vllm.engine import VLLMEngine
 
 
 @dataclass
 class ServedPrefix(Served):
-    """Placeholder tokens whose K/V the KV connector (vllm_prefix.py) writes into the paged cache."""
+    """Placeholder tokens whose K/V the KV connector (vllm/prefix.py) writes into the paged cache."""
 
     adapter: PrefixAdapter
     prefix_id: int  # its K/V in the workers; requests name it to the connector

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.packed_linear import PackedLinear
+from server.engine.torch.packed_linear import PackedLinear
 
 if TYPE_CHECKING:
-    from server.engine.torch_kinds.lora import LoraKind
+    from server.engine.torch.kinds.lora import LoraKind
 
 
 def grow(stack: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, dim: int = 0) -> torch.Tensor:

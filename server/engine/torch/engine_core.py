@@ -10,12 +10,12 @@ from collections.abc import Callable
 from tokenizers import Tokenizer
 
 from server.engine.base import GenerationOutput, GenerationRequest
-from server.engine.detokenizer import IncrementalText
-from server.engine.model_runner import ModelRunner
-from server.engine.output_processor import OutputProcessor
-from server.engine.sampler import make_generator
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.engine.torch.detokenizer import IncrementalText
+from server.engine.torch.model_runner import ModelRunner
+from server.engine.torch.output_processor import OutputProcessor
+from server.engine.torch.sampler import make_generator
+from server.engine.torch.scheduler import Scheduler
+from server.engine.torch.sequence import Sequence
 from server.metrics import ENGINE_STEP_TIME, KV_CACHE_BLOCKS
 from server.structured import new_matcher
 

@@ -13,11 +13,11 @@ from transformers import PreTrainedTokenizerBase
 from adapters.base import AdapterError, AdapterLoadError, BaseModelSpec
 from adapters.loading import Adapter
 from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest
-from server.engine.engine_core import EngineCore
-from server.engine.model_runner import ModelRunner
+from server.engine.torch.engine_core import EngineCore
+from server.engine.torch.model_runner import ModelRunner
 from server.engine.residency import AdapterReader, AdapterRef
-from server.engine.scheduler import Scheduler
-from server.engine.torch_residency import TorchResidency
+from server.engine.torch.scheduler import Scheduler
+from server.engine.torch.residency import TorchResidency
 from server.host import ENGINE_TORCH_THREADS, set_torch_threads
 from server.metrics import ENGINE_FAILURES
 from server.settings import EngineSettings

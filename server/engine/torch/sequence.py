@@ -9,9 +9,9 @@ import torch
 from xgrammar import GrammarMatcher
 
 from adapters.base import AdapterError
-from server.engine.adapter_bank import Resident
+from server.engine.torch.adapter_bank import Resident
 from server.engine.base import GenerationOutput, GenerationRequest, TokenLogprob
-from server.engine.detokenizer import IncrementalText
+from server.engine.torch.detokenizer import IncrementalText
 
 
 @dataclass(eq=False)

@@ -4,7 +4,7 @@ virtual positions; nothing inside the model."""
 from dataclasses import replace
 
 from adapters.prompt import PromptAdapter
-from server.engine.torch_kinds.base import TorchKind
+from server.engine.torch.kinds.base import TorchKind
 
 
 class PromptKind(TorchKind):

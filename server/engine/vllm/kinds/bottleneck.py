@@ -1,5 +1,5 @@
 """Bottleneck adapters in the vLLM engine: an all-zero LoRA gives each request a LoRA slot, and a hooked op in
-the model adds the bottleneck of each token's slot (server/engine/vllm_bottleneck.py)."""
+the model adds the bottleneck of each token's slot (server/engine/vllm/bottleneck.py)."""
 
 import asyncio
 from dataclasses import dataclass, field
@@ -11,17 +11,17 @@ from vllm.lora.request import LoRARequest
 from adapters.base import AdapterError
 from adapters.bottleneck import BottleneckAdapter
 from adapters.lora import LoraAdapter
-from server.engine.vllm_bottleneck import ATTN, LAYERS, MLP
-from server.engine.vllm_kinds.base import Served
+from server.engine.vllm.bottleneck import ATTN, LAYERS, MLP
+from server.engine.vllm.kinds.base import Served
 
 if TYPE_CHECKING:
-    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.vllm.engine import VLLMEngine
 
 
 @dataclass
 class ServedBottleneck(Served):
     """Its requests carry an all-zero LoRA: vLLM batches and maps them like any LoRA's, and the hooked op
-    (vllm_bottleneck.py) adds the bottleneck to the rows of that LoRA's slot."""
+    (vllm/bottleneck.py) adds the bottleneck to the rows of that LoRA's slot."""
 
     lora: LoraAdapter = field()
     request: LoRARequest = field()

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 from vllm.lora.request import LoRARequest
 
 from adapters.lora import LoraAdapter
-from server.engine.vllm_kinds.base import Served
+from server.engine.vllm.kinds.base import Served
 
 if TYPE_CHECKING:
-    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.vllm.engine import VLLMEngine
 
 
 @dataclass

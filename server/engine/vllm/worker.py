@@ -1,6 +1,6 @@
 """Runs inside vLLM's worker process (AsyncEngineArgs.worker_extension_cls): reloads base linear layers
 with LoRA updates folded in, or as they were, through vLLM's own in-place weight reload; holds prefix and
-bottleneck adapters' weights for vllm_prefix.py and vllm_bottleneck.py; and, on import (before the model
+bottleneck adapters' weights for vllm/prefix.py and vllm/bottleneck.py; and, on import (before the model
 loads), hooks the bottleneck op into the model and works around vLLM LoRA bugs on mixed batches."""
 
 import logging
@@ -14,7 +14,7 @@ from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
 from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
-from server.engine import vllm_bottleneck, vllm_prefix
+from server.engine.vllm import bottleneck as vllm_bottleneck, prefix as vllm_prefix
 
 
 def _embed_without_lora(self: VocabParallelEmbeddingWithLoRA, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Adapters resident in the torch engine, stacked so that one forward pass mixes them row by row.
 
-Each kind's weights live where its module in server/engine/torch_kinds/ puts them: LoRA pages in per-module stacks
+Each kind's weights live where its module in server/engine/torch/kinds/ puts them: LoRA pages in per-module stacks
 (lora_stacks.py), bottleneck slots in per-layer stacks, prefix keys/values written into the KV cache at
 admission, soft prompts fed as input embeddings. This bank holds what is common: each resident version, the
 sequences running on it (a replaced or deleted version is freed when the last of them ends), the merged LoRA,
@@ -18,8 +18,8 @@ from torch import nn
 
 from adapters.base import AdapterError
 from adapters.loading import Adapter
-from server.engine.torch_kinds import KINDS, TorchKind
-from server.engine.kv_cache import PagedKVCache
+from server.engine.torch.kinds import KINDS, TorchKind
+from server.engine.torch.kv_cache import PagedKVCache
 from server.host import dtype_name
 
 

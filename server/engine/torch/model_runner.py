@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from server.engine.adapter_bank import AdapterBank, Resident
-from server.engine.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
-from server.engine.packed_linear import pack_linears
-from server.engine.sampler import apply_logit_changes, logprobs_of, sample
-from server.engine.sequence import SampledBatch, ScheduledBatch
+from server.engine.torch.adapter_bank import AdapterBank, Resident
+from server.engine.torch.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
+from server.engine.torch.packed_linear import pack_linears
+from server.engine.torch.sampler import apply_logit_changes, logprobs_of, sample
+from server.engine.torch.sequence import SampledBatch, ScheduledBatch
 from server.host import detect_host, dtype_name, resolve_device, resolve_dtype
 from server.metrics import ENGINE_INFO
 from server.structured import mask_to_grammars

@@ -7,8 +7,8 @@ import torch
 from adapters.base import AdapterError
 
 if TYPE_CHECKING:
-    from server.engine.adapter_bank import AdapterBank, Resident
-    from server.engine.kv_cache import PagedKVCache
+    from server.engine.torch.adapter_bank import AdapterBank, Resident
+    from server.engine.torch.kv_cache import PagedKVCache
 
 
 class TorchKind:

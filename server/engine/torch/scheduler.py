@@ -20,10 +20,10 @@ from collections import deque
 
 from adapters.base import AdapterError
 from server.engine.base import FinishReason, GenerationOutput
-from server.engine.kv_cache import KVCacheFull, block_hashes
-from server.engine.model_runner import ModelRunner
-from server.engine.sequence import SampledBatch, ScheduledBatch, Sequence
-from server.engine.torch_residency import TorchResidency
+from server.engine.torch.kv_cache import KVCacheFull, block_hashes
+from server.engine.torch.model_runner import ModelRunner
+from server.engine.torch.sequence import SampledBatch, ScheduledBatch, Sequence
+from server.engine.torch.residency import TorchResidency
 from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_BATCH_SIZE, PREEMPTIONS, PREFIX_CACHE_HITS,
                             PREFIX_CACHE_QUERIES)
 

@@ -6,8 +6,8 @@ import logging
 import torch
 
 from server.engine.base import GenerationOutput, TokenLogprob
-from server.engine.sampler import prompt_logprobs_of
-from server.engine.sequence import SampledBatch, ScheduledBatch, Sequence
+from server.engine.torch.sampler import prompt_logprobs_of
+from server.engine.torch.sequence import SampledBatch, ScheduledBatch, Sequence
 
 log = logging.getLogger(__name__)
 

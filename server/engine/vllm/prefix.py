@@ -11,7 +11,7 @@ loaded again when it is scheduled again; a salt per adapter version keeps vLLM's
 sharing these blocks across adapters or versions.
 
 The adapters' K/V stay in the worker's host memory (`PREFIX_KV`), registered and dropped by the worker
-extension (vllm_worker.py) over collective_rpc, each worker keeping its tensor-parallel share of the heads.
+extension (vllm/worker.py) over collective_rpc, each worker keeping its tensor-parallel share of the heads.
 """
 
 from dataclasses import dataclass, field

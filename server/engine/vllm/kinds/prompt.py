@@ -9,10 +9,10 @@ from vllm.inputs import EmbedsPrompt
 
 from adapters.prompt import PromptAdapter
 from server.engine.base import GenerationRequest
-from server.engine.vllm_kinds.base import Served, salted
+from server.engine.vllm.kinds.base import Served, salted
 
 if TYPE_CHECKING:
-    from server.engine.vllm_engine import VLLMEngine
+    from server.engine.vllm.engine import VLLMEngine
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""LoRA in the torch engine: paged per-module stacks (server/engine/lora_stacks.py) that every row's LoRA
+"""LoRA in the torch engine: paged per-module stacks (server/engine/torch/lora_stacks.py) that every row's LoRA
 reads its pages of, and at most one LoRA folded into the base weights (merged): its rows run with no LoRA,
 every other row gets the fold taken back out by a compensating LoRA (-B'A', which with a row's own BA is the
 [B, -B'][A; A'] of the design), and the original weights are kept to restore exactly."""
@@ -8,9 +8,9 @@ from torch import nn
 
 from adapters.base import AdapterCapacityError, AdapterError
 from adapters.lora import LoraAdapter
-from server.engine.torch_kinds.base import TorchKind
-from server.engine.lora_stacks import (LORA_PAGE_RANK, BatchedLoraLinear, LoraBatch, LoraRows, as_slice, lora_pool,
-                                       PagePool)
+from server.engine.torch.kinds.base import TorchKind
+from server.engine.torch.lora_stacks import (LORA_PAGE_RANK, BatchedLoraLinear, LoraBatch, LoraRows, PagePool,
+                                             as_slice, lora_pool)
 
 
 class LoraKind(TorchKind):

@@ -4,7 +4,7 @@ positions at admission; nothing inside the model."""
 from dataclasses import replace
 
 from adapters.prefix import PrefixAdapter
-from server.engine.torch_kinds.base import TorchKind
+from server.engine.torch.kinds.base import TorchKind
 
 
 class PrefixKind(TorchKind):

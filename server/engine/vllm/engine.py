@@ -3,9 +3,9 @@
 All four kinds run inside vLLM, batched together, on its one copy of the base:
 - LoRA: vLLM's multi-LoRA kernels, with add_lora/remove_lora (no restart).
 - Prompt tuning: prompt embeddings (enable_prompt_embeds), the soft prompt rows then the prompt's tokens'.
-- Prefix tuning: placeholder tokens whose K/V a KV connector writes into the paged cache (vllm_prefix.py).
+- Prefix tuning: placeholder tokens whose K/V a KV connector writes into the paged cache (vllm/prefix.py).
 - Bottleneck: an all-zero LoRA that gives the request a LoRA slot, and a hooked op in the model that adds
-  the bottleneck of each token's slot (vllm_bottleneck.py).
+  the bottleneck of each token's slot (vllm/bottleneck.py).
 Each loaded version gets its own id (a LoRA id, or a prefix id), so a replaced version keeps serving the
 requests that started on it and leaves vLLM when the last of them ends. vLLM keeps its own Prometheus
 metrics (`vllm:*`, same registry); the router still records ours per model.
@@ -47,8 +47,8 @@ from adapters.lora import LoraAdapter, LoraWeights, save_lora
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
                                 TokenLogprob)
 from server.engine.residency import FAIR_WAIT_S, AdapterReader, AdapterRef, SlotTable
-from server.engine.vllm_bottleneck import LAYERS
-from server.engine.vllm_kinds import BASE, KINDS, Served
+from server.engine.vllm.bottleneck import LAYERS
+from server.engine.vllm.kinds import BASE, KINDS, Served
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_FAILURES, ENGINE_INFO,
                             VLLM_WORKER_ADAPTER_BYTES)
@@ -180,9 +180,9 @@ class VLLMEngine:
             max_cpu_loras=settings.max_cpu_loras or max(settings.max_loras, 2 * settings.max_resident_adapters),
             enable_prompt_embeds=True,
             enable_prefix_caching=settings.enable_prefix_caching,
-            worker_extension_cls="server.engine.vllm_worker.SwapyardExtension",
+            worker_extension_cls="server.engine.vllm.worker.SwapyardExtension",
             kv_transfer_config=KVTransferConfig(kv_connector="PrefixConnector", kv_role="kv_both",
-                                                kv_connector_module_path="server.engine.vllm_prefix"),
+                                                kv_connector_module_path="server.engine.vllm.prefix"),
             # The bottleneck op's work depends on the batch, which a replayed CUDA graph cannot follow.
             compilation_config={"cudagraph_mode": "NONE"},
         )

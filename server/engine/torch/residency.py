@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from adapters.base import AdapterCapacityError, AdapterError
 from adapters.loading import Adapter
-from server.engine.adapter_bank import AdapterBank, Resident
+from server.engine.torch.adapter_bank import AdapterBank, Resident
 from server.engine.residency import AdapterRef, SlotTable
 
 # Reads asked for ahead of a slot: the first cold versions in line are read while the loads ahead of them

@@ -1,0 +1,1 @@
+"""The vLLM engine (vllm/engine.py) and what runs inside vLLM's workers for it."""
