@@ -331,7 +331,8 @@ class VLLMEngine:
                     break
                 changed = self._changed
                 if self._slots.serves(ref) is None:
-                    adapter = adapter or await self._reader.read(ref)  # once: a wake-up does not read again
+                    if adapter is None:  # read once: a wake-up does not read again
+                        adapter = await self._reader.read(ref)
                     if await self._owned(self._place_if_room(ref, adapter, start)):
                         continue
                 try:  # woken when a slot may have freed; also on a timer, to make a busy adapter drain
