@@ -157,7 +157,7 @@ class SlotTable(Generic[Handle]):
         AdapterCapacityError when no slot can ever free (every one pinned or merged)."""
         if ref.name in self._slots or len(self._slots) < self.capacity:
             return True
-        movable = [slot for name, slot in self._slots.items() if not slot.ref.is_pinned and name != self._merged()]
+        movable = self._movable()
         if not movable:
             raise AdapterCapacityError("capacity", f"all {self.capacity} resident adapters are pinned or merged")
         idle = next((slot for slot in movable if self._is_idle(slot.handle)), None)
@@ -173,13 +173,18 @@ class SlotTable(Generic[Handle]):
         """Take the least recently used idle, movable slot out of the table (None when at most full)."""
         if len(self._slots) < self.capacity:
             return None
-        for name, slot in self._slots.items():
-            if not slot.ref.is_pinned and name != self._merged() and self._is_idle(slot.handle):
-                del self._slots[name]
-                ADAPTER_EVICTIONS.labels(name).inc()
+        for slot in self._movable():
+            if self._is_idle(slot.handle):
+                del self._slots[slot.ref.name]
+                ADAPTER_EVICTIONS.labels(slot.ref.name).inc()
                 RESIDENT_ADAPTERS.set(len(self._slots))
                 return slot
         raise AdapterCapacityError("capacity", f"all {self.capacity} resident adapters are pinned or busy")
+
+    def _movable(self) -> list[_Slot[Handle]]:
+        """Slots that may leave once idle (neither pinned nor merged), least recently used first."""
+        merged = self._merged()
+        return [slot for name, slot in self._slots.items() if not slot.ref.is_pinned and name != merged]
 
     def placed(self, ref: AdapterRef, handle: Handle, adapter: Adapter, started: float) -> _Slot[Handle] | None:
         """Record `ref` as resident; returns the slot of the version it replaces, if any. A placement ends any

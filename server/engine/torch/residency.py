@@ -28,8 +28,8 @@ class TorchResidency:
         self.bank, self._read, self._keep = bank, read, keep
         self.slots: SlotTable[Resident] = SlotTable(capacity, is_idle=lambda resident: resident.num_active == 0,
                                                     merged=lambda: self.merged)
-        self._asked: dict[tuple, tuple[AdapterRef, float]] = {}  # reads asked for, by key: when (a load's time
-        # counts its read)
+        # Reads asked for, by key, and when (a load's time counts its read).
+        self._asked: dict[tuple, tuple[AdapterRef, float]] = {}
         self._read_done: dict[tuple, Adapter | AdapterError] = {}  # reads answered, waiting for a slot
 
     @property
@@ -74,15 +74,12 @@ class TorchResidency:
         device refuses it (before the registry commits it)."""
         if self.slots.renamed(ref):  # placed while staged, now committed
             return
-        self._asked[ref.key], self._read_done[ref.key] = (ref, time.monotonic()), adapter
         try:
-            self._place(ref)
+            placed = self._place_read(ref, adapter)
         except AdapterCapacityError:
-            pass
-        finally:
-            if ref.key in self._read_done:  # not placed
-                self._forget_read(ref.key)
-                self._keep(ref, adapter)
+            placed = None
+        if placed is None:
+            self._keep(ref, adapter)
 
     def remove(self, name: str) -> None:
         """`name` was deleted: its resident version leaves once its running sequences end."""
@@ -98,15 +95,19 @@ class TorchResidency:
         """Fold `ref` into the base weights, placing it first if it is not resident."""
         resident = self.slots.serves(ref)
         if resident is None:
-            self._asked[ref.key], self._read_done[ref.key] = (ref, time.monotonic()), adapter
-            try:
-                resident = self._place(ref)
-            finally:
-                self._forget_read(ref.key)
+            resident = self._place_read(ref, adapter)
             if resident is None:
                 raise AdapterCapacityError("capacity", f"every adapter slot is busy; `{ref.name}` can be merged "
                                                        f"once one frees, retry shortly")
         self.bank.merge(resident)
+
+    def _place_read(self, ref: AdapterRef, adapter: Adapter) -> Resident | None:
+        """Place `ref` from an adapter read elsewhere (a registration, a merge); None when no slot frees now."""
+        self._asked[ref.key], self._read_done[ref.key] = (ref, time.monotonic()), adapter
+        try:
+            return self._place(ref)
+        finally:
+            self._forget_read(ref.key)
 
     def _place(self, ref: AdapterRef) -> Resident | None:
         done = self._read_done.get(ref.key)
