@@ -8,7 +8,9 @@ previous state; folders no row points at are swept at start-up once they are old
 Replicas may share one registry (one database and one store volume): every write bumps the one row of
 `registry_state` first, which serializes writers (a row lock in PostgreSQL, the write lock in SQLite)
 and tells readers that their cached copy is stale; the sweep's age limit spares another replica's
-registration in progress.
+registration in progress. A server keeps its copy current from a thread of its own (`watch`): woken by
+PostgreSQL's NOTIFY the moment another replica commits, or polling SQLite's version row, so serving reads
+the copy and never the database.
 """
 
 import logging
@@ -23,7 +25,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from adapters.base import ADAPTER_FILES, AdapterError
-from server.database import Database, DatabaseUnavailable, sqlite_url
+from server.database import RETRY_AFTER_S, Database, DatabaseUnavailable, sqlite_url
 from server.database.schema import adapters, registry_state
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 # exactly, and unique ignoring case, so no two differ only by case (nor collide as folders on a
 # case-insensitive filesystem).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CHANNEL = "swapyard_registry"  # writers NOTIFY it; watchers LISTEN
+# How often a watcher reads the version row: SQLite (no notifications) often, as the copy must follow other
+# replicas within a second; PostgreSQL seldom, only in case a connection lost a notification unnoticed.
+POLL_S = {"sqlite": 0.25, "postgresql": 5.0}
 
 class AdapterRecord(BaseModel):
     name: str
@@ -57,8 +63,31 @@ class AdapterRegistry:
         self.store.mkdir(parents=True, exist_ok=True)
         self.db = database or Database(sqlite_url(root / "registry.sqlite3"))
         self._lock = threading.Lock()  # registrations copy files in worker threads
+        # (version, records): replaced whole, never changed, so the event loop reads it without a lock
         self._cache: tuple[int, dict[str, AdapterRecord]] | None = None
+        self._reading = threading.Lock()  # one reload at a time, so a slower older one cannot overwrite a newer
+        self._closed = threading.Event()
         self._sweep()
+
+    def watch(self) -> None:
+        """Keep the cached copy current from now on, in a thread of its own, until close()."""
+        threading.Thread(target=self._watch, name="registry-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        poll_s = POLL_S[self.db.url.get_backend_name()]
+        try:
+            while not self._closed.is_set():
+                try:
+                    self.db.wait_for_change(CHANNEL, poll_s)
+                    self._records()
+                except DatabaseUnavailable as exc:  # serving goes on from the copy; try again shortly
+                    log.debug("watching the registry: %s", exc)
+                    self._closed.wait(RETRY_AFTER_S)
+        finally:
+            self.db.stop_listening()
+
+    def close(self) -> None:
+        self._closed.set()
 
     def list(self) -> list[AdapterRecord]:
         return sorted(self._records().values(), key=lambda record: record.name)
@@ -70,35 +99,33 @@ class AdapterRegistry:
         """Every record by name, as of one read."""
         return self._records()
 
-    def cached(self) -> dict[str, AdapterRecord] | None:
-        """Every record by name as last read, without asking the database (None before the first read)."""
-        return self._cache[1] if self._cache is not None else None
+    def cached(self) -> dict[str, AdapterRecord]:
+        """Every record by name as last read, without asking the database or taking a lock: as current as
+        `watch` keeps it."""
+        return self._cache[1] if self._cache is not None else {}
 
     def _records(self) -> dict[str, AdapterRecord]:
         """Every row, read again only when the registry's version moved (a write here or on another
         replica), so the hot path reads one row. While the database is down, the last copy serves."""
-        cached = self._cache
-        if cached is not None and not self.db.is_up():
-            return cached[1]
+        if self._cache is not None and not self.db.is_up():
+            return self._cache[1]
         try:
-            with self.db.read() as connection:
+            with self._reading, self.db.read() as connection:
                 version = connection.execute(select(registry_state.c.version)).scalar_one()
-                if cached is None or cached[0] != version:
-                    cached = self._reload(connection, version)
+                if self._cache is None or self._cache[0] != version:
+                    self._cache = _load(connection, version)
         except DatabaseUnavailable:
-            if cached is None:
+            if self._cache is None:
                 raise
             log.warning("the registry database is unavailable; serving the registrations read before")
-        return cached[1]
+        return self._cache[1]
 
-    def _reload(self, connection: Connection, version: int | None = None) -> tuple[int, dict[str, AdapterRecord]]:
-        """Read every row into the cache; the version first, so the rows are at least as new as it says.
-        A write reloads before it commits, so that its own change is cached for a database outage."""
-        if version is None:
-            version = connection.execute(select(registry_state.c.version)).scalar_one()
-        rows = connection.execute(select(adapters)).mappings()
-        self._cache = (version, {row["name"]: AdapterRecord(**row) for row in rows})
-        return self._cache
+    def _publish(self, written: tuple[int, dict[str, AdapterRecord]]) -> None:
+        """Cache a committed write's copy (read in its transaction), so that its own change is served through
+        a database outage; unless a reload has meanwhile cached a later version (another replica's write)."""
+        with self._reading:
+            if self._cache is None or self._cache[0] < written[0]:
+                self._cache = written
 
     def path(self, record: AdapterRecord) -> Path:
         return self.store / record.folder
@@ -136,7 +163,7 @@ class AdapterRegistry:
         with self._lock:
             try:
                 with self.db.write() as connection:
-                    _bump(connection)  # other replicas' registrations wait here
+                    self._bump(connection)  # other replicas' registrations wait here
                     if self._taken(connection, name, replace):
                         raise _exists(name)
                     old = _read(connection, name)
@@ -147,10 +174,11 @@ class AdapterRegistry:
                     values = record.model_dump()
                     connection.execute(update(adapters).where(adapters.c.name == name).values(values) if old
                                        else insert(adapters).values(values))
-                    self._reload(connection)
+                    written = _load(connection)
             except BaseException:
                 self.discard(folder)
                 raise
+            self._publish(written)
             if old is not None:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             return record
@@ -170,15 +198,23 @@ class AdapterRegistry:
         return any(taken != name or not replace for taken in names)
 
     def remove(self, name: str) -> AdapterRecord | None:
-        with self._lock, self.db.write() as connection:
-            _bump(connection)
-            record = _read(connection, name)
-            if record is not None:
-                connection.execute(delete(adapters).where(adapters.c.name == name))
-            self._reload(connection)
+        with self._lock:
+            with self.db.write() as connection:
+                self._bump(connection)
+                record = _read(connection, name)
+                if record is not None:
+                    connection.execute(delete(adapters).where(adapters.c.name == name))
+                written = _load(connection)
+            self._publish(written)
         if record is not None:
             shutil.rmtree(self.store / name, ignore_errors=True)
         return record
+
+    def _bump(self, connection: Connection) -> None:
+        """Move the registry's version, and wake every replica's watcher once the write commits; in a write
+        transaction, this takes the writers' lock first."""
+        connection.execute(update(registry_state).values(version=registry_state.c.version + 1))
+        self.db.notify(connection, CHANNEL)
 
     def _sweep(self) -> None:
         """Drop files of registrations that never committed (a crash between copy and commit)."""
@@ -196,9 +232,12 @@ class AdapterRegistry:
                     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _bump(connection: Connection) -> None:
-    """Move the registry's version; in a write transaction, this takes the writers' lock first."""
-    connection.execute(update(registry_state).values(version=registry_state.c.version + 1))
+def _load(connection: Connection, version: int | None = None) -> tuple[int, dict[str, AdapterRecord]]:
+    """(version, every record by name); the version read first, so the rows are at least as new as it says."""
+    if version is None:
+        version = connection.execute(select(registry_state.c.version)).scalar_one()
+    rows = connection.execute(select(adapters)).mappings()
+    return version, {row["name"]: AdapterRecord(**row) for row in rows}
 
 
 def _read(connection: Connection, name: str) -> AdapterRecord | None:

@@ -1,10 +1,10 @@
 """Adapter names to registered versions, and registration. The engine owns residency.
 
-A request's adapter is resolved here to an AdapterRef (name, version, files) from the registry, read in a
-worker thread shared by the requests that came meanwhile (`records`): the event loop never waits on the
-database. Which versions are on the device, which wait for a slot and when a replaced version's memory frees
-is the engine's alone (server/engine/residency.py); this module only tells it what was registered, deleted,
-merged or unmerged.
+A request's adapter is resolved here to an AdapterRef (name, version, files) from the registry's copy, which
+its watcher thread keeps current (within a second of another replica's change): a warm request touches no
+lock and no database. Which versions are on the device, which wait for a slot and when a replaced version's
+memory frees is the engine's alone (server/engine/residency.py); this module only tells it what was
+registered, deleted, merged or unmerged.
 """
 
 import asyncio
@@ -25,26 +25,39 @@ class AdapterManager:
         self._reading_registry: asyncio.Future | None = None  # the registry read under way
         self._next_registry_read: asyncio.Future | None = None  # the one after it, shared by calls meanwhile
         self._swap = asyncio.Lock()  # one merge or unmerge at a time (loads never wait for it)
+        registry.watch()
+
+    def close(self) -> None:
+        self.registry.close()
 
     @property
     def merged(self) -> str | None:
         """The LoRA folded into the base weights, as the engine (its one owner) says."""
         return self.engine.merged
 
-    async def records(self) -> dict[str, AdapterRecord]:
-        """The registry as of a read begun after this call, so whatever any replica committed before it is
-        seen. Reads run in a worker thread, one at a time, each shared by every call that came while the one
-        before it ran: the event loop never waits on the database, and a burst of requests costs one read. A
-        read that takes over database.WAIT_S (a database whose packets are dropped) is not waited for: the
-        last read serves meanwhile."""
+    def records(self) -> dict[str, AdapterRecord]:
+        return self.registry.cached()
+
+    async def get(self, name: str) -> AdapterRecord | None:
+        """`name`'s record: from the registry's copy when it knows the name, else read afresh, as another
+        replica may have registered it a moment ago (so a client that registered through one replica finds it
+        through any other at once)."""
+        if (record := self.registry.cached().get(name)) is not None:
+            return record
+        return (await self._read()).get(name)
+
+    async def _read(self) -> dict[str, AdapterRecord]:
+        """The registry as of a read begun after this call. Reads run in a worker thread, one at a time, each
+        shared by every call that came while the one before it ran: the event loop never waits on the
+        database, and a burst of requests for unknown names costs one read. A read that takes over
+        database.WAIT_S (a database whose packets are dropped) is not waited for: the copy answers."""
         if self._next_registry_read is None:
             self._next_registry_read = self._read_registry_after(self._reading_registry)
         read = self._next_registry_read
         try:
             return await asyncio.wait_for(asyncio.shield(read), database.WAIT_S)
         except TimeoutError:
-            cached = self.registry.cached()
-            return cached if cached is not None else await asyncio.shield(read)
+            return self.registry.cached()
 
     def _read_registry_after(self, previous: asyncio.Future | None) -> asyncio.Future:
         async def read() -> dict[str, AdapterRecord]:
@@ -56,9 +69,6 @@ class AdapterManager:
         started = asyncio.ensure_future(read())
         started.add_done_callback(lambda done: done.cancelled() or done.exception())  # raised to its callers
         return started
-
-    async def get(self, name: str) -> AdapterRecord | None:
-        return (await self.records()).get(name)
 
     def ref(self, record: AdapterRecord) -> AdapterRef:
         return AdapterRef(record.name, record.version, record.kind, self.registry.path(record),
@@ -102,12 +112,6 @@ class AdapterManager:
         if record is not None:
             forget_model(name)
         return record
-
-    async def resolve(self, name: str) -> AdapterRef:
-        record = await self.get(name)
-        if record is None:
-            raise AdapterGone("model", f"adapter `{name}` is not registered")
-        return self.ref(record)
 
     async def merge(self, name: str) -> AdapterRecord:
         """Fold LoRA `name` into the base weights (unmerging the one merged before)."""

@@ -133,6 +133,8 @@ def build_app(settings: ServeSettings) -> FastAPI:
             await asyncio.wait([loading])
             if app.state.jobs is not None:
                 await app.state.jobs.shutdown()
+            if app.state.router is not None:
+                app.state.router.adapters.close()
             if app.state.engine is not None:
                 await app.state.engine.shutdown()
             for database in set(app.state.databases):

@@ -62,7 +62,7 @@ class Router:
         self._created = int(time.time())
 
     async def models(self) -> ModelList:
-        records = sorted((await self.adapters.records()).values(), key=lambda record: record.name)
+        records = sorted(self.adapters.records().values(), key=lambda record: record.name)
         return ModelList(data=[self._base_card(), *map(self._card, records)])
 
     async def model(self, name: str) -> ModelCard:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,6 +169,15 @@ def http(base_url):
 @pytest.fixture
 def oai(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def until_adapter_card(url: str, name: str, seen: Callable[[dict], bool]) -> None:
+    """Wait until `url`'s card for adapter `name` (or its error) shows `seen`: a replica follows registry
+    changes made through another within a second (its watcher thread reloads its copy)."""
+    deadline = time.monotonic() + 1.0
+    while not seen(card := httpx.get(f"{url}/v1/adapters/{name}").json()):
+        assert time.monotonic() < deadline, card
+        time.sleep(0.02)
 
 
 def until_generating(lines: Iterator[str]) -> None:

@@ -85,6 +85,34 @@ def test_concurrent_registrations_on_two_replicas_allot_distinct_versions(databa
     assert [f"busy/{f.name}" for f in folders] == [replicas[0].get("busy").folder]  # old versions removed
 
 
+def _until(seen, within_s: float) -> float:
+    """Seconds until `seen()` is true, failing past `within_s`."""
+    start = time.monotonic()
+    while not seen():
+        assert time.monotonic() - start < within_s, f"not seen within {within_s} s"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_a_watched_registry_follows_other_replicas_within_a_second(database_url, tmp_path):
+    """The copy a server serves from (`cached`, read without the database) follows another replica's
+    registrations, replaces and deletions by itself: PostgreSQL's NOTIFY wakes the watcher, SQLite's version
+    row is polled."""
+    here = AdapterRegistry(tmp_path / "root", Database(database_url))
+    there = AdapterRegistry(tmp_path / "root", Database(database_url))
+    here.watch()
+    try:
+        time.sleep(0.3)  # the watcher is listening
+        _register(there, "shared", tmp_path)
+        _until(lambda: "shared" in here.cached(), 1.0)
+        replaced = _register(there, "shared", tmp_path, replace=True, content="y")
+        _until(lambda: here.cached()["shared"] == replaced, 1.0)
+        there.remove("shared")
+        _until(lambda: "shared" not in here.cached(), 1.0)
+    finally:
+        here.close()
+
+
 def _job(job_id: str, status: str = "queued") -> JobRecord:
     return JobRecord(id=job_id, model="m", status=status, method="lora", training_file="file-x", validation_file=None,
                      suffix=None, config={"data": "/d"}, fine_tuned_model=None, error=None, trained_tokens=None,

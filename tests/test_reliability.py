@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from adapters.registry import AdapterRegistry
-from conftest import MODEL, ask, free_port, running_server
+from conftest import MODEL, ask, free_port, running_server, until_adapter_card
 
 
 def _chat(url: str, model: str) -> httpx.Response:
@@ -149,7 +149,9 @@ def test_replicas_share_one_registry(tmp_path, adapter_dirs, adapter_root):
                                                          "replace": True})
         assert replaced.status_code == 201
         second = _chat(a, "shared").json()["choices"][0]["message"]["content"]
+        until_adapter_card(b, "shared", lambda card: card.get("version") == 2)
         assert second != first and _chat(b, "shared").json()["choices"][0]["message"]["content"] == second
 
         assert httpx.delete(f"{a}/v1/adapters/shared").status_code == 200
+        until_adapter_card(b, "shared", lambda card: "error" in card)
         assert _chat(b, "shared").status_code == 404

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea."]
 SWAP_TIMEOUT_S = 2
+MAX_LORAS = 8  # distinct LoRAs in one vLLM batch, and LoRAs in vLLM's own cache
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,11 @@ def vllm_server(tmp_path_factory, adapter_root):
     """(process, URL) of the module's `swapyard serve --engine vllm`."""
     tmp = tmp_path_factory.mktemp("vllm")
     proc, url = start_serve_process(tmp / "serve.log", "--engine", "vllm", "--dtype", "float32", "--max-model-len",
-                                    "1024", "--max-loras", "8", "--data-dir", str(tmp / "data"), "--swap-timeout-s",
-                                    str(SWAP_TIMEOUT_S),
+                                    "1024", "--max-loras", str(MAX_LORAS), "--data-dir", str(tmp / "data"),
+                                    "--swap-timeout-s", str(SWAP_TIMEOUT_S),
+                                    # vLLM's own LoRA cache evicts (least recently used first) in every test here,
+                                    # as it does for a user whose --max-cpu-loras is below what is resident.
+                                    "--max-cpu-loras", str(MAX_LORAS),
                                     # A restarted engine core must find this share free beside pytest's own memory.
                                     "--gpu-memory-utilization", "0.3",
                                     "--adapter-roots",
@@ -258,6 +262,43 @@ def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_it(vllm,
         assert time.monotonic() < deadline, (held(), files())
         time.sleep(0.2)
     assert vllm.delete("/v1/adapters/gone-prefix").status_code == 200
+
+
+def test_an_old_version_evicted_from_vllms_lora_cache_answers_when_its_turn_comes(vllm, adapter_dirs):
+    """A request of a replaced LoRA version waits inside vLLM (a batch already holds MAX_LORAS other LoRAs)
+    while vLLM's own cache evicts that version. When its turn comes vLLM reads it again, from the engine's own
+    copy, kept while a request may still ask for it (vLLM used to be pointed at the registry's folder, which
+    the replace deleted: an engine-core error), and answers with the old version."""
+    def register(name: str, kind: str) -> None:
+        registered = vllm.post("/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind]), "replace": True})
+        assert registered.status_code == 201, registered.text
+
+    def vllm_waiting() -> float:
+        return sum(v for (name, _), v in scrape(vllm).items() if name == "vllm:num_requests_waiting")
+
+    register("ev-old", "lora")
+    old = _content(vllm.post("/v1/chat/completions", json=_body("ev-old", QUESTIONS[0])))
+    busy = [f"ev-busy-{i}" for i in range(MAX_LORAS)]
+    for index, name in enumerate(busy):  # each loads into vLLM's cache, evicting the least recently used
+        register(name, ("lora", "lora2")[index % 2])
+    long = {"messages": ask(QUESTIONS[1]), "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+    with ThreadPoolExecutor(MAX_LORAS + 1) as pool:
+        streams = [pool.submit(vllm.post, "/v1/chat/completions", json={**long, "model": name}) for name in busy]
+        deadline = time.monotonic() + 60
+        while sum(scrape(vllm).get(("swapyard_requests_running", (("model", n),)), 0) for n in busy) < MAX_LORAS:
+            assert time.monotonic() < deadline, "the busy streams did not start"
+            time.sleep(0.05)
+        waiting = pool.submit(vllm.post, "/v1/chat/completions", json=_body("ev-old", QUESTIONS[0]))
+        while vllm_waiting() < 1:
+            assert time.monotonic() < deadline and not waiting.done(), "the request did not wait inside vLLM"
+            time.sleep(0.05)
+        register("ev-old", "lora2")  # its add_lora evicts once more
+        assert not waiting.done() and not any(stream.done() for stream in streams), "make the streams longer"
+        assert all(stream.result().status_code == 200 for stream in streams)
+        assert _content(waiting.result()) == old
+    assert _content(vllm.post("/v1/chat/completions", json=_body("ev-old", QUESTIONS[0]))) != old
+    for name in ["ev-old", *busy]:
+        assert vllm.delete(f"/v1/adapters/{name}").status_code == 200
 
 
 def test_replacing_an_adapter_with_another_kind_serves_the_new_kind(vllm, adapter_dirs):

@@ -4,7 +4,8 @@ or PostgreSQL (replicas on several nodes). One schema serves both; Alembic migra
 Reads run in autocommit (no transaction to open and close); writes run in a transaction that takes
 SQLite's write lock at once (BEGIN IMMEDIATE), so that two writers queue instead of failing when one
 upgrades a read. A database that stops answering is reported (`is_up`, /ready) and not asked again for
-RETRY_AFTER_S, so requests that need nothing new from it go on meanwhile.
+RETRY_AFTER_S, so requests that need nothing new from it go on meanwhile. Writers announce changes
+(`notify`) to whoever waits for them (`wait_for_change`): PostgreSQL's NOTIFY reaches every replica at once.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, make_url, text
@@ -81,6 +83,7 @@ class Database:
                 event.listen(engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._failed_at: float | None = None
+        self._listener: psycopg.Connection | None = None  # LISTENing, on the watcher's thread
         self._ping: asyncio.Future[bool] | None = None
         if migrate:
             self.migrate()
@@ -108,6 +111,39 @@ class Database:
     def write(self) -> Iterator[Connection]:
         with self._reporting(), self.engine.begin() as connection:
             yield connection
+
+    def notify(self, connection: Connection, channel: str) -> None:
+        """Wake whoever waits on `channel`, on every replica, once this write transaction commits. SQLite
+        has no notifications: its readers poll."""
+        if not self.is_sqlite:
+            connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": channel})
+
+    def wait_for_change(self, channel: str, timeout: float) -> None:
+        """Return once a writer notified `channel`, or `timeout` passed; at once after (re)connecting, as a
+        change may have come unannounced meanwhile. Readers check the database after each return (a dropped
+        connection cannot tell it missed a notification). PostgreSQL: LISTEN on a connection of its own, from
+        one thread; SQLite: this only sleeps. Raises DatabaseUnavailable when the connection fails."""
+        if self.is_sqlite:
+            time.sleep(timeout)
+            return
+        try:
+            if self._listener is None:
+                _, params = self._reader.dialect.create_connect_args(self.url)
+                self._listener = psycopg.connect(**params, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                                 tcp_user_timeout=TCP_USER_TIMEOUT_MS)
+                self._listener.execute(f"LISTEN {channel}")
+                return
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error as exc:
+            self.stop_listening()
+            raise DatabaseUnavailable(f"listening to the database failed: {exc}") from exc
+
+    def stop_listening(self) -> None:
+        """Close wait_for_change's connection (from its thread: psycopg's waits are not cut from another)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def ping(self) -> bool:
         try:

@@ -24,8 +24,8 @@ adapters = Table(
 # Names are unique ignoring case, enforced by the database so that two replicas cannot both take one.
 Index("adapters_name_ignoring_case", func.lower(adapters.c.name), unique=True)
 
-# One row: bumped by every registry write. Replicas compare it to their cached copy (one indexed read
-# per request), and writers lock it to allot versions one at a time.
+# One row: bumped by every registry write. Replicas' watchers compare it to their cached copy, and writers
+# lock it to allot versions one at a time.
 registry_state = Table(
     "registry_state", metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),

@@ -44,6 +44,9 @@ def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrain
 
     require_supported_vllm(vllm.__version__)
     from server.engine.vllm.engine import VLLMEngine
+    from server.engine.vllm.kinds import KINDS
 
     vllm = VLLMEngine(settings, model_path, max_model_len)
-    return HybridEngine(vllm, torch_engine) if settings.torch_beside_vllm else vllm
+    if not settings.torch_beside_vllm:
+        return vllm
+    return HybridEngine(vllm, torch_engine, {kind for kind, served in KINDS.items() if served.runs_own_worker_code})

@@ -11,18 +11,15 @@ from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from adapters.bottleneck import BottleneckAdapter
 from adapters.loading import Adapter
-from adapters.prefix import PrefixAdapter
 from server.engine.base import Engine, GenerationOutput, GenerationRequest
 from server.engine.residency import AdapterRef
 
-_SIDE_KINDS = {PrefixAdapter.kind, BottleneckAdapter.kind}
-
-
 class HybridEngine:
-    def __init__(self, main: Engine, build_side: Callable[[], Engine]):
+    def __init__(self, main: Engine, build_side: Callable[[], Engine], side_kinds: set[str]):
+        """`side_kinds`: the adapter kinds the engine `build_side` makes serves instead of `main`."""
         self.max_model_len = main.max_model_len
+        self._side_kinds = side_kinds
         self._main, self._build_side = main, build_side
         self._side: Engine | None = None
         self._side_started = asyncio.Lock()
@@ -51,14 +48,15 @@ class HybridEngine:
         return await self._main.read_adapter(folder)
 
     def check_adapter(self, adapter: Adapter) -> None:
-        if adapter.kind not in _SIDE_KINDS:
+        if adapter.kind not in self._side_kinds:
             self._main.check_adapter(adapter)
 
     def engine_for(self, kind: str) -> str:
-        return "torch" if kind in _SIDE_KINDS else self._main.engine_for(kind)
+        return "torch" if kind in self._side_kinds else self._main.engine_for(kind)
 
     async def add_adapter(self, ref: AdapterRef, adapter: Adapter) -> None:
-        engine, other = (await self._side_engine(), self._main) if ref.kind in _SIDE_KINDS else (self._main, self._side)
+        is_side = ref.kind in self._side_kinds
+        engine, other = (await self._side_engine(), self._main) if is_side else (self._main, self._side)
         await engine.add_adapter(ref, adapter)
         if other is not None:  # a new kind under an old name: the other engine lets the old version go
             if other.merged == ref.name:
@@ -76,7 +74,7 @@ class HybridEngine:
         await self._main.unmerge_adapter()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        is_side = request.adapter is not None and request.adapter.kind in _SIDE_KINDS
+        is_side = request.adapter is not None and request.adapter.kind in self._side_kinds
         engine = await self._side_engine() if is_side else self._main  # a replica may have registered it
         async with aclosing(engine.generate(request)) as outputs:
             async for out in outputs:

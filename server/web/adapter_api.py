@@ -116,7 +116,7 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
 
 @adapter_api.get("", response_model=AdapterList)
 async def list_adapters(router: Router = Depends(get_router)) -> AdapterList:
-    records = sorted((await router.adapters.records()).values(), key=lambda record: record.name)
+    records = sorted(router.adapters.records().values(), key=lambda record: record.name)
     return AdapterList(data=[AdapterCard.of(r, router) for r in records])
 
 

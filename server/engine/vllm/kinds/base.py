@@ -22,6 +22,9 @@ class Served:
 
     lora: LoraAdapter | None = None  # the LoRA its requests carry (a bottleneck's is all zero); None: the base's
     folds = False  # whether merging folds its LoRA into the base weights (a bottleneck's zero LoRA does not)
+    # Whether its requests run swapyard's own code in vLLM's workers (the KV connector, the bottleneck op): the
+    # kinds --torch-beside-vllm serves on a torch engine instead.
+    runs_own_worker_code = False
     request: LoRARequest | None = None  # that LoRA in vLLM while nothing is merged
     compensated: LoRARequest | None = None  # the same with the merged LoRA taken back out, while one is merged
 

@@ -23,6 +23,7 @@ class ServedBottleneck(Served):
     """Its requests carry an all-zero LoRA: vLLM batches and maps them like any LoRA's, and the hooked op
     (vllm/bottleneck.py) adds the bottleneck to the rows of that LoRA's slot."""
 
+    runs_own_worker_code = True
     lora: LoraAdapter = field()
     request: LoRARequest = field()
     bottleneck: BottleneckAdapter = field()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class ServedPrefix(Served):
     """Placeholder tokens whose K/V the KV connector (vllm/prefix.py) writes into the paged cache."""
 
+    runs_own_worker_code = True
     adapter: PrefixAdapter
     prefix_id: int  # its K/V in the workers; requests name it to the connector
 
