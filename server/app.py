@@ -102,7 +102,8 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     await app.state.jobs.start()
     defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}
     config = AutoConfig.from_pretrained(path)
-    grammars = GrammarCompiler(tokenizer, config.vocab_size, eos_token_ids(path, config))
+    grammars = GrammarCompiler(tokenizer, config.vocab_size, eos_token_ids(path, config),
+                               workers=settings.grammar_workers, budget_s=settings.max_grammar_compile_s)
     app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
                               max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit,
                               sampling_defaults=defaults, grammars=grammars)
@@ -135,6 +136,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
                 await app.state.jobs.shutdown()
             if app.state.router is not None:
                 app.state.router.adapters.close()
+                app.state.router.grammars.close()
             if app.state.engine is not None:
                 await app.state.engine.shutdown()
             for database in set(app.state.databases):

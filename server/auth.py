@@ -67,6 +67,12 @@ class ApiKeys:
         return found[0] if found else None
 
 
+def tenant_of(key: str) -> str:
+    """Who sent a request, for keeping tenants apart (their cached grammars): the start of its key's digest,
+    which tells nothing about the key. Without keys every client is one tenant, ""."""
+    return _digest(key).hex()[:16]
+
+
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and Prometheus
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
 
@@ -105,6 +111,7 @@ class ApiKeyGate:
             refused = APIError(403, "this API key has the inference scope; this route needs an admin key",
                                type="permission_error", code="insufficient_scope")
         else:
+            scope.setdefault("state", {})["tenant"] = tenant_of(token.strip())
             await self.app(scope, receive, send)
             return
         await refused.response()(scope, receive, send)

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, AdapterGone, AdapterLoadError
 from adapters.registry import AdapterExists
 from server.database import DatabaseUnavailable
+from server.engine.base import ConstraintFailed
 from server.web.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ def adapter_api_error(exc: AdapterError) -> APIError:
         return APIError(500, str(exc), param=exc.field, code="adapter_load_failed", type="server_error")
     status = 409 if isinstance(exc, AdapterExists | AdapterBusy) else 503 if isinstance(exc, AdapterCapacityError) \
         else 400
-    return APIError(status, str(exc), param=exc.field, code="invalid_adapter" if status == 400 else None,
+    code = ("invalid_constraint" if isinstance(exc, ConstraintFailed) else "invalid_adapter") if status == 400 \
+        else None
+    return APIError(status, str(exc), param=exc.field, code=code,
                     type="server_error" if status == 503 else "invalid_request_error")
 
 

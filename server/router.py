@@ -15,6 +15,7 @@ from server.engine.residency import AdapterRef
 from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.errors import APIError
 from server.logprobs import LogprobFormatter
+from server.grammar_workers import WorkersBusy
 from server.structured import GrammarCompiler
 from server.tools import ToolPlan, render_message
 from server.metrics import RequestMetrics
@@ -112,7 +113,8 @@ class Router:
             raise APIError(400, f"{param} could not be tokenized: {str(exc)[:200]}", param=param) from exc
 
     async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
-                    tools: ToolPlan | None = None) -> GenerationRequest:
+                    tenant: str, tools: ToolPlan | None = None) -> GenerationRequest:
+        """The engine request for `body`; `tenant` keeps its compiled constraint apart from other tenants'."""
         ref = await self.resolve(body.model)
         num_virtual = ref.num_virtual_tokens if ref is not None else 0  # positions it adds before the prompt
         if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
@@ -152,9 +154,13 @@ class Router:
                 if constraint is not None:
                     raise ValueError(f"tool_choice {tools.choice!r} constrains the output itself; leave it out")
                 constraint, param = call_constraint, "tools"
-            grammar = await self.grammars.compile(constraint) if constraint is not None else None
+            grammar = await self.grammars.compile(constraint, tenant) if constraint is not None else None
         except ValueError as exc:
             raise APIError(400, f"{param}: {exc}", param=param) from exc
+        except WorkersBusy:
+            raise APIError(503, f"every structured-output compiler stayed busy for {self.grammars.budget_s:g} s; "
+                                f"retry shortly", type="server_error", code="grammar_workers_busy",
+                           headers={"Retry-After": "5"}) from None
         sampling = SamplingParams(
             constraint=constraint, max_tokens=max_tokens, seed=body.seed, stop=body.stop_strings(),
             ignore_eos=body.ignore_eos,
@@ -164,7 +170,7 @@ class Router:
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
         return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, ref, body.cache_salt,
-                                 grammar=grammar)
+                                 grammar=grammar, constraint_param=param)
 
     @staticmethod
     def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:

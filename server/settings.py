@@ -78,6 +78,9 @@ class EngineSettings(BaseModel):
     vllm_kv_cache_memory_gb: float | None = Field(None, gt=0)
     """vLLM engine: its KV cache's size (default: what --gpu-memory-utilization leaves; on a CPU, half the host
     memory less the process's own)."""
+    max_grammar_mask_ms: float = Field(50.0, gt=0)
+    """Torch engine: longest a structured-output constraint may take to compute one token's mask for one row; a row
+    over it fails alone with a 400 naming its constraint (an ambiguous grammar's cost grows with every token)."""
     torch_beside_vllm: bool = False
     """vLLM engine: serve prefix and bottleneck adapters on a torch engine started beside vLLM on first use,
     instead of inside vLLM (a fallback: a second copy of the base weights plus its own KV cache)."""
@@ -123,6 +126,12 @@ class ServeSettings(EngineSettings):
     max_tokens_limit: int | None = Field(None, gt=0)
     """Largest max_tokens a request may ask for; also the default of a chat request that leaves it out (a
     completions request's default is 16, as OpenAI's). Default: the context."""
+    grammar_workers: int = Field(1, gt=0)
+    """Processes that compile structured-output constraints (JSON schemas, regexes, grammars), at low CPU
+    priority; each holds about 300 MB."""
+    max_grammar_compile_s: float = Field(10.0, gt=0)
+    """Longest a constraint may take to compile, waiting for a worker included; past it the request is a 400
+    naming its constraint, and the compile is stopped (also when the client leaves)."""
     cors_origins: list[str] = []
     """Origins browsers may call from (CORS); none by default."""
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -2,14 +2,21 @@
 row and free rows share a step, every adapter kind answers `parse()` with a valid object, bad specs are
 400s naming the field, and `required` / named tool choices give valid calls even from a 135M model."""
 
+import asyncio
+import contextlib
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from pydantic import BaseModel
+from transformers import AutoTokenizer
 
 from adapter_factory import KINDS
-from conftest import CHAT, MODEL, ask, in_one_step
+from conftest import CHAT, MODEL, MODEL_PATH, ask, in_one_step
+from server.engine.base import OutputConstraint
 from server.web.protocol import ChatCompletionRequest
 from server.tools import ToolPlan
 
@@ -18,6 +25,14 @@ class Capital(BaseModel):
     country: str
     city: str
     is_capital: bool
+
+
+def _nested(depth: int) -> dict:
+    """An object schema `depth` objects deep."""
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
 
 
 QUESTION = ask("What is the capital of France? Answer in JSON.")
@@ -97,6 +112,17 @@ def test_json_object_and_vllms_structured_outputs(every_kind):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}}}},
      "response_format"),  # a schema over 100,000 characters
+    # Unsatisfiable: no output matches (they were 500s, "non-finite logits", once generation began).
+    ({"structured_outputs": {"grammar": "root ::= root"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": 'root ::= "a" dead\ndead ::= dead'}}, "structured_outputs"),  # after "a"
+    # Over the structural limits, refused before compiling (xgrammar took minutes over each).
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(250)}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1001)}}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": _nested(33)}}],  # 67 levels
+      "tool_choice": "required"}, "tools"),
 ])
 def test_bad_specs_are_400s_naming_the_field(every_kind, fields, param):
     http, _, _ = every_kind
@@ -176,3 +202,87 @@ def test_auto_parses_hermes_tool_call_blocks():
     assert len(single.parse(text)[1]) == 1
     assert ToolPlan.of(ChatCompletionRequest(model=MODEL, messages=ask("x"), tools=[WEATHER],
                                              tool_choice="none")) is None
+
+
+def _chat_seconds(http: httpx.Client, body: dict) -> float:
+    start = time.monotonic()
+    assert http.post(CHAT, json=body).status_code == 200
+    return time.monotonic() - start
+
+
+def test_heavy_schemas_from_one_client_hold_up_nobody_and_stop_when_it_leaves(every_kind):
+    """The probe's attack, within the structural limits: 24 distinct schemas that each take xgrammar seconds,
+    from clients that give up after 2 s. They compile in a low-priority worker process, so `/ready` and another
+    client's chat go on as before; the clients' leaving stops their compiles, so a simple schema sent next
+    does not wait behind 24 of them."""
+    http, _, _ = every_kind
+    victim = {"model": MODEL, "messages": ask("Name three colours."), "temperature": 0, "max_tokens": 16}
+    alone = sorted(_chat_seconds(http, victim) for _ in range(3))[1]
+
+    def heavy(i: int) -> dict:
+        schema = {"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"} for j in range(900)}}
+        return {"model": MODEL, "messages": ask("Hi"), "max_tokens": 4,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+    async def attack() -> None:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=2) as client:
+            async def one(i: int) -> None:
+                with contextlib.suppress(httpx.TimeoutException):
+                    await client.post(CHAT, json=heavy(i))
+            await asyncio.gather(*map(one, range(24)))
+
+    with ThreadPoolExecutor(1) as pool:
+        attacking = pool.submit(asyncio.run, attack())
+        time.sleep(0.5)
+        ready = max(_seconds(lambda: http.get("/ready")) for _ in range(3))
+        beside = sorted(_chat_seconds(http, victim) for _ in range(3))[1]
+        attacking.result()
+    assert ready < 1.0 and beside < 1.5 * alone, (ready, beside, alone)
+    # Every compile went with its client: a new schema waits at most for a fresh worker process to start.
+    start = time.monotonic()
+    assert http.post(CHAT, json=_schema_body(MODEL)).status_code == 200
+    assert time.monotonic() - start < 8
+
+
+def _seconds(call) -> float:
+    start = time.monotonic()
+    call()
+    return time.monotonic() - start
+
+
+def test_an_ambiguous_grammar_fails_its_own_row_only(every_kind):
+    """An ambiguous grammar's mask costs more with every token (xgrammar: 0.1 ms at the start, 100 ms by token
+    60). Past --max-grammar-mask-ms (50 ms) its row fails with a 400 naming the constraint, while a row sharing
+    its steps answers as it does alone."""
+    http, _, _ = every_kind
+    victim = {"model": MODEL, "messages": ask("Write a short poem about the sea."), "temperature": 0,
+              "max_tokens": 96, "min_tokens": 96}
+    alone = http.post(CHAT, json=victim).json()["choices"][0]["message"]["content"]
+    aaaa = AutoTokenizer.from_pretrained(MODEL_PATH).encode("aaaa", add_special_tokens=False)[0]
+    ambiguous = {"model": MODEL, "messages": ask("Hi"), "temperature": 0, "max_tokens": 300,
+                 "logit_bias": {str(aaaa): 100},
+                 "structured_outputs": {"grammar": 'root ::= x*\nx ::= "a" | "a" x | x "a" | "aa"'}}
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=120) as client:
+            return await asyncio.gather(client.post(CHAT, json=ambiguous), client.post(CHAT, json=victim))
+
+    failed, answered = asyncio.run(both())
+    assert failed.status_code == 400, failed.text
+    assert failed.json()["error"]["param"] == "structured_outputs"
+    assert "--max-grammar-mask-ms" in failed.json()["error"]["message"]
+    assert answered.json()["choices"][0]["message"]["content"] == alone
+
+
+def test_compiled_grammars_are_cached_per_tenant(every_kind):
+    """A grammar another tenant compiled is not served from the cache: its compile time would tell who sent
+    which schema."""
+    _, app, _ = every_kind
+    grammars = app.state.router.grammars
+    constraint = OutputConstraint(kind="regex", spec="per-tenant [0-9]+")
+
+    def compile_for(tenant: str):  # on the server's event loop, which the compile workers belong to
+        return asyncio.run_coroutine_threadsafe(grammars.compile(constraint, tenant), app.state.engine._loop).result()
+
+    first, again, other = map(compile_for, ("a", "a", "b"))
+    assert again is first and other is not first

@@ -81,6 +81,7 @@ class GenerationRequest:
     # sampling.constraint compiled for the torch engine's token masks (an xgrammar CompiledGrammar); vLLM
     # compiles its own from the constraint.
     grammar: Any = None
+    constraint_param: str = "response_format"  # the request field its constraint came from, named in errors
 
     def __post_init__(self):
         # A sequence of no tokens is never prefilled nor decoded, yet would count as work forever.
@@ -96,6 +97,11 @@ class TokenLogprob:
     token_id: int
     logprob: float | None
     top: list[tuple[int, float]]
+
+
+class ConstraintFailed(AdapterError):
+    """A request's own output constraint failed in the engine (its mask took too long, or it leaves no token
+    to choose): a 400 naming the field the constraint came from."""
 
 
 @dataclass

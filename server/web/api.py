@@ -4,7 +4,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -19,8 +19,14 @@ from server.web.protocol import (
 )
 from server.router import Router, raise_for_failure, total_usage, usage_of
 from server.tools import ToolPlan
+from server.web.disconnect import cancelled_if_client_leaves
 
 api = APIRouter()
+
+
+def _tenant(http: Request) -> str:
+    """Who sent it (server/auth.py's tenant_of); one tenant, "", when the server has no keys."""
+    return getattr(http.state, "tenant", "")
 
 
 def _sse(event: BaseModel) -> str:
@@ -63,13 +69,15 @@ def _sse_stream(router: Router, requests: list[GenerationRequest], n: int, inclu
 
 @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={400: {"model": ErrorResponse},
                                                                             404: {"model": ErrorResponse}})
-async def chat_completions(body: ChatCompletionRequest, router: Router = Depends(get_router)):
+async def chat_completions(http: Request, body: ChatCompletionRequest, router: Router = Depends(get_router)):
     try:
         tools = ToolPlan.of(body)
     except ValueError as exc:
         raise APIError(400, str(exc), param="tool_choice") from exc
-    prompt = await router.chat_prompt(body.messages, tools)
-    request = await router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages", tools)
+    async with cancelled_if_client_leaves(http):
+        prompt = await router.chat_prompt(body.messages, tools)
+        request = await router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages",
+                                     _tenant(http), tools)
     requests = router.fan_out(request, body.n)
     response_id, created = new_id("chatcmpl"), int(time.time())
 
@@ -83,7 +91,8 @@ async def chat_completions(body: ChatCompletionRequest, router: Router = Depends
             else finish_reason
 
     if not body.stream:
-        done = await router.complete(requests)
+        async with cancelled_if_client_leaves(http):
+            done = await router.complete(requests)
         choices = [ChatChoice(index=i, message=reply, finish_reason=reason,
                               logprobs=router.logprobs.chat(d.logprobs) if d.logprobs is not None else None)
                    for i, d in enumerate(done) for reply, reason in [message(d.text, d.finish_reason)]]
@@ -122,7 +131,7 @@ async def chat_completions(body: ChatCompletionRequest, router: Router = Depends
 
 @api.post("/v1/completions", response_model=Completion, responses={400: {"model": ErrorResponse},
                                                                   404: {"model": ErrorResponse}})
-async def completions(body: CompletionRequest, router: Router = Depends(get_router)):
+async def completions(http: Request, body: CompletionRequest, router: Router = Depends(get_router)):
     prompts = body.prompts()
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices exceed this server's limit of "
@@ -131,12 +140,13 @@ async def completions(body: CompletionRequest, router: Router = Depends(get_rout
         raise APIError(400, "max_tokens 0 generates nothing: it is for scoring a prompt, with echo: true.",
                        param="max_tokens")
     requests, echoes = [], []
-    for prompt in prompts:  # prompt-major: choice index = prompt index x n + choice
-        prompt_ids = await router.text_prompt(prompt)
-        request = await router.build(body, prompt_ids, body.max_tokens, "prompt")
-        requests += router.fan_out(request, body.n)
-        echo = (prompt if isinstance(prompt, str) else router.tokenizer.decode(prompt)) if body.echo else ""
-        echoes += [echo] * body.n
+    async with cancelled_if_client_leaves(http):
+        for prompt in prompts:  # prompt-major: choice index = prompt index x n + choice
+            prompt_ids = await router.text_prompt(prompt)
+            request = await router.build(body, prompt_ids, body.max_tokens, "prompt", _tenant(http))
+            requests += router.fan_out(request, body.n)
+            echo = (prompt if isinstance(prompt, str) else router.tokenizer.decode(prompt)) if body.echo else ""
+            echoes += [echo] * body.n
     response_id, created = new_id("cmpl"), int(time.time())
 
     def logprobs_of(prompt_logprobs: list[TokenLogprob] | None, logprobs: list[TokenLogprob] | None,
@@ -147,7 +157,8 @@ async def completions(body: CompletionRequest, router: Router = Depends(get_rout
         return router.logprobs.completion((prompt_logprobs or []) + (logprobs or []), offset)
 
     if not body.stream:
-        done = await router.complete(requests)
+        async with cancelled_if_client_leaves(http):
+            done = await router.complete(requests)
         choices = [CompletionChoice(index=i, text=echoes[i] + d.text, finish_reason=d.finish_reason,
                                     logprobs=logprobs_of(d.prompt_logprobs, d.logprobs, 0))
                    for i, d in enumerate(done)]

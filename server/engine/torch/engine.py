@@ -39,6 +39,7 @@ class TorchEngine:
                              kv_cache_bytes=int(settings.kv_cache_memory_gb * 2**30),
                              # Headroom: a replaced version holds its slot until its running requests end.
                              max_resident_adapters=2 * settings.max_resident_adapters,
+                             grammar_mask_budget_s=settings.max_grammar_mask_ms / 1000,
                              prepack_weights=settings.prepack_weights)
         self._reader = AdapterReader(BaseModelSpec.from_pretrained(model_path), settings.max_lora_rank,
                                      settings.max_cpu_adapters, pin=runner.device.type == "cuda")

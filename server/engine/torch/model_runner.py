@@ -3,6 +3,7 @@ one token a row) and samples the next token of each sequence that is ready for o
 
 import itertools
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -32,8 +33,10 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 
 class ModelRunner:
     def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, kv_cache_bytes: int,
-                 max_resident_adapters: int, prepack_weights: bool = True):
+                 max_resident_adapters: int, grammar_mask_budget_s: float = math.inf,
+                 prepack_weights: bool = True):
         self.device = resolve_device(device)
+        self.grammar_mask_budget_s = grammar_mask_budget_s
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
@@ -73,7 +76,10 @@ class ModelRunner:
         params = [s.request.sampling for s in seqs]
         changed = apply_logit_changes(logits, params, [(s.request.prompt_token_ids, s.generated) for s in seqs],
                                       self.eos_token_ids)
-        tokens = sample(mask_to_grammars(changed, [s.matcher for s in seqs]), params, [s.generator for s in seqs])
+        masked, refused = mask_to_grammars(changed, [s.matcher for s in seqs], self.grammar_mask_budget_s)
+        for row, why in refused.items():
+            seqs[row].constraint_failure = why
+        tokens = sample(masked, params, [s.generator for s in seqs])
         return SampledBatch(rows, tokens, logprobs_of(logits, tokens, params), full)
 
     def forward(self, tables: list[list[int]], inputs: list[list[int]], starts: list[int],

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from server.engine.base import GenerationOutput, TokenLogprob
+from server.engine.base import ConstraintFailed, GenerationOutput, TokenLogprob
 from server.engine.torch.sampler import prompt_logprobs_of
 from server.engine.torch.sequence import SampledBatch, ScheduledBatch, Sequence
 
@@ -24,6 +24,9 @@ class OutputProcessor:
     def _output(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None) -> GenerationOutput:
         """The row's output for this step (with its prompt logprobs at the end of a prefill that asked)."""
         if token is None:
+            if seq.constraint_failure is not None:  # the client's constraint, not the model: a 400
+                refusal = ConstraintFailed(seq.request.constraint_param, seq.constraint_failure)
+                return seq.failure(str(refusal), refusal)
             return seq.failure("generation failed: the model produced non-finite logits for this request")
         sampling, prompt = seq.request.sampling, seq.request.prompt_token_ids
         try:  # everything here is this row's own: a failure fails it, not the batch

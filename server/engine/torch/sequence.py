@@ -32,6 +32,7 @@ class Sequence:
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # prompt logprobs: the chunks' logits so far
     first_scheduled: float | None = None
     adapter_wait_start: float | None = None  # when it first waited for its adapter to become resident
+    constraint_failure: str | None = None  # why its grammar mask failed (it then fails alone, a 400)
 
     @property
     def length(self) -> int:

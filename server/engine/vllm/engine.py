@@ -52,7 +52,7 @@ from server.engine.vllm.kinds import BASE, KINDS, Served
 from server.host import detect_host, dtype_name, resolve_dtype
 from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_FAILURES, ENGINE_INFO,
                             VLLM_WORKER_ADAPTER_BYTES)
-from server.structured import ANY_OBJECT
+from server.grammar_workers import ANY_OBJECT
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
