@@ -4,6 +4,8 @@ a model. The fake "model" answers each row with
 a token that depends on every token of its sequence, so a wrong position, a lost or repeated token, or a
 cached block of another sequence changes the output."""
 
+import math
+
 import torch
 from prometheus_client import REGISTRY
 from tokenizers import Tokenizer
@@ -32,6 +34,7 @@ class FakeRunner:
     def __init__(self, max_blocks: int, mixed_steps: bool):
         self.device, self.eos_token_ids, self.adapters = torch.device("cpu"), {0}, FakeBank()
         self.mixed_steps = mixed_steps  # the real runner's where vLLM's CPU attention kernel runs
+        self.grammar_mask_budget_s = math.inf  # no request here is constrained
         self.cache = PagedKVCache(1, 1, 1, 4, budget_bytes=0, max_model_len=max_blocks * BLOCK, dtype=torch.float32,
                                   device=self.device)
         self.steps: list[list[tuple[int, int]]] = []  # per step: (first position, tokens fed) of each row
