@@ -106,7 +106,8 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
                                workers=settings.grammar_workers, budget_s=settings.max_grammar_compile_s)
     app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
                               max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit,
-                              sampling_defaults=defaults, grammars=grammars)
+                              sampling_defaults=defaults, grammars=grammars,
+                              prefix_cache_across_keys=settings.prefix_cache_across_keys)
     app.state.phase = "ready"
     log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
 

@@ -6,13 +6,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from adapters.registry import AdapterRecord
 from server.adapter_manager import AdapterManager
 from server.engine.residency import AdapterRef
-from server.engine.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
+from server.engine.base import (
+    Engine, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams, TokenLogprob,
+)
 from server.errors import APIError
 from server.logprobs import LogprobFormatter
 from server.grammar_workers import WorkersBusy
@@ -53,13 +56,14 @@ class Router:
     def __init__(self, engine: Engine, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase,
                  base_model: str, max_model_len: int, *, max_prompt_tokens: int | None = None,
                  max_tokens_limit: int | None = None, sampling_defaults: dict[str, float] | None = None,
-                 grammars: GrammarCompiler):
+                 grammars: GrammarCompiler, prefix_cache_across_keys: bool = False):
         self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
         self.base_model, self.max_model_len = base_model, max_model_len
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.sampling_defaults = sampling_defaults or {}  # the model's, for fields a request leaves out
         self.logprobs = LogprobFormatter(tokenizer)
         self.grammars = grammars
+        self.prefix_cache_across_keys = prefix_cache_across_keys
         self._created = int(time.time())
 
     async def models(self) -> ModelList:
@@ -114,7 +118,8 @@ class Router:
 
     async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
                     tenant: str, tools: ToolPlan | None = None) -> GenerationRequest:
-        """The engine request for `body`; `tenant` keeps its compiled constraint apart from other tenants'."""
+        """The engine request for `body`; `tenant` keeps its compiled constraint and its cached prompt blocks
+        apart from other tenants'."""
         ref = await self.resolve(body.model)
         num_virtual = ref.num_virtual_tokens if ref is not None else 0  # positions it adds before the prompt
         if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
@@ -145,22 +150,7 @@ class Router:
             if any(i >= len(self.tokenizer) for i in ids):
                 raise APIError(400, f"{param} names a token id outside the vocabulary (0..{len(self.tokenizer) - 1})",
                                param=param)
-        # The field a bad constraint is reported on: where it came from.
-        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
-        try:
-            constraint = body.constraint()
-            call_constraint = tools.constraint() if tools is not None else None
-            if call_constraint is not None:
-                if constraint is not None:
-                    raise ValueError(f"tool_choice {tools.choice!r} constrains the output itself; leave it out")
-                constraint, param = call_constraint, "tools"
-            grammar = await self.grammars.compile(constraint, tenant) if constraint is not None else None
-        except ValueError as exc:
-            raise APIError(400, f"{param}: {exc}", param=param) from exc
-        except WorkersBusy:
-            raise APIError(503, f"every structured-output compiler stayed busy for {self.grammars.budget_s:g} s; "
-                                f"retry shortly", type="server_error", code="grammar_workers_busy",
-                           headers={"Retry-After": "5"}) from None
+        constraint, grammar, param = await self._constraint(body, tools, tenant)
         sampling = SamplingParams(
             constraint=constraint, max_tokens=max_tokens, seed=body.seed, stop=body.stop_strings(),
             ignore_eos=body.ignore_eos,
@@ -169,8 +159,45 @@ class Router:
             logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, ref, body.cache_salt,
-                                 grammar=grammar, constraint_param=param)
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, ref,
+                                 self._cache_salt(tenant, body.cache_salt), grammar=grammar, constraint_param=param)
+
+    async def _constraint(self, body: SamplingFields, tools: ToolPlan | None, tenant: str
+                          ) -> tuple[OutputConstraint | None, Any, str]:
+        """(what the output must match, compiled, the request field it came from). Under tool_choice `auto`
+        the calls are free text, but each tool's parameters must still compile as a schema."""
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        try:
+            constraint = body.constraint()
+            call_constraint = tools.constraint() if tools is not None else None
+            if call_constraint is not None:
+                if constraint is not None:
+                    raise ValueError(f"tool_choice {tools.choice!r} constrains the output itself; leave it out")
+                constraint, param = call_constraint, "tools"
+        except ValueError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from exc
+        if tools is not None and call_constraint is None:
+            for schema in tools.schemas():
+                await self._compile(schema, tenant, "tools")
+        return constraint, await self._compile(constraint, tenant, param) if constraint is not None else None, param
+
+    async def _compile(self, constraint: OutputConstraint, tenant: str, param: str) -> Any:
+        try:
+            return await self.grammars.compile(constraint, tenant)
+        except ValueError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from exc
+        except WorkersBusy:
+            raise APIError(503, f"every structured-output compiler stayed busy for {self.grammars.budget_s:g} s; "
+                                f"retry shortly", type="server_error", code="grammar_workers_busy",
+                           headers={"Retry-After": "5"}) from None
+
+    def _cache_salt(self, tenant: str, salt: str | None) -> str | None:
+        """The request's own salt within its tenant's: cached blocks are shared within a key, never across
+        keys (unless the operator allows it). A client's salt cannot contain "/", so no two differ only in
+        where one ends."""
+        if not tenant or self.prefix_cache_across_keys:
+            return salt
+        return f"{tenant}/{salt}" if salt is not None else tenant
 
     @staticmethod
     def fan_out(request: GenerationRequest, n: int) -> list[GenerationRequest]:

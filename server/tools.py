@@ -17,6 +17,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from server.engine.base import OutputConstraint
 from server.web.protocol import CalledFunction, ChatCompletionRequest, ChatMessage, Tool, ToolCall
@@ -98,11 +99,16 @@ class ToolPlan:
         if self.choice != "required":
             function = next(t.function for t in self.tools if t.function.name == self.choice)
             return OutputConstraint(kind="json", spec=json.dumps(function.parameters))
+        definitions: dict = {}
         calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                             "arguments": t.function.parameters},
+                                                             "arguments": _hoisted(t, definitions)},
                             "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}
         array = {"type": "array", "items": calls, "minItems": 1, "maxItems": len(self.tools) if self.parallel else 1}
-        return OutputConstraint(kind="json", spec=json.dumps(array))
+        return OutputConstraint(kind="json", spec=json.dumps({**array, "$defs": definitions} if definitions else array))
+
+    def schemas(self) -> list[OutputConstraint]:
+        """Each tool's parameters as a schema to check (under `auto` nothing compiles them otherwise)."""
+        return [OutputConstraint(kind="json", spec=json.dumps(t.function.parameters)) for t in self.tools]
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) from the generated text; no calls: the text is the content."""
@@ -129,6 +135,35 @@ class ToolPlan:
     def _calls(items: list[dict]) -> list[ToolCall]:
         return [ToolCall(id=_call_id(), function=CalledFunction(
             name=item["name"], arguments=json.dumps(item.get("arguments", {})))) for item in items]
+
+
+def _hoisted(tool: Tool, definitions: dict) -> Any:
+    """The tool's parameters with their `$defs` (or `definitions`) moved into `definitions`, names prefixed by
+    the tool's, and their `$ref`s rewritten to match: inside the `required` array's schema, a `#/$defs/...`
+    reference is resolved from that schema's root, not the tool's."""
+    parameters = tool.function.parameters
+    prefix = f"{tool.function.name}."
+    local = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    if not local:
+        return parameters
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: _renamed(value, prefix) if key == "$ref" else rewrite(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    for name, schema in local.items():
+        definitions[prefix + name] = rewrite(schema)
+    return rewrite({key: value for key, value in parameters.items() if key not in ("$defs", "definitions")})
+
+
+def _renamed(ref: Any, prefix: str) -> Any:
+    for root in ("#/$defs/", "#/definitions/"):
+        if isinstance(ref, str) and ref.startswith(root):
+            return f"#/$defs/{prefix}{ref.removeprefix(root)}"
+    return ref
 
 
 def render_message(message: ChatMessage, template_knows_tools: bool) -> dict:

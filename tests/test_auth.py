@@ -1,5 +1,6 @@
 """API keys: inference keys reach the model routes only, admin keys everything; no key or a wrong one
-is 401, a key of the wrong scope 403; health, readiness and metrics stay open; keys never reach the log."""
+is 401, a key of the wrong scope 403; health, readiness and metrics stay open; keys never reach the log;
+keys never share cached prompt blocks."""
 
 import logging
 import socket
@@ -8,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import MODEL, ask, running_server, start_serve_process
+from conftest import MODEL, ask, running_server, scrape, start_serve_process
 from server.auth import parse_keys
 
 INFERENCE_KEY, ADMIN_KEY = "sk-infer-0123456789", "sk-admin-9876543210"
@@ -129,3 +130,27 @@ def test_huge_headers_are_refused_without_reading_them(secured):
             reply = b""
     assert not reply.startswith(b"HTTP/1.1 200"), reply
     assert httpx.get(f"{secured}/health").status_code == 200
+
+
+def test_keys_never_share_cached_prompt_blocks(secured):
+    """Each key's requests are salted by key: a prompt one key sent is cached for that key only, so another
+    key learns nothing from its time to first token (or from the hit counter on /metrics)."""
+    system = "You are the archivist of a city library. " + " ".join(
+        f"Rule {i}: ledger {i} stays in room {i % 7}." for i in range(30))
+    body = {"model": MODEL, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]}
+
+    def hits_after(key: str) -> float:
+        before = _hits(secured)
+        assert httpx.post(f"{secured}/v1/chat/completions", json=body, headers=_bearer(key),
+                          timeout=60).status_code == 200
+        return _hits(secured) - before
+
+    hits_after(INFERENCE_KEY)
+    assert hits_after(ADMIN_KEY) == 0  # the other key's blocks are not its own
+    assert hits_after(INFERENCE_KEY) > 100  # its own are
+
+
+def _hits(url: str) -> float:
+    with httpx.Client(base_url=url) as client:
+        return scrape(client).get(("swapyard_prefix_cache_hits_total", ()), 0)

@@ -54,6 +54,10 @@ def _chat(**fields):
     (CHAT, _chat(logit_bias={"x": 1}), 400, "logit_bias"),
     (CHAT, _chat(logit_bias={"42": 101}), 400, "logit_bias"),
     (CHAT, _chat(logit_bias={str(10**7): 1}), 400, "logit_bias"),
+    (CHAT, _chat(logit_bias={"05": 1}), 400, "logit_bias"),  # once read as token 5
+    (CHAT, _chat(logit_bias={"+5": 1}), 400, "logit_bias"),
+    (CHAT, _chat(logit_bias={" 5": 1}), 400, "logit_bias"),
+    (CHAT, _chat(logit_bias={"5.0": 1}), 400, "logit_bias"),
     (CHAT, _chat(top_logprobs=3), 400, "top_logprobs"),  # needs logprobs: true, as OpenAI says
     (CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),

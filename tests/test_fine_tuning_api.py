@@ -163,7 +163,9 @@ def test_files_api_lists_reads_and_deletes(oai, http):
 
 def test_bad_training_file_fails_with_line_numbers(oai, http, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    huge = json.dumps({"prompt": "p", "completion": "x" * 2_000_000})  # refused before it is tokenized
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n' + "[" * 100_000 + "\n"
+                   + huge + "\n")
     with open(bad, "rb") as f:
         file_id = oai.files.create(file=f, purpose="fine-tune").id
     job = http.post(JOBS, json={"model": MODEL, "training_file": file_id, "method": FAST}).json()
@@ -171,6 +173,8 @@ def test_bad_training_file_fails_with_line_numbers(oai, http, tmp_path):
     assert done["status"] == "failed" and done["error"]["code"] == "invalid_training_file"
     assert "line 1: no assistant message" in done["error"]["message"]
     assert "line 2: not valid JSON" in done["error"]["message"]
+    assert "line 3: nested too deeply" in done["error"]["message"]  # was a RecursionError: retried forever
+    assert "line 4: 2,000,033 characters" in done["error"]["message"]
 
 
 def test_cancel_stops_training(oai, http):
@@ -207,7 +211,8 @@ def test_cancel_stops_training(oai, http):
        f"method.supervised.hyperparameters.{name}")
       for name, value in (("n_epochs", 0), ("n_epochs", "many"), ("batch_size", 10**9), ("learning_rate_multiplier", 0),
                           ("learning_rate_multiplier", -1), ("learning_rate_multiplier", 1e9),
-                          ("learning_rate_multiplier", "fast"), ("warmup_ratio", 1), ("epochs", 3))],
+                          ("learning_rate_multiplier", "fast"), ("warmup_ratio", 1), ("epochs", 3),
+                          ("n_epochs", True), ("batch_size", "4"))],  # lax pydantic read these as 1 and 4
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate": 1e-3,
                                                                           "learning_rate_multiplier": 2}}}},
      "method.supervised.hyperparameters.learning_rate"),

@@ -123,6 +123,8 @@ def test_json_object_and_vllms_structured_outputs(every_kind):
         "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1001)}}}}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": _nested(33)}}],  # 67 levels
       "tool_choice": "required"}, "tools"),
+    # Under `auto` nothing constrains the output, but a tool's parameters must still be a schema.
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]}, "tools"),
 ])
 def test_bad_specs_are_400s_naming_the_field(every_kind, fields, param):
     http, _, _ = every_kind
@@ -156,6 +158,19 @@ def test_required_and_named_tool_choices_give_valid_calls(every_kind):
                                          tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                          temperature=0).choices[0]
     assert cut.finish_reason == "length"  # arguments cut off by max_tokens are not a finished call
+
+
+def test_a_required_call_to_a_tool_with_defs_follows_its_schema(every_kind):
+    """A tool's `$defs` (as pydantic writes nested models) hold under `required` as under a named choice:
+    inside the array of calls a `#/$defs/...` reference would otherwise point at nothing."""
+    _, _, client = every_kind
+    booking = {"type": "function", "function": {"name": "book", "parameters": {
+        "$defs": {"Seat": {"type": "object", "properties": {"row": {"type": "integer"}}, "required": ["row"]}},
+        "type": "object", "properties": {"seat": {"$ref": "#/$defs/Seat"}}, "required": ["seat"]}}}
+    reply = client.chat.completions.create(model=MODEL, messages=ask("Book me a seat in row 3."), tools=[booking],
+                                           tool_choice="required", max_tokens=40, temperature=0).choices[0]
+    (name, arguments), = _calls(reply.message)
+    assert name == "book" and isinstance(arguments["seat"]["row"], int)
 
 
 def test_tool_calls_stream_as_deltas(every_kind):

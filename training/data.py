@@ -14,6 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100  # label of tokens that carry no loss
 MIN_EXAMPLES = 10
+# One example's line: far beyond any context a model trains on (1 MB of text is some 250,000 tokens), and a
+# bound on what tokenizing one line may cost (a 50 MB line once took the trainer to 6.6 GB).
+MAX_EXAMPLE_CHARS = 1_000_000
 
 
 class DataError(ValueError):
@@ -87,10 +90,17 @@ def read_examples(path: Path) -> tuple[list[Example], list[str]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_EXAMPLE_CHARS:
+            problems.append(f"line {number}: {len(line):,} characters; an example may have at most "
+                            f"{MAX_EXAMPLE_CHARS:,}")
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: not valid JSON ({exc.msg})")
+            continue
+        except RecursionError:  # Python's JSON parser recurses per level: 100,000 `[` exhaust its stack
+            problems.append(f"line {number}: nested too deeply")
             continue
         if not isinstance(record, dict) or not ("messages" in record or {"prompt", "completion"} <= record.keys()):
             problems.append(f"line {number}: needs `messages` (chat format) or `prompt` and `completion`")

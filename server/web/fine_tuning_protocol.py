@@ -32,7 +32,8 @@ HYPERPARAMETER_FIELDS: dict[str, str] = {
 }
 # Fields of TrainConfig the server sets itself; no request may.
 SERVER_FIELDS = frozenset({"method", "data", "validation", "out", "model", "cache_dir", "resume"})
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# Strict: `true` is no number of epochs and "3" no batch size (lax pydantic read them as 1 and 3).
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 def _fields_of(names: dict[str, str]) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """The OpenAI wire format: request bodies (validated) and response bodies (typed)."""
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator,
+)
 
 from server.engine.base import OutputConstraint
 
@@ -115,6 +118,18 @@ class NamedToolChoice(_Request):
 
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+MAX_STOPS = 4  # OpenAI's
+
+
+def _decimal_key(key: object) -> object:
+    """A token id given as a JSON object key: its decimal digits exactly, so that "05", "+5", " 5" and "5.0"
+    are refused rather than read as token 5 (and two keys never name one token)."""
+    if isinstance(key, str) and not re.fullmatch(r"0|[1-9][0-9]*", key):
+        raise ValueError(f"{key!r} is not a token id (decimal digits, such as \"50256\")")
+    return key
+
+
+TokenIdKey = Annotated[TokenId, BeforeValidator(_decimal_key)]
 MAX_SPEC_CHARS = 100_000  # a schema, regex or grammar: compiled per distinct text, so bounded
 
 
@@ -182,7 +197,7 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     """vLLM's extension. Unset: the model's default, else 1."""
     # JSON keys are strings: "50256" is read as token 50256.
-    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] \
+    logit_bias: Annotated[dict[TokenIdKey, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] \
         | None = None
     """Token id (a JSON string key, such as "50256") to a bias added to its logit."""
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
@@ -192,7 +207,7 @@ class SamplingFields(_Request):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch generators take
     """Seeds the request's own generator: the same tokens whatever it is batched with; choice i of n uses
     seed + i."""
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     """Up to 4 strings of at most 256 characters; a choice ends before the first one it generates."""
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     """Choices per prompt, each its own sequence; n x prompts may be at most 16."""
@@ -219,6 +234,14 @@ class SamplingFields(_Request):
     """Not implemented: a 400 naming it unless `1`."""
     suffix: Any = None
     """Not implemented: a 400 naming it unless `""`."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _few_stops(cls, value: Any) -> Any:
+        """Said plainly: past the limit, the union's first member spoke ("Input should be a valid string")."""
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -1,0 +1,113 @@
+"""A quiet tenant beside noisy ones: its time to first token (p50, p95) alone, then beside each kind of noise,
+on one server in one run.
+
+    .venv/bin/python benchmarks/tenancy.py [--samples 20] [-- --dtype float32]
+
+The quiet tenant sends a greedy 16-token chat, one at a time. The noise, each in its own phase, from clients
+that give up after --patience-s (as an attacker's would):
+- grammars: schemas that each take xgrammar seconds to compile (distinct, so no cache helps), 24 at a time;
+- flood: as many short chats as --max-num-seqs, kept in flight;
+- long prompts: 4 chats of about 3,000 tokens, kept in flight.
+Targets (issue 36): beside grammars, TTFT p95 within 1.5x of alone. Flood and long prompts are measured for
+the fair admission still to come (today one first-come queue serves every key).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import time
+
+import httpx
+
+from serve_throughput import percentile, start_server
+
+from server.host import detect_host
+
+QUIET = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0, "max_tokens": 16,
+         "stream": True}
+LONG_TEXT = " ".join(f"Clause {i}: the tenant shall keep ledger {i} in room {i % 9}." for i in range(230))
+
+
+def heavy_schema(i: int) -> dict:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"k{i}_{j}": {"type": "integer"} for j in range(900)}}}},
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def flood_body(_: int) -> dict:
+    return {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 64}
+
+
+def long_body(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"{i}. {LONG_TEXT} Summarize."}], "max_tokens": 16}
+
+
+async def ttft(client: httpx.AsyncClient, model: str) -> float:
+    start = time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json={"model": model, **QUIET}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                return time.perf_counter() - start
+    raise RuntimeError("no token")
+
+
+async def quiet_tenant(url: str, model: str, samples: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        times = [await ttft(client, model) for _ in range(samples)]
+    return {"ttft_p50_s": round(statistics.median(times), 3), "ttft_p95_s": round(percentile(times, 95), 3)}
+
+
+async def noisy(url: str, model: str, body, width: int, patience_s: float, stop: asyncio.Event) -> None:
+    """`width` requests in flight until `stop`, each given up after `patience_s`."""
+    async with httpx.AsyncClient(base_url=url, timeout=patience_s,
+                                 limits=httpx.Limits(max_connections=width)) as client:
+        async def lane(lane_index: int) -> None:
+            sent = 0
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.post("/v1/chat/completions", json={"model": model, **body(lane_index * 10_000 + sent)})
+                sent += 1
+        await asyncio.gather(*map(lane, range(width)))
+
+
+async def beside(url: str, model: str, samples: int, body, width: int, patience_s: float) -> dict:
+    stop = asyncio.Event()
+    noise = asyncio.create_task(noisy(url, model, body, width, patience_s, stop))
+    await asyncio.sleep(1.0)  # the noise is under way
+    try:
+        return await quiet_tenant(url, model, samples)
+    finally:
+        stop.set()
+        await noise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--patience-s", type=float, default=2.0)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("server_args", nargs="*", help="extra `swapyard serve` arguments, after --")
+    args = parser.parse_args()
+    print(json.dumps({"host": detect_host().describe()}))
+    proc, url = start_server(["--log-level", "warning", "--max-num-seqs", str(args.max_num_seqs),
+                              *args.server_args])
+    try:
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        results = {"alone": asyncio.run(quiet_tenant(url, model, args.samples))}
+        for name, body, width, patience in (("beside_grammars", heavy_schema, 24, args.patience_s),
+                                            ("beside_flood", flood_body, args.max_num_seqs, 600),
+                                            ("beside_long_prompts", long_body, 4, 600)):
+            results[name] = asyncio.run(beside(url, model, args.samples, body, width, patience))
+            results[name]["p95_vs_alone"] = round(results[name]["ttft_p95_s"] / results["alone"]["ttft_p95_s"], 2)
+            print(json.dumps({name: results[name]}), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
