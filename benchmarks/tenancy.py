@@ -15,6 +15,7 @@ the fair admission still to come (today one first-come queue serves every key).
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import statistics
 import time
@@ -49,7 +50,12 @@ async def ttft(client: httpx.AsyncClient, model: str) -> float:
     async with client.stream("POST", "/v1/chat/completions", json={"model": model, **QUIET}) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"the quiet tenant's request failed: {event['error']}")
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
                 return time.perf_counter() - start
     raise RuntimeError("no token")
 
@@ -60,28 +66,33 @@ async def quiet_tenant(url: str, model: str, samples: int) -> dict:
     return {"ttft_p50_s": round(statistics.median(times), 3), "ttft_p95_s": round(percentile(times, 95), 3)}
 
 
-async def noisy(url: str, model: str, body, width: int, patience_s: float, stop: asyncio.Event) -> None:
-    """`width` requests in flight until `stop`, each given up after `patience_s`."""
+async def noisy(url: str, model: str, body, width: int, patience_s: float) -> None:
+    """`width` requests in flight until cancelled, each given up after `patience_s`."""
     async with httpx.AsyncClient(base_url=url, timeout=patience_s,
                                  limits=httpx.Limits(max_connections=width)) as client:
         async def lane(lane_index: int) -> None:
-            sent = 0
-            while not stop.is_set():
-                with contextlib.suppress(httpx.HTTPError):
-                    await client.post("/v1/chat/completions", json={"model": model, **body(lane_index * 10_000 + sent)})
-                sent += 1
+            for sent in itertools.count():
+                try:
+                    response = await client.post("/v1/chat/completions",
+                                                 json={"model": model, **body(lane_index * 10_000 + sent)})
+                    refused = response.status_code >= 400
+                except httpx.HTTPError:
+                    refused = False  # given up after patience_s: sent again at once, as an attacker would
+                if refused:
+                    await asyncio.sleep(0.05)  # a 4xx or 429 comes back at once: do not spin
         await asyncio.gather(*map(lane, range(width)))
 
 
 async def beside(url: str, model: str, samples: int, body, width: int, patience_s: float) -> dict:
-    stop = asyncio.Event()
-    noise = asyncio.create_task(noisy(url, model, body, width, patience_s, stop))
+    noise = asyncio.create_task(noisy(url, model, body, width, patience_s))
     await asyncio.sleep(1.0)  # the noise is under way
     try:
         return await quiet_tenant(url, model, samples)
-    finally:
-        stop.set()
-        await noise
+    finally:  # its requests are dropped mid-flight: the server aborts them, and the next phase starts clean
+        noise.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await noise
+        await asyncio.sleep(2.0)
 
 
 def main() -> None:

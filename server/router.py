@@ -165,7 +165,7 @@ class Router:
     async def _constraint(self, body: SamplingFields, tools: ToolPlan | None, tenant: str
                           ) -> tuple[OutputConstraint | None, Any, str]:
         """(what the output must match, compiled, the request field it came from). Under tool_choice `auto`
-        the calls are free text, but each tool's parameters must still compile as a schema."""
+        the calls are free text, but each tool's parameters must still be typed as JSON Schema."""
         param = "structured_outputs" if body.structured_outputs is not None else "response_format"
         try:
             constraint = body.constraint()
@@ -177,8 +177,10 @@ class Router:
         except ValueError as exc:
             raise APIError(400, f"{param}: {exc}", param=param) from exc
         if tools is not None and call_constraint is None:
-            for schema in tools.schemas():
-                await self._compile(schema, tenant, "tools")
+            try:
+                tools.check_types()
+            except ValueError as exc:
+                raise APIError(400, f"tools: {exc}", param="tools") from exc
         return constraint, await self._compile(constraint, tenant, param) if constraint is not None else None, param
 
     async def _compile(self, constraint: OutputConstraint, tenant: str, param: str) -> Any:

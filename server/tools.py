@@ -104,11 +104,30 @@ class ToolPlan:
                                                              "arguments": _hoisted(t, definitions)},
                             "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}
         array = {"type": "array", "items": calls, "minItems": 1, "maxItems": len(self.tools) if self.parallel else 1}
-        return OutputConstraint(kind="json", spec=json.dumps({**array, "$defs": definitions} if definitions else array))
+        return OutputConstraint(kind="json", spec=json.dumps({**array, "$defs": definitions}))
 
-    def schemas(self) -> list[OutputConstraint]:
-        """Each tool's parameters as a schema to check (under `auto` nothing compiles them otherwise)."""
-        return [OutputConstraint(kind="json", spec=json.dumps(t.function.parameters)) for t in self.tools]
+    def check_types(self) -> None:
+        """Under `auto` nothing compiles the tools' parameters (the calls are free text), but each `type` in them
+        must still be a JSON Schema type: raises ValueError naming the tool otherwise. Only that, cheaply: a
+        schema xgrammar cannot compile may still describe a call well."""
+        for tool in self.tools:
+            stack = [tool.function.parameters]  # schemas (and lists of them) only
+            while stack:
+                node = stack.pop()
+                if isinstance(node, list):
+                    stack.extend(node)
+                    continue
+                if not isinstance(node, dict):
+                    continue
+                kinds = node.get("type", [])
+                for kind in kinds if isinstance(kinds, list) else [kinds]:
+                    if not isinstance(kind, str) or kind not in _JSON_TYPES:
+                        raise ValueError(f"tool `{tool.function.name}`: {kind!r} is not a JSON Schema type")
+                for key, value in node.items():
+                    if key in _NAME_MAPS and isinstance(value, dict):  # names to schemas
+                        stack.extend(value.values())
+                    elif key not in _DATA_KEYWORDS:
+                        stack.append(value)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) from the generated text; no calls: the text is the content."""
@@ -137,33 +156,28 @@ class ToolPlan:
             name=item["name"], arguments=json.dumps(item.get("arguments", {})))) for item in items]
 
 
-def _hoisted(tool: Tool, definitions: dict) -> Any:
-    """The tool's parameters with their `$defs` (or `definitions`) moved into `definitions`, names prefixed by
-    the tool's, and their `$ref`s rewritten to match: inside the `required` array's schema, a `#/$defs/...`
-    reference is resolved from that schema's root, not the tool's."""
-    parameters = tool.function.parameters
-    prefix = f"{tool.function.name}."
-    local = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
-    if not local:
-        return parameters
+def _hoisted(tool: Tool, definitions: dict) -> dict:
+    """A reference to the tool's parameters, moved whole into `definitions` under the tool's name, their local
+    references (`#...`) rewritten to point there: inside the `required` array's schema, `#/$defs/X` would be
+    resolved from that schema's root, not the tool's."""
+    name = tool.function.name  # [A-Za-z0-9_-]: nothing to escape in a JSON pointer
 
     def rewrite(node: Any) -> Any:
         if isinstance(node, dict):
-            return {key: _renamed(value, prefix) if key == "$ref" else rewrite(value) for key, value in node.items()}
+            return {key: (f"#/$defs/{name}{value[1:]}" if key == "$ref" and isinstance(value, str)
+                          and value.startswith("#") else value if key in _DATA_KEYWORDS else rewrite(value))
+                    for key, value in node.items()}
         if isinstance(node, list):
             return [rewrite(item) for item in node]
         return node
 
-    for name, schema in local.items():
-        definitions[prefix + name] = rewrite(schema)
-    return rewrite({key: value for key, value in parameters.items() if key not in ("$defs", "definitions")})
+    definitions[name] = rewrite(tool.function.parameters)
+    return {"$ref": f"#/$defs/{name}"}
 
 
-def _renamed(ref: Any, prefix: str) -> Any:
-    for root in ("#/$defs/", "#/definitions/"):
-        if isinstance(ref, str) and ref.startswith(root):
-            return f"#/$defs/{prefix}{ref.removeprefix(root)}"
-    return ref
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # values there are data, not schemas
+_JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 def render_message(message: ChatMessage, template_knows_tools: bool) -> dict:

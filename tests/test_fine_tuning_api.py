@@ -203,7 +203,8 @@ def test_cancel_stops_training(oai, http):
     *[({"method": {"type": "lora", "hyperparameters": {field: value}}}, f"method.hyperparameters.{field}")
       for field, value in (("epochs", 10**9), ("lora_r", 10**9), ("num_virtual_tokens", 10**9),
                            ("batch_size", 10**9), ("max_seq_len", 10**9), ("learning_rate", 1e308),
-                           ("learning_rate", 1e30), ("seed", 2**70), ("lora_alpha", 1e300))],
+                           ("learning_rate", 1e30), ("seed", 2**70), ("lora_alpha", 1e300),
+                           ("epochs", True), ("batch_size", "4"), ("use_rslora", "yes"))],  # strict, as OpenAI's
     ({"seed": 2**70}, "seed"),
     ({"seed": 1, "method": {"type": "lora", "hyperparameters": {"seed": 2}}}, "seed"),
     # OpenAI's shapes: every field bounded, and a 400 names it by its path in the request.

@@ -125,6 +125,7 @@ def test_json_object_and_vllms_structured_outputs(every_kind):
       "tool_choice": "required"}, "tools"),
     # Under `auto` nothing constrains the output, but a tool's parameters must still be a schema.
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]}, "tools"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),  # a call could not say which of the two it is
 ])
 def test_bad_specs_are_400s_naming_the_field(every_kind, fields, param):
     http, _, _ = every_kind
@@ -171,6 +172,9 @@ def test_a_required_call_to_a_tool_with_defs_follows_its_schema(every_kind):
                                            tool_choice="required", max_tokens=40, temperature=0).choices[0]
     (name, arguments), = _calls(reply.message)
     assert name == "book" and isinstance(arguments["seat"]["row"], int)
+    odd = {"type": "function", "function": {"name": "odd", "parameters": {"$defs": None, "type": "object"}}}
+    assert client.chat.completions.create(model=MODEL, messages=ask("Hi"), tools=[odd], tool_choice="required",
+                                          max_tokens=8).choices  # a null `$defs` was a 500 while hoisting
 
 
 def test_tool_calls_stream_as_deltas(every_kind):

@@ -84,7 +84,7 @@ def read_examples(path: Path) -> tuple[list[Example], list[str]]:
     examples: list[Example] = []
     problems: list[str] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a string
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(path, [f"cannot be read: {exc}"]) from exc
     for number, line in enumerate(lines, start=1):

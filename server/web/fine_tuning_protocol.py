@@ -132,7 +132,8 @@ class CreateJob(BaseModel):
 
 def train_config(request: CreateJob, **server_fields: Any) -> TrainConfig:
     try:
-        return TrainConfig(**request.train_fields(), **server_fields)
+        # Strict, as the request models are: the alias shape's hyperparameters arrive as a plain dict.
+        return TrainConfig.model_validate({**request.train_fields(), **server_fields}, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = request.param_of(str(first["loc"][0])) if first["loc"] else "method"

@@ -311,6 +311,13 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     """This many likeliest alternatives per token; needs logprobs: true."""
 
+    @field_validator("tools")
+    @classmethod
+    def _distinct_tool_names(cls, value: list[Tool] | None) -> list[Tool] | None:
+        if value is not None and len({t.function.name for t in value}) < len(value):
+            raise ValueError("two tools have one name: a call could not say which it is")
+        return value
+
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
