@@ -132,7 +132,7 @@ class ServeSettings(EngineSettings):
     sharing within a key further). Without keys every client is one tenant."""
     grammar_workers: int = Field(1, gt=0)
     """Processes that compile structured-output constraints (JSON schemas, regexes, grammars), at low CPU
-    priority; each holds about 300 MB."""
+    priority; each holds about 400 MB (PSS: it imports xgrammar, and torch with it)."""
     max_grammar_compile_s: float = Field(10.0, gt=0)
     """Longest a constraint may take to compile, waiting for a worker included; past it the request is a 400
     naming its constraint, and the compile is stopped (also when the client leaves)."""
