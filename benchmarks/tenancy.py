@@ -1,24 +1,30 @@
-"""A quiet tenant beside noisy ones: its time to first token (p50, p95) alone, then beside each kind of noise,
-on one server in one run.
+"""A quiet tenant beside a noisy one: the quiet tenant's time to first token (p50, p95) alone, then beside
+each kind of noise from the other tenant's key, on one server in one run.
 
     .venv/bin/python benchmarks/tenancy.py [--samples 20] [-- --dtype float32]
 
-The quiet tenant sends a greedy 16-token chat, one at a time. The noise, each in its own phase, from clients
+Two API keys, two tenants (`quiet`, `noisy`); the noisy one has --noisy-max-in-flight in a policy file. The
+quiet tenant sends a greedy 16-token chat, one at a time. The noise, each in its own phase, from clients
 that give up after --patience-s (as an attacker's would):
 - grammars: schemas that each take xgrammar seconds to compile (distinct, so no cache helps), 24 at a time;
-- flood: as many short chats as --max-num-seqs, kept in flight;
-- long prompts: 4 chats of about 2,900 tokens, kept in flight.
-Targets (issue 36): beside grammars, TTFT p95 within 1.5x of alone. Flood and long prompts are measured for
-the fair admission still to come (today one first-come queue serves every key).
+- flood: as many short chats as --max-num-seqs, kept in flight (those over the noisy key's limit get 429s,
+  and wait as its Retry-After says, as the OpenAI SDKs do: a client spinning on 429s is for a gateway's
+  rate limit);
+- long prompts: 4 chats of about 4,000 tokens, kept in flight.
+Target (issue 36): TTFT p95 within 1.5x of alone beside each.
 """
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -28,7 +34,8 @@ from server.host import detect_host
 
 QUIET = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0, "max_tokens": 16,
          "stream": True}
-LONG_TEXT = " ".join(f"Clause {i}: the tenant shall keep ledger {i} in room {i % 9}." for i in range(150))
+LONG_TEXT = " ".join(f"Clause {i}: the tenant shall keep ledger {i} in room {i % 9}." for i in range(205))
+KEYS = {"quiet": "sk-bench-quiet", "noisy": "sk-bench-noisy"}
 
 
 def heavy_schema(i: int) -> dict:
@@ -60,34 +67,43 @@ async def ttft(client: httpx.AsyncClient, model: str) -> float:
     raise RuntimeError("no token")
 
 
+def bearer(tenant: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
 async def quiet_tenant(url: str, model: str, samples: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=bearer("quiet")) as client:
         times = [await ttft(client, model) for _ in range(samples)]
     return {"ttft_p50_s": round(statistics.median(times), 3), "ttft_p95_s": round(percentile(times, 95), 3)}
 
 
-async def noisy(url: str, model: str, body, width: int, patience_s: float) -> None:
-    """`width` requests in flight until cancelled, each given up after `patience_s`."""
-    async with httpx.AsyncClient(base_url=url, timeout=patience_s,
+async def noisy(url: str, model: str, body, width: int, patience_s: float, refusals: list[str]) -> None:
+    """`width` requests in flight until cancelled, each given up after `patience_s`; the error codes of those
+    refused go to `refusals`."""
+    async with httpx.AsyncClient(base_url=url, timeout=patience_s, headers=bearer("noisy"),
                                  limits=httpx.Limits(max_connections=width)) as client:
         async def lane(lane_index: int) -> None:
             for sent in itertools.count():
                 try:
                     response = await client.post("/v1/chat/completions",
                                                  json={"model": model, **body(lane_index * 10_000 + sent)})
-                    refused = response.status_code >= 400
+                    pause = 0.0
+                    if response.status_code >= 400:  # comes back at once: no spinning
+                        refusals.append(response.json()["error"]["code"])
+                        pause = float(response.headers.get("retry-after", 0.05))  # as the OpenAI SDKs wait
                 except httpx.HTTPError:
-                    refused = False  # given up after patience_s: sent again at once, as an attacker would
-                if refused:
-                    await asyncio.sleep(0.05)  # a 4xx or 429 comes back at once: do not spin
+                    pause = 0.0  # given up after patience_s: sent again at once, as an attacker would
+                await asyncio.sleep(pause)
         await asyncio.gather(*map(lane, range(width)))
 
 
 async def beside(url: str, model: str, samples: int, body, width: int, patience_s: float) -> dict:
-    noise = asyncio.create_task(noisy(url, model, body, width, patience_s))
+    refusals: list[str] = []
+    noise = asyncio.create_task(noisy(url, model, body, width, patience_s, refusals))
     await asyncio.sleep(1.0)  # the noise is under way
     try:
-        return await quiet_tenant(url, model, samples)
+        return {**await quiet_tenant(url, model, samples),
+                "noisy_refused": dict(collections.Counter(refusals))}
     finally:  # its requests are dropped mid-flight: the server aborts them, and the next phase starts clean
         noise.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -100,13 +116,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--patience-s", type=float, default=2.0)
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--noisy-max-in-flight", type=int, default=8)
     parser.add_argument("server_args", nargs="*", help="extra `swapyard serve` arguments, after --")
     args = parser.parse_args()
     print(json.dumps({"host": detect_host().describe()}))
+    policy = Path(tempfile.mkdtemp()) / "policy.toml"
+    policy.write_text(f"[tenants.noisy]\nmax_in_flight = {args.noisy_max_in_flight}\n")
+    os.environ["SWAPYARD_API_KEYS"] = ",".join(f"inference:{key} {tenant}" for tenant, key in KEYS.items())
     proc, url = start_server(["--log-level", "warning", "--max-num-seqs", str(args.max_num_seqs),
-                              *args.server_args])
+                              "--tenant-policy-file", str(policy), *args.server_args])
     try:
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        model = httpx.get(f"{url}/v1/models", headers=bearer("quiet")).json()["data"][0]["id"]
         results = {"alone": asyncio.run(quiet_tenant(url, model, args.samples))}
         for name, body, width, patience in (("beside_grammars", heavy_schema, 24, args.patience_s),
                                             ("beside_flood", flood_body, args.max_num_seqs, 600),

@@ -28,11 +28,12 @@ from server.engine.torch.model_runner import eos_token_ids
 from server.errors import install_error_handlers
 from server.generation_defaults import read_sampling_defaults
 from server.host import keep_torch_to_one_thread
-from server.limits import BodyLimit, InFlightLimit
+from server.limits import BodyLimit
 from server.web.ops_api import ops_api
 from server.router import Router
 from server.structured import GrammarCompiler
 from server.settings import ServeSettings
+from server.tenancy import PolicyFile, TenantAdmission, Tenants
 from server.storage import require_local, require_store
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
                                workers=settings.grammar_workers, budget_s=settings.max_grammar_compile_s)
     app.state.router = Router(engine, adapters, tokenizer, name, max_model_len,
                               max_prompt_tokens=settings.max_prompt_tokens, max_tokens_limit=settings.max_tokens_limit,
-                              sampling_defaults=defaults, grammars=grammars,
+                              sampling_defaults=defaults, grammars=grammars, tenants=app.state.tenants,
                               prefix_cache_across_keys=settings.prefix_cache_across_keys)
     app.state.phase = "ready"
     log.info("serving %s as %r (context %d tokens)", path, name, max_model_len)
@@ -143,14 +144,17 @@ def build_app(settings: ServeSettings) -> FastAPI:
             for database in set(app.state.databases):
                 database.close()
 
-    api_keys = ApiKeys.load(settings.api_keys_file)  # a bad keys file stops the server before it listens
+    api_keys = ApiKeys.load(settings.api_keys_file)  # a bad keys or policy file stops the server before it listens
+    tenants = Tenants(PolicyFile.load(settings.tenant_policy_file, api_keys.tenants),
+                      pool=settings.max_num_seqs + settings.max_queued_requests)
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     for routes in (ops_api, api, adapter_api, models_api, files_api, jobs_api):
         app.include_router(routes)
     # Added innermost first: CORS (preflights carry no key), then keys, then sizes, then capacity, so a
     # request without a key is refused before its body is read or it takes a place in flight.
-    app.add_middleware(InFlightLimit, limit=settings.max_num_seqs + settings.max_queued_requests)
+    app.state.tenants = tenants
+    app.add_middleware(TenantAdmission, tenants=tenants)
     app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * 2**20),
                        upload_limit=settings.max_upload_mb * 2**20 + _MULTIPART_SLACK)
     app.add_middleware(ApiKeyGate, keys=api_keys)

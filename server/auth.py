@@ -1,12 +1,16 @@
-"""API keys: `Authorization: Bearer <key>`, each key with a scope. `inference` keys may call the model
-routes; `admin` keys may also register adapters and run fine-tuning jobs. With no keys configured the
-server is open (a warning says so at start-up). Keys are kept as SHA-256 digests and never logged.
-The check runs as ASGI middleware, before any route reads the request body."""
+"""API keys: `Authorization: Bearer <key>`, each key with a scope and a tenant. `inference` keys may call the
+model routes; `admin` keys may also register adapters, run fine-tuning jobs and read /metrics; `metrics`
+keys may only read /metrics (Prometheus). A key's tenant is the name written after it (keys of one tenant
+share its limits and its cached prompts), else a name of its own derived from its digest. With no keys
+configured the server is open (a warning says so at start-up). Keys are kept as SHA-256 digests and never
+logged. The check runs as ASGI middleware, before any route reads the request body."""
 
 import hashlib
 import hmac
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,30 +22,47 @@ from server.errors import APIError
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["inference", "admin"]
-SCOPES: tuple[Scope, ...] = ("inference", "admin")
+Scope = Literal["inference", "admin", "metrics"]
+SCOPES: tuple[Scope, ...] = ("inference", "admin", "metrics")
+GRANTS: dict[Scope, frozenset[Scope]] = {"inference": frozenset({"inference"}),
+                                         "admin": frozenset({"inference", "admin", "metrics"}),
+                                         "metrics": frozenset({"metrics"})}
 KEYS_ENV = "SWAPYARD_API_KEYS"
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a Prometheus label value and a log word
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    scope: Scope
+    tenant: str  # the name its limits, usage metrics and cached prompts go by; never the key
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def parse_keys(text: str, source: str) -> dict[bytes, Scope]:
-    """`scope:key` entries, one per line or comma-separated; `#` starts a comment."""
-    keys: dict[bytes, Scope] = {}
+def parse_keys(text: str, source: str) -> dict[bytes, KeyEntry]:
+    """`scope:KEY` or `scope:KEY TENANT` entries, one per line or comma-separated; `#` starts a comment."""
+    keys: dict[bytes, KeyEntry] = {}
     for number, line in enumerate(text.splitlines(), 1):
         for entry in filter(None, (part.strip() for part in line.split("#", 1)[0].split(","))):
-            scope, sep, key = entry.partition(":")
-            if not sep or scope not in SCOPES or not key:
+            scope, sep, rest = entry.partition(":")
+            key, *name = rest.split() or [""]
+            if not sep or scope not in SCOPES or not key or len(name) > 1:
                 # The entry itself is not echoed: it may be a key.
-                raise SystemExit(f"{source}, line {number}: expected `inference:KEY` or `admin:KEY`")
-            keys[_digest(key)] = scope
+                raise SystemExit(f"{source}, line {number}: expected `SCOPE:KEY` or `SCOPE:KEY TENANT`, "
+                                 f"SCOPE one of {', '.join(SCOPES)}")
+            if name and not TENANT_NAME.fullmatch(name[0]):
+                raise SystemExit(f"{source}, line {number}: a tenant name is 1-63 letters, digits, '.', '_' or "
+                                 f"'-', starting with a letter or digit")
+            digest = _digest(key)
+            # Unnamed, a key is a tenant of its own: a digest prefix tells nothing about the key.
+            keys[digest] = KeyEntry(scope, name[0] if name else f"key-{digest.hex()[:12]}")
     return keys
 
 
 class ApiKeys:
-    def __init__(self, keys: dict[bytes, Scope]):
+    def __init__(self, keys: dict[bytes, KeyEntry]):
         self._keys = keys
 
     @classmethod
@@ -60,29 +81,30 @@ class ApiKeys:
     def is_enabled(self) -> bool:
         return bool(self._keys)
 
-    def scope_of(self, key: str) -> Scope | None:
+    @property
+    def tenants(self) -> set[str]:
+        return {entry.tenant for entry in self._keys.values()}
+
+    def entry_of(self, key: str) -> KeyEntry | None:
         digest = _digest(key)
         # Compare against every key so the time taken says nothing about which one nearly matched.
-        found = [scope for known, scope in self._keys.items() if hmac.compare_digest(known, digest)]
+        found = [entry for known, entry in self._keys.items() if hmac.compare_digest(known, digest)]
         return found[0] if found else None
 
 
-def tenant_of(key: str) -> str:
-    """Who sent a request, for keeping tenants apart (their cached grammars): the start of its key's digest,
-    which tells nothing about the key. Without keys every client is one tenant, ""."""
-    return _digest(key).hex()[:16]
-
-
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and Prometheus
+OPEN_PATHS = frozenset({"/health", "/ready"})  # probes
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
 
 
 def scope_needed(method: str, path: str) -> Scope | None:
     """The scope a request needs: None for the open probes; everything else, /docs and unknown paths
-    included, needs a key, so nothing about the server is told to a client without one. Deleting a model
-    (OpenAI's way to delete a fine-tuned one) deletes an adapter: admin."""
+    included, needs a key, so nothing about the server is told to a client without one. /metrics names
+    every adapter and tenant: the metrics scope. Deleting a model (OpenAI's way to delete a fine-tuned one)
+    deletes an adapter: admin."""
     if path in OPEN_PATHS:
         return None
+    if path == "/metrics":
+        return "metrics"
     if path.startswith(ADMIN_PREFIXES) or (method == "DELETE" and path.startswith("/v1/models")):
         return "admin"
     return "inference"
@@ -102,16 +124,17 @@ class ApiKeyGate:
             return
         authorization = Headers(scope=scope).get("authorization", "")
         kind, _, token = authorization.partition(" ")
-        granted = self.keys.scope_of(token.strip()) if kind.lower() == "bearer" else None
-        if granted is None:
+        entry = self.keys.entry_of(token.strip()) if kind.lower() == "bearer" else None
+        if entry is None:
             refused = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                                type="authentication_error", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
-        elif needed == "admin" and granted != "admin":
-            refused = APIError(403, "this API key has the inference scope; this route needs an admin key",
+        elif needed not in GRANTS[entry.scope]:
+            refused = APIError(403, f"this API key has the {entry.scope} scope; this route needs "
+                                    f"{'an' if needed[0] in 'aeiou' else 'a'} {needed} key",
                                type="permission_error", code="insufficient_scope")
         else:
-            scope.setdefault("state", {})["tenant"] = tenant_of(token.strip())
+            scope.setdefault("state", {})["tenant"] = entry.tenant
             await self.app(scope, receive, send)
             return
         await refused.response()(scope, receive, send)

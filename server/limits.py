@@ -1,40 +1,13 @@
-"""Admission control, so that no client can make the server hold unbounded memory: a bounded number
-of generation requests in flight (running or queued in the engine), past which a request is refused at
-once with 429 and Retry-After; and a bounded body on every route (uploads have their own limit)."""
+"""A bounded body on every route (uploads have their own limit), so that no client can make the server hold
+unbounded memory; requests in flight are bounded per tenant (server/tenancy.py)."""
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError
-from server.metrics import REJECTED
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 UPLOAD_PATHS = frozenset({"/v1/adapters", "/v1/files"})  # multipart archives and training data
-
-
-class InFlightLimit:
-    """Pure ASGI, so a streamed response counts until its last byte is sent or its client leaves."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
-        self.num_in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
-            await self.app(scope, receive, send)
-            return
-        if self.num_in_flight >= self.limit:
-            REJECTED.labels("over_capacity").inc()
-            refused = APIError(429, f"the server is at its limit of {self.limit} requests in flight; retry shortly",
-                               type="rate_limit_error", code="over_capacity", headers={"Retry-After": "1"})
-            await refused.response()(scope, receive, send)
-            return
-        self.num_in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.num_in_flight -= 1
 
 
 class BodyLimit:

@@ -37,6 +37,13 @@ ADAPTER_QUEUE = Gauge("swapyard_adapter_queue_length", "Requests waiting for the
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
 RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
 REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
+# Per tenant: the name the keys file gives a key's tenant (or `key-` and a digest prefix), never the key.
+TENANT_IN_FLIGHT = Gauge("swapyard_tenant_requests_in_flight", "Generation requests of the tenant running or queued.",
+                         ["tenant"])
+TENANT_REJECTED = Counter("swapyard_tenant_requests_rejected", "The tenant's requests refused by a limit (the error "
+                          "code names which).", ["tenant", "code"])
+TENANT_TOKENS = Counter("swapyard_tenant_tokens", "Tokens the tenant's requests used (the engine's work: each "
+                        "of n choices counts its prompt).", ["tenant", "kind"])
 ENGINE_FAILURES = Counter("swapyard_engine_failures", "Unexpected engine failures (each fails the requests in "
                           "flight; the engine restarts unless they repeat).")
 ENGINE_INFO = Info("swapyard_engine", "Each engine serving, and the device and dtype it computes in.", ["engine"])
@@ -83,8 +90,8 @@ def forget_model(name: str) -> None:
 class RequestMetrics:
     """Records one request's latencies from the outputs the client receives."""
 
-    def __init__(self, model: str, num_prompt_tokens: int, arrival_time: float):
-        self.model, self.arrival_time = model, arrival_time
+    def __init__(self, model: str, tenant: str, num_prompt_tokens: int, arrival_time: float):
+        self.model, self.tenant, self.arrival_time = model, tenant, arrival_time
         self._num_prompt_tokens = num_prompt_tokens
         self._last_token_time: float | None = None
         _live[model] += 1
@@ -103,10 +110,12 @@ class RequestMetrics:
                 INTER_TOKEN_LATENCY.labels(self.model).observe(now - self._last_token_time)
             self._last_token_time = now
             GENERATION_TOKENS.labels(self.model).inc(len(out.token_ids))
+            TENANT_TOKENS.labels(self.tenant, "generated").inc(len(out.token_ids))
 
     def close(self, finish_reason: str) -> None:
         (RUNNING if self._last_token_time is not None else WAITING).labels(self.model).dec()
         PROMPT_TOKENS.labels(self.model).inc(self._num_prompt_tokens)
+        TENANT_TOKENS.labels(self.tenant, "prompt").inc(self._num_prompt_tokens)
         E2E_LATENCY.labels(self.model).observe(time.monotonic() - self.arrival_time)
         REQUESTS.labels(self.model, finish_reason).inc()
         _live[self.model] -= 1

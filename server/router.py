@@ -20,6 +20,7 @@ from server.errors import APIError
 from server.logprobs import LogprobFormatter
 from server.grammar_workers import WorkersBusy
 from server.structured import GrammarCompiler
+from server.tenancy import Tenants
 from server.tools import ToolPlan, render_message
 from server.metrics import RequestMetrics
 from server.web.protocol import ChatMessage, ModelCard, ModelList, SamplingFields, Usage, new_id
@@ -56,13 +57,13 @@ class Router:
     def __init__(self, engine: Engine, adapters: AdapterManager, tokenizer: PreTrainedTokenizerBase,
                  base_model: str, max_model_len: int, *, max_prompt_tokens: int | None = None,
                  max_tokens_limit: int | None = None, sampling_defaults: dict[str, float] | None = None,
-                 grammars: GrammarCompiler, prefix_cache_across_keys: bool = False):
+                 grammars: GrammarCompiler, tenants: Tenants, prefix_cache_across_keys: bool = False):
         self.engine, self.adapters, self.tokenizer = engine, adapters, tokenizer
         self.base_model, self.max_model_len = base_model, max_model_len
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.sampling_defaults = sampling_defaults or {}  # the model's, for fields a request leaves out
         self.logprobs = LogprobFormatter(tokenizer)
-        self.grammars = grammars
+        self.grammars, self.tenants = grammars, tenants
         self.prefix_cache_across_keys = prefix_cache_across_keys
         self._created = int(time.time())
 
@@ -119,7 +120,7 @@ class Router:
     async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
                     tenant: str, tools: ToolPlan | None = None) -> GenerationRequest:
         """The engine request for `body`; `tenant` keeps its compiled constraint and its cached prompt blocks
-        apart from other tenants'."""
+        apart from other tenants', and the engine's fair queue serves it by its tenant's weight."""
         ref = await self.resolve(body.model)
         num_virtual = ref.num_virtual_tokens if ref is not None else 0  # positions it adds before the prompt
         if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
@@ -160,7 +161,8 @@ class Router:
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
         return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, ref,
-                                 self._cache_salt(tenant, body.cache_salt), grammar=grammar, constraint_param=param)
+                                 self._cache_salt(tenant, body.cache_salt), grammar=grammar, constraint_param=param,
+                                 tenant=tenant, weight=self.tenants.weight(tenant))
 
     async def _constraint(self, body: SamplingFields, tools: ToolPlan | None, tenant: str
                           ) -> tuple[OutputConstraint | None, Any, str]:
@@ -217,13 +219,16 @@ class Router:
                 for name, default in openai_defaults.items()}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Engine outputs for one request; leaving early (client gone) aborts it in the engine."""
-        metrics = RequestMetrics(request.model, len(request.prompt_token_ids), request.arrival_time)
+        """Engine outputs for one request, its tokens charged to its tenant; leaving early (client gone) aborts
+        it in the engine."""
+        metrics = RequestMetrics(request.model, request.tenant, len(request.prompt_token_ids), request.arrival_time)
+        self.tenants.charge(request.tenant, len(request.prompt_token_ids))
         finish_reason = "abort"
         try:
             async with aclosing(self.engine.generate(request)) as outputs:
                 async for out in outputs:
                     metrics.observe(out)
+                    self.tenants.charge(request.tenant, len(out.token_ids))
                     finish_reason = out.finish_reason or finish_reason
                     yield out
         finally:

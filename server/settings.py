@@ -116,11 +116,16 @@ class ServeSettings(EngineSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server and uvicorn."""
     api_keys_file: Path | None = None
-    """File of `inference:KEY` / `admin:KEY` lines (also read: $SWAPYARD_API_KEYS); none: no auth."""
+    """File of `SCOPE:KEY` or `SCOPE:KEY TENANT` lines, SCOPE one of inference, admin, metrics (also read:
+    $SWAPYARD_API_KEYS); none: no auth. Keys naming one tenant share its limits and cached prompts."""
+    tenant_policy_file: Path | None = None
+    """TOML file of per-tenant limits and priorities (`[default]`, `[tenants.NAME]`: priority, max_in_flight,
+    tokens_per_minute); none: every tenant at normal priority, limited only by its share of the server."""
     max_request_mb: float = Field(8.0, gt=0)
     """Largest JSON request body; archives and training files are bounded by --max-upload-mb instead."""
     max_queued_requests: int = Field(256, ge=0)
-    """Generation requests admitted beyond --max-num-seqs to wait in the queue; past that, 429."""
+    """Generation requests admitted beyond --max-num-seqs to wait in the queue; past that, 429 for the tenants
+    holding more than their share (by priority) of the requests in flight."""
     max_prompt_tokens: int | None = Field(None, gt=0)
     """Longest prompt accepted, in tokens (default: the context length)."""
     max_tokens_limit: int | None = Field(None, gt=0)

@@ -1,6 +1,6 @@
-"""API keys: inference keys reach the model routes only, admin keys everything; no key or a wrong one
-is 401, a key of the wrong scope 403; health, readiness and metrics stay open; keys never reach the log;
-keys never share cached prompt blocks."""
+"""API keys: inference keys reach the model routes only, metrics keys /metrics only, admin keys everything;
+no key or a wrong one is 401, a key of the wrong scope 403; health and readiness stay open; keys never reach
+the log; keys never share cached prompt blocks."""
 
 import logging
 import socket
@@ -12,14 +12,14 @@ import pytest
 from conftest import MODEL, ask, running_server, scrape, start_serve_process
 from server.auth import parse_keys
 
-INFERENCE_KEY, ADMIN_KEY = "sk-infer-0123456789", "sk-admin-9876543210"
+INFERENCE_KEY, ADMIN_KEY, METRICS_KEY = "sk-infer-0123456789", "sk-admin-9876543210", "sk-metrics-555"
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth")
     keys = tmp / "keys.txt"
-    keys.write_text(f"# one key per line\nadmin:{ADMIN_KEY}\n")
+    keys.write_text(f"# one key per line\nadmin:{ADMIN_KEY}\nmetrics:{METRICS_KEY} prometheus\n")
     mp = pytest.MonkeyPatch()
     mp.setenv("SWAPYARD_API_KEYS", f"inference:{INFERENCE_KEY}")
     try:
@@ -57,8 +57,17 @@ def test_keys_and_scopes(secured, caplog):
         assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_scope", path
     assert httpx.get(f"{secured}/v1/adapters", headers=_bearer(ADMIN_KEY)).status_code == 200
 
-    for path in ("/health", "/ready", "/metrics"):
+    for path in ("/health", "/ready"):
         assert httpx.get(f"{secured}{path}").status_code == 200, path
+    # /metrics names every adapter and tenant: a metrics (or admin) key, and nothing else with it.
+    assert httpx.get(f"{secured}/metrics").status_code == 401
+    assert httpx.get(f"{secured}/metrics", headers=_bearer(INFERENCE_KEY)).status_code == 403
+    assert httpx.get(f"{secured}/metrics", headers=_bearer(ADMIN_KEY)).status_code == 200
+    scraped = httpx.get(f"{secured}/metrics", headers=_bearer(METRICS_KEY))
+    assert scraped.status_code == 200 and "swapyard_tenant_tokens_total" in scraped.text
+    assert INFERENCE_KEY not in scraped.text and "sk-" not in scraped.text  # tenants by name, never by key
+    denied = _chat(secured, _bearer(METRICS_KEY))
+    assert denied.status_code == 403 and "metrics scope" in denied.json()["error"]["message"]
     assert INFERENCE_KEY not in caplog.text and ADMIN_KEY not in caplog.text
 
 
@@ -67,6 +76,11 @@ def test_malformed_key_entries_are_refused_without_echoing_them():
         parse_keys("admin:sk-good\nsuperuser:sk-secret-value\n", "keys.txt")
     assert "sk-secret-value" not in str(stopped.value)
     assert len(parse_keys("inference:a, admin:b  # two keys\n\n", "env")) == 2
+    named = parse_keys("inference:a acme, inference:b acme, metrics:c", "env")
+    assert {entry.tenant for entry in named.values()} >= {"acme"} and len({e.tenant for e in named.values()}) == 2
+    for bad in ("inference:a two words", "inference:a -dash", "inference:", "reader:a"):
+        with pytest.raises(SystemExit, match="env, line 1"):
+            parse_keys(bad, "env")
 
 
 def _rss_mb(pid: int) -> float:
@@ -152,5 +166,5 @@ def test_keys_never_share_cached_prompt_blocks(secured):
 
 
 def _hits(url: str) -> float:
-    with httpx.Client(base_url=url) as client:
+    with httpx.Client(base_url=url, headers=_bearer(METRICS_KEY)) as client:
         return scrape(client).get(("swapyard_prefix_cache_hits_total", ()), 0)

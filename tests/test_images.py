@@ -2,7 +2,8 @@
 the Dockerfiles; the images run as uid 1000, check /ready, install runtime dependencies only (setup.sh is run
 here with the images' own settings against a fake pip), pin the vLLM the code patches, and keep a compiler
 where Triton needs one; the build context leaves secrets out; the compose files match the compose-spec
-schema, and every combination of them bind each host port once and leave no dead Prometheus target."""
+schema, and every combination of them bind each host port once and leave no dead Prometheus target; Prometheus
+sends the metrics key the server holds, or a placeholder an open server ignores."""
 
 import itertools
 import json
@@ -19,6 +20,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from server.auth import parse_keys
 from server.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,3 +436,38 @@ def test_postgres_profile_wires_the_database_url_and_keeps_it_out_of_git():
     assert services["postgres"]["image"].startswith("postgres:") and services["postgres"]["profiles"] == ["postgres"]
     assert services["swapyard"]["environment"]["SWAPYARD_DATABASE_URL"].startswith("${SWAPYARD_DATABASE_URL")
     assert services["swapyard"]["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}
+
+
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::([-+])([^${}]*))?\}")  # innermost first: ${A}, ${A:-x}, ${A:+x}
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation of the forms docker-compose.yml uses, nested ones included."""
+    def one(match: re.Match) -> str:
+        value = env.get(match[1], "")
+        return {"-": value or match[3], "+": match[3] if value else ""}.get(match[2], value)
+
+    while (replaced := INTERPOLATION.sub(one, text)) != text:
+        text = replaced
+    assert "$" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("keys, metrics_key", [("", ""), ("admin:a1", ""), ("", "m1"), ("admin:a1,inference:i1", "m1")])
+def test_prometheus_sends_the_metrics_key_the_server_holds(keys, metrics_key):
+    """SWAPYARD_METRICS_KEY is one more of the server's keys (`metrics:KEY`) and the credential Prometheus sends;
+    unset, the server's keys are what SWAPYARD_API_KEYS says (none: open) and never an empty `metrics:` entry,
+    which the server refuses at start-up."""
+    config = load((BASE_COMPOSE,))
+    env = {name: value for name, value in (("SWAPYARD_API_KEYS", keys), ("SWAPYARD_METRICS_KEY", metrics_key)) if value}
+    held = parse_keys(interpolate(config["services"]["swapyard"]["environment"]["SWAPYARD_API_KEYS"], env), "env")
+    assert held == parse_keys(keys, "env") | (parse_keys(f"metrics:{metrics_key}", "env") if metrics_key else {})
+    mounted = {config_file["target"]: config_file for config_file in config["services"]["prometheus"]["configs"]}
+    for job in yaml.safe_load((COMPOSE / "prometheus.yml").read_text())["scrape_configs"]:
+        authorization = job["authorization"]
+        assert authorization.get("type", "Bearer") == "Bearer" and "credentials" not in authorization
+        credential_file = mounted[authorization["credentials_file"]]
+        assert credential_file["mode"] & 0o004, "Prometheus runs as nobody: the file must be readable by others"
+        sent = interpolate(config["configs"][credential_file["source"]]["content"], env)
+        # Compose writes no file for an empty config, and Prometheus would fail every scrape on the missing file.
+        assert (sent == metrics_key) if metrics_key else sent.strip(), sent

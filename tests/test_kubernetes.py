@@ -3,7 +3,8 @@
 against the Kubernetes schemas (kubernetes-validate), and the rendered objects get right what a GPU pod on a
 fresh volume needs: the image's uid owning the volume, a rollout that never waits on the GPU or volume the old
 pod holds, a memory-backed /dev/shm, probes that wait for the model, a model that something actually fills, no
-secret in git, and the InferencePool only where an overlay asks for it.
+secret in git, a documented keys command that writes a key of every scope (Prometheus' metrics key among them),
+and the InferencePool only where an overlay asks for it.
 
 Not run here: applying to a real cluster (storage classes, GPUs, the download, the inference extension)."""
 
@@ -17,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.auth import SCOPES, parse_keys
+
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "deploy" / "kubernetes"
 OVERLAYS = ("single-node", "replicas")
@@ -26,7 +29,7 @@ KUBERNETES_VERSION = "1.32"
 IMAGE = "ghcr.io/swapyard/swapyard:cuda"
 UID = 1000  # user swapyard in deploy/Dockerfile.*
 LABEL = {"app.kubernetes.io/name": "swapyard"}
-DUMMY_KEYS = "admin:test-admin-key\ninference:test-inference-key\n"
+DUMMY_KEYS = "admin:test-admin-key\ninference:test-inference-key\nmetrics:test-metrics-key\n"  # as documented
 DUMMY_DATABASE_URL = "postgresql://swapyard:test@postgres:5432/swapyard"
 # A kustomization of one's own: the single-node overlay plus the optional component, as the overlays'
 # comments say to do it.
@@ -334,6 +337,21 @@ def test_rendered_keys_are_the_file_given(rendered):
         volume = next(v for v in pod_of(rendered[overlay])["volumes"] if v.get("secret"))
         assert volume["secret"]["secretName"] == "swapyard-api-keys"
         assert "--api-keys-file=/secrets/keys.txt" in container(pod_of(rendered[overlay]))["args"]
+
+
+def test_the_documented_keys_command_writes_a_key_of_every_scope(tmp_path):
+    """The keys.txt command of base/kustomization.yaml and deploy/README.md, run as written: a file the server
+    accepts, with one key of each scope (metrics: Prometheus' key, as /metrics needs one here), all different.
+    The tests' dummy file has the same scopes."""
+    sources = (KUBERNETES / "base" / "kustomization.yaml", REPO / "deploy" / "README.md")
+    commands = {line.lstrip("# ").strip() for source in sources for line in source.read_text().splitlines()
+                if line.rstrip().endswith("> deploy/kubernetes/base/keys.txt")}
+    assert len(commands) == 1, commands  # the same command wherever it is written
+    (tmp_path / "deploy" / "kubernetes" / "base").mkdir(parents=True)
+    subprocess.run(["bash", "-c", commands.pop()], cwd=tmp_path, check=True, timeout=30)
+    written = parse_keys((tmp_path / "deploy" / "kubernetes" / "base" / "keys.txt").read_text(), "keys.txt")
+    assert sorted(entry.scope for entry in written.values()) == sorted(SCOPES)
+    assert sorted(entry.scope for entry in parse_keys(DUMMY_KEYS, "DUMMY_KEYS").values()) == sorted(SCOPES)
 
 
 def test_inference_pool_only_where_an_overlay_adds_the_component(rendered):

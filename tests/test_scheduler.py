@@ -65,14 +65,18 @@ def _scheduler(max_blocks: int, budget: int, caching: bool = True, mixed: bool =
     return EngineCore(scheduler, runner, Tokenizer.from_file(str(MODEL_PATH / "tokenizer.json"))), runner
 
 
-def _run(core: EngineCore, prompts: list[list[int]], max_tokens: int, *, arrive_at: dict[int, int] | None = None
-         ) -> list[list[int]]:
-    """Each prompt's generated tokens; prompt i joins at step arrive_at[i] (default: before the first)."""
-    arrive_at, outputs = arrive_at or {}, [[] for _ in prompts]
+def _run(core: EngineCore, prompts: list[list[int]], max_tokens: int, *, arrive_at: dict[int, int] | None = None,
+         tenants: dict[int, str] | None = None, first_token_at: dict[int, int] | None = None) -> list[list[int]]:
+    """Each prompt's generated tokens; prompt i joins at step arrive_at[i] (default: before the first), sent by
+    tenants[i] (default ""); first_token_at, when given, gets the step each prompt's first token came in."""
+    arrive_at, tenants, outputs = arrive_at or {}, tenants or {}, [[] for _ in prompts]
+    first_token_at = {} if first_token_at is None else first_token_at
 
     def emitter(i: int):
         def emit(out: GenerationOutput) -> None:
             assert out.finish_reason != "error", out.error
+            if out.token_ids:
+                first_token_at.setdefault(i, step)
             outputs[i].extend(out.token_ids)
         return emit
 
@@ -81,11 +85,41 @@ def _run(core: EngineCore, prompts: list[list[int]], max_tokens: int, *, arrive_
     while pending or core.scheduler.has_work:
         for i in [i for i in pending if arrive_at.get(i, 0) <= step]:
             request = GenerationRequest(f"r{i}", pending.pop(i), SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                               ignore_eos=True), "m")
+                                                                               ignore_eos=True), "m",
+                                        tenant=tenants.get(i, ""))
             core.scheduler.add(core.new_sequence(request, emitter(i)))
         core.step()
         step += 1
     return outputs
+
+
+def test_a_quiet_tenants_prompt_goes_before_another_tenants_backlog_of_long_prompts():
+    """Fair queuing: one tenant's queued long prompts hold another's short one up by a step or two, not by
+    their whole prefill; the steps while both are here are short (an eighth of the budget); answers are the
+    same as alone."""
+    for mixed in (True, False):
+        core, runner = _scheduler(max_blocks=256, budget=256, mixed=mixed)
+        prompts = [list(range(100 + i, 600 + i)) for i in range(6)] + [list(range(1, 11))]
+        first = {}
+        together = _run(core, prompts, max_tokens=4, arrive_at={6: 3}, tenants={6: "quiet"}, first_token_at=first)
+        assert first[6] <= 3 + 3, (mixed, first)  # FIFO: after 3,000 tokens of the others' prefill
+        assert min(first[i] for i in range(6)) < first[6]  # the long prompts were under way before it came
+        shared = [sum(n for _, n in step if n > 1) for step in runner.steps[4:8]]
+        assert max(shared) <= 256 // 8, (mixed, shared)
+        alone = [_run(_scheduler(256, 4096)[0], [prompt], max_tokens=4)[0] for prompt in prompts]
+        assert together == alone
+
+
+def test_a_tenant_below_its_share_of_the_slots_takes_one_from_the_tenant_over_it():
+    """16 slots all held by one tenant: a second tenant's request preempts the first tenant's newest
+    sequence at once (not when one ends), and the preempted one still answers exactly as alone."""
+    core, _ = _scheduler(max_blocks=256, budget=256, mixed=True)
+    prompts = [[5 + i, 6, 7] for i in range(16)] + [[9, 9, 9]]
+    first = {}
+    together = _run(core, prompts, max_tokens=40, arrive_at={16: 3}, tenants={16: "quiet"}, first_token_at=first)
+    assert first[16] <= 3 + 1, first
+    alone = [_run(_scheduler(256, 4096)[0], [prompt], max_tokens=40)[0] for prompt in prompts]
+    assert together == alone
 
 
 def test_a_long_prompt_is_fed_in_chunks_that_take_turns_with_decode_steps():

@@ -82,6 +82,8 @@ class GenerationRequest:
     # compiles its own from the constraint.
     grammar: Any = None
     constraint_param: str = "response_format"  # the request field its constraint came from, named in errors
+    tenant: str = ""  # who sent it: the engine's fair queue serves tenants by `weight` (server/tenancy.py)
+    weight: float = 1.0
 
     def __post_init__(self):
         # A sequence of no tokens is never prefilled nor decoded, yet would count as work forever.

@@ -6,6 +6,15 @@ takes one more when its last block is full. When none is left, the newest runnin
 their blocks are freed, and they go back to the head of the queue and are recomputed from their tokens
 (prompt and what they generated so far) when blocks free up, so nothing is lost or sent twice.
 
+Fair queuing: tenants (API keys' tenants) are served by weighted fair queuing over the tokens each step
+feeds, and within a tenant its adapters likewise: the next sequence admitted, and the first prefill chunk
+of a step, is the one whose tenant (then adapter) has been served least for its weight, and a tenant below
+its weighted share of the --max-num-seqs slots takes one from the tenant furthest over its share
+(preempted, recomputed later). A tenant with --max-num-batched-tokens of prompt still to prefill admits
+no more, leaving the others theirs. While two or more tenants share the engine (or did within
+FAIR_WINDOW_S), a step's prefill chunks are capped to an eighth of the budget, so that a tenant's long
+prompt holds another's first token up by a short step, not a long one.
+
 Prefix caching: an admitted sequence takes the cached blocks of the longest prefix it shares with what
 earlier sequences of the same adapter version computed, and computes only the rest. Chunked prefill: a
 step feeds at most `max_num_batched_tokens`, so a long prompt delays the running streams by one chunk at a
@@ -14,9 +23,11 @@ kernel), the chunks ride in the decode steps, as in vLLM v1; elsewhere prefill a
 while both have work.
 """
 
+import collections
 import logging
 import time
 from collections import deque
+from itertools import chain
 
 from adapters.base import AdapterError
 from server.engine.base import FinishReason, GenerationOutput
@@ -28,6 +39,14 @@ from server.metrics import (ADAPTER_QUEUE, ADAPTER_WAIT_TIME, ENGINE_BATCH_SIZE,
                             PREFIX_CACHE_QUERIES)
 
 log = logging.getLogger(__name__)
+
+FAIR_WINDOW_S = 10.0  # a tenant keeps the steps short for this long after its last sequence left
+SHARED_BUDGET_DIVISOR = 8
+
+
+def _flow(seq: Sequence) -> tuple[str, str]:
+    """The fair queue's inner flow: a tenant's requests of one adapter (or of the base model, "")."""
+    return seq.request.tenant, seq.request.adapter.name if seq.request.adapter is not None else ""
 
 
 class Scheduler:
@@ -43,6 +62,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._decoded_last = False  # prefill and decode steps take turns while both have work
+        # Fair queuing: tokens fed per tenant (over its weight) and per (tenant, adapter) flow, for those with
+        # sequences here; one that arrives starts level with the least served, so idle time earns no credit.
+        self._served: dict[str, float] = {}
+        self._flow_served: dict[tuple[str, str], float] = {}
+        self._last_seen: dict[str, float] = {}  # tenant -> when it last had a sequence here
 
     @property
     def has_work(self) -> bool:
@@ -87,21 +111,45 @@ class Scheduler:
         """The next step: waiting sequences admitted while the budgets allow, then, where the runner mixes
         steps, every decode row with prefill chunks in the rest of the token budget; elsewhere a prefill
         chunk or a decode step (they take turns while both have work). None when nothing can run."""
+        budget = self._track_tenants()
         self._admit()
-        prefilling = [s for s in self.running if s.length - s.computed > 1]
+        prefilling = sorted((s for s in self.running if s.length - s.computed > 1), key=self._turn)
         # Mixed while the decode rows leave some of the budget to the chunks; else they take turns, so that
         # prefill goes on however many streams decode.
         decoding = len(self.running) - len(prefilling)
-        if self.runner.mixed_steps and prefilling and 0 < decoding < self.max_num_batched_tokens:
-            scheduled = self._mixed()
+        if self.runner.mixed_steps and prefilling and 0 < decoding < budget:
+            scheduled = self._mixed(budget)
         else:
             decode = not prefilling or (not self._decoded_last and len(prefilling) < len(self.running))
             self._decoded_last = decode
-            scheduled = self._decode() if decode else self._chunk(prefilling)
+            scheduled = self._decode() if decode else self._chunk(prefilling, budget)
         if not scheduled.sequences:
             return None
         ENGINE_BATCH_SIZE.labels(phase=scheduled.phase).observe(len(scheduled.sequences))
         return scheduled
+
+    def _track_tenants(self) -> int:
+        """Start tenants (and flows) new to the engine level with the least served, forget those gone; the
+        step's token budget: short while several tenants share the engine."""
+        now = time.monotonic()
+        here = list(chain(self.waiting, self.running))
+        tenants, flows = {s.request.tenant for s in here}, set(map(_flow, here))
+        for served, keys in ((self._served, tenants), (self._flow_served, flows)):
+            for gone in served.keys() - keys:
+                del served[gone]
+            floor = min(served.values(), default=0.0)
+            for key in keys - served.keys():
+                served[key] = floor
+        for tenant in self._served:
+            self._last_seen[tenant] = now
+        self._last_seen = {t: seen for t, seen in self._last_seen.items() if now - seen < FAIR_WINDOW_S}
+        if len(self._last_seen) > 1:
+            return max(1, self.max_num_batched_tokens // SHARED_BUDGET_DIVISOR)
+        return self.max_num_batched_tokens
+
+    def _turn(self, seq: Sequence) -> tuple[float, float, float]:
+        """Fair-queue order: least served tenant, then its least served adapter, then first come."""
+        return self._served[seq.request.tenant], self._flow_served[_flow(seq)], seq.request.arrival_time
 
     def _decode(self) -> ScheduledBatch:
         self._make_room_for_decode()
@@ -109,15 +157,17 @@ class Scheduler:
         batch = [s for s in self.running if s.length - s.computed == 1]
         return ScheduledBatch("decode", batch, [s.tokens()[s.computed :] for s in batch])
 
-    def _mixed(self) -> ScheduledBatch:
-        """vLLM v1's step: each decoding sequence's next token, then prefill chunks in order while the token
-        budget lasts (the last one cut to it), one step instead of a decode and a prefill step in turn."""
+    def _mixed(self, budget: int) -> ScheduledBatch:
+        """vLLM v1's step: each decoding sequence's next token, then prefill chunks in fair order while the
+        token budget lasts (the last one cut to it), one step instead of a decode and a prefill step in turn."""
         decode = self._decode()
+        # After the decode rows' blocks: making room may have preempted some.
+        prefilling = sorted((s for s in self.running if s.length - s.computed > 1), key=self._turn)
         if not decode.sequences:  # making room preempted every decoding sequence
-            return self._chunk([s for s in self.running if s.length - s.computed > 1])
+            return self._chunk(prefilling, budget)
         batch, inputs = list(decode.sequences), list(decode.inputs)
-        budget = self.max_num_batched_tokens - len(batch)
-        for seq in self.running:  # after the decode rows' blocks: making room may have preempted some
+        budget -= len(batch)
+        for seq in prefilling:
             pending = seq.length - seq.computed
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
@@ -133,11 +183,13 @@ class Scheduler:
         prompt-logprob rows keep their chunk's logits."""
         for i, (seq, fed) in enumerate(zip(batch.sequences, batch.inputs)):
             seq.computed += len(fed)
+            self._served[seq.request.tenant] += len(fed) / seq.request.weight
+            self._flow_served[_flow(seq)] += len(fed)
             self._publish(seq)
             if i in sampled.prompt_logits:
                 seq.prompt_logits.append(sampled.prompt_logits[i])
 
-    def _chunk(self, prefilling: list[Sequence]) -> ScheduledBatch:
+    def _chunk(self, prefilling: list[Sequence], budget: int) -> ScheduledBatch:
         """Prefilling sequences in order while their padded batch fits the step's token budget; the first
         one is cut to the budget if longer, the others join only whole."""
         batch: list[Sequence] = []
@@ -145,31 +197,36 @@ class Scheduler:
         width = 0
         for seq in prefilling:
             pending = seq.length - seq.computed
-            if batch and max(width, pending) * (len(batch) + 1) > self.max_num_batched_tokens:
+            if batch and max(width, pending) * (len(batch) + 1) > budget:
                 break
-            take = min(pending, self.max_num_batched_tokens)
+            take = min(pending, budget)
             batch.append(seq)
             inputs.append(seq.tokens()[seq.computed : seq.computed + take])
             width = max(width, take)
         return ScheduledBatch("prefill", batch, inputs)
 
     def _admit(self) -> None:
-        """Move waiting sequences into the running set, in order, while the sequence, prefill and KV-cache
-        budgets allow; each takes the cached blocks of its prefix and new ones for the rest. A sequence whose
-        adapter cannot be resident yet (read under way, no slot free) is skipped and keeps its place. If the
-        pool cannot grow (out of memory) the sequences it was for are answered with an error; none is left in
-        no queue holding its adapter."""
+        """Move waiting sequences into the running set, in fair-queue order, while the sequence, prefill and
+        KV-cache budgets allow; each takes the cached blocks of its prefix and new ones for the rest. A
+        sequence whose adapter cannot be resident yet (read under way, no slot free), or whose tenant has a
+        full step of prompt still to prefill, is skipped and keeps its place. If the pool cannot grow (out of
+        memory) the sequences it was for are answered with an error; none is left in no queue holding its
+        adapter."""
         now = time.monotonic()
         cache = self.runner.cache
-        backlog = sum(s.length - s.computed for s in self.running if s.length - s.computed > 1)
-        for seq in list(self.waiting):
-            num_running = len(self.running)
+        backlog: collections.Counter[str] = collections.Counter()
+        for seq in self.running:
+            if seq.length - seq.computed > 1:
+                backlog[seq.request.tenant] += seq.length - seq.computed
+        for seq in sorted(self.waiting, key=self._turn):
+            tenant = seq.request.tenant
+            if backlog[tenant] >= self.max_num_batched_tokens or (
+                    len(self.running) >= self.max_num_seqs and not self._free_slot_for(tenant)):
+                continue
             # With a block kept per running sequence for its next decode step (else admitting one preempts
             # another); with cached blocks it takes fewer. A lone sequence always runs (the pool holds one of
             # the whole context), so nothing waits forever.
-            over_memory = cache.blocks_for(seq.length) + num_running > cache.num_free
-            if num_running >= self.max_num_seqs or backlog >= self.max_num_batched_tokens or (
-                    num_running > 0 and over_memory):
+            if self.running and cache.blocks_for(seq.length) + len(self.running) > cache.num_free:
                 break
             if not self._claim_adapter(seq, now):
                 continue
@@ -186,13 +243,31 @@ class Scheduler:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
             self.running.append(seq)
-            backlog += seq.length
+            backlog[tenant] += seq.length - seq.computed
         # Every queued sequence without its adapter, also those behind where admission stopped: their reads
         # stay asked, and the wait that makes a busy adapter drain goes on.
         waiting = [seq.request.adapter.key for seq in self.waiting if seq.resident is None and seq.request.adapter]
         ADAPTER_QUEUE.inc(len(waiting) - self._num_waiting_for_adapters)  # inc: a vLLM engine beside it counts too
         self._num_waiting_for_adapters = len(waiting)
         self.residency.settle(set(waiting))
+
+    def _free_slot_for(self, tenant: str) -> bool:
+        """With every slot taken: if `tenant` holds fewer than its weighted share of them, preempt the newest
+        sequence of the tenant furthest over its share (it is recomputed when its turn comes again)."""
+        weights = {s.request.tenant: s.request.weight for s in chain(self.waiting, self.running)}
+        holding = collections.Counter(s.request.tenant for s in self.running)
+        total = sum(weights.values())
+
+        def share(name: str) -> float:
+            return self.max_num_seqs * weights[name] / total
+
+        if holding[tenant] + 1 > share(tenant):
+            return False
+        over = max(holding, key=lambda name: holding[name] / share(name))
+        if holding[over] <= share(over):
+            return False
+        self._preempt(next(s for s in reversed(self.running) if s.request.tenant == over))
+        return True
 
     def _claim_adapter(self, seq: Sequence, now: float) -> bool:
         """Hold the sequence's adapter version; False while it must wait for it (or it was refused)."""
