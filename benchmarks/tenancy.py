@@ -12,6 +12,9 @@ that give up after --patience-s (as an attacker's would):
   rate limit);
 - long prompts: 4 chats of about 4,000 tokens, kept in flight.
 Target (issue 36): TTFT p95 within 1.5x of alone beside each.
+
+Then the cost of --batch-invariant: base-model tokens/s of --cost-streams greedy streams on a bf16 server
+without it and with it, one after the other (--skip-cost leaves it out).
 """
 
 import argparse
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_throughput import percentile, start_server
+from serve_throughput import percentile, run_clients, start_server
 
 from server.host import detect_host
 
@@ -111,12 +114,34 @@ async def beside(url: str, model: str, samples: int, body, width: int, patience_
         await asyncio.sleep(2.0)
 
 
+def batch_invariant_cost(streams: int, max_tokens: int) -> dict:
+    """Tokens/s and inter-token latency of `streams` base-model streams, bf16, without and with --batch-invariant."""
+    costs = {}
+    for name, flags in (("default", []), ("batch_invariant", ["--batch-invariant"])):
+        os.environ.pop("SWAPYARD_API_KEYS", None)
+        proc, url = start_server(["--log-level", "warning", "--dtype", "bfloat16", *flags])
+        try:
+            model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+            asyncio.run(run_clients(url, [model] * 2, 8))  # warm
+            run = asyncio.run(run_clients(url, [model] * streams, max_tokens, ignore_eos=True))
+            costs[name] = {key: round(run[key], 3) for key in ("tokens_per_s", "ttft_p50_s", "itl_p50_s")}
+        finally:
+            proc.terminate()
+            proc.wait()
+        print(json.dumps({name: costs[name]}), flush=True)
+    costs["tokens_per_s_ratio"] = round(costs["batch_invariant"]["tokens_per_s"] / costs["default"]["tokens_per_s"], 2)
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--patience-s", type=float, default=2.0)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--noisy-max-in-flight", type=int, default=8)
+    parser.add_argument("--cost-streams", type=int, default=16)
+    parser.add_argument("--cost-max-tokens", type=int, default=64)
+    parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("server_args", nargs="*", help="extra `swapyard serve` arguments, after --")
     args = parser.parse_args()
     print(json.dumps({"host": detect_host().describe()}))
@@ -137,6 +162,8 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait()
+    if not args.skip_cost:
+        results["batch_invariant_cost"] = batch_invariant_cost(args.cost_streams, args.cost_max_tokens)
     print(json.dumps(results, indent=2))
 
 

@@ -42,7 +42,9 @@ def _digest(key: str) -> bytes:
 
 
 def parse_keys(text: str, source: str) -> dict[bytes, KeyEntry]:
-    """`scope:KEY` or `scope:KEY TENANT` entries, one per line or comma-separated; `#` starts a comment."""
+    """`scope:KEY` or `scope:KEY TENANT` entries, one per line or comma-separated; `#` starts a comment. A key
+    without a tenant is one of its own, `key#N` by its place among the unnamed (a label that tells nothing about
+    the key, and that no written name can take: `#` starts a comment)."""
     keys: dict[bytes, KeyEntry] = {}
     for number, line in enumerate(text.splitlines(), 1):
         for entry in filter(None, (part.strip() for part in line.split("#", 1)[0].split(","))):
@@ -55,10 +57,18 @@ def parse_keys(text: str, source: str) -> dict[bytes, KeyEntry]:
             if name and not TENANT_NAME.fullmatch(name[0]):
                 raise SystemExit(f"{source}, line {number}: a tenant name is 1-63 letters, digits, '.', '_' or "
                                  f"'-', starting with a letter or digit")
-            digest = _digest(key)
-            # Unnamed, a key is a tenant of its own: a digest prefix tells nothing about the key.
-            keys[digest] = KeyEntry(scope, name[0] if name else f"key-{digest.hex()[:12]}")
+            keys[_digest(key)] = KeyEntry(scope, name[0] if name else "")
     return keys
+
+
+def name_tenants(keys: dict[bytes, KeyEntry]) -> dict[bytes, KeyEntry]:
+    """Unnamed keys get `key#1`, `key#2`... in order; a tenant name that is itself one of the keys (the two
+    written the wrong way round) stops the server, as the name would be shown on /metrics."""
+    if any(_digest(entry.tenant) in keys for entry in keys.values() if entry.tenant):
+        raise SystemExit("API keys: a tenant name is one of the keys; write `SCOPE:KEY TENANT`, the key first")
+    unnamed = iter(range(1, len(keys) + 1))
+    return {digest: entry if entry.tenant else KeyEntry(entry.scope, f"key#{next(unnamed)}")
+            for digest, entry in keys.items()}
 
 
 class ApiKeys:
@@ -73,6 +83,7 @@ class ApiKeys:
                 keys |= parse_keys(file.read_text(), str(file))
             except OSError as exc:
                 raise SystemExit(f"--api-keys-file {file}: {exc.strerror}") from exc
+        keys = name_tenants(keys)
         if not keys:
             log.warning("no API keys configured (--api-keys-file, $%s): every route is open", KEYS_ENV)
         return cls(keys)

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, AdapterGone, AdapterLoadError
 from adapters.registry import AdapterExists
 from server.database import DatabaseUnavailable
-from server.engine.base import ConstraintFailed
+from server.engine.base import ConstraintFailed, InexactMerge
 from server.web.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -33,18 +33,18 @@ def error_json(status_code: int, body: ErrorResponse, headers: dict[str, str] | 
 
 
 def adapter_api_error(exc: AdapterError) -> APIError:
-    """A bad adapter is the client's 400; one gone since the request named it 404; a taken name or a swap
-    that would wait too long 409; a stored
-    adapter that no longer loads 500; a full device 503 (retry)."""
+    """A bad adapter is the client's 400; one gone since the request named it 404; a taken name, a swap
+    that would wait too long or a merge this server would not keep exact 409; a stored adapter that no
+    longer loads 500; a full device 503 (retry)."""
     if isinstance(exc, AdapterGone):
         return APIError(404, f"The model does not exist: {exc}", param="model", code="model_not_found",
                         type="not_found_error")
     if isinstance(exc, AdapterLoadError):
         return APIError(500, str(exc), param=exc.field, code="adapter_load_failed", type="server_error")
-    status = 409 if isinstance(exc, AdapterExists | AdapterBusy) else 503 if isinstance(exc, AdapterCapacityError) \
-        else 400
+    status = 409 if isinstance(exc, AdapterExists | AdapterBusy | InexactMerge) \
+        else 503 if isinstance(exc, AdapterCapacityError) else 400
     code = ("invalid_constraint" if isinstance(exc, ConstraintFailed) else "invalid_adapter") if status == 400 \
-        else None
+        else "merge_inexact" if isinstance(exc, InexactMerge) else None
     return APIError(status, str(exc), param=exc.field, code=code,
                     type="server_error" if status == 503 else "invalid_request_error")
 

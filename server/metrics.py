@@ -37,7 +37,7 @@ ADAPTER_QUEUE = Gauge("swapyard_adapter_queue_length", "Requests waiting for the
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
 RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
 REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
-# Per tenant: the name the keys file gives a key's tenant (or `key-` and a digest prefix), never the key.
+# Per tenant: the name the keys file gives a key's tenant (`key#N` for the N-th unnamed key), never the key.
 TENANT_IN_FLIGHT = Gauge("swapyard_tenant_requests_in_flight", "Generation requests of the tenant running or queued.",
                          ["tenant"])
 TENANT_REJECTED = Counter("swapyard_tenant_requests_rejected", "The tenant's requests refused by a limit (the error "

@@ -196,8 +196,8 @@ class Router:
                            headers={"Retry-After": "5"}) from None
 
     def _cache_salt(self, tenant: str, salt: str | None) -> str | None:
-        """The request's own salt within its tenant's: cached blocks are shared within a key, never across
-        keys (unless the operator allows it). A client's salt cannot contain "/", so no two differ only in
+        """The request's own salt within its tenant's: cached blocks are shared within a tenant, never across
+        tenants (unless the operator allows it). A client's salt cannot contain "/", so no two differ only in
         where one ends."""
         if not tenant or self.prefix_cache_across_keys:
             return salt

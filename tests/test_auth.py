@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from conftest import MODEL, ask, running_server, scrape, start_serve_process
-from server.auth import parse_keys
+from server.auth import name_tenants, parse_keys
 
 INFERENCE_KEY, ADMIN_KEY, METRICS_KEY = "sk-infer-0123456789", "sk-admin-9876543210", "sk-metrics-555"
 
@@ -76,8 +76,10 @@ def test_malformed_key_entries_are_refused_without_echoing_them():
         parse_keys("admin:sk-good\nsuperuser:sk-secret-value\n", "keys.txt")
     assert "sk-secret-value" not in str(stopped.value)
     assert len(parse_keys("inference:a, admin:b  # two keys\n\n", "env")) == 2
-    named = parse_keys("inference:a acme, inference:b acme, metrics:c", "env")
-    assert {entry.tenant for entry in named.values()} >= {"acme"} and len({e.tenant for e in named.values()}) == 2
+    named = name_tenants(parse_keys("inference:a acme, inference:b acme, metrics:c, inference:d", "env"))
+    assert sorted(entry.tenant for entry in named.values()) == ["acme", "acme", "key#1", "key#2"]
+    with pytest.raises(SystemExit, match="the key first"):  # `SCOPE:TENANT KEY`: the key would be on /metrics
+        name_tenants(parse_keys("inference:acme sk-secret-value, admin:sk-secret-value", "env"))
     for bad in ("inference:a two words", "inference:a -dash", "inference:", "reader:a"):
         with pytest.raises(SystemExit, match="env, line 1"):
             parse_keys(bad, "env")

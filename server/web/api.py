@@ -25,7 +25,7 @@ api = APIRouter()
 
 
 def _tenant(http: Request) -> str:
-    """Who sent it (server/auth.py's tenant_of); one tenant, "", when the server has no keys."""
+    """Who sent it: its key's tenant (server/auth.py); one tenant, "", when the server has no keys."""
     return getattr(http.state, "tenant", "")
 
 

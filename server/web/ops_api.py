@@ -1,4 +1,5 @@
-"""Operations routes, open without a key: liveness, readiness and Prometheus metrics."""
+"""Operations routes: liveness and readiness (open without a key) and Prometheus metrics (a metrics or admin key
+where keys are configured, server/auth.py)."""
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response

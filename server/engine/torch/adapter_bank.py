@@ -37,8 +37,10 @@ class Resident:
 
 
 class AdapterBank:
-    def __init__(self, model: nn.Module, max_adapters: int, kv_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, max_adapters: int, kv_dtype: torch.dtype, *, batch_invariant: bool = False):
         self.model, self.max_adapters = model, max_adapters
+        # Each adapter's rows computed apart, in row tiles, and a merge exact for every other row (--batch-invariant).
+        self.batch_invariant = batch_invariant
         self.merged: Resident | None = None
         self._merges = 0  # merges and unmerges so far: the base weights' version
         self.dtype = next(model.parameters()).dtype

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.base import AdapterError, AdapterLoadError, BaseModelSpec
 from adapters.loading import Adapter
-from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest
+from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, check_exact_merge
 from server.engine.torch.engine_core import EngineCore
 from server.engine.torch.model_runner import ModelRunner
 from server.engine.residency import AdapterReader, AdapterRef
@@ -35,12 +35,13 @@ class TorchEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
                  max_model_len: int):
         self.max_model_len = max_model_len
+        self._batch_invariant, self._allow_inexact_merge = settings.batch_invariant, settings.allow_inexact_merge
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
                              kv_cache_bytes=int(settings.kv_cache_memory_gb * 2**30),
                              # Headroom: a replaced version holds its slot until its running requests end.
                              max_resident_adapters=2 * settings.max_resident_adapters,
                              grammar_mask_budget_s=settings.max_grammar_mask_ms / 1000,
-                             prepack_weights=settings.prepack_weights)
+                             prepack_weights=settings.prepack_weights, batch_invariant=settings.batch_invariant)
         self._reader = AdapterReader(BaseModelSpec.from_pretrained(model_path), settings.max_lora_rank,
                                      settings.max_cpu_adapters, pin=runner.device.type == "cuda")
         self._residency = TorchResidency(runner.adapters, settings.max_resident_adapters, read=self._ask_read,
@@ -91,6 +92,7 @@ class TorchEngine:
 
     async def merge_adapter(self, ref: AdapterRef) -> None:
         """Between two steps: running requests go on unchanged, the fold's own rows now without a LoRA."""
+        check_exact_merge(self._scheduler.runner.dtype, self._batch_invariant, self._allow_inexact_merge)
         adapter = await self._reader.read(ref)
         await self._on_engine_thread(lambda: self._residency.merge(ref, adapter))
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.torch.packed_linear import PackedLinear
+from server.engine.torch.packed_linear import ROW_TILE, PackedLinear, in_row_tiles, with_weight
 
 if TYPE_CHECKING:
     from server.engine.torch.kinds.lora import LoraKind
@@ -252,9 +252,16 @@ def lora_segmented(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.T
 
 
 def lora_segment(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row: slice | torch.Tensor,
-                 pages: slice | torch.Tensor) -> None:
-    """y[row] += B A x[row] through `pages` only."""
+                 pages: slice | torch.Tensor, tile: int | None = None) -> None:
+    """y[row] += B A x[row] through `pages` only; with `tile`, in row tiles (--batch-invariant)."""
     a_pages, b_pages = a[pages].reshape(-1, a.shape[-1]), b[pages].reshape(-1, b.shape[-1])
+    if tile is not None:
+        delta = in_row_tiles(lambda rows: (rows @ a_pages.T) @ b_pages, x[row], tile)
+        if isinstance(row, slice):
+            y[row] += delta
+        else:
+            y.index_add_(0, row, delta)
+        return
     shrunk = x[row] @ a_pages.T  # (its rows, tokens, its rank)
     if isinstance(row, slice):  # its rows in order: added in place
         y[row].view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), b_pages)
@@ -278,34 +285,61 @@ class BatchedLoraLinear(nn.Module):
         # While a LoRA is merged here: the weight before the fold (kept aside, untouched; in a tuple, which
         # nn.Module does not register as a parameter of its own), and the fold's A (rank, in) and -B^T (rank, out).
         self._merged: tuple[nn.Parameter, torch.Tensor, torch.Tensor] | None = None
+        # Under --batch-invariant, while a LoRA is merged: a copy of the base over W + BA, for its rows only.
+        self._folded: nn.Linear | None = None
+        self._tile = ROW_TILE if kind.bank.batch_invariant else None
+
+    @property
+    def folded_weight(self) -> torch.Tensor:
+        return (self._folded or self.base).weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (batch, tokens, in)
-        y = self.base(x)
         rows = self._kind.rows
+        y = self._base_of_rows(x, rows.merged_rows)
         lora = rows.layers.get(self.name)
-        if lora is not None:  # its rows' adapters all wrote here, so their pages are in the stacks
+        if lora is not None and self._tile is not None:  # each LoRA over its own rows, in row tiles
+            for row, pages in lora.segments():
+                lora_segment(x, y, self.a, self.b, row, pages, self._tile)
+        elif lora is not None:  # its rows' adapters all wrote here, so their pages are in the stacks
             head = slice(None, rows.split)  # views: every row, or those before a packed step's chunks
             kernel = lora.kernel(x.shape[1], x.dtype, x.device)
             is_float32 = kernel is lora_sparse and self.a_float32 is not None  # a reduced-precision CPU engine's
             a, b = (self.a_float32, self.b_float32) if is_float32 else (self.a, self.b)
             kernel(x[head], y[head], a, b, lora)
         for chunk, pages in rows.chunks.get(self.name, ()):
-            lora_segment(x, y, self.a, self.b, chunk, pages)
+            lora_segment(x, y, self.a, self.b, chunk, pages, self._tile)
         if self._merged is not None and rows.merged_rows is not None:
             _, a, negated_b = self._merged
             shrunk = (x @ a.T).masked_fill_(rows.merged_rows, 0.0)  # (batch, tokens, rank)
             y.view(-1, y.shape[-1]).addmm_(shrunk.view(-1, shrunk.shape[-1]), negated_b)
         return y
 
+    def _base_of_rows(self, x: torch.Tensor, merged_rows: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's output; under --batch-invariant with a LoRA merged, the merged LoRA's rows through
+        the folded copy and every other row through the base as it is (merged_rows None: every row merged)."""
+        if self._folded is None:
+            return self.base(x)
+        if merged_rows is None:
+            return self._folded(x)
+        if not merged_rows.any():
+            return self.base(x)
+        return torch.where(merged_rows, self._folded(x), self.base(x))
+
     def fold(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """W + B A (b already scaled), in a new tensor: a weight tied to another module (an LM head shares the
-        input embeddings' matrix) stays as it is there. Other rows get -B A back through the compensation."""
+        input embeddings' matrix) stays as it is there. Other rows get -B A back through the compensation, or
+        under --batch-invariant keep the base weights."""
+        folded = nn.Parameter(torch.addmm(self.base.weight.detach(), b, a), requires_grad=False)
+        if self._tile is not None:
+            self._folded = with_weight(self.base, folded)
+            return
         original = self.base.weight
-        self.base.weight = nn.Parameter(torch.addmm(original.detach(), b, a), requires_grad=False)
+        self.base.weight = folded
         self._merged = (original, a, -b.T.contiguous())
         self._base_changed()
 
     def unfold(self) -> None:
+        self._folded = None
         if self._merged is not None:
             self.base.weight = self._merged[0]  # the original, untouched: bit for bit, and tied again
             self._merged = None

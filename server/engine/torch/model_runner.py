@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from server.engine.torch.adapter_bank import AdapterBank, Resident
 from server.engine.torch.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
-from server.engine.torch.packed_linear import pack_linears
+from server.engine.torch.packed_linear import ROW_TILE, pack_linears, tile_linears
 from server.engine.torch.sampler import apply_logit_changes, logprobs_of, sample
 from server.engine.torch.sequence import SampledBatch, ScheduledBatch
 from server.host import detect_host, dtype_name, resolve_device, resolve_dtype
@@ -34,7 +34,7 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 class ModelRunner:
     def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, kv_cache_bytes: int,
                  max_resident_adapters: int, grammar_mask_budget_s: float = math.inf,
-                 prepack_weights: bool = True):
+                 prepack_weights: bool = True, batch_invariant: bool = False):
         self.device = resolve_device(device)
         self.grammar_mask_budget_s = grammar_mask_budget_s
         self.dtype = resolve_dtype(dtype, self.device)
@@ -42,6 +42,8 @@ class ModelRunner:
             model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
         ).to(self.device).eval()
         packed = pack_linears(self.model) if prepack_weights and self.device.type == "cpu" else 0
+        if batch_invariant:
+            tile_linears(self.model, ROW_TILE)
         config = self.model.config
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.eos_token_ids = eos_token_ids(model_path, config)
@@ -53,7 +55,7 @@ class ModelRunner:
         self.cache = PagedKVCache(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
                                   head_dim, budget_bytes=kv_cache_bytes, max_model_len=max_model_len, dtype=kv_dtype,
                                   device=self.device)
-        self.adapters = AdapterBank(self.model, max_resident_adapters, kv_dtype)
+        self.adapters = AdapterBank(self.model, max_resident_adapters, kv_dtype, batch_invariant=batch_invariant)
         # Prefill chunks ride in decode steps (packed rows) where attention reads ragged sequences in place.
         self.mixed_steps = self.cache.kernel is not None
         host = detect_host()

@@ -24,12 +24,37 @@ from server.host import vllm_cpu_ops
 log = logging.getLogger(__name__)
 
 PRIMITIVE_CACHE_SIZE = 128  # oneDNN primitives kept per weight, one per row count (M) a step brings
+ROW_TILE = 16  # rows per matmul under --batch-invariant: one AMX tile's rows
 
 
 def onednn_ops():
     """vLLM's custom ops where they can prepack a GEMM here, else None."""
     ops = vllm_cpu_ops()
     return ops if getattr(ops, "_supports_onednn", False) else None
+
+
+def in_row_tiles(forward, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """`forward` of x (..., in) run on `tile` rows at a time, the last tile padded with zeros: every call has the
+    same shape, so the kernel (and its reduction order) a row gets never depends on how many rows share the
+    step (--batch-invariant: oneDNN picks kernels by row count, AMX ones for wide enough tiles)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.shape[0]:
+        return forward(rows).view(*x.shape[:-1], -1)
+    padded = F.pad(rows, (0, 0, 0, -rows.shape[0] % tile))
+    out = torch.cat([forward(part) for part in padded.split(tile)])[: rows.shape[0]]
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class TiledLinear(nn.Linear):
+    """An nn.Linear run in row tiles (in_row_tiles), sharing the parameters of the one it replaces."""
+
+    def __init__(self, linear: nn.Linear, tile: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias, self.tile = linear.weight, linear.bias, tile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_row_tiles(lambda rows: F.linear(rows, self.weight, self.bias), x, self.tile)
 
 
 class PackedLinear(nn.Linear):
@@ -41,6 +66,7 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same parameters: ties stay tied
         self._ops = ops
+        self.tile: int | None = None  # rows per call, under --batch-invariant (in_row_tiles)
         self.pack()
 
     def pack(self) -> None:
@@ -49,6 +75,11 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
+        if self.tile is not None:
+            return in_row_tiles(self._mm, x, self.tile)
+        return self._mm(x)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
         return self._ops.onednn_mm(self._handle, x.contiguous(), self.bias)  # the kernel reads rows densely
 
 
@@ -82,3 +113,25 @@ def pack_linears(model: nn.Module) -> int:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, PackedLinear(linear, ops))
     return len(linears)
+
+
+def tile_linears(model: nn.Module, tile: int) -> None:
+    """Run every linear layer of `model` in row tiles of `tile` (--batch-invariant): packed ones in place,
+    plain ones replaced by a TiledLinear over the same parameters (a tied LM head stays tied)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackedLinear):
+            module.tile = tile
+        elif type(module) is nn.Linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, TiledLinear(module, tile))
+
+
+def with_weight(linear: nn.Linear, weight: nn.Parameter) -> nn.Linear:
+    """A linear layer like `linear` (its class, bias and row tiles) over another weight."""
+    holder = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    holder.weight, holder.bias = weight, linear.bias
+    if isinstance(linear, PackedLinear):
+        twin = PackedLinear(holder, linear._ops)
+        twin.tile = linear.tile
+        return twin
+    return TiledLinear(holder, linear.tile) if isinstance(linear, TiledLinear) else holder

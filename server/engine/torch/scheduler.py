@@ -137,9 +137,11 @@ class Scheduler:
         for served, keys in ((self._served, tenants), (self._flow_served, flows)):
             for gone in served.keys() - keys:
                 del served[gone]
-            floor = min(served.values(), default=0.0)
-            for key in keys - served.keys():
-                served[key] = floor
+        floor = min(self._served.values(), default=0.0)
+        for tenant in tenants - self._served.keys():
+            self._served[tenant] = floor
+        for flow in flows - self._flow_served.keys():  # level with its own tenant's least served adapter
+            self._flow_served[flow] = min((v for (t, _), v in self._flow_served.items() if t == flow[0]), default=0.0)
         for tenant in self._served:
             self._last_seen[tenant] = now
         self._last_seen = {t: seen for t, seen in self._last_seen.items() if now - seen < FAIR_WINDOW_S}
@@ -209,27 +211,46 @@ class Scheduler:
         """Move waiting sequences into the running set, in fair-queue order, while the sequence, prefill and
         KV-cache budgets allow; each takes the cached blocks of its prefix and new ones for the rest. A
         sequence whose adapter cannot be resident yet (read under way, no slot free), or whose tenant has a
-        full step of prompt still to prefill, is skipped and keeps its place. If the pool cannot grow (out of
-        memory) the sequences it was for are answered with an error; none is left in no queue holding its
-        adapter."""
+        full step of prompt still to prefill, is skipped and keeps its place. With every slot taken, a tenant
+        below its weighted share of them takes one from the tenant furthest over its share, once its sequence
+        is sure to be admitted. If the pool cannot grow (out of memory) the sequences it was for are answered
+        with an error; none is left in no queue holding its adapter."""
         now = time.monotonic()
         cache = self.runner.cache
         backlog: collections.Counter[str] = collections.Counter()
+        holding: collections.Counter[str] = collections.Counter()
         for seq in self.running:
-            if seq.length - seq.computed > 1:
-                backlog[seq.request.tenant] += seq.length - seq.computed
+            holding[seq.request.tenant] += 1
+            backlog[seq.request.tenant] += max(0, seq.length - seq.computed - 1)
+        weights = {s.request.tenant: s.request.weight for s in chain(self.waiting, self.running)}
+        share = {name: self.max_num_seqs * weight / sum(weights.values()) for name, weight in weights.items()}
+        stuck: set[str] = set()  # tenants that can take no slot in this step
+        queued = {seq.request.tenant for seq in self.waiting}
         for seq in sorted(self.waiting, key=self._turn):
             tenant = seq.request.tenant
-            if backlog[tenant] >= self.max_num_batched_tokens or (
-                    len(self.running) >= self.max_num_seqs and not self._free_slot_for(tenant)):
+            if tenant in stuck or backlog[tenant] >= self.max_num_batched_tokens:
                 continue
+            victim = None
+            if len(self.running) >= self.max_num_seqs:
+                victim = self._victim(tenant, holding, share)
+                if victim is None:
+                    stuck.add(tenant)
+                    if stuck >= queued:
+                        break
+                    continue
             # With a block kept per running sequence for its next decode step (else admitting one preempts
             # another); with cached blocks it takes fewer. A lone sequence always runs (the pool holds one of
             # the whole context), so nothing waits forever.
-            if self.running and cache.blocks_for(seq.length) + len(self.running) > cache.num_free:
+            others = len(self.running) - (victim is not None)
+            freed = len(victim.blocks) if victim is not None else 0
+            if others and cache.blocks_for(seq.length) + others > cache.num_free + freed:
                 break
             if not self._claim_adapter(seq, now):
                 continue
+            if victim is not None:
+                holding[victim.request.tenant] -= 1
+                backlog[victim.request.tenant] -= max(0, victim.length - victim.computed - 1)
+                self._preempt(victim)
             try:
                 self._take_blocks(seq)
             except KVCacheFull:  # its prefix was evicted by an earlier admission: it waits for the next step
@@ -243,7 +264,8 @@ class Scheduler:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
             self.running.append(seq)
-            backlog[tenant] += seq.length - seq.computed
+            holding[tenant] += 1
+            backlog[tenant] += max(0, seq.length - seq.computed - 1)
         # Every queued sequence without its adapter, also those behind where admission stopped: their reads
         # stay asked, and the wait that makes a busy adapter drain goes on.
         waiting = [seq.request.adapter.key for seq in self.waiting if seq.resident is None and seq.request.adapter]
@@ -251,23 +273,15 @@ class Scheduler:
         self._num_waiting_for_adapters = len(waiting)
         self.residency.settle(set(waiting))
 
-    def _free_slot_for(self, tenant: str) -> bool:
-        """With every slot taken: if `tenant` holds fewer than its weighted share of them, preempt the newest
-        sequence of the tenant furthest over its share (it is recomputed when its turn comes again)."""
-        weights = {s.request.tenant: s.request.weight for s in chain(self.waiting, self.running)}
-        holding = collections.Counter(s.request.tenant for s in self.running)
-        total = sum(weights.values())
-
-        def share(name: str) -> float:
-            return self.max_num_seqs * weights[name] / total
-
-        if holding[tenant] + 1 > share(tenant):
-            return False
-        over = max(holding, key=lambda name: holding[name] / share(name))
-        if holding[over] <= share(over):
-            return False
-        self._preempt(next(s for s in reversed(self.running) if s.request.tenant == over))
-        return True
+    def _victim(self, tenant: str, holding: collections.Counter[str], share: dict[str, float]) -> Sequence | None:
+        """With every slot taken, the sequence `tenant` may take its slot from: if it holds fewer than its
+        weighted share, the newest of the tenant furthest over its share (recomputed when its turn comes)."""
+        if holding[tenant] + 1 > share[tenant]:
+            return None
+        over = max((name for name, n in holding.items() if n), key=lambda name: holding[name] / share[name])
+        if holding[over] <= share[over]:
+            return None
+        return next(s for s in reversed(self.running) if s.request.tenant == over)
 
     def _claim_adapter(self, seq: Sequence, now: float) -> bool:
         """Hold the sequence's adapter version; False while it must wait for it (or it was refused)."""

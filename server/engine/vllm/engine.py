@@ -45,7 +45,7 @@ from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, BaseM
 from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, LoraWeights, save_lora
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
-                                TokenLogprob)
+                                TokenLogprob, check_exact_merge)
 from server.engine.residency import FAIR_WAIT_S, AdapterReader, AdapterRef, SlotTable
 from server.engine.vllm.bottleneck import LAYERS
 from server.engine.vllm.kinds import BASE, KINDS, Served
@@ -188,6 +188,7 @@ class VLLMEngine:
         )
         self._model_path, self._max_lora_rank = model_path, settings.max_lora_rank
         self._requested_dtype = settings.dtype
+        self._allow_inexact_merge = settings.allow_inexact_merge
         self.token_embeddings: torch.Tensor | None = None  # (vocab, hidden), read when a soft prompt arrives
         self._llm: AsyncLLM | None = None
         # The one owner of which version of each adapter is loaded (new requests get it), least recently used
@@ -451,6 +452,7 @@ class VLLMEngine:
             VLLM_WORKER_ADAPTER_BYTES.labels(kind).set(sum(worker[kind] for worker in held))
 
     async def merge_adapter(self, ref: AdapterRef) -> None:
+        check_exact_merge(self.dtype, False, self._allow_inexact_merge)
         name = ref.name
         try:  # a merge waits for a slot no longer than for running requests
             served = await asyncio.wait_for(self._claim(ref), self._gate.timeout)

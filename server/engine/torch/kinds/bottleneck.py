@@ -6,6 +6,7 @@ step, masked 22 ms). Zeroing selects (masked_fill), never multiplies, so another
 a row; a freed slot is zeroed."""
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -13,6 +14,7 @@ from adapters.base import AdapterCapacityError, AdapterError
 from adapters.bottleneck import ACTIVATIONS, POSITIONS, BottleneckAdapter, with_delta
 from server.engine.torch.kinds.base import TorchKind
 from server.engine.torch.lora_stacks import grow
+from server.engine.torch.packed_linear import ROW_TILE, in_row_tiles
 
 
 @dataclass
@@ -52,6 +54,7 @@ class BottleneckStacks:
     up_weight: torch.Tensor | None = None
     up_bias: torch.Tensor | None = None
     activation: dict[int, str] = field(default_factory=dict)
+    size: dict[int, int] = field(default_factory=dict)  # each slot's own bottleneck size (the stacks' may be wider)
     module_names: tuple[str, str, str] | None = None  # layers, attn, mlp: hooked once, shared by all
 
 
@@ -79,6 +82,7 @@ class BottleneckKind(TorchKind):
         for stack in (bn.down_weight, bn.down_bias, bn.up_weight, bn.up_bias):
             stack[:, :, resident.slot].zero_()
         bn.activation.pop(resident.slot, None)
+        bn.size.pop(resident.slot, None)
         self._free_slots.append(resident.slot)
 
     def bind(self, residents, chunks) -> None:
@@ -110,6 +114,7 @@ class BottleneckKind(TorchKind):
         bn.up_weight[:, :, slot, :r] = cast(adapter.up_weight.transpose(-1, -2), "up.weight", scale=c.scaling)
         bn.up_bias[:, :, slot] = cast(adapter.up_bias, "up.bias", scale=c.scaling)
         bn.activation[slot] = c.non_linearity
+        bn.size[slot] = r
 
     def _hook(self, adapter: BottleneckAdapter) -> None:
         for layer in range(adapter.config.num_layers):
@@ -126,6 +131,8 @@ class BottleneckKind(TorchKind):
 
     def _with_bottlenecks(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
         """h (batch, tokens, hidden) + each row's scaling * up(act(down(h))); h alone for rows without one."""
+        if self.bank.batch_invariant:
+            return self._by_slot(h, layer, p)
         rows, bn = self.rows, self.stacks
         hidden = h.shape[-1]
         down = bn.down_weight[layer, p, rows.slots].flatten(0, 1)  # (columns, hidden)
@@ -140,3 +147,22 @@ class BottleneckKind(TorchKind):
         out = h + bn.up_bias[layer, p].index_select(0, rows.slot_of_row)[:, None, :]
         out.view(-1, hidden).addmm_(activated.view(-1, activated.shape[-1]), up)
         return out
+
+    def _by_slot(self, h: torch.Tensor, layer: int, p: int) -> torch.Tensor:
+        """--batch-invariant: each slot's rows through its own weights only (its own size, whatever the stacks'
+        width), in row tiles, so a row's sum never depends on which other slots share the step."""
+        bn, out = self.stacks, h.clone()
+        for slot in self.rows.slot_of_row.unique().tolist():
+            if not slot:
+                continue
+            r, act = bn.size[slot], ACTIVATIONS[bn.activation[slot]]
+            down, down_bias = bn.down_weight[layer, p, slot, :r], bn.down_bias[layer, p, slot, :r]
+            up, up_bias = bn.up_weight[layer, p, slot, :r], bn.up_bias[layer, p, slot]
+            rows = (self.rows.slot_of_row == slot).nonzero().flatten()
+            adapter = partial(_bottleneck, down=down, down_bias=down_bias, up=up, up_bias=up_bias, act=act)
+            out.index_add_(0, rows, in_row_tiles(adapter, h[rows], ROW_TILE))
+        return out
+
+
+def _bottleneck(x: torch.Tensor, *, down, down_bias, up, up_bias, act) -> torch.Tensor:
+    return torch.addmm(up_bias, act(torch.addmm(down_bias, x, down.T)), up)

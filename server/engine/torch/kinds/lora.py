@@ -1,7 +1,8 @@
 """LoRA in the torch engine: paged per-module stacks (server/engine/torch/lora_stacks.py) that every row's LoRA
 reads its pages of, and at most one LoRA folded into the base weights (merged): its rows run with no LoRA,
 every other row gets the fold taken back out by a compensating LoRA (-B'A', which with a row's own BA is the
-[B, -B'][A; A'] of the design), and the original weights are kept to restore exactly."""
+[B, -B'][A; A'] of the design), and the original weights are kept to restore exactly. Under --batch-invariant
+the fold is a copy its rows run through, and every other row keeps the original weights: exact in bf16."""
 
 import torch
 from torch import nn
@@ -22,8 +23,8 @@ class LoraKind(TorchKind):
         self.modules: dict[str, BatchedLoraLinear] = {}  # every linear layer a LoRA has written, wrapped
         self._pools: dict[str, PagePool] = {}  # by `lora_pool`
         self.num_resident = 0  # LoRA versions holding pages (at most the bank's max_adapters)
-        # For lora_sparse: torch's CPU sparse kernels take float32 only.
-        self.keeps_float32 = bank.device.type == "cpu" and bank.dtype != torch.float32
+        # For lora_sparse (never used under --batch-invariant): torch's CPU sparse kernels take float32 only.
+        self.keeps_float32 = bank.device.type == "cpu" and bank.dtype != torch.float32 and not bank.batch_invariant
 
     def place(self, resident) -> None:
         if self.num_resident >= self.bank.max_adapters:
@@ -58,7 +59,7 @@ class LoraKind(TorchKind):
             self.modules[module].fold(self.bank.cast(a, f"{module}.lora_A"), self.bank.cast(b, f"{module}.lora_B"))
         # W + BA may still overflow, and merged weights serve every row: refused, the base restored.
         overflowing = [module for module in resident.adapter.layers
-                       if not torch.isfinite(self.modules[module].base.weight).all()]
+                       if not torch.isfinite(self.modules[module].folded_weight).all()]
         if overflowing:
             self.unfold()
             raise AdapterError("name", f"merging `{resident.name}` overflows the base weights of `{overflowing[0]}`")
