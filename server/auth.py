@@ -1,7 +1,7 @@
 """API keys: `Authorization: Bearer <key>`, each key with a scope and a tenant. `inference` keys may call the
 model routes; `admin` keys may also register adapters, run fine-tuning jobs and read /metrics; `metrics`
 keys may only read /metrics (Prometheus). A key's tenant is the name written after it (keys of one tenant
-share its limits and its cached prompts), else a name of its own derived from its digest. With no keys
+share its limits and its cached prompts), else `key#N`, a tenant of its own. With no keys
 configured the server is open (a warning says so at start-up). Keys are kept as SHA-256 digests and never
 logged. The check runs as ASGI middleware, before any route reads the request body."""
 

@@ -141,9 +141,9 @@ class ServeSettings(EngineSettings):
     """Largest max_tokens a request may ask for; also the default of a chat request that leaves it out (a
     completions request's default is 16, as OpenAI's). Default: the context."""
     prefix_cache_across_keys: bool = False
-    """Let requests of different API keys share cached prompt prefixes. Off: each key's requests are salted by
-    key, so no key can tell from its time to first token what another key sent (`cache_salt` narrows
-    sharing within a key further). Without keys every client is one tenant."""
+    """Let requests of different tenants share cached prompt prefixes. Off: each tenant's requests are salted by
+    tenant, so no tenant can tell from its time to first token what another sent (`cache_salt` narrows
+    sharing within a tenant further). Without keys every client is one tenant."""
     grammar_workers: int = Field(1, gt=0)
     """Processes that compile structured-output constraints (JSON schemas, regexes, grammars), at low CPU
     priority; each holds about 400 MB (PSS: it imports xgrammar, and torch with it)."""

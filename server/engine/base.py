@@ -107,7 +107,7 @@ class InexactMerge(AdapterError):
     and its compensation round differently, so other models' greedy answers could change."""
 
 
-def check_exact_merge(dtype: "torch.dtype", batch_invariant: bool, allowed: bool) -> None:
+def check_exact_merge(dtype: torch.dtype, batch_invariant: bool, allowed: bool) -> None:
     """Refuse a merge in a reduced precision unless the engine keeps it exact (--batch-invariant) or the
     operator accepted the difference (--allow-inexact-merge)."""
     if dtype != torch.float32 and not batch_invariant and not allowed:

@@ -35,7 +35,7 @@ class TorchEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
                  max_model_len: int):
         self.max_model_len = max_model_len
-        self._batch_invariant, self._allow_inexact_merge = settings.batch_invariant, settings.allow_inexact_merge
+        self._allow_inexact_merge = settings.allow_inexact_merge
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
                              kv_cache_bytes=int(settings.kv_cache_memory_gb * 2**30),
                              # Headroom: a replaced version holds its slot until its running requests end.
@@ -92,7 +92,8 @@ class TorchEngine:
 
     async def merge_adapter(self, ref: AdapterRef) -> None:
         """Between two steps: running requests go on unchanged, the fold's own rows now without a LoRA."""
-        check_exact_merge(self._scheduler.runner.dtype, self._batch_invariant, self._allow_inexact_merge)
+        runner = self._scheduler.runner  # owns the dtype, and its adapter bank the batch-invariant mode
+        check_exact_merge(runner.dtype, runner.adapters.batch_invariant, self._allow_inexact_merge)
         adapter = await self._reader.read(ref)
         await self._on_engine_thread(lambda: self._residency.merge(ref, adapter))
 
