@@ -41,7 +41,8 @@ class TorchEngine:
                              # Headroom: a replaced version holds its slot until its running requests end.
                              max_resident_adapters=2 * settings.max_resident_adapters,
                              grammar_mask_budget_s=settings.max_grammar_mask_ms / 1000,
-                             prepack_weights=settings.prepack_weights, batch_invariant=settings.batch_invariant)
+                             prepack_weights=settings.prepack_weights, batch_invariant=settings.batch_invariant,
+                             kv_cache_dtype=settings.kv_cache_dtype, fused_norms=settings.fused_norms)
         self._reader = AdapterReader(BaseModelSpec.from_pretrained(model_path), settings.max_lora_rank,
                                      settings.max_cpu_adapters, pin=runner.device.type == "cuda")
         self._residency = TorchResidency(runner.adapters, settings.max_resident_adapters, read=self._ask_read,

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from server.engine.torch.adapter_bank import AdapterBank, Resident
-from server.engine.torch.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache
+from server.engine.torch.fused_norms import fuse_norms
+from server.engine.torch.kv_cache import ATTN_IMPLEMENTATION, KVBatch, PagedKVCache, cache_dtype
 from server.engine.torch.packed_linear import ROW_TILE, pack_linears, tile_linears
 from server.engine.torch.sampler import apply_logit_changes, logprobs_of, sample
 from server.engine.torch.sequence import SampledBatch, ScheduledBatch
@@ -34,24 +35,24 @@ def eos_token_ids(model_path: Path, config) -> set[int]:
 class ModelRunner:
     def __init__(self, model_path: Path, *, device: str, dtype: str, max_model_len: int, kv_cache_bytes: int,
                  max_resident_adapters: int, grammar_mask_budget_s: float = math.inf,
-                 prepack_weights: bool = True, batch_invariant: bool = False):
+                 prepack_weights: bool = True, batch_invariant: bool = False, kv_cache_dtype: str = "auto",
+                 fused_norms: bool = True):
         self.device = resolve_device(device)
         self.grammar_mask_budget_s = grammar_mask_budget_s
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
         ).to(self.device).eval()
-        packed = pack_linears(self.model) if prepack_weights and self.device.type == "cpu" else 0
+        on_cpu = self.device.type == "cpu"
+        packed = pack_linears(self.model) if prepack_weights and on_cpu else 0
+        fused = fuse_norms(self.model) if fused_norms and on_cpu else 0
         if batch_invariant:
             tile_linears(self.model, ROW_TILE)
         config = self.model.config
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.eos_token_ids = eos_token_ids(model_path, config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        # On a CPU the KV cache (and so attention) stays float32 whatever the weights: torch's CPU flash
-        # attention is about 9x slower in bf16 than in fp32 at decode shapes (1.9 vs 0.2 ms, 32 rows x 100
-        # keys), which ate most of what bf16 matmuls gain. It is small next to the weights at these lengths.
-        kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        kv_dtype = cache_dtype(self.device, self.dtype, head_dim, kv_cache_dtype)
         self.cache = PagedKVCache(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
                                   head_dim, budget_bytes=kv_cache_bytes, max_model_len=max_model_len, dtype=kv_dtype,
                                   device=self.device)
@@ -59,10 +60,12 @@ class ModelRunner:
         # Prefill chunks ride in decode steps (packed rows) where attention reads ragged sequences in place.
         self.mixed_steps = self.cache.kernel is not None
         host = detect_host()
-        log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s; %d linear layers prepacked for oneDNN)",
-                 model_path, self.device, dtype_name(self.dtype), dtype, host.cpu_model, host.isa, packed)
+        log.info("torch engine: %s on %s in %s (dtype %s; CPU %s, %s; %d linear layers prepacked for oneDNN, "
+                 "%d norms fused; KV cache in %s)", model_path, self.device, dtype_name(self.dtype), dtype,
+                 host.cpu_model, host.isa, packed, fused, dtype_name(kv_dtype))
         ENGINE_INFO.labels("torch").info({"device": self.device.type, "dtype": dtype_name(self.dtype),
-                          "requested_dtype": dtype, "cpu_isa": host.isa})
+                          "requested_dtype": dtype, "cpu_isa": host.isa,
+                                           "kv_cache_dtype": dtype_name(kv_dtype)})
 
     def execute(self, batch: ScheduledBatch) -> SampledBatch:
         """The step's forward pass, then each sampled row's logits processed (penalties, biases, grammar
