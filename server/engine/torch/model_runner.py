@@ -64,8 +64,8 @@ class ModelRunner:
                  "%d norms fused; KV cache in %s)", model_path, self.device, dtype_name(self.dtype), dtype,
                  host.cpu_model, host.isa, packed, fused, dtype_name(kv_dtype))
         ENGINE_INFO.labels("torch").info({"device": self.device.type, "dtype": dtype_name(self.dtype),
-                          "requested_dtype": dtype, "cpu_isa": host.isa,
-                                           "kv_cache_dtype": dtype_name(kv_dtype)})
+                                          "requested_dtype": dtype, "cpu_isa": host.isa,
+                                          "kv_cache_dtype": dtype_name(kv_dtype)})
 
     def execute(self, batch: ScheduledBatch) -> SampledBatch:
         """The step's forward pass, then each sampled row's logits processed (penalties, biases, grammar
