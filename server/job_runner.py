@@ -22,6 +22,7 @@ from adapters.base import AdapterError
 from server.adapter_manager import AdapterManager
 from training.config import TrainConfig
 from training.data import DataError, read_examples
+from training.preferences import read_preferences
 from training.hyperparameters import resolve
 from training.jobs import FileRecord, JobRecord, JobStore, new_id
 from training.report import RESULTS_FILE
@@ -170,7 +171,8 @@ class JobRunner:
                 continue
             await self._store.add_event(job.id, "info", f"Validating {label} file: {getattr(job, param)}")
             try:
-                examples, warnings = await asyncio.to_thread(read_examples, Path(path))
+                read = read_preferences if job.config.get("objective") == "dpo" else read_examples
+                examples, warnings = await asyncio.to_thread(read, Path(path))
             except DataError as exc:
                 error = {"code": f"invalid_{param}", "message": str(exc), "param": param}
                 if await self._store.set_status(job.id, "failed", only_from=frozenset({"validating_files"}),
@@ -180,7 +182,7 @@ class JobRunner:
             for warning in warnings:
                 await self._store.add_event(job.id, "warn", warning)
             num_examples = num_examples or len(examples)
-        hyperparameters = resolve(TrainConfig.model_validate(job.config), num_examples).model_dump()
+        hyperparameters = resolve(TrainConfig.model_validate(job.config), num_examples).model_dump(exclude_none=True)
         if await self._store.set_status(job.id, "queued", only_from=frozenset({"validating_files"}),
                                  hyperparameters=hyperparameters):
             await self._store.add_event(job.id, "info", f"Files validated ({num_examples} training examples), "

@@ -198,7 +198,7 @@ def test_cancel_stops_training(oai, http):
     ({"model": "other-model"}, "model"),
     ({"method": {"type": "lora", "hyperparameters": {"epochs": 0}}}, "method.hyperparameters.epochs"),
     ({"method": {"type": "lora", "hyperparameters": {"out": "/tmp/x"}}}, "method.hyperparameters"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "lora", "hyperparameters": {"objective": "dpo"}}}, "method.hyperparameters"),
     # Every hyperparameter is bounded: none can make a job run forever, allocate without limit or diverge.
     *[({"method": {"type": "lora", "hyperparameters": {field: value}}}, f"method.hyperparameters.{field}")
       for field, value in (("epochs", 10**9), ("lora_r", 10**9), ("num_virtual_tokens", 10**9),
@@ -228,6 +228,17 @@ def test_cancel_stops_training(oai, http):
      "method.supervised.adapter.size"),
     ({"method": {"type": "supervised", "supervised": {"adapter": {"type": "ia3"}}}}, "method.supervised.adapter.type"),
     ({"method": {"type": "reinforcement"}}, "method.type"),
+    # DPO: OpenAI's beta (a number, or "auto") and swapyard's sft_weight bounded; the sections are not mixed.
+    *[({"method": {"type": "dpo", "dpo": {"hyperparameters": {name: value}}}}, f"method.dpo.hyperparameters.{name}")
+      for name, value in (("beta", 0), ("beta", -0.5), ("beta", 1e9), ("beta", "nan"), ("beta", True),
+                          ("sft_weight", -1), ("n_epochs", 0))],
+    ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
+    ({"method": {"type": "supervised", "dpo": {}}}, "method.dpo"),
+    ({"hyperparameters": {"n_epochs": 2}, "method": {"type": "dpo"}}, "hyperparameters"),
+    ({"method": {"type": "dpo", "dpo": {"adapter": {"type": "prefix", "loraplus_lr_ratio": 4}}}},
+     "method.dpo.adapter.loraplus_lr_ratio"),
+    ({"method": {"type": "supervised", "supervised": {"adapter": {"type": "lora", "loraplus_lr_ratio": 0.5}}}},
+     "method.supervised.adapter.loraplus_lr_ratio"),
     ({"suffix": "x" * 65}, "suffix"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"metadata": {"k": "v" * 513}}, "metadata.k"),

@@ -4,6 +4,7 @@ Every problem in a file is reported with its line number before anything is trai
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,9 +80,10 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-def read_examples(path: Path) -> tuple[list[Example], list[str]]:
-    """(examples, warnings); raises DataError listing every bad line."""
-    examples: list[Example] = []
+def read_jsonl(path: Path, parse: Callable[[object], BaseModel]) -> list:
+    """Each non-empty line of a JSONL file through `parse` (which raises ValueError or ValidationError naming
+    what is wrong); raises DataError listing every bad line, or that the file holds nothing."""
+    records: list = []
     problems: list[str] = []
     try:
         lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a string
@@ -95,28 +97,38 @@ def read_examples(path: Path) -> tuple[list[Example], list[str]]:
                             f"{MAX_EXAMPLE_CHARS:,}")
             continue
         try:
-            record = json.loads(line)
+            records.append(parse(json.loads(line)))
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: not valid JSON ({exc.msg})")
-            continue
         except RecursionError:  # Python's JSON parser recurses per level: 100,000 `[` exhaust its stack
             problems.append(f"line {number}: nested too deeply")
-            continue
-        if not isinstance(record, dict) or not ("messages" in record or {"prompt", "completion"} <= record.keys()):
-            problems.append(f"line {number}: needs `messages` (chat format) or `prompt` and `completion`")
-            continue
-        kind = ChatExample if "messages" in record else CompletionExample
-        try:
-            examples.append(kind.model_validate(record))
         except ValidationError as exc:
             problems.append(f"line {number}: {_describe(exc)}")
+        except ValueError as exc:
+            problems.append(f"line {number}: {exc}")
     if problems:
         raise DataError(path, problems)
-    if not examples:
+    if not records:
         raise DataError(path, ["holds no examples"])
-    warnings = [f"{path}: only {len(examples)} examples; {MIN_EXAMPLES} or more are recommended"] \
-        if len(examples) < MIN_EXAMPLES else []
-    return examples, warnings
+    return records
+
+
+def too_few(path: Path, records: list) -> list[str]:
+    """The warning for a small file, if it is one."""
+    return [f"{path}: only {len(records)} examples; {MIN_EXAMPLES} or more are recommended"] \
+        if len(records) < MIN_EXAMPLES else []
+
+
+def _example(record: object) -> Example:
+    if not isinstance(record, dict) or not ("messages" in record or {"prompt", "completion"} <= record.keys()):
+        raise ValueError("needs `messages` (chat format) or `prompt` and `completion`")
+    return (ChatExample if "messages" in record else CompletionExample).model_validate(record)
+
+
+def read_examples(path: Path) -> tuple[list[Example], list[str]]:
+    """(examples, warnings); raises DataError listing every bad line."""
+    examples = read_jsonl(path, _example)
+    return examples, too_few(path, examples)
 
 
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, turns: list[dict], generation_prompt: bool) -> list[int]:
@@ -124,14 +136,24 @@ def _chat_ids(tokenizer: PreTrainedTokenizerBase, turns: list[dict], generation_
                                          return_dict=False)
 
 
+def chat_turns(turns: list[Turn]) -> list[dict]:
+    """Turns as the chat template takes them (OpenAI's `developer` is the template's `system`)."""
+    return [{"role": "system" if t.role == "developer" else t.role, "content": t.content} for t in turns]
+
+
+def plain_completion(tokenizer: PreTrainedTokenizerBase, prompt: list[int], completion: str) -> Tokenized:
+    """A plain-text prompt's tokens, then the completion's and EOS, labels on the completion and EOS."""
+    ids = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return Tokenized(prompt + ids, [IGNORE] * len(prompt) + ids)
+
+
 def tokenize(example: Example, tokenizer: PreTrainedTokenizerBase) -> Tokenized:
     """Chat: the model's chat template, labels on each assistant turn (and its end-of-turn token).
     Prompt/completion: plain text, labels on the completion and EOS."""
     if isinstance(example, CompletionExample):
-        prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
-        completion = tokenizer.encode(example.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-        return Tokenized(prompt + completion, [IGNORE] * len(prompt) + completion)
-    turns = [{"role": "system" if t.role == "developer" else t.role, "content": t.content} for t in example.messages]
+        return plain_completion(tokenizer, tokenizer.encode(example.prompt, add_special_tokens=False),
+                                example.completion)
+    turns = chat_turns(example.messages)
     input_ids = _chat_ids(tokenizer, turns, generation_prompt=False)
     labels = [IGNORE] * len(input_ids)
     for i, turn in enumerate(turns):
@@ -157,6 +179,13 @@ def load_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: in
             continue
         dataset.append(item)
     return dataset, warnings
+
+
+def batches(dataset: list, batch_size: int, generator: torch.Generator | None = None) -> list[list]:
+    """The dataset in batches: shuffled by `generator`, else in order."""
+    order = torch.randperm(len(dataset), generator=generator).tolist() if generator else range(len(dataset))
+    items = [dataset[i] for i in order]
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def collate(batch: list[Tokenized], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -5,7 +5,11 @@ adapter kind, so that a first run on a small dataset teaches and one on a large 
 - epochs: 3 (OpenAI's target), raised until the run takes at least 50 optimizer steps (at most 25 epochs),
   lowered to keep it under 25,000 examples seen (at least 1 epoch);
 - learning rate: the kind's base rate at batch size 8 (LoRA 1e-3, prefix and prompt 3e-2, bottleneck 1e-3),
-  scaled by sqrt(examples per optimizer step / 8) and by `learning_rate_multiplier` (auto: 1); at most 1.
+  scaled by sqrt(examples per optimizer step / 8) and by `learning_rate_multiplier` (auto: 1); at most 1;
+- DPO's beta: 0.1, the DPO paper's and TRL's default (a pair counts as one example above);
+- DPO's sft_weight: 1, as RPO (Pang et al., 2024). Pure DPO on the 40 bundled sign-off pairs (LoRA, 2 epochs at
+  the auto rate) ranked every held-out pair right yet lowered both answers' likelihood until greedy answers were
+  gibberish ("Eu-Ladá, adapters. Yours-PA. Yours-LAD..."); with the SFT term they stayed sentences and signed off.
 
 An explicit `learning_rate` replaces the scaled base rate; the multiplier resolved for it is then its ratio
 to that rate, so `learning_rate = base * sqrt(batch / 8) * multiplier` holds for every resolved run
@@ -25,6 +29,7 @@ MAX_AUTO_BATCH_SIZE = 32
 TARGET_EPOCHS, MAX_AUTO_EPOCHS = 3, 25
 MIN_STEPS = 50  # below this, warmup and decay leave too few full-rate steps to learn a small dataset
 MAX_EXAMPLES_SEEN = 25_000
+AUTO_BETA, AUTO_SFT_WEIGHT = 0.1, 1.0
 
 
 class Hyperparameters(BaseModel):
@@ -34,6 +39,8 @@ class Hyperparameters(BaseModel):
     batch_size: int
     learning_rate_multiplier: float
     learning_rate: float
+    beta: float | None = None  # DPO runs only
+    sft_weight: float | None = None  # DPO runs only
 
 
 def auto_batch_size(num_examples: int) -> int:
@@ -65,5 +72,9 @@ def resolve(config: TrainConfig, num_examples: int) -> Hyperparameters:
     else:
         multiplier = 1.0 if config.learning_rate_multiplier == "auto" else config.learning_rate_multiplier
         learning_rate = base * multiplier
+    dpo = {}
+    if config.objective == "dpo":
+        dpo = {"beta": AUTO_BETA if config.beta == "auto" else config.beta,
+               "sft_weight": AUTO_SFT_WEIGHT if config.sft_weight == "auto" else config.sft_weight}
     return Hyperparameters(n_epochs=epochs, batch_size=batch_size, learning_rate_multiplier=round(multiplier, 6),
-                           learning_rate=min(learning_rate, 1.0))
+                           learning_rate=min(learning_rate, 1.0), **dpo)

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import (LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType,
-                  get_peft_model, set_peft_model_state_dict)
+from peft import (LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit,
+                  TaskType, get_peft_model, set_peft_model_state_dict)
+from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file
 from torch import nn
 
 from adapters.base import WEIGHTS_FILE, BaseModelSpec
 from adapters.bottleneck import BottleneckAdapter, BottleneckConfig, attach
-from adapters.loading import load_adapter
-from training.config import TrainConfig
+from adapters.loading import Adapter, load_adapter
+from training.config import MAX_LORA_RANK, TrainConfig
 
 
 @dataclass
@@ -32,8 +33,12 @@ class Trainable:
     def autocast(self) -> torch.autocast:
         """Forward passes compute in the base's dtype (bf16 where the host is fast at it); the adapter's
         own weights, gradients and optimizer state stay float32, where small updates are not rounded away."""
-        device = self.parameters[0].device.type
-        return torch.autocast(device, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        return compute_in(self.parameters[0].device, self.compute_dtype)
+
+
+def compute_in(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to the base's dtype (the policy's and, for DPO, the reference's forward passes)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def peft_config(config: TrainConfig) -> LoraConfig | PrefixTuningConfig | PromptTuningConfig:
@@ -49,9 +54,28 @@ def peft_config(config: TrainConfig) -> LoraConfig | PrefixTuningConfig | Prompt
                               prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
 
 
+def _start(model: nn.Module, config: TrainConfig) -> Adapter:
+    """The adapter a run continues, checked against the base (and the method) as serving checks it."""
+    start = load_adapter(config.init_adapter, BaseModelSpec.from_model(model), max_lora_rank=MAX_LORA_RANK)
+    if start.kind != config.method:
+        raise ValueError(f"init_adapter {config.init_adapter} is a {start.kind} adapter, not {config.method}")
+    return start
+
+
 def _peft(model: nn.Module, config: TrainConfig) -> Trainable:
-    peft_model: PeftModel = get_peft_model(model, peft_config(config))
-    virtual = config.num_virtual_tokens if config.method == "prompt" else 0
+    if config.init_adapter is None:
+        peft_model: PeftModel = get_peft_model(model, peft_config(config))
+    else:
+        _start(model, config)
+        saved = PeftConfig.from_pretrained(config.init_adapter)
+        # Any registered adapter may be continued: one saved without a task type would load without the causal
+        # LM's wrapper (its virtual tokens unused), and a text-initialised prompt would look for a tokenizer.
+        saved.task_type = TaskType.CAUSAL_LM
+        if config.method == "prompt":
+            saved.prompt_tuning_init = PromptTuningInit.RANDOM  # its saved weights replace the start
+        peft_model = PeftModel.from_pretrained(model, config.init_adapter, config=saved, is_trainable=True)
+    prompt_config = peft_model.peft_config["default"]
+    virtual = prompt_config.num_virtual_tokens if config.method == "prompt" else 0
 
     def restore(folder: Path) -> None:
         set_peft_model_state_dict(peft_model, load_file(folder / WEIGHTS_FILE))
@@ -64,16 +88,21 @@ def _bottleneck(model: nn.Module, config: TrainConfig) -> Trainable:
     for param in model.parameters():
         param.requires_grad_(False)
     mc = model.config
-    layers, hidden, r = mc.num_hidden_layers, mc.hidden_size, config.bottleneck_size
-    adapter_config = BottleneckConfig(bottleneck_size=r, non_linearity=config.bottleneck_non_linearity,
-                                      positions=config.bottleneck_positions, num_layers=layers, hidden_size=hidden,
-                                      base_model_name_or_path=str(mc.name_or_path))
-    # Houlsby's near-identity start: a small down-projection and a zero up-projection.
-    adapter = BottleneckAdapter(
-        adapter_config,
-        nn.Parameter(torch.randn(layers, 2, r, hidden) * 0.02), nn.Parameter(torch.zeros(layers, 2, r)),
-        nn.Parameter(torch.zeros(layers, 2, hidden, r)), nn.Parameter(torch.zeros(layers, 2, hidden)),
-    )
+    if config.init_adapter is not None:
+        start = _start(model, config)
+        weights = (start.down_weight, start.down_bias, start.up_weight, start.up_bias)
+        adapter = BottleneckAdapter(start.config, *(nn.Parameter(w.clone()) for w in weights))
+    else:
+        layers, hidden, r = mc.num_hidden_layers, mc.hidden_size, config.bottleneck_size
+        adapter_config = BottleneckConfig(bottleneck_size=r, non_linearity=config.bottleneck_non_linearity,
+                                          positions=config.bottleneck_positions, num_layers=layers,
+                                          hidden_size=hidden, base_model_name_or_path=str(mc.name_or_path))
+        # Houlsby's near-identity start: a small down-projection and a zero up-projection.
+        adapter = BottleneckAdapter(
+            adapter_config,
+            nn.Parameter(torch.randn(layers, 2, r, hidden) * 0.02), nn.Parameter(torch.zeros(layers, 2, r)),
+            nn.Parameter(torch.zeros(layers, 2, hidden, r)), nn.Parameter(torch.zeros(layers, 2, hidden)),
+        )
     attach(model, adapter)
     params = [adapter.down_weight, adapter.down_bias, adapter.up_weight, adapter.up_bias]
 
@@ -94,3 +123,13 @@ def build_trainable(model: nn.Module, config: TrainConfig) -> Trainable:
         param.data = param.data.float()
     trainable.compute_dtype = compute_dtype
     return trainable
+
+
+def build_optimizer(trainable: Trainable, config: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW over the adapter's weights; with `loraplus_lr_ratio`, LoRA+ (Hayou et al., 2024): each B matrix at
+    that many times the A matrices' rate, through PEFT's helper."""
+    if config.loraplus_lr_ratio is None:
+        return torch.optim.AdamW(trainable.parameters, lr=learning_rate, weight_decay=config.weight_decay)
+    return create_loraplus_optimizer(trainable.model, torch.optim.AdamW, lr=learning_rate,
+                                     loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                     loraplus_weight_decay=config.weight_decay)  # it sets each group's own

@@ -19,8 +19,9 @@ from server.default_model import ensure_default_model
 from server.host import detect_host, dtype_name, resolve_dtype
 from training.config import TrainConfig
 from training.hyperparameters import resolve, steps_per_epoch
-from training.data import IGNORE, Tokenized, collate, load_dataset
-from training.methods import Trainable, build_trainable
+from training.data import batches
+from training.methods import build_optimizer, build_trainable, compute_in
+from training.objectives import build_objective
 from training.report import RESULTS_FILE, MetricsLog, model_card, plot_losses, write_results
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,6 @@ STATE_FILE = "trainer_state.pt"
 
 class TrainingCancelled(Exception):
     pass
-
-
-def _batches(dataset: list[Tokenized], batch_size: int, generator: torch.Generator | None) -> list[list[Tokenized]]:
-    order = torch.randperm(len(dataset), generator=generator).tolist() if generator else range(len(dataset))
-    items = [dataset[i] for i in order]
-    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
@@ -56,60 +51,44 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _correct_and_count(trainable: Trainable, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Next-token predictions that hit, and how many there were, over the assistant tokens of a batch."""
-    logits = logits[:, trainable.num_virtual_tokens :]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    return int((logits[:, :-1].argmax(-1) == targets)[mask].sum()), int(mask.sum())
-
-
-@torch.no_grad()
-def evaluate(trainable: Trainable, dataset: list[Tokenized], batch_size: int, pad_id: int,
-             device: torch.device) -> dict:
-    """Token-weighted loss and next-token accuracy over the assistant tokens (OpenAI's metric names)."""
-    trainable.model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in _batches(dataset, batch_size, None):
-        inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-        with trainable.autocast():
-            out = trainable.model(**inputs)
-        hits, n = _correct_and_count(trainable, out.logits, inputs["labels"])
-        loss_sum += float(out.loss) * n
-        correct += hits
-        count += n
-    trainable.model.train()
-    return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
-
-
 def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: None,
           should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Run the recipe; returns the summary also written to the model card."""
     # -- setup ---------------------------------------------------------------------------------------------
     model_path = config.model or ensure_default_model(config.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_set, warnings = load_dataset(config.data, tokenizer, config.max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    objective = build_objective(config, tokenizer, pad_id, device)
+    train_set, warnings = objective.load(config.data)
     val_set = []
     if config.validation is not None:
-        val_set, val_warnings = load_dataset(config.validation, tokenizer, config.max_seq_len)
+        val_set, val_warnings = objective.load(config.validation)
         warnings += val_warnings
     for warning in warnings:
         log.warning(warning)
         on_event({"level": "warn", "message": warning})
 
     hyper = resolve(config, len(train_set))
-    resolved = hyper.model_dump()
+    objective.hyper = hyper
+    resolved = hyper.model_dump(exclude_none=True)
     on_event({"level": "info", "message": "hyperparameters: " + ", ".join(f"{k}={v:g}" for k, v in resolved.items()),
               "data": {"hyperparameters": resolved}})
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = training_dtype(config.dtype, device)
     log.info("training in %s (dtype %s; CPU %s, %s)", dtype_name(dtype), config.dtype, detect_host().cpu_model,
              detect_host().isa)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    if config.init_adapter is None:  # the reference: the base alone, before the adapter is attached
+        objective.prepare(model, [train_set, val_set], hyper.batch_size, should_stop,
+                          autocast=lambda: compute_in(device, dtype))
     trainable = build_trainable(model, config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = torch.optim.AdamW(trainable.parameters, lr=hyper.learning_rate, weight_decay=config.weight_decay)
+    if config.init_adapter is not None:  # the reference: the adapter it starts from, before any step
+        objective.prepare(trainable.model, [train_set, val_set], hyper.batch_size, should_stop,
+                          virtual=trainable.num_virtual_tokens, autocast=trainable.autocast)
+    if should_stop():
+        raise TrainingCancelled("cancelled before training")
+    optimizer = build_optimizer(trainable, config, hyper.learning_rate)
     epoch_steps = steps_per_epoch(len(train_set), hyper.batch_size, config.gradient_accumulation_steps)
     total_steps = epoch_steps * hyper.n_epochs
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
@@ -133,20 +112,17 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
     # -- train ---------------------------------------------------------------------------------------------
     trainable.model.train()
     for epoch in range(start_epoch, hyper.n_epochs):
-        batches = _batches(train_set, hyper.batch_size, torch.Generator().manual_seed(config.seed + epoch))
+        epoch_batches = batches(train_set, hyper.batch_size, torch.Generator().manual_seed(config.seed + epoch))
         epoch_tokens, epoch_start = 0, time.monotonic()
-        with tqdm(batches, desc=f"epoch {epoch + 1}/{hyper.n_epochs}", unit="batch") as bar:
+        with tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{hyper.n_epochs}", unit="batch") as bar:
             for i, batch in enumerate(bar):
                 if should_stop():
                     raise TrainingCancelled(f"cancelled during epoch {epoch + 1}")
-                inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-                with trainable.autocast():
-                    out = trainable.model(**inputs)
-                (out.loss / config.gradient_accumulation_steps).backward()
-                loss = out.loss.item()
-                hits, count = _correct_and_count(trainable, out.logits.detach(), inputs["labels"])
-                epoch_tokens += int(inputs["attention_mask"].sum())
-                if (i + 1) % config.gradient_accumulation_steps and i + 1 != len(batches):
+                out, step_metrics, tokens = objective.step(trainable, batch)
+                (out / config.gradient_accumulation_steps).backward()
+                loss = out.item()
+                epoch_tokens += tokens
+                if (i + 1) % config.gradient_accumulation_steps and i + 1 != len(epoch_batches):
                     continue
                 torch.nn.utils.clip_grad_norm_(trainable.parameters, 1.0)
                 optimizer.step()
@@ -155,19 +131,22 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
                 step += 1
                 tokens_per_s = epoch_tokens / (time.monotonic() - epoch_start)
                 record = {"epoch": epoch, "step": step, "train_loss": loss,
-                          "train_mean_token_accuracy": hits / count, "learning_rate": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens_per_s}
+                          **{f"train_{name}": value for name, value in step_metrics.items()},
+                          "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
                 metrics.write(record)
                 on_event({"level": "info", "message": f"Step {step}/{total_steps}: training loss={loss:.4f}",
                           "data": {**record, "total_steps": total_steps}})
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         trained_tokens += epoch_tokens
         if val_set:
-            scores = evaluate(trainable, val_set, hyper.batch_size, pad_id, device)
+            trainable.model.eval()
+            scores = {f"valid_{name}": value
+                      for name, value in objective.evaluate(trainable, val_set, hyper.batch_size).items()}
+            trainable.model.train()
             metrics.write({"epoch": epoch, "step": step, **scores})
-            on_event({"level": "info", "message": f"Step {step}/{total_steps}: validation loss="
-                                                  f"{scores['valid_loss']:.4f}, validation mean token accuracy="
-                                                  f"{scores['valid_mean_token_accuracy']:.3f}",
+            shown = ", ".join(f"{name.replace('valid_', 'validation ').replace('_', ' ')}={value:.4f}"
+                              for name, value in scores.items())
+            on_event({"level": "info", "message": f"Step {step}/{total_steps}: {shown}",
                       "data": {**scores, "step": step, "total_steps": total_steps}})
         checkpoint = config.out / "checkpoints" / f"epoch-{epoch + 1}"
         trainable.save(checkpoint)
@@ -188,8 +167,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] = lambda event: 
         "num_train_examples": len(train_set), "num_validation_examples": len(val_set),
         **resolved, "steps": step, "trained_tokens": trained_tokens, "dtype": dtype_name(dtype),
         "final_train_loss": round(train_losses[-1], 4) if train_losses else None,
-        "final_valid_loss": round(evals[-1]["valid_loss"], 4) if evals else None,
-        "final_valid_mean_token_accuracy": round(evals[-1]["valid_mean_token_accuracy"], 4) if evals else None,
+        "final_valid_loss": None,  # and each validation metric, once there is one
+        **{f"final_{name}": round(value, 4) for name, value in (evals[-1] if evals else {}).items()
+           if name.startswith("valid_")},
         "train_seconds": round(time.monotonic() - started, 1),
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
     }

@@ -16,6 +16,9 @@ RESULTS_FILE = "results.csv"
 # OpenAI's results file: a row per step, validation columns filled where an evaluation ran.
 RESULTS_COLUMNS = {"step": "step", "train_loss": "train_loss", "train_accuracy": "train_mean_token_accuracy",
                    "valid_loss": "valid_loss", "valid_mean_token_accuracy": "valid_mean_token_accuracy"}
+# A DPO run's own, after those (its token accuracies stay empty).
+PREFERENCE_COLUMNS = ("train_reward_margin", "train_preference_accuracy", "valid_reward_margin",
+                      "valid_preference_accuracy")
 
 
 class MetricsLog:
@@ -57,11 +60,14 @@ def write_results(records: list[dict], path: Path) -> None:
     rows: dict[int, dict] = {}
     for record in records:
         rows.setdefault(record["step"], {}).update(record)
+    columns = dict(RESULTS_COLUMNS)
+    if any(PREFERENCE_COLUMNS[0] in record for record in records):
+        columns |= {name: name for name in PREFERENCE_COLUMNS}
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(RESULTS_COLUMNS)
+        writer.writerow(columns)
         for step in sorted(rows):
-            writer.writerow([_csv_value(rows[step].get(key)) for key in RESULTS_COLUMNS.values()])
+            writer.writerow([_csv_value(rows[step].get(key)) for key in columns.values()])
 
 
 def _csv_value(value: float | None) -> str:
@@ -69,12 +75,14 @@ def _csv_value(value: float | None) -> str:
 
 
 def model_card(config: TrainConfig, base_model: str, summary: dict) -> str:
-    hyperparameters = config.model_dump(mode="json", exclude={"data", "validation", "out", "model", "cache_dir",
-                                                              "resume"})
+    hyperparameters = config.model_dump(mode="json", exclude={"data", "validation", "out", "model", "init_adapter",
+                                                              "cache_dir", "resume"})
     lines = [
-        "---", f"base_model: {base_model}", "library_name: swapyard", f"tags: [swapyard, {config.method}]", "---", "",
+        "---", f"base_model: {base_model}", "library_name: swapyard",
+        f"tags: [swapyard, {config.method}, {config.objective}]", "---", "",
         f"# {config.method} adapter for {Path(base_model).name}", "",
-        f"Trained with `swapyard train --method {config.method}` on `{config.data.name}` "
+        f"Trained with `swapyard train --method {config.method} --objective {config.objective}` on "
+        f"`{config.data.name}` "
         f"({summary['num_train_examples']} examples"
         + (f", validation on `{config.validation.name}` ({summary['num_validation_examples']} examples)"
            if config.validation else "") + ").", "",

@@ -21,7 +21,8 @@ from training.jobs import JobStore
 from training.recipe import TrainingCancelled, train
 
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "train_reward_margin", "train_preference_accuracy",
+                      "valid_loss", "valid_mean_token_accuracy", "valid_reward_margin", "valid_preference_accuracy")
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
@@ -49,9 +50,8 @@ def run_job(database_url: str, job_id: str, num_threads: int | None) -> None:
         store.add_event(job_id, event["level"], event["message"], data or None)
         if "checkpoint" in data:
             metrics = {"step": data["step"], **latest}
-            if "valid_loss" in latest:  # validation runs on the whole file: OpenAI's "full" metrics too
-                metrics |= {"full_valid_loss": latest["valid_loss"],
-                            "full_valid_mean_token_accuracy": latest["valid_mean_token_accuracy"]}
+            # Validation runs on the whole file: OpenAI's "full" metrics too.
+            metrics |= {f"full_{name}": value for name, value in latest.items() if name.startswith("valid_")}
             store.add_checkpoint(job_id, data["step"], data["epoch"], data["checkpoint"], metrics)
 
     try:

@@ -1,9 +1,10 @@
 """The files and fine-tuning API's bodies, in OpenAI's shapes, and how a job request becomes a TrainConfig.
 
-A job names its method as OpenAI does (`{"type": "supervised", "supervised": {"hyperparameters": ...}}`);
-the adapter to train is swapyard's extension beside the hyperparameters (`"adapter": {"type": "lora",
-"r": 16}`, LoRA by default). swapyard's first shape, `{"type": "lora", "hyperparameters": {...}}`, is an
-alias. Every field's type, bound, default and description is TrainConfig's, under the API's name.
+A job names its method as OpenAI does (`{"type": "supervised", "supervised": {"hyperparameters": ...}}`, or
+`{"type": "dpo", "dpo": {"hyperparameters": {"beta": ...}}}` for preference tuning); the adapter to train is
+swapyard's extension beside the hyperparameters (`"adapter": {"type": "lora", "r": 16}`, LoRA by default).
+swapyard's first shape, `{"type": "lora", "hyperparameters": {...}}`, is an alias. Every field's type, bound,
+default and description is TrainConfig's, under the API's name.
 """
 
 import secrets
@@ -18,7 +19,7 @@ from training.jobs import CheckpointRecord, EventRecord, FileRecord, JobRecord
 # Each kind's own fields in the API, and the TrainConfig field each one sets.
 ADAPTER_FIELDS: dict[str, dict[str, str]] = {
     "lora": {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "lora_target_modules",
-             "use_rslora": "use_rslora"},
+             "use_rslora": "use_rslora", "loraplus_lr_ratio": "loraplus_lr_ratio"},
     "prefix": {"num_virtual_tokens": "num_virtual_tokens"},
     "prompt": {"num_virtual_tokens": "num_virtual_tokens"},
     "bottleneck": {"size": "bottleneck_size", "positions": "bottleneck_positions",
@@ -30,8 +31,15 @@ HYPERPARAMETER_FIELDS: dict[str, str] = {
     **{name: name for name in ("learning_rate", "gradient_accumulation_steps", "warmup_ratio", "lr_scheduler",
                                "weight_decay", "max_seq_len", "dtype")},
 }
+# Adapter fields that set how it trains, not its shape (a continued adapter keeps its shape).
+TRAINING_ONLY = frozenset({"loraplus_lr_ratio"})
+SHAPE_FIELDS = frozenset(field for fields in ADAPTER_FIELDS.values() for api, field in fields.items()
+                         if api not in TRAINING_ONLY)  # TrainConfig's names
+# DPO's: OpenAI's beta, then swapyard's.
+DPO_FIELDS: dict[str, str] = {**HYPERPARAMETER_FIELDS, "beta": "beta", "sft_weight": "sft_weight"}
 # Fields of TrainConfig the server sets itself; no request may.
-SERVER_FIELDS = frozenset({"method", "data", "validation", "out", "model", "cache_dir", "resume"})
+SERVER_FIELDS = frozenset({"method", "objective", "data", "validation", "out", "model", "init_adapter", "cache_dir",
+                           "resume"})
 # Strict: `true` is no number of epochs and "3" no batch size (lax pydantic read them as 1 and 3).
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
@@ -43,6 +51,7 @@ def _fields_of(names: dict[str, str]) -> dict[str, Any]:
 
 SupervisedHyperparameters = create_model("SupervisedHyperparameters", __config__=_STRICT,
                                          **_fields_of(HYPERPARAMETER_FIELDS))
+DPOHyperparameters = create_model("DPOHyperparameters", __config__=_STRICT, **_fields_of(DPO_FIELDS))
 # One model for every kind (a tagged union would put the tag into error paths); train_fields refuses a field
 # of another kind.
 AdapterSpec = create_model("AdapterSpec", __config__=_STRICT, type=(Method, "lora"),
@@ -50,21 +59,35 @@ AdapterSpec = create_model("AdapterSpec", __config__=_STRICT, type=(Method, "lor
                                          for api, field in fields.items()}))
 
 
-class Supervised(BaseModel):
+class _Section(BaseModel):
     model_config = _STRICT
-    hyperparameters: SupervisedHyperparameters = SupervisedHyperparameters()
     adapter: AdapterSpec = AdapterSpec()
     """swapyard's extension: the kind of adapter to train (LoRA by default) and its shape."""
 
 
+class Supervised(_Section):
+    hyperparameters: SupervisedHyperparameters = SupervisedHyperparameters()
+
+
+class DPO(_Section):
+    hyperparameters: DPOHyperparameters = DPOHyperparameters()
+
+
 class JobMethod(BaseModel):
-    """OpenAI's `{"type": "supervised", "supervised": {...}}`, or swapyard's first shape, kept as an alias:
-    the adapter kind as the type and any training field under `hyperparameters`."""
+    """OpenAI's `{"type": "supervised", "supervised": {...}}` or `{"type": "dpo", "dpo": {...}}`, or swapyard's
+    first shape, kept as an alias: the adapter kind as the type and any training field under `hyperparameters`."""
 
     model_config = _STRICT
-    type: Literal["supervised", Method] = "supervised"
+    type: Literal["supervised", "dpo", Method] = "supervised"
     supervised: Supervised | None = None
+    dpo: DPO | None = None
     hyperparameters: dict[str, Any] | None = None
+
+    def section(self) -> Supervised | DPO | None:
+        """The body of the OpenAI shape this method names (None for swapyard's alias shape)."""
+        if self.type == "dpo":
+            return self.dpo or DPO()
+        return self.supervised or Supervised() if self.type == "supervised" else None
 
 
 MetadataKey = Annotated[str, StringConstraints(max_length=64)]
@@ -85,34 +108,55 @@ class CreateJob(BaseModel):
     integrations: Annotated[list[Any], Field(max_length=0)] | None = None
     """OpenAI's Weights & Biases integration is not offered: none may be given."""
 
-    def train_fields(self) -> dict[str, Any]:
-        """The TrainConfig fields this request sets; a 400 naming the field where it breaks a rule."""
+    def train_fields(self, start_kind: str | None = None) -> dict[str, Any]:
+        """The TrainConfig fields this request sets; a 400 naming the field where it breaks a rule. `start_kind`:
+        the kind of the adapter `model` names, which the job continues (its kind and shape are the job's)."""
         method = self.method
-        if method.type != "supervised":
-            if method.supervised is not None or self.hyperparameters is not None:
+        section = method.section()
+        if section is None:
+            if method.supervised is not None or method.dpo is not None or self.hyperparameters is not None:
                 raise APIError(400, f"method `{method.type}` takes its hyperparameters in `method.hyperparameters`",
-                               param="method.supervised" if method.supervised is not None else "hyperparameters")
+                               param="method.supervised" if method.supervised is not None else
+                               "method.dpo" if method.dpo is not None else "hyperparameters")
             hyper = dict(method.hyperparameters or {})
             if "n_epochs" in hyper:
                 hyper["epochs"] = hyper.pop("n_epochs")
             if forbidden := SERVER_FIELDS & hyper.keys():
                 raise APIError(400, f"hyperparameters may not set {sorted(forbidden)}", param="method.hyperparameters")
             fields = {"method": method.type, **hyper}
+            if start_kind is not None and method.type != start_kind:
+                raise APIError(400, f"`{self.model}` is a {start_kind} adapter: the job continues it as one",
+                               param="method.type")
+            if start_kind is not None and (shaped := sorted(SHAPE_FIELDS & hyper.keys())):
+                raise APIError(400, f"`{self.model}` is continued in its own shape: `{shaped[0]}` cannot change it",
+                               param=f"method.hyperparameters.{shaped[0]}")
         else:
-            if method.hyperparameters is not None:
-                raise APIError(400, "supervised hyperparameters go in `method.supervised.hyperparameters`",
-                               param="method.hyperparameters")
-            supervised = method.supervised or Supervised()
-            if self.hyperparameters is not None and supervised.hyperparameters.model_fields_set:
-                raise APIError(400, "give hyperparameters in `method.supervised.hyperparameters` only (the "
-                                    "top-level field is OpenAI's deprecated alias)", param="hyperparameters")
-            hyper, adapter = self.hyperparameters or supervised.hyperparameters, supervised.adapter
+            other = "dpo" if method.type == "supervised" else "supervised"
+            if method.hyperparameters is not None or getattr(method, other) is not None:
+                wrong = "method.hyperparameters" if method.hyperparameters is not None else f"method.{other}"
+                raise APIError(400, f"{method.type} hyperparameters go in `method.{method.type}.hyperparameters`",
+                               param=wrong)
+            if self.hyperparameters is not None and (method.type == "dpo" or section.hyperparameters.model_fields_set):
+                raise APIError(400, f"give hyperparameters in `method.{method.type}.hyperparameters` only (the "
+                                    "top-level field is OpenAI's deprecated alias for supervised ones)",
+                               param="hyperparameters")
+            hyper, adapter = self.hyperparameters or section.hyperparameters, section.adapter
+            names = DPO_FIELDS if method.type == "dpo" else HYPERPARAMETER_FIELDS
+            where = f"method.{method.type}.adapter"
+            if start_kind is not None:  # the job continues that adapter: its kind and shape
+                if "type" in adapter.model_fields_set and adapter.type != start_kind:
+                    raise APIError(400, f"`{self.model}` is a {start_kind} adapter: the job continues it as one",
+                                   param=f"{where}.type")
+                adapter = adapter.model_copy(update={"type": start_kind})
             own = ADAPTER_FIELDS[adapter.type]
             if foreign := sorted(adapter.model_fields_set - own.keys() - {"type"}):
                 raise APIError(400, f"a {adapter.type} adapter has no field `{foreign[0]}` (its fields: "
-                                    f"{', '.join(own)})", param=f"method.supervised.adapter.{foreign[0]}")
-            fields = {"method": adapter.type,
-                      **{HYPERPARAMETER_FIELDS[k]: getattr(hyper, k) for k in hyper.model_fields_set},
+                                    f"{', '.join(own)})", param=f"{where}.{foreign[0]}")
+            if start_kind is not None and (shaped := sorted(adapter.model_fields_set - {"type", *TRAINING_ONLY})):
+                raise APIError(400, f"`{self.model}` is continued in its own shape: `{shaped[0]}` cannot change it",
+                               param=f"{where}.{shaped[0]}")
+            fields = {"method": adapter.type, "objective": "dpo" if method.type == "dpo" else "sft",
+                      **{names[k]: getattr(hyper, k) for k in hyper.model_fields_set},
                       **{own[k]: getattr(adapter, k) for k in adapter.model_fields_set if k != "type"}}
         if self.seed is not None:
             if fields.get("seed", self.seed) != self.seed:
@@ -123,17 +167,18 @@ class CreateJob(BaseModel):
 
     def param_of(self, field: str) -> str:
         """The request path of TrainConfig field `field`, for error messages."""
-        if self.method.type != "supervised":
+        kind = self.method.type
+        if kind not in ("supervised", "dpo"):
             return f"method.hyperparameters.{field}"
-        api = {v: k for k, v in HYPERPARAMETER_FIELDS.items()}.get(field, field)
-        where = "hyperparameters" if self.hyperparameters is not None else "method.supervised.hyperparameters"
+        api = {v: k for k, v in DPO_FIELDS.items()}.get(field, field)
+        where = "hyperparameters" if self.hyperparameters is not None else f"method.{kind}.hyperparameters"
         return f"{where}.{api}"
 
 
-def train_config(request: CreateJob, **server_fields: Any) -> TrainConfig:
+def train_config(request: CreateJob, start_kind: str | None = None, **server_fields: Any) -> TrainConfig:
     try:
         # Strict, as the request models are: the alias shape's hyperparameters arrive as a plain dict.
-        return TrainConfig.model_validate({**request.train_fields(), **server_fields}, strict=True)
+        return TrainConfig.model_validate({**request.train_fields(start_kind), **server_fields}, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = request.param_of(str(first["loc"][0])) if first["loc"] else "method"
@@ -194,12 +239,16 @@ class JobObject(BaseModel):
     @classmethod
     def of(cls, r: JobRecord) -> "JobObject":
         config = TrainConfig.model_validate(r.config)
-        hyper = {api: getattr(config, field) for api, field in HYPERPARAMETER_FIELDS.items()}
+        kind = "dpo" if config.objective == "dpo" else "supervised"
+        hyper = {api: getattr(config, field)
+                 for api, field in (DPO_FIELDS if kind == "dpo" else HYPERPARAMETER_FIELDS).items()}
         hyper |= r.hyperparameters or {}
-        adapter = {"type": config.method, **{api: getattr(config, field)
-                                             for api, field in ADAPTER_FIELDS[config.method].items()}}
+        # A continued adapter's shape is its own, not the config's defaults: only what the job set is shown.
+        shown = {api: field for api, field in ADAPTER_FIELDS[config.method].items()
+                 if config.init_adapter is None or api in TRAINING_ONLY}
+        adapter = {"type": config.method, **{api: getattr(config, field) for api, field in shown.items()}}
         return cls(id=r.id, model=r.model, status=r.status, hyperparameters=hyper,
-                   method={"type": "supervised", "supervised": {"hyperparameters": hyper, "adapter": adapter}},
+                   method={"type": kind, kind: {"hyperparameters": hyper, "adapter": adapter}},
                    training_file=r.training_file, validation_file=r.validation_file, result_files=r.result_files,
                    fine_tuned_model=r.fine_tuned_model, error=JobError(**r.error) if r.error else None,
                    trained_tokens=r.trained_tokens, created_at=r.created_at, finished_at=r.finished_at,

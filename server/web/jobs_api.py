@@ -1,6 +1,7 @@
 """OpenAI's fine-tuning jobs API: start, follow and cancel training (files are in files_api)."""
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +22,7 @@ from training.jobs import FINAL, JobRecord, JobStore, new_id
 # a slow or unreachable database never holds the event loop (and with it every stream).
 jobs_api = APIRouter()
 
+START_FOLDER = "start"  # inside a job's folder: the adapter a job continues, as it was when the job was created
 PageSize = Annotated[int, Query(ge=1, le=1000)]  # bounded: SQLite takes 64-bit limits, and a page must fit memory
 
 
@@ -53,15 +55,26 @@ def _sequence(anchor: str | None, prefix: str) -> int | None:
 async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
                      settings: ServeSettings = Depends(get_settings),
                      router: Router = Depends(get_router)) -> JobObject:
-    if body.model != router.base_model:
-        raise APIError(400, f"fine-tuning trains adapters for the served base model `{router.base_model}` only",
-                       param="model", code="model_not_available")
+    start = None if body.model == router.base_model else await router.adapters.get(body.model)
+    if body.model != router.base_model and start is None:
+        raise APIError(400, f"fine-tuning trains adapters for the served base model `{router.base_model}`, or "
+                            f"continues one of its adapters; `{body.model}` is neither", param="model",
+                       code="model_not_available")
     job_id = new_id("ftjob")
     data = await asyncio.to_thread(_training_path, body.training_file, "training_file", runner.store, settings)
     validation = await asyncio.to_thread(_training_path, body.validation_file, "validation_file", runner.store,
                                          settings) if body.validation_file else None
-    config = train_config(body, data=data, validation=validation, model=settings.model,
-                          out=settings.jobs_dir / job_id, cache_dir=settings.cache_dir)
+    out = settings.jobs_dir / job_id
+    config = train_config(body, start.kind if start else None, data=data, validation=validation,
+                          model=settings.model, out=out, cache_dir=settings.cache_dir,
+                          init_adapter=out / START_FOLDER if start else None)
+    if start is not None:  # the job's own copy: the registry may replace or delete the adapter meanwhile
+        try:
+            await asyncio.to_thread(shutil.copytree, router.adapters.registry.path(start), out / START_FOLDER)
+        except OSError as exc:  # replaced or deleted since it was looked up
+            await asyncio.to_thread(shutil.rmtree, out, ignore_errors=True)
+            raise APIError(409, f"adapter `{body.model}` changed while the job was created; try again",
+                           param="model") from exc
     job = JobRecord(id=job_id, model=body.model, status="validating_files", method=config.method,
                     training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
                     config=config.model_dump(mode="json"), fine_tuned_model=None, error=None, trained_tokens=None,
