@@ -73,7 +73,7 @@ def run_trl(config: TrainConfig) -> dict:
                              peft_config=peft_config(config), processing_class=tokenizer)
         data = trainer.train_dataset
         tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(
-            data["prompt_input_ids"], data["chosen_input_ids"], data["rejected_input_ids"])) * hyper.n_epochs
+            data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])) * hyper.n_epochs
     else:  # prompt-completion form: TRL applies the chat template and puts the loss on the completion only
         dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
         trainer = SFTTrainer(model=model, args=SFTConfig(completion_only_loss=True, **common), train_dataset=dataset,
