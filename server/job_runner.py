@@ -22,9 +22,9 @@ from adapters.base import AdapterError
 from server.adapter_manager import AdapterManager
 from training.config import TrainConfig
 from training.data import DataError, read_examples
-from training.preferences import read_preferences
 from training.hyperparameters import resolve
 from training.jobs import FileRecord, JobRecord, JobStore, new_id
+from training.preferences import read_preferences
 from training.report import RESULTS_FILE
 from training.worker import SUMMARY_FILE, run_job
 

@@ -108,6 +108,12 @@ def test_both_formats_learn_from_the_answers_only(tmp_path, tokenizer):
     assert pairs[0].chosen.input_ids == pairs[1].chosen.input_ids  # OpenAI's and TRL's chat formats agree
 
 
+def test_pairs_truncated_to_nothing_leave_no_run(tmp_path, tokenizer):
+    long = {**PREFERENCE, "input": {"messages": [{"role": "user", "content": "word " * 100}]}}
+    with pytest.raises(DataError, match="no pair is left"):
+        load_preferences(_write(tmp_path, [long, long]), tokenizer, 32)
+
+
 @pytest.mark.parametrize("beta", [0, -1, float("nan"), float("inf"), 1e9])
 def test_beta_out_of_range_is_refused(tmp_path, beta):
     with pytest.raises(ValidationError, match="beta"):

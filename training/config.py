@@ -9,6 +9,9 @@ from server.settings import DEFAULT_CACHE_DIR
 
 Method = Literal["lora", "prefix", "prompt", "bottleneck"]
 MAX_LORA_RANK = 512
+# The fields that shape an adapter (a run that continues one keeps its shape instead).
+SHAPE_FIELDS = frozenset({"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora",
+                          "num_virtual_tokens", "bottleneck_size", "bottleneck_positions", "bottleneck_non_linearity"})
 Auto = Literal["auto"]
 
 

@@ -178,6 +178,8 @@ def load_dataset(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: in
             warnings.append(f"{path}: example {number} has no assistant tokens left after truncation; skipped")
             continue
         dataset.append(item)
+    if not dataset:
+        raise DataError(path, ["no example is left to train on after truncation (raise max_seq_len)"])
     return dataset, warnings
 
 

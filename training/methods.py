@@ -66,7 +66,7 @@ def _peft(model: nn.Module, config: TrainConfig) -> Trainable:
     if config.init_adapter is None:
         peft_model: PeftModel = get_peft_model(model, peft_config(config))
     else:
-        _start(model, config)
+        _start(model, config)  # refuses a folder of another kind or base, as serving would, before PEFT reads it
         saved = PeftConfig.from_pretrained(config.init_adapter)
         # Any registered adapter may be continued: one saved without a task type would load without the causal
         # LM's wrapper (its virtual tokens unused), and a text-initialised prompt would look for a tokenizer.
@@ -74,8 +74,8 @@ def _peft(model: nn.Module, config: TrainConfig) -> Trainable:
         if config.method == "prompt":
             saved.prompt_tuning_init = PromptTuningInit.RANDOM  # its saved weights replace the start
         peft_model = PeftModel.from_pretrained(model, config.init_adapter, config=saved, is_trainable=True)
-    prompt_config = peft_model.peft_config["default"]
-    virtual = prompt_config.num_virtual_tokens if config.method == "prompt" else 0
+    loaded = peft_model.peft_config["default"]
+    virtual = loaded.num_virtual_tokens if config.method == "prompt" else 0
 
     def restore(folder: Path) -> None:
         set_peft_model_state_dict(peft_model, load_file(folder / WEIGHTS_FILE))
@@ -91,7 +91,7 @@ def _bottleneck(model: nn.Module, config: TrainConfig) -> Trainable:
     if config.init_adapter is not None:
         start = _start(model, config)
         weights = (start.down_weight, start.down_bias, start.up_weight, start.up_bias)
-        adapter = BottleneckAdapter(start.config, *(nn.Parameter(w.clone()) for w in weights))
+        adapter = BottleneckAdapter(start.config, *(nn.Parameter(w.to(model.device, copy=True)) for w in weights))
     else:
         layers, hidden, r = mc.num_hidden_layers, mc.hidden_size, config.bottleneck_size
         adapter_config = BottleneckConfig(bottleneck_size=r, non_linearity=config.bottleneck_non_linearity,
@@ -100,8 +100,9 @@ def _bottleneck(model: nn.Module, config: TrainConfig) -> Trainable:
         # Houlsby's near-identity start: a small down-projection and a zero up-projection.
         adapter = BottleneckAdapter(
             adapter_config,
-            nn.Parameter(torch.randn(layers, 2, r, hidden) * 0.02), nn.Parameter(torch.zeros(layers, 2, r)),
-            nn.Parameter(torch.zeros(layers, 2, hidden, r)), nn.Parameter(torch.zeros(layers, 2, hidden)),
+            *(nn.Parameter(w.to(model.device)) for w in (
+                torch.randn(layers, 2, r, hidden) * 0.02, torch.zeros(layers, 2, r),
+                torch.zeros(layers, 2, hidden, r), torch.zeros(layers, 2, hidden))),
         )
     attach(model, adapter)
     params = [adapter.down_weight, adapter.down_bias, adapter.up_weight, adapter.up_bias]
@@ -132,4 +133,5 @@ def build_optimizer(trainable: Trainable, config: TrainConfig, learning_rate: fl
         return torch.optim.AdamW(trainable.parameters, lr=learning_rate, weight_decay=config.weight_decay)
     return create_loraplus_optimizer(trainable.model, torch.optim.AdamW, lr=learning_rate,
                                      loraplus_lr_ratio=config.loraplus_lr_ratio,
-                                     loraplus_weight_decay=config.weight_decay)  # it sets each group's own
+                                     loraplus_weight_decay=config.weight_decay,  # it sets each group's own
+                                     loraplus_lr_embedding=learning_rate)  # else a fixed 1e-6

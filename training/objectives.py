@@ -20,11 +20,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from training.config import TrainConfig
-from training.hyperparameters import Hyperparameters
 from training.data import IGNORE, Tokenized, batches, collate, load_dataset
+from training.hyperparameters import Hyperparameters
 from training.methods import Trainable
 from training.preferences import PreferencePair, load_preferences
-
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

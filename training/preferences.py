@@ -78,9 +78,11 @@ def _answer(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], answer: list
             tools: list[dict] | None) -> Tokenized:
     """The conversation through the chat template, labels on the answer's tokens (and its end of turn)."""
     ids = tokenizer.apply_chat_template(prompt + answer, tools=tools, tokenize=True, return_dict=False)
-    start = len(tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
-    return Tokenized(ids, [IGNORE] * start + ids[start:])
+    asked = tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
+    if ids[: len(asked)] != asked:  # a template that renders the prompt otherwise once answered
+        raise ValueError("the chat template renders the prompt differently before and after the answer")
+    return Tokenized(ids, [IGNORE] * len(asked) + ids[len(asked):])
 
 
 def tokenize_pair(preference: Preference, tokenizer: PreTrainedTokenizerBase) -> PreferencePair:
@@ -125,6 +127,8 @@ def load_preferences(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len
         pairs.append(pair)
     if problems:
         raise DataError(path, problems)
+    if not pairs:
+        raise DataError(path, ["no pair is left to train on after truncation (raise max_seq_len)"])
     return pairs, warnings
 
 
@@ -134,7 +138,10 @@ def _ignored_tools(preferences: list[Preference], tokenizer: PreTrainedTokenizer
     if given is None:
         return []
     turns = chat_turns(given.input.messages)
-    with_tools = tokenizer.apply_chat_template(turns, tools=given.input.tools, tokenize=False)
-    if with_tools != tokenizer.apply_chat_template(turns, tokenize=False):
+    try:
+        with_tools = tokenizer.apply_chat_template(turns, tools=given.input.tools, tokenize=False)
+        if with_tools != tokenizer.apply_chat_template(turns, tokenize=False):
+            return []
+    except Exception:  # noqa: BLE001 - the template's error: its pair is named when it is tokenized
         return []
     return [f"{path}: the model's chat template does not render `tools`: they are not trained on"]

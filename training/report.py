@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.config import TrainConfig  # noqa: E402
+from training.config import SHAPE_FIELDS, TrainConfig  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.csv"
@@ -75,8 +75,10 @@ def _csv_value(value: float | None) -> str:
 
 
 def model_card(config: TrainConfig, base_model: str, summary: dict) -> str:
+    # A run that continued an adapter kept its shape: the config's shape fields were not used.
+    unused = SHAPE_FIELDS if config.init_adapter is not None else set()
     hyperparameters = config.model_dump(mode="json", exclude={"data", "validation", "out", "model", "init_adapter",
-                                                              "cache_dir", "resume"})
+                                                              "cache_dir", "resume", *unused})
     lines = [
         "---", f"base_model: {base_model}", "library_name: swapyard",
         f"tags: [swapyard, {config.method}, {config.objective}]", "---", "",

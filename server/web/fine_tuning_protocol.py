@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
 
 from server.errors import APIError
-from training.config import Method, TrainConfig
+from training.config import SHAPE_FIELDS, Method, TrainConfig
 from training.jobs import CheckpointRecord, EventRecord, FileRecord, JobRecord
 
 # Each kind's own fields in the API, and the TrainConfig field each one sets.
@@ -33,8 +33,6 @@ HYPERPARAMETER_FIELDS: dict[str, str] = {
 }
 # Adapter fields that set how it trains, not its shape (a continued adapter keeps its shape).
 TRAINING_ONLY = frozenset({"loraplus_lr_ratio"})
-SHAPE_FIELDS = frozenset(field for fields in ADAPTER_FIELDS.values() for api, field in fields.items()
-                         if api not in TRAINING_ONLY)  # TrainConfig's names
 # DPO's: OpenAI's beta, then swapyard's.
 DPO_FIELDS: dict[str, str] = {**HYPERPARAMETER_FIELDS, "beta": "beta", "sft_weight": "sft_weight"}
 # Fields of TrainConfig the server sets itself; no request may.

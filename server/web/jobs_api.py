@@ -79,7 +79,11 @@ async def create_job(body: CreateJob, runner: JobRunner = Depends(get_runner),
                     training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
                     config=config.model_dump(mode="json"), fine_tuned_model=None, error=None, trained_tokens=None,
                     created_at=int(time.time()), finished_at=None, metadata=body.metadata)
-    await runner.submit(job)
+    try:
+        await runner.submit(job)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, out, ignore_errors=True)  # the start copy, if any
+        raise
     return JobObject.of(job)
 
 
