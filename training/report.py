@@ -16,9 +16,7 @@ RESULTS_FILE = "results.csv"
 # OpenAI's results file: a row per step, validation columns filled where an evaluation ran.
 RESULTS_COLUMNS = {"step": "step", "train_loss": "train_loss", "train_accuracy": "train_mean_token_accuracy",
                    "valid_loss": "valid_loss", "valid_mean_token_accuracy": "valid_mean_token_accuracy"}
-# A DPO run's own, after those (its token accuracies stay empty).
-PREFERENCE_COLUMNS = ("train_reward_margin", "train_preference_accuracy", "valid_reward_margin",
-                      "valid_preference_accuracy")
+METRIC_PREFIXES = ("train_", "valid_")  # a run's metrics, whatever its objective
 
 
 class MetricsLog:
@@ -60,9 +58,10 @@ def write_results(records: list[dict], path: Path) -> None:
     rows: dict[int, dict] = {}
     for record in records:
         rows.setdefault(record["step"], {}).update(record)
+    # Then the objective's own metrics (DPO's), in the order they first appear; its token accuracies stay empty.
     columns = dict(RESULTS_COLUMNS)
-    if any(PREFERENCE_COLUMNS[0] in record for record in records):
-        columns |= {name: name for name in PREFERENCE_COLUMNS}
+    for record in records:
+        columns |= {k: k for k in record if k.startswith(METRIC_PREFIXES) and k not in columns.values()}
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)

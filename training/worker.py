@@ -19,10 +19,9 @@ from training.config import TrainConfig
 from training.data import DataError
 from training.jobs import JobStore
 from training.recipe import TrainingCancelled, train
+from training.report import METRIC_PREFIXES
 
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "train_reward_margin", "train_preference_accuracy",
-                      "valid_loss", "valid_mean_token_accuracy", "valid_reward_margin", "valid_preference_accuracy")
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
@@ -46,7 +45,8 @@ def run_job(database_url: str, job_id: str, num_threads: int | None) -> None:
 
     def on_event(event: dict) -> None:
         data = event.get("data") or {}
-        latest.update({k: v for k, v in data.items() if k in CHECKPOINT_METRICS})
+        if {"train_loss", "valid_loss"} & data.keys():  # a step's or a validation's record (not the summary's)
+            latest.update({k: v for k, v in data.items() if k.startswith(METRIC_PREFIXES)})
         store.add_event(job_id, event["level"], event["message"], data or None)
         if "checkpoint" in data:
             metrics = {"step": data["step"], **latest}
