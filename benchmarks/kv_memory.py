@@ -132,7 +132,7 @@ async def long_prompt_into_streams(url: str, streams: int, long_prompt: str) -> 
         started = time.perf_counter()
         running = [asyncio.create_task(one_stream(c, DEFAULT_MODEL_NAME, f"Tell a long story about number {i}.",
                                                   128, ignore_eos=True)) for i in range(streams)]
-        generated = f'swapyard_generation_tokens_total{{model="{DEFAULT_MODEL_NAME}"}}'
+        generated = f'swapyard_generation_tokens_total{{model="{DEFAULT_MODEL_NAME}",version=""}}'
         before = metric(url, generated)
         while metric(url, generated) < before + 2 * streams:  # the streams are prefilled and decoding
             await asyncio.sleep(0.1)

@@ -1,22 +1,33 @@
-"""Adapter names to registered versions, and registration. The engine owns residency.
+"""Adapter names to registered versions, registration and aliases. The engine owns residency.
 
-A request's adapter is resolved here to an AdapterRef (name, version, files) from the registry's copy, which
+A request's `model` is resolved here to an AdapterRef (name, version, files) from the registry's copy, which
 its watcher thread keeps current (within a second of another replica's change): a warm request touches no
-lock and no database. Which versions are on the device, which wait for a slot and when a replaced version's
-memory frees is the engine's alone (server/engine/residency.py); this module only tells it what was
+lock and no database, aliases and traffic splits included. `name` is served by its newest version (a newer
+one registered meanwhile answers a request queued for an older one); `name@N`, `name@sha256:HEX` and aliases
+pin a version, which the engine serves as an adapter of its own (`name@N`), so nothing else answers for it.
+Which versions are on the device, which wait for a slot and when a replaced version's memory frees is the
+engine's alone (server/engine/residency.py); this module only tells it what was
 registered, deleted, merged or unmerged.
 """
 
 import asyncio
 import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from adapters.base import AdapterError, AdapterGone
-from adapters.registry import AdapterRecord, AdapterRegistry
+from adapters.registry import (AdapterEvent, AdapterRecord, AdapterRegistry, AliasRecord, AliasTarget, RegistryView,
+                               VersionRecord)
 from server import database
 from server.engine.base import Engine
 from server.engine.residency import AdapterRef
-from server.metrics import MERGED_ADAPTER, forget_model
+from server.metrics import MERGED_ADAPTER, forget_model, forget_version
+
+SHA256_PIN = "sha256:"
+MIN_SHA256_PREFIX = 12  # hex digits a `name@sha256:` pin must give
 
 
 class AdapterManager:
@@ -25,6 +36,7 @@ class AdapterManager:
         self._reading_registry: asyncio.Future | None = None  # the registry read under way
         self._next_registry_read: asyncio.Future | None = None  # the one after it, shared by calls meanwhile
         self._swap = asyncio.Lock()  # one merge or unmerge at a time (loads never wait for it)
+        self._in_use: Counter[tuple[str, int]] = Counter()  # (name, version) of requests running here
         registry.watch()
 
     def close(self) -> None:
@@ -44,9 +56,59 @@ class AdapterManager:
         through any other at once)."""
         if (record := self.registry.cached().get(name)) is not None:
             return record
-        return (await self._read()).get(name)
+        return (await self._read()).adapters.get(name)
 
-    async def _read(self) -> dict[str, AdapterRecord]:
+    async def resolve(self, model: str, user: str | None = None) -> AdapterRef | None:
+        """The version `model` names: `name` (its newest), `name@N`, `name@sha256:HEX` (12 or more digits:
+        the newest version with that content) or an alias, whose split picks by `user` (the same version for
+        one user, on every replica; a random one without). None when it names nothing registered."""
+        ref = self._lookup(self.registry.cached_view(), model, user)
+        return ref if ref is not None else self._lookup(await self._read(), model, user)
+
+    def _lookup(self, view: RegistryView, model: str, user: str | None) -> AdapterRef | None:
+        name, at, pin = model.partition("@")
+        if at:
+            version = _pinned(view.versions.get(name, {}), pin)
+        elif (record := view.adapters.get(model)) is not None:
+            return self.ref(record)
+        elif (alias := view.aliases.get(model)) is not None:
+            target = alias.pick(user if user is not None else uuid.uuid4().hex)
+            version = view.versions.get(target.adapter, {}).get(target.version)
+        else:
+            return None
+        if version is None:
+            return None
+        current = view.adapters.get(version.name)
+        return AdapterRef(f"{version.name}@{version.version}", version.version, version.kind,
+                          self.registry.store / version.folder, version.num_virtual_tokens,
+                          current is not None and current.is_pinned, version.created_at)
+
+    def view(self) -> RegistryView:
+        return self.registry.cached_view()
+
+    async def versions(self, name: str) -> list[VersionRecord] | None:
+        """`name`'s kept versions, oldest first; None when it is not registered."""
+        if await self.get(name) is None:
+            return None
+        return sorted(self.view().versions.get(name, {}).values(), key=lambda version: version.version)
+
+    async def events(self, name: str, after: int, limit: int) -> list[AdapterEvent]:
+        return await asyncio.to_thread(self.registry.events, name, after, limit)
+
+    @contextmanager
+    def using(self, ref: AdapterRef | None) -> Iterator[None]:
+        """Hold `ref`'s version while a request runs on it: the registry prunes no version in use here."""
+        if ref is None:
+            yield
+            return
+        key = ref.adapter, ref.version
+        self._in_use[key] += 1
+        try:
+            yield
+        finally:
+            self._in_use -= Counter({key: 1})
+
+    async def _read(self) -> RegistryView:
         """The registry as of a read begun after this call. Reads run in a worker thread, one at a time, each
         shared by every call that came while the one before it ran: the event loop never waits on the
         database, and a burst of requests for unknown names costs one read. A read that takes over
@@ -57,10 +119,10 @@ class AdapterManager:
         try:
             return await asyncio.wait_for(asyncio.shield(read), database.WAIT_S)
         except TimeoutError:
-            return self.registry.cached()
+            return self.registry.cached_view()
 
     def _read_registry_after(self, previous: asyncio.Future | None) -> asyncio.Future:
-        async def read() -> dict[str, AdapterRecord]:
+        async def read() -> RegistryView:
             if previous is not None:
                 await asyncio.wait([previous])
             self._reading_registry, self._next_registry_read = started, None  # later calls wait for the next
@@ -74,7 +136,8 @@ class AdapterManager:
         return AdapterRef(record.name, record.version, record.kind, self.registry.path(record),
                           record.num_virtual_tokens, record.is_pinned, record.created_at)
 
-    async def register(self, name: str, folder: Path, *, source: str, replace: bool, is_pinned: bool) -> AdapterRecord:
+    async def register(self, name: str, folder: Path, *, source: str, replace: bool, is_pinned: bool,
+                       actor: str | None = None, provenance: dict | None = None) -> AdapterRecord:
         """Validate, stage, hand to the engine, then commit. All or nothing: an adapter the engine refuses
         leaves the registry as it was, and a replaced version's files go only once the new one serves.
         Requests already running finish on the old version."""
@@ -93,24 +156,61 @@ class AdapterManager:
         except BaseException:
             await asyncio.to_thread(self.registry.discard, staged)
             raise
+        busy = [version for used, version in self._in_use if used == name]
         try:
-            record = await asyncio.to_thread(self.registry.commit, name, adapter.kind, adapter.num_virtual_tokens,
-                                             staged, source=source, replace=replace, is_pinned=is_pinned)
+            record, pruned = await asyncio.to_thread(
+                self.registry.commit, name, adapter.kind, adapter.num_virtual_tokens, staged, source=source,
+                replace=replace, is_pinned=is_pinned, actor=actor, provenance=provenance, busy=busy)
         except BaseException:  # e.g. another replica took the name meanwhile: serve what the registry says
             await self.engine.remove_adapter(name)
             raise
         if (committed := self.ref(record)) != expected:
             await self.engine.add_adapter(committed, adapter)
+        await self._forget(pruned)
         return record
 
-    async def unregister(self, name: str) -> AdapterRecord | None:
-        record = await asyncio.to_thread(self.registry.remove, name)
+    async def unregister(self, name: str, actor: str | None = None) -> AdapterRecord | None:
+        record, versions = await asyncio.to_thread(self.registry.remove, name, actor)
         async with self._swap:
             if name == self.merged:
                 await self._unmerge()
         await self.engine.remove_adapter(name)
+        await self._forget(versions)
         if record is not None:
             forget_model(name)
+        return record
+
+    async def _forget(self, versions: list[VersionRecord]) -> None:
+        """Versions that left the registry leave the engine (once their requests end) and /metrics."""
+        for version in versions:
+            label = f"{version.name}@{version.version}"
+            await self.engine.remove_adapter(label)
+            forget_version(label)
+            forget_model(label)  # the engine's series of it, and requests that named it
+
+    async def set_alias(self, alias: str, targets: list[tuple[str, float]], actor: str | None = None) -> AliasRecord:
+        """Point `alias` at the versions `targets` name, as (model, weight): `name` means its newest version now
+        (a later registration does not move the alias), `name@N` or `name@sha256:HEX` a pinned one."""
+        view = await self._read()
+        if alias.casefold() == self.base_model.casefold():
+            raise AdapterError("alias", f"`{alias}` is the base model's name (names are compared ignoring case)")
+        pinned = []
+        for i, (model, weight) in enumerate(targets):
+            name, at, pin = model.partition("@")
+            if not at and model in view.aliases:
+                raise AdapterError(f"targets[{i}].model", f"`{model}` is an alias; an alias points at versions")
+            record = view.adapters.get(name)
+            version = _pinned(view.versions.get(name, {}), pin) if at else \
+                view.versions.get(name, {}).get(record.version) if record is not None else None
+            if version is None:
+                raise AdapterGone(f"targets[{i}].model", f"`{model}` is not a registered adapter version")
+            pinned.append(AliasTarget(adapter=version.name, version=version.version, weight=weight))
+        return await asyncio.to_thread(self.registry.set_alias, alias, pinned, actor)
+
+    async def delete_alias(self, alias: str, actor: str | None = None) -> AliasRecord | None:
+        record = await asyncio.to_thread(self.registry.delete_alias, alias, actor)
+        if record is not None:
+            forget_model(alias)
         return record
 
     async def merge(self, name: str) -> AdapterRecord:
@@ -139,3 +239,14 @@ class AdapterManager:
         if (merged := self.merged) is not None:
             await self.engine.unmerge_adapter()
             MERGED_ADAPTER.labels(merged).set(0)
+
+
+def _pinned(versions: dict[int, VersionRecord], pin: str) -> VersionRecord | None:
+    """The version `pin` (after the '@') names among `versions`: a number, or sha256:HEX (the newest with it)."""
+    if pin.isdigit() and pin.isascii():
+        return versions.get(int(pin))
+    digits = pin.removeprefix(SHA256_PIN).lower()
+    if not pin.startswith(SHA256_PIN) or len(digits) < MIN_SHA256_PREFIX:
+        return None
+    matching = [v for v in versions.values() if v.sha256 is not None and v.sha256.startswith(digits)]
+    return max(matching, key=lambda version: version.version, default=None)

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 from adapters.registry import AdapterRegistry
 from server.database import Database, normalize_url, sqlite_url
 from training.jobs import JobStore
-from server.web.adapter_api import adapter_api, models_api
+from server.web.adapter_api import adapter_api, alias_api, models_api
 from server.auth import ApiKeyGate, ApiKeys
 from server.adapter_manager import AdapterManager
 from server.web.api import api
@@ -97,7 +97,7 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     app.state.engine = engine
     await engine.start()
     registry_db, jobs_db = app.state.databases = await asyncio.to_thread(databases, settings)
-    registry = AdapterRegistry(settings.adapters_dir, registry_db)
+    registry = AdapterRegistry(settings.adapters_dir, registry_db, keep_versions=settings.keep_versions)
     adapters = AdapterManager(registry, engine, name)
     app.state.jobs = JobRunner(JobStore(jobs_db), settings.fine_tuning_dir, adapters, settings.training_threads)
     await app.state.jobs.start()
@@ -149,7 +149,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
                       pool=settings.max_num_seqs + settings.max_queued_requests)
     app = FastAPI(title="swapyard", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for routes in (ops_api, api, adapter_api, models_api, files_api, jobs_api):
+    for routes in (ops_api, api, adapter_api, alias_api, models_api, files_api, jobs_api):
         app.include_router(routes)
     # Added innermost first: CORS (preflights carry no key), then keys, then sizes, then capacity, so a
     # request without a key is refused before its body is read or it takes a place in flight.

@@ -104,7 +104,7 @@ class ApiKeys:
 
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes
-ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/aliases", "/v1/files", "/v1/fine_tuning")
 
 
 def scope_needed(method: str, path: str) -> Scope | None:

@@ -22,6 +22,11 @@ def get_router(request: Request) -> Router:
     return router
 
 
+def get_tenant(request: Request) -> str:
+    """Who sent it: its key's tenant (server/auth.py); one tenant, "", when the server has no keys."""
+    return getattr(request.state, "tenant", "")
+
+
 def get_settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 

@@ -36,9 +36,9 @@ def adapter_api_error(exc: AdapterError) -> APIError:
     """A bad adapter is the client's 400; one gone since the request named it 404; a taken name, a swap
     that would wait too long or a merge this server would not keep exact 409; a stored adapter that no
     longer loads 500; a full device 503 (retry)."""
-    if isinstance(exc, AdapterGone):
-        return APIError(404, f"The model does not exist: {exc}", param="model", code="model_not_found",
-                        type="not_found_error")
+    if isinstance(exc, AdapterGone):  # the field that named it: the request's model, an alias's target
+        message = f"The model does not exist: {exc}" if exc.field == "model" else str(exc)
+        return APIError(404, message, param=exc.field, code="model_not_found", type="not_found_error")
     if isinstance(exc, AdapterLoadError):
         return APIError(500, str(exc), param=exc.field, code="adapter_load_failed", type="server_error")
     status = 409 if isinstance(exc, AdapterExists | AdapterBusy | InexactMerge) \

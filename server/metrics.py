@@ -1,4 +1,6 @@
-"""Prometheus metrics. Request metrics carry a `model` label: the base model's name or the adapter's."""
+"""Prometheus metrics. Request metrics carry a `model` label, the name the request gave (the base model's, an
+adapter's, a pinned version's or an alias), and a `version` label, the adapter version that served it
+(`name@N`; empty for the base model), so a canary compares with the version beside it."""
 
 import collections
 import time
@@ -7,21 +9,22 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 
 from server.engine.base import GenerationOutput
 
+_REQUEST_LABELS = ["model", "version"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 QUEUE_TIME = Histogram("swapyard_request_queue_time_seconds", "Arrival to first scheduled step.",
-                       ["model"], buckets=_LATENCY_BUCKETS)
+                       _REQUEST_LABELS, buckets=_LATENCY_BUCKETS)
 TIME_TO_FIRST_TOKEN = Histogram("swapyard_time_to_first_token_seconds", "Arrival to first generated token.",
-                                ["model"], buckets=_LATENCY_BUCKETS)
+                                _REQUEST_LABELS, buckets=_LATENCY_BUCKETS)
 INTER_TOKEN_LATENCY = Histogram("swapyard_inter_token_latency_seconds", "Time between consecutive tokens.",
-                                ["model"], buckets=_LATENCY_BUCKETS)
+                                _REQUEST_LABELS, buckets=_LATENCY_BUCKETS)
 E2E_LATENCY = Histogram("swapyard_e2e_request_latency_seconds", "Arrival to last token.",
-                        ["model"], buckets=_LATENCY_BUCKETS)
-PROMPT_TOKENS = Counter("swapyard_prompt_tokens", "Prompt tokens processed.", ["model"])
-GENERATION_TOKENS = Counter("swapyard_generation_tokens", "Tokens generated.", ["model"])
-REQUESTS = Counter("swapyard_requests", "Finished requests by finish reason.", ["model", "finish_reason"])
-RUNNING = Gauge("swapyard_requests_running", "Requests generating tokens.", ["model"])
-WAITING = Gauge("swapyard_requests_waiting", "Requests waiting for their first token.", ["model"])
+                        _REQUEST_LABELS, buckets=_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("swapyard_prompt_tokens", "Prompt tokens processed.", _REQUEST_LABELS)
+GENERATION_TOKENS = Counter("swapyard_generation_tokens", "Tokens generated.", _REQUEST_LABELS)
+REQUESTS = Counter("swapyard_requests", "Finished requests by finish reason.", [*_REQUEST_LABELS, "finish_reason"])
+RUNNING = Gauge("swapyard_requests_running", "Requests generating tokens.", _REQUEST_LABELS)
+WAITING = Gauge("swapyard_requests_waiting", "Requests waiting for their first token.", _REQUEST_LABELS)
 ADAPTER_LOADS = Counter("swapyard_adapter_loads", "Adapters loaded onto the engine's device.", ["model"])
 ADAPTER_EVICTIONS = Counter("swapyard_adapter_evictions", "Adapters evicted to make room (LRU).", ["model"])
 ADAPTER_LOAD_TIME = Histogram("swapyard_adapter_load_seconds", "Putting one adapter on the device, with reading and "
@@ -67,60 +70,76 @@ ENGINE_STEP_TIME = Histogram("swapyard_engine_step_seconds", "One torch engine s
                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
+_PER_REQUEST = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS,
+                REQUESTS, RUNNING, WAITING)
 _PER_MODEL = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS,
               REQUESTS, RUNNING, WAITING, ADAPTER_LOADS, ADAPTER_EVICTIONS, ADAPTER_LOAD_TIME, ADAPTER_WAIT_TIME,
               MERGED_ADAPTER)
 
 
-_live: collections.Counter[str] = collections.Counter()  # requests of each model whose metrics are open
-_forgotten: set[str] = set()  # deleted while requests of it ran: its series go when the last of them ends
+# (label, value) of requests whose metrics are open; those deleted meanwhile, with their families: their series go
+# when the last of those requests ends.
+_live: collections.Counter[tuple[str, str]] = collections.Counter()
+_forgotten: dict[tuple[str, str], tuple] = {}
 
 
 def forget_model(name: str) -> None:
-    """Drop a deleted adapter's series, so registering and deleting adapters never grows /metrics. Requests of
-    it still running keep them until the last one ends: removed under them, their observations would bring
-    the series back, and their gauges would end below zero."""
-    if _live[name]:
-        _forgotten.add(name)
-    else:
-        for metric in _PER_MODEL:
-            metric.remove_by_labels({"model": name})
+    """Drop a deleted adapter's (or alias's) series, so registering and deleting adapters never grows /metrics.
+    Requests of it still running keep them until the last one ends: removed under them, their observations
+    would bring the series back, and their gauges would end below zero."""
+    _forget(("model", name), _PER_MODEL)
+
+
+def forget_version(label: str) -> None:
+    """Drop the request series of an adapter version that left the registry (pruned or deleted), as above."""
+    _forget(("version", label), _PER_REQUEST)
+
+
+def _forget(key: tuple[str, str], families: tuple) -> None:
+    if _live[key]:
+        _forgotten[key] = families
+        return
+    for metric in families:
+        metric.remove_by_labels(dict([key]))
 
 
 class RequestMetrics:
     """Records one request's latencies from the outputs the client receives."""
 
-    def __init__(self, model: str, tenant: str, num_prompt_tokens: int, arrival_time: float):
+    def __init__(self, model: str, version: str, tenant: str, num_prompt_tokens: int, arrival_time: float):
         self.model, self.tenant, self.arrival_time = model, tenant, arrival_time
+        self._labels = model, version
+        self._keys = ("model", model), ("version", version)
         self._num_prompt_tokens = num_prompt_tokens
         self._last_token_time: float | None = None
-        _live[model] += 1
-        WAITING.labels(model).inc()
+        for key in self._keys:
+            _live[key] += 1
+        WAITING.labels(*self._labels).inc()
 
     def observe(self, out: GenerationOutput) -> None:
         now = time.monotonic()
         if out.queue_time is not None:
-            QUEUE_TIME.labels(self.model).observe(out.queue_time)
+            QUEUE_TIME.labels(*self._labels).observe(out.queue_time)
         if out.token_ids:
             if self._last_token_time is None:
-                TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self.arrival_time)
-                WAITING.labels(self.model).dec()
-                RUNNING.labels(self.model).inc()
+                TIME_TO_FIRST_TOKEN.labels(*self._labels).observe(now - self.arrival_time)
+                WAITING.labels(*self._labels).dec()
+                RUNNING.labels(*self._labels).inc()
             else:
-                INTER_TOKEN_LATENCY.labels(self.model).observe(now - self._last_token_time)
+                INTER_TOKEN_LATENCY.labels(*self._labels).observe(now - self._last_token_time)
             self._last_token_time = now
-            GENERATION_TOKENS.labels(self.model).inc(len(out.token_ids))
+            GENERATION_TOKENS.labels(*self._labels).inc(len(out.token_ids))
             TENANT_TOKENS.labels(self.tenant, "generated").inc(len(out.token_ids))
 
     def close(self, finish_reason: str) -> None:
-        (RUNNING if self._last_token_time is not None else WAITING).labels(self.model).dec()
-        PROMPT_TOKENS.labels(self.model).inc(self._num_prompt_tokens)
+        (RUNNING if self._last_token_time is not None else WAITING).labels(*self._labels).dec()
+        PROMPT_TOKENS.labels(*self._labels).inc(self._num_prompt_tokens)
         TENANT_TOKENS.labels(self.tenant, "prompt").inc(self._num_prompt_tokens)
-        E2E_LATENCY.labels(self.model).observe(time.monotonic() - self.arrival_time)
-        REQUESTS.labels(self.model, finish_reason).inc()
-        _live[self.model] -= 1
-        if not _live[self.model]:
-            del _live[self.model]
-            if self.model in _forgotten:
-                _forgotten.discard(self.model)
-                forget_model(self.model)
+        E2E_LATENCY.labels(*self._labels).observe(time.monotonic() - self.arrival_time)
+        REQUESTS.labels(*self._labels, finish_reason).inc()
+        for key in self._keys:
+            _live[key] -= 1
+            if not _live[key]:
+                del _live[key]
+                if (families := _forgotten.pop(key, None)) is not None:
+                    _forget(key, families)

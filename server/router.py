@@ -10,7 +10,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from adapters.registry import AdapterRecord
 from server.adapter_manager import AdapterManager
 from server.engine.residency import AdapterRef
 from server.engine.base import (
@@ -68,29 +67,32 @@ class Router:
         self._created = int(time.time())
 
     async def models(self) -> ModelList:
-        records = sorted(self.adapters.records().values(), key=lambda record: record.name)
-        return ModelList(data=[self._base_card(), *map(self._card, records)])
+        view = self.adapters.view()
+        cards = [self._card(name, record.created_at) for name, record in sorted(view.adapters.items())]
+        cards += [self._card(name, alias.updated_at) for name, alias in sorted(view.aliases.items())]
+        return ModelList(data=[self._base_card(), *cards])
 
     async def model(self, name: str) -> ModelCard:
-        return self._base_card() if name == self.base_model else self._card(await self._adapter(name))
+        if name == self.base_model:
+            return self._base_card()
+        return self._card(name, (await self.resolve(name)).registered_at)
 
     def _base_card(self) -> ModelCard:
         return ModelCard(id=self.base_model, created=self._created, root=self.base_model,
                          max_model_len=self.max_model_len)
 
-    async def _adapter(self, name: str) -> AdapterRecord:
-        record = await self.adapters.get(name)
-        if record is None:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        return record
-
-    def _card(self, record: AdapterRecord) -> ModelCard:
-        return ModelCard(id=record.name, created=int(record.created_at), root=self.base_model, parent=self.base_model,
+    def _card(self, name: str, created: float) -> ModelCard:
+        return ModelCard(id=name, created=int(created), root=self.base_model, parent=self.base_model,
                          max_model_len=self.max_model_len)
 
-    async def resolve(self, name: str) -> AdapterRef | None:
-        """The adapter version `name` is served by now, or None for the base model."""
-        return None if name == self.base_model else self.adapters.ref(await self._adapter(name))
+    async def resolve(self, name: str, user: str | None = None) -> AdapterRef | None:
+        """The adapter version `name` is served by now (an alias picks by `user`), or None for the base model."""
+        if name == self.base_model:
+            return None
+        ref = await self.adapters.resolve(name, user)
+        if ref is None:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return ref
 
     async def chat_prompt(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
         knows_tools = "tools" in str(self.tokenizer.chat_template or "")
@@ -118,10 +120,11 @@ class Router:
             raise APIError(400, f"{param} could not be tokenized: {str(exc)[:200]}", param=param) from exc
 
     async def build(self, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
-                    tenant: str, tools: ToolPlan | None = None) -> GenerationRequest:
+                    tenant: str, tools: ToolPlan | None = None, user: str | None = None) -> GenerationRequest:
         """The engine request for `body`; `tenant` keeps its compiled constraint and its cached prompt blocks
-        apart from other tenants', and the engine's fair queue serves it by its tenant's weight."""
-        ref = await self.resolve(body.model)
+        apart from other tenants', and the engine's fair queue serves it by its tenant's weight. An alias's
+        traffic split picks its version by `user`."""
+        ref = await self.resolve(body.model, user)
         num_virtual = ref.num_virtual_tokens if ref is not None else 0  # positions it adds before the prompt
         if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
             raise APIError(400, f"{prompt_param} gives no tokens to generate from", param=prompt_param,
@@ -221,16 +224,19 @@ class Router:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Engine outputs for one request, its tokens charged to its tenant; leaving early (client gone) aborts
         it in the engine."""
-        metrics = RequestMetrics(request.model, request.tenant, len(request.prompt_token_ids), request.arrival_time)
+        version = request.adapter.label if request.adapter is not None else ""
+        metrics = RequestMetrics(request.model, version, request.tenant, len(request.prompt_token_ids),
+                                 request.arrival_time)
         self.tenants.charge(request.tenant, len(request.prompt_token_ids))
         finish_reason = "abort"
         try:
-            async with aclosing(self.engine.generate(request)) as outputs:
-                async for out in outputs:
-                    metrics.observe(out)
-                    self.tenants.charge(request.tenant, len(out.token_ids))
-                    finish_reason = out.finish_reason or finish_reason
-                    yield out
+            with self.adapters.using(request.adapter):
+                async with aclosing(self.engine.generate(request)) as outputs:
+                    async for out in outputs:
+                        metrics.observe(out)
+                        self.tenants.charge(request.tenant, len(out.token_ids))
+                        finish_reason = out.finish_reason or finish_reason
+                        yield out
         finally:
             metrics.close(finish_reason)
 

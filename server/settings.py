@@ -126,6 +126,9 @@ class ServeSettings(EngineSettings):
     the data folder's adapters/ and fine_tuning/)."""
     training_threads: int | None = Field(1, gt=0)
     """CPU threads of a training process; 1 leaves the other cores to serving (None: torch's default)."""
+    keep_versions: int = Field(5, ge=1)
+    """Versions of each adapter kept in the store (its newest included), addressable as `NAME@N`; older ones
+    are kept too while an alias points at them or a request uses them."""
     max_upload_mb: int = Field(1024, gt=0)
     """Largest adapter archive accepted, packed or unpacked."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -62,8 +62,9 @@ def test_register_by_path_then_chat_and_list(http, adapter_dirs, kind):
     assert models[name]["parent"] == MODEL
     reply = http.post("/v1/chat/completions", json={"model": name, "messages": QUESTION, "max_tokens": 4}).json()
     assert reply["model"] == name and reply["usage"]["completion_tokens"] == 4
-    # Latency metrics carry the adapter's name.
-    assert scrape(http)[("swapyard_time_to_first_token_seconds_count", (("model", name),))] >= 1
+    # Latency metrics carry the adapter's name and the version that served it.
+    labels = (("model", name), ("version", f"{name}@{card['version']}"))
+    assert scrape(http)[("swapyard_time_to_first_token_seconds_count", labels)] >= 1
 
 
 @pytest.mark.parametrize("pack, filename", [(_tar_gz, "adapter.tar.gz"), (_zip, "adapter.zip")])

@@ -37,7 +37,7 @@ def test_migrations_build_exactly_the_schema(database_url):
     database = Database(database_url)
     with database.read() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
 
 
 def _register(registry: AdapterRegistry, name: str, tmp_path, *, replace=False, content="x"):
@@ -60,8 +60,8 @@ def test_registry_versions_replace_and_delete_across_replicas(database_url, tmp_
         _register(there, "SHARED", tmp_path)  # names are unique ignoring case, in the database
     with pytest.raises(AdapterExists):
         _register(there, "shared", tmp_path)  # taken, and not a replace
-    assert here.remove("shared") == record and there.get("shared") is None
-    assert not (tmp_path / "root" / "store" / "shared").exists()
+    assert here.remove("shared")[0] == record and there.get("shared") is None
+    assert not here.path(record).exists() and list((tmp_path / "root" / "store" / "sha256").iterdir()) == []
 
 
 def test_concurrent_registrations_on_two_replicas_allot_distinct_versions(database_url, tmp_path):
@@ -81,8 +81,10 @@ def test_concurrent_registrations_on_two_replicas_allot_distinct_versions(databa
     for thread in threads:
         thread.join()
     assert errors == [] and sorted(versions) == list(range(1, 11))
-    folders = list((tmp_path / "root" / "store" / "busy").iterdir())
-    assert [f"busy/{f.name}" for f in folders] == [replicas[0].get("busy").folder]  # old versions removed
+    kept = replicas[0].snapshot().versions["busy"]
+    assert sorted(kept) == list(range(6, 11))  # the newest --keep-versions (5); older ones' files removed
+    assert {f"sha256/{f.name}" for f in (tmp_path / "root" / "store" / "sha256").iterdir()} == \
+        {version.folder for version in kept.values()}
 
 
 def _until(seen, within_s: float) -> float:
@@ -210,10 +212,23 @@ def test_registry_serves_its_last_copy_while_postgres_is_down(postgres, tmp_path
         assert registry.get("kept").version == 1  # from the cache, without waiting on the database
         assert not registry.db.ping()
         with pytest.raises(DatabaseUnavailable):
-            _register(registry, "new", tmp_path)
-        assert not (tmp_path / "root" / "store" / "new").exists() or \
-            list((tmp_path / "root" / "store" / "new").iterdir()) == []
+            _register(registry, "new", tmp_path, content="new")
     finally:
         postgres.start()
     time.sleep(1.1)  # past the retry pause
+    # Its staged files (unknown then whether a version shared them) go with the next start-up's sweep.
+    restarted = AdapterRegistry(tmp_path / "root", Database(url), sweep_after_s=0)
+    assert {f"sha256/{f.name}" for f in (tmp_path / "root" / "store" / "sha256").iterdir()} == \
+        {restarted.get("kept").folder}
     assert registry.db.ping() and _register(registry, "new", tmp_path).version == 1
+
+
+def test_identical_content_is_stored_once_and_outlives_one_of_its_names(database_url, tmp_path):
+    registry = AdapterRegistry(tmp_path / "root", Database(database_url), keep_versions=1)
+    first, same = _register(registry, "one", tmp_path), _register(registry, "two", tmp_path)
+    assert first.folder == same.folder == f"sha256/{first.sha256}"
+    assert registry.remove("one")[0] == first and registry.path(same).is_dir()  # `two` still holds the files
+    # keep_versions=1: a replace prunes the version before, and its files once nothing else holds them.
+    replaced = _register(registry, "two", tmp_path, replace=True, content="y")
+    assert sorted(registry.snapshot().versions["two"]) == [replaced.version] and not registry.path(same).exists()
+    assert [e.action for e in registry.events("two")] == ["registered", "replaced", "pruned"]

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import MODEL, ask, scrape
 
-LABEL = (("model", MODEL),)
-ABORTED = ("swapyard_requests_total", (("finish_reason", "abort"), ("model", MODEL)))
+LABEL = (("model", MODEL), ("version", ""))  # the base model: no adapter version
+ABORTED = ("swapyard_requests_total", (("finish_reason", "abort"), ("model", MODEL), ("version", "")))
 
 
 def _tokens_until_aborted(http, before: dict) -> float:

@@ -6,7 +6,8 @@ second server). A block without a marker, or a fence without a language, fails h
 Run blocks execute in order, page by page, against the session's server (tests/conftest.py `base_url`):
 `localhost:8000` becomes its address, `/srv/adapters` its adapter root, curl fails on an HTTP error status, and
 the working folder holds the repository's files plus `pirate-lora/`, a LoRA of the tests' own. The adapter a page
-registers (`pirate`) is deleted afterwards; a page that only uses it gets it registered first."""
+registers (`pirate`) is deleted afterwards, with any other adapter or alias it made; a page that only uses it gets
+it registered first."""
 
 import os
 import re
@@ -82,6 +83,10 @@ def _adapters(http: httpx.Client) -> set[str]:
     return {card["id"] for card in http.get("/v1/adapters").raise_for_status().json()["data"]}
 
 
+def _aliases(http: httpx.Client) -> set[str]:
+    return {card["id"] for card in http.get("/v1/aliases").raise_for_status().json()["data"]}
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=name)
 def test_runnable_examples_run(page, base_url, adapter_root, pirate_lora, tmp_path):
     work = tmp_path / "work"
@@ -93,7 +98,7 @@ def test_runnable_examples_run(page, base_url, adapter_root, pirate_lora, tmp_pa
     examples = runnable(page)
     with httpx.Client(base_url=base_url, timeout=120) as http:
         http.delete(f"/v1/adapters/{ADAPTER}")  # 404 when absent: each page starts without it
-        before = _adapters(http)
+        before, aliases_before = _adapters(http), _aliases(http)
         registers = any(f'"name": "{ADAPTER}"' in body or f"name={ADAPTER}" in body for _, body in examples)
         if not registers and any(ADAPTER in body for _, body in examples):
             http.post("/v1/adapters", json={"name": ADAPTER, "path": str(pirate_lora)}).raise_for_status()
@@ -110,5 +115,7 @@ def test_runnable_examples_run(page, base_url, adapter_root, pirate_lora, tmp_pa
                 assert done.returncode == 0, f"{name(page)}:\n{script}\n--- stdout\n{done.stdout[-3000:]}\n" \
                                              f"--- stderr\n{done.stderr[-3000:]}"
         finally:
+            for alias in _aliases(http) - aliases_before:  # first: an adapter an alias points at stays
+                http.delete(f"/v1/aliases/{alias}")
             for adapter in _adapters(http) - before:  # deleting a merged LoRA unmerges it
                 http.delete(f"/v1/adapters/{adapter}")

@@ -287,7 +287,7 @@ def test_an_adapter_deleted_while_its_request_waits_for_a_slot_is_a_404(tmp_path
             long = {"model": "busy", "messages": ask("Count from one to a hundred."), "max_tokens": 160,
                     "temperature": 0, "ignore_eos": True}
             busy = pool.submit(http.post, "/v1/chat/completions", json=long)
-            while scrape(http).get(("swapyard_requests_running", (("model", "busy"),)), 0) < 1:
+            while scrape(http).get(("swapyard_requests_running", (("model", "busy"), ("version", "busy@1"))), 0) < 1:
                 time.sleep(0.05)
             cold = pool.submit(http.post, "/v1/chat/completions", json={**long, "model": "cold", "max_tokens": 4})
             while scrape(http).get(("swapyard_adapter_queue_length", ()), 0) < 1:  # in line for the slot

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODEL, ask, scrape
 
-LABEL = (("model", MODEL),)
+LABEL = (("model", MODEL), ("version", ""))  # the base model: no adapter version
 
 
 def test_metrics_move_after_a_request(oai, http):
@@ -24,7 +24,7 @@ def test_metrics_move_after_a_request(oai, http):
     for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
         assert moved(f"swapyard_{histogram}_seconds_count") == 1
     assert moved("swapyard_inter_token_latency_seconds_count") == reply.usage.completion_tokens - 1
-    finish = (("finish_reason", reply.choices[0].finish_reason), ("model", MODEL))
+    finish = (("finish_reason", reply.choices[0].finish_reason), ("model", MODEL), ("version", ""))
     assert moved("swapyard_requests_total", finish) == 1
     assert after[("swapyard_requests_running", LABEL)] == 0
     assert after[("swapyard_requests_waiting", LABEL)] == 0

@@ -132,7 +132,7 @@ def test_lora_hot_add_swap_and_remove(vllm, http, adapter_dirs):
     assert vllm.post("/v1/chat/completions", json={"model": "v-lora", "messages": ask("Hi")}).status_code == 404
 
     metrics = vllm.get("/metrics").text
-    assert 'swapyard_time_to_first_token_seconds_count{model="v-lora2"}' in metrics
+    assert 'swapyard_time_to_first_token_seconds_count{model="v-lora2",version="v-lora2@1"}' in metrics
     assert "vllm:" in metrics  # vLLM's own metrics stay intact beside ours
 
 

@@ -20,9 +20,53 @@ adapters = Table(
     Column("is_pinned", Boolean, nullable=False),
     Column("source", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("sha256", Text),  # of its files (null for a version registered before versions were kept)
 )
 # Names are unique ignoring case, enforced by the database so that two replicas cannot both take one.
 Index("adapters_name_ignoring_case", func.lower(adapters.c.name), unique=True)
+
+# Every version of every registered adapter: immutable, addressed as `name@version` or `name@sha256:...`, kept
+# up to --keep-versions. Identical content shares one folder in the store (`folder` names it).
+adapter_versions = Table(
+    "adapter_versions", metadata,
+    Column("name", Text, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("num_virtual_tokens", Integer, nullable=False),
+    Column("sha256", Text),
+    Column("folder", Text, nullable=False),
+    Column("num_bytes", BigInteger, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", Text),  # the admin key's tenant; null on a server without keys
+    Column("provenance", Text),  # JSON: how it was built, for a composed adapter
+)
+Index("adapter_versions_by_folder", adapter_versions.c.folder)
+
+# Names clients may send as `model` that point at versions: one, or several with weights (a traffic split).
+aliases = Table(
+    "aliases", metadata,
+    Column("name", Text, primary_key=True),
+    Column("targets", Text, nullable=False),  # JSON: [{"adapter", "version", "weight"}]
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", Text),
+)
+Index("aliases_name_ignoring_case", func.lower(aliases.c.name), unique=True)
+
+# The audit log: every registration, replacement, deletion, pruned version and alias move, by adapter name;
+# kept after the adapter is deleted (its version numbers are never reused).
+adapter_events = Table(
+    "adapter_events", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("actor", Text),
+    Column("action", Text, nullable=False),
+    Column("version", Integer),
+    Column("data", Text),
+    sqlite_autoincrement=True,
+)
+Index("adapter_events_by_name", adapter_events.c.name, adapter_events.c.seq)
 
 # One row: bumped by every registry write. Replicas' watchers compare it to their cached copy, and writers
 # lock it to allot versions one at a time.

@@ -42,6 +42,17 @@ class AdapterRef:
     registered_at: float = 0.0
 
     @property
+    def adapter(self) -> str:
+        """The registered name: a version pinned by number, sha256 or alias is served as `name@N`, an adapter
+        of its own to the engine, so that a newer version never answers for it ('@' is in no name)."""
+        return self.name.partition("@")[0]
+
+    @property
+    def label(self) -> str:
+        """The version as metrics name it: `name@N`."""
+        return f"{self.adapter}@{self.version}"
+
+    @property
     def key(self) -> tuple[str, int, Path]:
         """Names this version, even across a delete and a new registration under the same name (version 1 again)."""
         return self.name, self.version, self.folder

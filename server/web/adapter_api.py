@@ -1,4 +1,6 @@
-"""Admin routes for the adapter registry: register (server path or archive upload), list, show, delete."""
+"""Admin routes for the adapter registry: register (server path or archive upload), list, show, delete, each
+adapter's versions and audit log; and aliases, which point at versions (several, with weights, to split
+traffic)."""
 
 import asyncio
 import shutil
@@ -6,18 +8,19 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.archive import confine, copy_folder, extract_archive
 from adapters.base import AdapterError
-from adapters.registry import AdapterRecord
-from server.dependencies import get_router, get_settings
+from adapters.registry import MAX_ALIAS_TARGETS, AdapterEvent, AdapterRecord, AliasRecord, AliasTarget, VersionRecord
+from server.dependencies import get_router, get_settings, get_tenant
 from server.errors import APIError, invalid_request
 from server.router import Router
 from server.settings import ServeSettings
 
 adapter_api = APIRouter(prefix="/v1/adapters")
+alias_api = APIRouter(prefix="/v1/aliases")
 models_api = APIRouter()  # the same registry under OpenAI's model routes
 
 
@@ -34,7 +37,8 @@ class AdapterCard(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
     kind: str
-    version: int
+    version: int  # the newest, which `model: NAME` is served by
+    sha256: str | None  # of its files (GET .../versions explains how it is computed)
     num_virtual_tokens: int
     num_bytes: int
     pinned: bool
@@ -45,7 +49,7 @@ class AdapterCard(BaseModel):
 
     @classmethod
     def of(cls, r: AdapterRecord, router: Router) -> "AdapterCard":
-        return cls(id=r.name, kind=r.kind, version=r.version, num_virtual_tokens=r.num_virtual_tokens,
+        return cls(id=r.name, kind=r.kind, version=r.version, sha256=r.sha256, num_virtual_tokens=r.num_virtual_tokens,
                    num_bytes=r.num_bytes, pinned=r.is_pinned, merged=router.adapters.merged == r.name,
                    engine=router.engine.engine_for(r.kind),
                    source=r.source, created=int(r.created_at))
@@ -56,9 +60,59 @@ class AdapterList(BaseModel):
     data: list[AdapterCard]
 
 
+class VersionCard(BaseModel):
+    id: str  # NAME@N, what `model` pins it by
+    object: Literal["adapter.version"] = "adapter.version"
+    version: int
+    kind: str
+    # sha256 over adapter_config.json then adapter_model.safetensors, each as its name, a NUL byte, its size in
+    # 8 bytes big-endian and its bytes; `model: NAME@sha256:HEX` (12 or more digits) pins it.
+    sha256: str | None
+    num_bytes: int
+    current: bool  # the version `model: NAME` is served by
+    aliases: list[str]  # those pointing at it
+    source: str
+    created: int
+    created_by: str | None  # the admin key's tenant; null without keys
+    provenance: dict | None
+
+    @classmethod
+    def of(cls, v: VersionRecord, current: int, aliases: list[AliasRecord]) -> "VersionCard":
+        return cls(id=f"{v.name}@{v.version}", version=v.version, kind=v.kind, sha256=v.sha256, num_bytes=v.num_bytes,
+                   current=v.version == current, source=v.source, created=int(v.created_at), created_by=v.created_by,
+                   provenance=v.provenance,
+                   aliases=[a.name for a in aliases if any((t.adapter, t.version) == (v.name, v.version)
+                                                           for t in a.targets)])
+
+
+class VersionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VersionCard]
+
+
+class EventCard(BaseModel):
+    id: int  # increasing; `after` pages on it
+    object: Literal["adapter.event"] = "adapter.event"
+    created_at: float
+    actor: str | None
+    action: str  # registered, replaced, deleted, pruned, alias_moved, alias_deleted
+    version: int | None
+    data: dict | None
+
+    @classmethod
+    def of(cls, e: AdapterEvent) -> "EventCard":
+        return cls(id=e.seq, created_at=e.created_at, actor=e.actor, action=e.action, version=e.version, data=e.data)
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventCard]
+    has_more: bool
+
+
 class Deleted(BaseModel):
     id: str
-    object: Literal["adapter", "model"] = "adapter"
+    object: Literal["adapter", "model", "alias"] = "adapter"
     deleted: bool = True
 
 
@@ -89,7 +143,8 @@ async def _read_upload(request: Request, limit: int, staging: Path) -> tuple[Reg
 
 @adapter_api.post("", response_model=AdapterCard, status_code=201)
 async def register_adapter(request: Request, router: Router = Depends(get_router),
-                           settings: ServeSettings = Depends(get_settings)) -> AdapterCard:
+                           settings: ServeSettings = Depends(get_settings),
+                           tenant: str = Depends(get_tenant)) -> AdapterCard:
     """Register an adapter: JSON `{"name", "path", "replace", "pinned"}` naming a server folder (inside
     --adapter-roots, or a fine-tuning job's output), or multipart form fields `name`, `replace`, `pinned` with
     a .tar.gz or .zip of the folder in `file`."""
@@ -110,7 +165,7 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
             folder = await asyncio.to_thread(copy_folder, source_folder, Path(tmp) / "files", limit)
             source = str(source_folder)
         record = await router.adapters.register(body.name, folder, source=source, replace=body.replace,
-                                                is_pinned=body.pinned)
+                                                is_pinned=body.pinned, actor=tenant or None)
     return AdapterCard.of(record, router)
 
 
@@ -132,6 +187,24 @@ async def show_adapter(name: str, router: Router = Depends(get_router)) -> Adapt
     return AdapterCard.of(await _record(router, name), router)
 
 
+@adapter_api.get("/{name}/versions", response_model=VersionList)
+async def list_versions(name: str, router: Router = Depends(get_router)) -> VersionList:
+    """The kept versions of `name`, oldest first (--keep-versions newest, and older ones aliases point at)."""
+    record = await _record(router, name)
+    versions = await router.adapters.versions(name) or []
+    aliases = list(router.adapters.view().aliases.values())
+    return VersionList(data=[VersionCard.of(v, record.version, aliases) for v in versions])
+
+
+@adapter_api.get("/{name}/events", response_model=EventList)
+async def list_events(name: str, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+                      router: Router = Depends(get_router)) -> EventList:
+    """`name`'s audit log, oldest first: registrations, replacements, pruned versions, alias moves and
+    deletion (kept after the adapter is deleted)."""
+    events = await router.adapters.events(name, after, limit + 1)
+    return EventList(data=[EventCard.of(e) for e in events[:limit]], has_more=len(events) > limit)
+
+
 @adapter_api.post("/{name}/merge", response_model=AdapterCard)
 async def merge_adapter(name: str, router: Router = Depends(get_router)) -> AdapterCard:
     """Fold this LoRA into the base weights: its requests run at base speed, all others stay exact."""
@@ -148,17 +221,82 @@ async def unmerge_adapter(name: str, router: Router = Depends(get_router)) -> Ad
 
 
 @adapter_api.delete("/{name}", response_model=Deleted)
-async def delete_adapter(name: str, router: Router = Depends(get_router)) -> Deleted:
-    if await router.adapters.unregister(name) is None:
+async def delete_adapter(name: str, router: Router = Depends(get_router), tenant: str = Depends(get_tenant)) -> Deleted:
+    """Delete the adapter and every version of it (409 while an alias points at one)."""
+    if await router.adapters.unregister(name, tenant or None) is None:
         raise APIError(404, f"no adapter named `{name}`", param="name", code="adapter_not_found")
     return Deleted(id=name)
 
 
 @models_api.delete("/v1/models/{model}", response_model=Deleted)
-async def delete_model(model: str, router: Router = Depends(get_router)) -> Deleted:
+async def delete_model(model: str, router: Router = Depends(get_router), tenant: str = Depends(get_tenant)) -> Deleted:
     """OpenAI's way to delete a fine-tuned model: here, any adapter; never the base model."""
     if model == router.base_model:
         raise APIError(400, "the base model cannot be deleted; adapters can", param="model")
-    if await router.adapters.unregister(model) is None:
+    if await router.adapters.unregister(model, tenant or None) is None:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
     return Deleted(id=model, object="model")
+
+
+class AliasTargetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=200)  # NAME (its newest version now), NAME@N or NAME@sha256:HEX
+    weight: float = Field(1.0, gt=0, le=1e6)  # its share of the alias's requests, relative to the others'
+
+
+class SetAlias(BaseModel):
+    """Either `model` (one version) or `targets` (a weighted split, sticky per `user`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200)
+    targets: list[AliasTargetSpec] | None = Field(None, min_length=1, max_length=MAX_ALIAS_TARGETS)
+
+
+class AliasCard(BaseModel):
+    id: str
+    object: Literal["alias"] = "alias"
+    targets: list[AliasTarget]  # adapter, version, weight
+    updated: int
+    updated_by: str | None
+
+    @classmethod
+    def of(cls, a: AliasRecord) -> "AliasCard":
+        return cls(id=a.name, targets=a.targets, updated=int(a.updated_at), updated_by=a.updated_by)
+
+
+class AliasList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AliasCard]
+
+
+@alias_api.put("/{alias}", response_model=AliasCard)
+async def set_alias(alias: str, body: SetAlias, router: Router = Depends(get_router),
+                    tenant: str = Depends(get_tenant)) -> AliasCard:
+    """Point `alias` at a version, or split it over several by weight; atomic: a request resolves the alias
+    before or after the move, never half. Rolling back is pointing it back. Each move is an event of every
+    adapter involved."""
+    if (body.model is None) == (body.targets is None):
+        raise APIError(400, "give exactly one of `model` (one version) and `targets` (a weighted split)", param="model")
+    targets = [(body.model, 1.0)] if body.model is not None else [(t.model, t.weight) for t in body.targets]
+    return AliasCard.of(await router.adapters.set_alias(alias, targets, tenant or None))
+
+
+@alias_api.get("", response_model=AliasList)
+async def list_aliases(router: Router = Depends(get_router)) -> AliasList:
+    return AliasList(data=[AliasCard.of(a) for _, a in sorted(router.adapters.view().aliases.items())])
+
+
+@alias_api.get("/{alias}", response_model=AliasCard)
+async def show_alias(alias: str, router: Router = Depends(get_router)) -> AliasCard:
+    if (record := router.adapters.view().aliases.get(alias)) is None:
+        raise APIError(404, f"no alias named `{alias}`", param="alias", code="alias_not_found")
+    return AliasCard.of(record)
+
+
+@alias_api.delete("/{alias}", response_model=Deleted)
+async def delete_alias(alias: str, router: Router = Depends(get_router), tenant: str = Depends(get_tenant)) -> Deleted:
+    if await router.adapters.delete_alias(alias, tenant or None) is None:
+        raise APIError(404, f"no alias named `{alias}`", param="alias", code="alias_not_found")
+    return Deleted(id=alias, object="alias")

@@ -4,18 +4,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.engine.base import GenerationOutput, GenerationRequest, TokenLogprob
 from adapters.base import AdapterError
-from server.dependencies import get_router
+from server.dependencies import get_router, get_tenant
 from server.errors import APIError, adapter_api_error
 from server.web.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     MAX_CHOICES, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, DeltaMessage, ErrorResponse,
-    ModelCard, ModelList, ToolCallDelta, Usage, new_id,
+    ModelCard, ModelList, SamplingFields, ToolCallDelta, USER_HEADER, VERSION_HEADER, Usage, new_id,
 )
 from server.router import Router, raise_for_failure, total_usage, usage_of
 from server.tools import ToolPlan
@@ -24,9 +24,17 @@ from server.web.disconnect import cancelled_if_client_leaves
 api = APIRouter()
 
 
-def _tenant(http: Request) -> str:
-    """Who sent it: its key's tenant (server/auth.py); one tenant, "", when the server has no keys."""
-    return getattr(http.state, "tenant", "")
+def _user(http: Request, body: SamplingFields) -> str | None:
+    """Who an alias's traffic split keeps on one version: the request's `user`, else the X-Swapyard-User
+    header (set by a gateway), else nobody (a version by chance)."""
+    return body.user if body.user is not None else http.headers.get(USER_HEADER)
+
+
+def _served_by(requests: list[GenerationRequest]) -> dict[str, str]:
+    """The X-Swapyard-Version header: the adapter versions (`name@N`) that answer, so a client of an alias or a
+    traffic split knows which it got; none for the base model."""
+    versions = sorted({r.adapter.label for r in requests if r.adapter is not None})
+    return {VERSION_HEADER: ",".join(versions)} if versions else {}
 
 
 def _sse(event: BaseModel) -> str:
@@ -64,12 +72,14 @@ def _sse_stream(router: Router, requests: list[GenerationRequest], n: int, inclu
             yield _sse(err.body)
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **_served_by(requests)})
 
 
 @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={400: {"model": ErrorResponse},
                                                                             404: {"model": ErrorResponse}})
-async def chat_completions(http: Request, body: ChatCompletionRequest, router: Router = Depends(get_router)):
+async def chat_completions(http: Request, response: Response, body: ChatCompletionRequest,
+                           router: Router = Depends(get_router)):
     try:
         tools = ToolPlan.of(body)
     except ValueError as exc:
@@ -77,7 +87,7 @@ async def chat_completions(http: Request, body: ChatCompletionRequest, router: R
     async with cancelled_if_client_leaves(http):
         prompt = await router.chat_prompt(body.messages, tools)
         request = await router.build(body, prompt, body.max_completion_tokens or body.max_tokens, "messages",
-                                     _tenant(http), tools)
+                                     get_tenant(http), tools, _user(http, body))
     requests = router.fan_out(request, body.n)
     response_id, created = new_id("chatcmpl"), int(time.time())
 
@@ -93,6 +103,7 @@ async def chat_completions(http: Request, body: ChatCompletionRequest, router: R
     if not body.stream:
         async with cancelled_if_client_leaves(http):
             done = await router.complete(requests)
+        response.headers.update(_served_by(requests))
         choices = [ChatChoice(index=i, message=reply, finish_reason=reason,
                               logprobs=router.logprobs.chat(d.logprobs) if d.logprobs is not None else None)
                    for i, d in enumerate(done) for reply, reason in [message(d.text, d.finish_reason)]]
@@ -131,7 +142,8 @@ async def chat_completions(http: Request, body: ChatCompletionRequest, router: R
 
 @api.post("/v1/completions", response_model=Completion, responses={400: {"model": ErrorResponse},
                                                                   404: {"model": ErrorResponse}})
-async def completions(http: Request, body: CompletionRequest, router: Router = Depends(get_router)):
+async def completions(http: Request, response: Response, body: CompletionRequest,
+                      router: Router = Depends(get_router)):
     prompts = body.prompts()
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices exceed this server's limit of "
@@ -143,7 +155,8 @@ async def completions(http: Request, body: CompletionRequest, router: Router = D
     async with cancelled_if_client_leaves(http):
         for prompt in prompts:  # prompt-major: choice index = prompt index x n + choice
             prompt_ids = await router.text_prompt(prompt)
-            request = await router.build(body, prompt_ids, body.max_tokens, "prompt", _tenant(http))
+            request = await router.build(body, prompt_ids, body.max_tokens, "prompt", get_tenant(http),
+                                         user=_user(http, body))
             requests += router.fan_out(request, body.n)
             echo = (prompt if isinstance(prompt, str) else router.tokenizer.decode(prompt)) if body.echo else ""
             echoes += [echo] * body.n
@@ -159,6 +172,7 @@ async def completions(http: Request, body: CompletionRequest, router: Router = D
     if not body.stream:
         async with cancelled_if_client_leaves(http):
             done = await router.complete(requests)
+        response.headers.update(_served_by(requests))
         choices = [CompletionChoice(index=i, text=echoes[i] + d.text, finish_reason=d.finish_reason,
                                     logprobs=logprobs_of(d.prompt_logprobs, d.logprobs, 0))
                    for i, d in enumerate(done)]

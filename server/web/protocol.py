@@ -41,6 +41,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+USER_HEADER = "x-swapyard-user"  # sticks a user to one version of a split alias, where `user` is not given
+VERSION_HEADER = "x-swapyard-version"  # on each answer: the adapter versions that gave it
+
+
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do; known ones are strictly checked. Field
     # docstrings are the descriptions in the OpenAPI schema and docs/reference/request-fields.md.
@@ -180,7 +184,8 @@ class SamplingFields(_Request):
     defaults (its generation_config.json) where the server applies them, else OpenAI's."""
 
     model: str
-    """The base model's name, or a registered adapter's (`GET /v1/models` lists both)."""
+    """The base model's name, a registered adapter's (its newest version), a pinned version (`NAME@N`,
+    `NAME@sha256:HEX`) or an alias (`GET /v1/models` lists names and aliases)."""
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     """Unset: the model's default (SmolLM2: 0.2), else OpenAI's 1. Under 1e-5: greedy."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -220,6 +225,9 @@ class SamplingFields(_Request):
     cache_salt: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\\/@\x00]+$")  # vLLM's limits
     """vLLM's extension: cached prompt prefixes are shared only between requests of the same salt, so a tenant
     that salts its requests cannot be probed through time to first token."""
+    user: str | None = Field(None, max_length=256)
+    """OpenAI's end-user id. Here it also keeps a user on one version of an alias that splits traffic (else the
+    X-Swapyard-User header does; without either, each request draws a version)."""
     response_format: ResponseFormat | None = None
     """`text`, `json_object` or `json_schema` (the openai client's `chat.completions.parse` works). Compiled with
     xgrammar; a bad schema is a 400; JSON is generated compact."""
