@@ -38,6 +38,10 @@ class AdapterBusy(AdapterError):
     nothing changed, try again."""
 
 
+class AdapterLimit(AdapterError):
+    """A registration past one of the server's limits (pinned adapters): 409, nothing changed."""
+
+
 class AdapterCapacityError(AdapterError):
     """Every adapter slot is pinned or busy: the client should retry later."""
 

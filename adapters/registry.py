@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,8 @@ class AdapterRegistry:
         self.store = root / "store"
         (self.store / BLOBS).mkdir(parents=True, exist_ok=True)
         self.db = database or Database(sqlite_url(root / "registry.sqlite3"))
-        self._lock = threading.Lock()  # registrations copy files in worker threads
+        self._lock = threading.RLock()  # registrations copy files in worker threads
+        self._staged: Counter[str] = Counter()  # folders staged here and not yet committed or discarded
         # (version, view): replaced whole, never changed, so the event loop reads it without a lock
         self._cache: tuple[int, RegistryView] | None = None
         self._reading = threading.Lock()  # one reload at a time, so a slower older one cannot overwrite a newer
@@ -244,9 +246,7 @@ class AdapterRegistry:
         """Copy the adapter in `files` (its config and weights: a trainer's checkpoints and metrics stay
         behind) into the store under its content hash, not yet committed (nothing serves it; the sweep
         removes it after a crash unless a version holds it). Returns the folder, relative to the store."""
-        if not NAME_PATTERN.fullmatch(name):
-            raise AdapterError("name", f"`{name}` must be 1-64 letters, digits, '.', '_' or '-', "
-                                       f"starting with a letter or digit")
+        _check_name("name", name)
         if taken := self._taken(None, name, replace):
             raise taken
         with self._lock:
@@ -260,6 +260,7 @@ class AdapterRegistry:
             except OSError:  # stored already: keep one copy, fresh for the sweep until committed
                 shutil.rmtree(staging, ignore_errors=True)
                 os.utime(self.store / folder)
+            self._staged[folder] += 1  # no removal here takes it until it is committed or discarded
         return folder
 
     def commit(self, name: str, kind: str, num_virtual_tokens: int, folder: str, *, source: str, replace: bool,
@@ -268,7 +269,10 @@ class AdapterRegistry:
         """Make a staged folder the newest version of `name`; returns it and the older versions it pruned
         (beyond keep_versions, unless an alias points at them or they are in `busy`: used by requests)."""
         files = self.store / folder
-        num_bytes = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
+        try:
+            num_bytes = sum((files / name).stat().st_size for name in ADAPTER_FILES)
+        except FileNotFoundError:
+            num_bytes = -1  # refused below, with the writers' lock held
         sha256 = folder.removeprefix(f"{BLOBS}/") if folder.startswith(f"{BLOBS}/") else None
         with self._lock:
             try:
@@ -276,7 +280,8 @@ class AdapterRegistry:
                     self._bump(connection)  # other replicas' registrations wait here
                     if taken := self._taken(connection, name, replace):
                         raise taken
-                    if not files.is_dir():  # removed by another replica's deletion since it was staged
+                    if num_bytes < 0 or not all((files / name).is_file() for name in ADAPTER_FILES):
+                        # removed by another replica's deletion since it was staged
                         raise AdapterError("name", f"`{name}`'s files left the store while it was registered; "
                                                    f"register it again")
                     old = _read(connection, name)
@@ -301,6 +306,7 @@ class AdapterRegistry:
             except BaseException:
                 self.discard(folder)
                 raise
+            self._staged -= Counter({folder: 1})
             self._publish(written)
         self._remove_files([version.folder for version in pruned])
         return record, pruned
@@ -322,6 +328,8 @@ class AdapterRegistry:
     def discard(self, folder: str) -> None:
         """Remove a staged folder that will not be committed (unless a version holds the same content); with
         the database down, which is unknown: the sweep removes it later."""
+        with self._lock:
+            self._staged -= Counter({folder: 1})
         try:
             self._remove_files([folder])
         except DatabaseUnavailable:
@@ -332,11 +340,11 @@ class AdapterRegistry:
         content meanwhile finds its files gone when it commits and is refused, never left without files."""
         if not folders:
             return
-        with self.db.write() as connection:
+        with self._lock, self.db.write() as connection:  # and no registration here stages meanwhile
             _lock_writers(connection)
             held = set(connection.execute(select(adapter_versions.c.folder)
                                           .where(adapter_versions.c.folder.in_(folders))).scalars())
-            for folder in set(folders) - held:
+            for folder in set(folders) - held - set(self._staged):
                 shutil.rmtree(self.store / folder, ignore_errors=True)
 
     def _taken(self, connection: Connection | None, name: str, replace: bool) -> AdapterExists | None:
@@ -385,9 +393,7 @@ class AdapterRegistry:
     def set_alias(self, alias: str, targets: list[AliasTarget], actor: str | None = None) -> AliasRecord:
         """Point `alias` at `targets` (versions, with weights), atomically; each adapter involved, before or
         after, gets an `alias_moved` event."""
-        if not NAME_PATTERN.fullmatch(alias):
-            raise AdapterError("alias", f"`{alias}` must be 1-64 letters, digits, '.', '_' or '-', "
-                                        f"starting with a letter or digit")
+        _check_name("alias", alias)
         if not 1 <= len(targets) <= MAX_ALIAS_TARGETS:
             raise AdapterError("targets", f"an alias points at 1 to {MAX_ALIAS_TARGETS} versions")
         with self._lock:
@@ -454,20 +460,22 @@ class AdapterRegistry:
         self.db.notify(connection, CHANNEL)
 
     def _sweep(self) -> None:
-        """Drop files of registrations that never committed (a crash between copy and commit)."""
-        with self.db.read() as connection:
-            kept = set(connection.execute(select(adapter_versions.c.folder)).scalars())
+        """Drop files of registrations that never committed (a crash between copy and commit), holding the
+        writers' lock: another replica's commit of the same content waits, and then finds its files or not."""
         cutoff = time.time() - self.sweep_after_s
-        for entry in self.store.iterdir():
-            if entry.name.startswith(".staging-"):
-                stale = [entry]
-            elif entry.is_dir():
-                stale = [version for version in entry.iterdir() if f"{entry.name}/{version.name}" not in kept]
-            else:
-                continue
-            for folder in stale:
-                if folder.stat().st_mtime <= cutoff:
-                    shutil.rmtree(folder, ignore_errors=True)
+        with self.db.write() as connection:
+            _lock_writers(connection)
+            kept = set(connection.execute(select(adapter_versions.c.folder)).scalars())
+            for entry in self.store.iterdir():
+                if entry.name.startswith(".staging-"):
+                    stale = [entry]
+                elif entry.is_dir():
+                    stale = [version for version in entry.iterdir() if f"{entry.name}/{version.name}" not in kept]
+                else:
+                    continue
+                for folder in stale:
+                    if folder.stat().st_mtime <= cutoff:
+                        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _load(connection: Connection, version: int | None = None) -> tuple[int, RegistryView]:
@@ -496,6 +504,12 @@ def _event(connection: Connection, name: str, actor: str | None, action: str, ve
            data: dict | None) -> None:
     connection.execute(insert(adapter_events).values(name=name, created_at=time.time(), actor=actor, action=action,
                                                      version=version, data=json.dumps(data) if data else None))
+
+
+def _check_name(field: str, name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise AdapterError(field, f"`{name}` must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                                  f"or digit")
 
 
 def _lock_writers(connection: Connection) -> None:

@@ -11,6 +11,7 @@ registered, deleted, merged or unmerged.
 """
 
 import asyncio
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -18,7 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapters.base import AdapterError, AdapterGone
+from adapters.base import AdapterError, AdapterGone, AdapterLimit
+from adapters.compose import Source, check_sources, compose_loras
 from adapters.registry import (AdapterEvent, AdapterRecord, AdapterRegistry, AliasRecord, AliasTarget, RegistryView,
                                VersionRecord)
 from server import database
@@ -28,15 +30,23 @@ from server.metrics import MERGED_ADAPTER, forget_model, forget_version
 
 SHA256_PIN = "sha256:"
 MIN_SHA256_PREFIX = 12  # hex digits a `name@sha256:` pin must give
+MAX_VERSION_DIGITS = 9
+# A version resolved this recently is not pruned: its request may still be between resolving and running (a
+# grammar compiles for up to --max-grammar-compile-s) when a registration prunes.
+RESOLVED_HOLD_S = 60.0
 
 
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, engine: Engine, base_model: str):
-        self.registry, self.engine, self.base_model = registry, engine, base_model
+    def __init__(self, registry: AdapterRegistry, engine: Engine, base_model: str, base_path: Path, *,
+                 max_pinned: int):
+        self.registry, self.engine, self.base_model, self.max_pinned = registry, engine, base_model, max_pinned
+        self.base_path = base_path  # the base model's folder, which composing LoRAs loads
+        self._composing = asyncio.Lock()  # one composition at a time: each holds a float32 copy of the base
         self._reading_registry: asyncio.Future | None = None  # the registry read under way
         self._next_registry_read: asyncio.Future | None = None  # the one after it, shared by calls meanwhile
         self._swap = asyncio.Lock()  # one merge or unmerge at a time (loads never wait for it)
         self._in_use: Counter[tuple[str, int]] = Counter()  # (name, version) of requests running here
+        self._resolved_at: dict[tuple[str, int], float] = {}  # (name, version) -> when a request last resolved it
         registry.watch()
 
     def close(self) -> None:
@@ -58,19 +68,25 @@ class AdapterManager:
             return record
         return (await self._read()).adapters.get(name)
 
-    async def resolve(self, model: str, user: str | None = None) -> AdapterRef | None:
-        """The version `model` names: `name` (its newest), `name@N`, `name@sha256:HEX` (12 or more digits:
-        the newest version with that content) or an alias, whose split picks by `user` (the same version for
-        one user, on every replica; a random one without). None when it names nothing registered."""
-        ref = self._lookup(self.registry.cached_view(), model, user)
-        return ref if ref is not None else self._lookup(await self._read(), model, user)
+    async def resolve(self, model: str, user: str | None = None) -> tuple[AdapterRef, str] | None:
+        """The version `model` names and the name metrics give it: `name` (its newest), `name@N`,
+        `name@sha256:HEX` (12 or more digits: the newest version with that content; labelled `name@N`) or an
+        alias, whose split picks by `user` (the same version for one user, on every replica; a random one
+        without). None when it names nothing registered."""
+        found = self._lookup(self.registry.cached_view(), model, user)
+        if found is None:
+            found = self._lookup(await self._read(), model, user)
+        if found is not None:
+            ref = found[0]
+            self._resolved_at[ref.adapter, ref.version] = time.monotonic()
+        return found
 
-    def _lookup(self, view: RegistryView, model: str, user: str | None) -> AdapterRef | None:
+    def _lookup(self, view: RegistryView, model: str, user: str | None) -> tuple[AdapterRef, str] | None:
         name, at, pin = model.partition("@")
         if at:
             version = _pinned(view.versions.get(name, {}), pin)
         elif (record := view.adapters.get(model)) is not None:
-            return self.ref(record)
+            return self.ref(record), model
         elif (alias := view.aliases.get(model)) is not None:
             target = alias.pick(user if user is not None else uuid.uuid4().hex)
             version = view.versions.get(target.adapter, {}).get(target.version)
@@ -78,10 +94,22 @@ class AdapterManager:
             return None
         if version is None:
             return None
-        current = view.adapters.get(version.name)
-        return AdapterRef(f"{version.name}@{version.version}", version.version, version.kind,
-                          self.registry.store / version.folder, version.num_virtual_tokens,
-                          current is not None and current.is_pinned, version.created_at)
+        # Its own adapter to the engine, never pinned there: any client may name a version.
+        ref = AdapterRef(f"{version.name}@{version.version}", version.version, version.kind,
+                         self.registry.store / version.folder, version.num_virtual_tokens, False, version.created_at)
+        return ref, ref.name if at else model
+
+    def _busy(self, name: str) -> list[int]:
+        """`name`'s versions that requests here run on or resolved lately: not to be pruned."""
+        recent = time.monotonic() - RESOLVED_HOLD_S
+        self._resolved_at = {key: at for key, at in self._resolved_at.items() if at > recent}
+        return [version for used, version in [*self._in_use, *self._resolved_at] if used == name]
+
+    async def alias(self, name: str) -> AliasRecord | None:
+        """Alias `name`, read afresh when the copy does not know it (made through another replica just now)."""
+        if (alias := self.registry.cached_view().aliases.get(name)) is not None:
+            return alias
+        return (await self._read()).aliases.get(name)
 
     def view(self) -> RegistryView:
         return self.registry.cached_view()
@@ -141,14 +169,16 @@ class AdapterManager:
         """Validate, stage, hand to the engine, then commit. All or nothing: an adapter the engine refuses
         leaves the registry as it was, and a replaced version's files go only once the new one serves.
         Requests already running finish on the old version."""
-        if name.casefold() == self.base_model.casefold():
-            raise AdapterError("name", f"`{name}` is the base model's name (names are compared ignoring case)")
+        self._not_the_base("name", name)
+        if is_pinned and len(pinned := {n for n, r in (await self._read()).adapters.items()
+                                        if r.is_pinned and n != name}) >= self.max_pinned:
+            raise AdapterLimit("pinned", f"{len(pinned)} adapters are pinned, this server's limit "
+                                         f"(--max-pinned-adapters); register one of them again unpinned first")
         adapter = await self.engine.read_adapter(folder)
         self.engine.check_adapter(adapter)
         current = await self.get(name)
         staged = await asyncio.to_thread(self.registry.stage, name, folder, replace=replace)
-        # The version the commit is expected to give; if another replica commits first, the engine is told
-        # the one it gave.
+        # Served while it commits (under the version it may get): the engine is told the committed one after.
         expected = AdapterRef(name, current.version + 1 if current is not None and replace else 1, adapter.kind,
                               self.registry.store / staged, adapter.num_virtual_tokens, is_pinned, time.time())
         try:
@@ -156,7 +186,7 @@ class AdapterManager:
         except BaseException:
             await asyncio.to_thread(self.registry.discard, staged)
             raise
-        busy = [version for used, version in self._in_use if used == name]
+        busy = self._busy(name)
         try:
             record, pruned = await asyncio.to_thread(
                 self.registry.commit, name, adapter.kind, adapter.num_virtual_tokens, staged, source=source,
@@ -164,10 +194,33 @@ class AdapterManager:
         except BaseException:  # e.g. another replica took the name meanwhile: serve what the registry says
             await self.engine.remove_adapter(name)
             raise
-        if (committed := self.ref(record)) != expected:
-            await self.engine.add_adapter(committed, adapter)
+        await self.engine.add_adapter(self.ref(record), adapter)  # the version and time the commit gave it
         await self._forget(pruned)
         return record
+
+    async def compose(self, name: str, method: str, parts: list[tuple[str, str, float]], density: float | None, *,
+                      replace: bool, is_pinned: bool, actor: str | None) -> AdapterRecord:
+        """Register, as `name`, the LoRA PEFT's add_weighted_adapter composes from `parts` (the request field
+        naming each, a name or pinned version, its weight) by `method`; its version records where it came from."""
+        view = await self._read()
+        sources, provenance = [], []
+        for field, model, weight in parts:
+            found = None if model in view.aliases else self._lookup(view, model, None)
+            if found is None:
+                raise AdapterGone(field, f"`{model}` is not a registered adapter (name or pinned version)")
+            ref = found[0]
+            if ref.kind != "lora":
+                raise AdapterError(field, f"`{model}` is a {ref.kind} adapter; only LoRAs compose")
+            sources.append(Source(field, ref.folder, weight))
+            provenance.append({"adapter": ref.adapter, "version": ref.version, "weight": weight,
+                               "sha256": view.versions[ref.adapter][ref.version].sha256})
+        await asyncio.to_thread(check_sources, sources, method, density)
+        async with self._composing:
+            with tempfile.TemporaryDirectory(prefix="swapyard-compose-") as tmp:
+                folder = await asyncio.to_thread(compose_loras, self.base_path, sources, method, density, Path(tmp))
+                return await self.register(name, folder, source=f"compose:{method}", replace=replace,
+                                           is_pinned=is_pinned, actor=actor,
+                                           provenance={"method": method, "density": density, "adapters": provenance})
 
     async def unregister(self, name: str, actor: str | None = None) -> AdapterRecord | None:
         record, versions = await asyncio.to_thread(self.registry.remove, name, actor)
@@ -180,6 +233,10 @@ class AdapterManager:
             forget_model(name)
         return record
 
+    def _not_the_base(self, field: str, name: str) -> None:
+        if name.casefold() == self.base_model.casefold():
+            raise AdapterError(field, f"`{name}` is the base model's name (names are compared ignoring case)")
+
     async def _forget(self, versions: list[VersionRecord]) -> None:
         """Versions that left the registry leave the engine (once their requests end) and /metrics."""
         for version in versions:
@@ -188,22 +245,23 @@ class AdapterManager:
             forget_version(label)
             forget_model(label)  # the engine's series of it, and requests that named it
 
-    async def set_alias(self, alias: str, targets: list[tuple[str, float]], actor: str | None = None) -> AliasRecord:
-        """Point `alias` at the versions `targets` name, as (model, weight): `name` means its newest version now
-        (a later registration does not move the alias), `name@N` or `name@sha256:HEX` a pinned one."""
+    async def set_alias(self, alias: str, targets: list[tuple[str, str, float]], actor: str | None = None
+                        ) -> AliasRecord:
+        """Point `alias` at the versions `targets` name, as (the request field naming it, model, weight): `name`
+        means its newest version now (a later registration does not move the alias), `name@N` or
+        `name@sha256:HEX` a pinned one."""
         view = await self._read()
-        if alias.casefold() == self.base_model.casefold():
-            raise AdapterError("alias", f"`{alias}` is the base model's name (names are compared ignoring case)")
+        self._not_the_base("alias", alias)
         pinned = []
-        for i, (model, weight) in enumerate(targets):
+        for field, model, weight in targets:
             name, at, pin = model.partition("@")
             if not at and model in view.aliases:
-                raise AdapterError(f"targets[{i}].model", f"`{model}` is an alias; an alias points at versions")
+                raise AdapterError(field, f"`{model}` is an alias; an alias points at versions")
             record = view.adapters.get(name)
             version = _pinned(view.versions.get(name, {}), pin) if at else \
                 view.versions.get(name, {}).get(record.version) if record is not None else None
             if version is None:
-                raise AdapterGone(f"targets[{i}].model", f"`{model}` is not a registered adapter version")
+                raise AdapterGone(field, f"`{model}` is not a registered adapter version")
             pinned.append(AliasTarget(adapter=version.name, version=version.version, weight=weight))
         return await asyncio.to_thread(self.registry.set_alias, alias, pinned, actor)
 
@@ -244,7 +302,7 @@ class AdapterManager:
 def _pinned(versions: dict[int, VersionRecord], pin: str) -> VersionRecord | None:
     """The version `pin` (after the '@') names among `versions`: a number, or sha256:HEX (the newest with it)."""
     if pin.isdigit() and pin.isascii():
-        return versions.get(int(pin))
+        return versions.get(int(pin)) if len(pin) <= MAX_VERSION_DIGITS else None
     digits = pin.removeprefix(SHA256_PIN).lower()
     if not pin.startswith(SHA256_PIN) or len(digits) < MIN_SHA256_PREFIX:
         return None

@@ -98,7 +98,10 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     await engine.start()
     registry_db, jobs_db = app.state.databases = await asyncio.to_thread(databases, settings)
     registry = AdapterRegistry(settings.adapters_dir, registry_db, keep_versions=settings.keep_versions)
-    adapters = AdapterManager(registry, engine, name)
+    max_pinned = settings.max_pinned_adapters
+    if max_pinned is None:
+        max_pinned = settings.max_resident_adapters - 1
+    adapters = AdapterManager(registry, engine, name, path, max_pinned=max_pinned)
     app.state.jobs = JobRunner(JobStore(jobs_db), settings.fine_tuning_dir, adapters, settings.training_threads)
     await app.state.jobs.start()
     defaults = read_sampling_defaults(path) if settings.generation_config == "auto" else {}

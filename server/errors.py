@@ -8,7 +8,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.base import AdapterBusy, AdapterCapacityError, AdapterError, AdapterGone, AdapterLoadError
+from adapters.base import (AdapterBusy, AdapterCapacityError, AdapterError, AdapterGone, AdapterLimit,
+                           AdapterLoadError)
 from adapters.registry import AdapterExists
 from server.database import DatabaseUnavailable
 from server.engine.base import ConstraintFailed, InexactMerge
@@ -41,7 +42,7 @@ def adapter_api_error(exc: AdapterError) -> APIError:
         return APIError(404, message, param=exc.field, code="model_not_found", type="not_found_error")
     if isinstance(exc, AdapterLoadError):
         return APIError(500, str(exc), param=exc.field, code="adapter_load_failed", type="server_error")
-    status = 409 if isinstance(exc, AdapterExists | AdapterBusy | InexactMerge) \
+    status = 409 if isinstance(exc, AdapterExists | AdapterBusy | AdapterLimit | InexactMerge) \
         else 503 if isinstance(exc, AdapterCapacityError) else 400
     code = ("invalid_constraint" if isinstance(exc, ConstraintFailed) else "invalid_adapter") if status == 400 \
         else "merge_inexact" if isinstance(exc, InexactMerge) else None

@@ -4,8 +4,11 @@ adapter's, a pinned version's or an alias), and a `version` label, the adapter v
 
 import collections
 import time
+from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from server.engine.base import GenerationOutput
 
@@ -38,7 +41,8 @@ ADAPTER_HOST_CACHE = Counter("swapyard_adapter_host_cache", "Loads onto the devi
 ADAPTER_QUEUE = Gauge("swapyard_adapter_queue_length", "Requests waiting for their adapter to be loaded or for a "
                       "free device slot.")
 MERGED_ADAPTER = Gauge("swapyard_adapter_merged", "1 while the adapter is folded into the base weights.", ["model"])
-RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapters resident on the engine's device.")
+RESIDENT_ADAPTERS = Gauge("swapyard_adapters_resident", "Adapter versions resident in each tier: on the engine's "
+                          "device (serving), or parsed in host memory (a reload without the disk).", ["tier"])
 REJECTED = Counter("swapyard_requests_rejected", "Requests refused before reaching the engine.", ["reason"])
 # Per tenant: the name the keys file gives a key's tenant (`key#N` for the N-th unnamed key), never the key.
 TENANT_IN_FLIGHT = Gauge("swapyard_tenant_requests_in_flight", "Generation requests of the tenant running or queued.",
@@ -68,6 +72,58 @@ ENGINE_BATCH_SIZE = Histogram("swapyard_engine_batch_size", "Sequences run toget
 ENGINE_STEP_TIME = Histogram("swapyard_engine_step_seconds", "One torch engine step: scheduling, the forward pass, "
                              "sampling and outputs.", ["phase"],
                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an inference gateway's endpoint picker reads of a model server, as the torch engine last saw it."""
+
+    running: int  # sequences in the running batch
+    waiting: int  # sequences queued (for a batch slot, KV blocks or their adapter)
+    kv_cache_usage: float  # the fraction of KV-cache blocks in use
+    block_size: int
+    num_blocks: int
+    max_adapters: int  # device slots
+    running_adapters: tuple[str, ...]  # names a request may give that this server answers without a load
+    waiting_adapters: tuple[str, ...]  # adapters queued requests wait for
+    updated_at: float
+
+
+class GatewayProtocol(Collector):
+    """The Gateway API Inference Extension's model-server protocol (its proposal 003) under the names its
+    endpoint picker reads by default, vLLM's: queued and running requests, KV-cache use, the LoRA info gauge and
+    the cache config. On --engine vllm, vLLM exports them itself and this collector stays empty; it claims no
+    names (describe), so vLLM's registering its own never collides with it."""
+
+    def __init__(self):
+        self.load: EngineLoad | None = None  # replaced whole by the engine that serves, read at each scrape
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        if (load := self.load) is None:
+            return
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch (torch engine; the "
+                                "gateway protocol's TotalRunningRequests).", value=load.running)
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued (the protocol's TotalQueuedRequests).",
+                                value=load.waiting)
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache blocks in use, 0 to 1 (the protocol's "
+                                "KVCacheUtilization).", value=load.kv_cache_usage)
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "Adapters on the device (and names resolving to them in "
+                                 "running requests) and adapters waited for; the value is when this was seen.",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        lora.add_metric([str(load.max_adapters), ",".join(load.running_adapters), ",".join(load.waiting_adapters)],
+                        load.updated_at)
+        yield lora
+        cache = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's block size and block count.",
+                                  labels=["block_size", "num_gpu_blocks"])
+        cache.add_metric([str(load.block_size), str(load.num_blocks)], 1)
+        yield cache
+
+
+GATEWAY_PROTOCOL = GatewayProtocol()
+REGISTRY.register(GATEWAY_PROTOCOL)
 
 
 _PER_REQUEST = (QUEUE_TIME, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_LATENCY, PROMPT_TOKENS, GENERATION_TOKENS,

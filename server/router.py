@@ -75,7 +75,8 @@ class Router:
     async def model(self, name: str) -> ModelCard:
         if name == self.base_model:
             return self._base_card()
-        return self._card(name, (await self.resolve(name)).registered_at)
+        ref, _ = await self.resolve(name)
+        return self._card(name, ref.registered_at)
 
     def _base_card(self) -> ModelCard:
         return ModelCard(id=self.base_model, created=self._created, root=self.base_model,
@@ -85,14 +86,15 @@ class Router:
         return ModelCard(id=name, created=int(created), root=self.base_model, parent=self.base_model,
                          max_model_len=self.max_model_len)
 
-    async def resolve(self, name: str, user: str | None = None) -> AdapterRef | None:
-        """The adapter version `name` is served by now (an alias picks by `user`), or None for the base model."""
+    async def resolve(self, name: str, user: str | None = None) -> tuple[AdapterRef | None, str]:
+        """The adapter version `name` is served by now (an alias picks by `user`; None for the base model), and
+        the name its metrics carry (a pinned version's written as `name@N`, however the request spelled it)."""
         if name == self.base_model:
-            return None
-        ref = await self.adapters.resolve(name, user)
-        if ref is None:
+            return None, name
+        found = await self.adapters.resolve(name, user)
+        if found is None:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        return ref
+        return found
 
     async def chat_prompt(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
         knows_tools = "tools" in str(self.tokenizer.chat_template or "")
@@ -124,7 +126,7 @@ class Router:
         """The engine request for `body`; `tenant` keeps its compiled constraint and its cached prompt blocks
         apart from other tenants', and the engine's fair queue serves it by its tenant's weight. An alias's
         traffic split picks its version by `user`."""
-        ref = await self.resolve(body.model, user)
+        ref, label = await self.resolve(body.model, user)
         num_virtual = ref.num_virtual_tokens if ref is not None else 0  # positions it adds before the prompt
         if not prompt_ids:  # nothing to prefill, so nothing to decode from: an engine would never finish it
             raise APIError(400, f"{prompt_param} gives no tokens to generate from", param=prompt_param,
@@ -163,7 +165,7 @@ class Router:
             logit_bias=tuple(sorted((body.logit_bias or {}).items())), stop_token_ids=tuple(body.stop_token_ids or ()),
             min_tokens=body.min_tokens, logprobs=body.num_logprobs(), prompt_logprobs=body.num_prompt_logprobs(),
         )
-        return GenerationRequest(new_id("req"), prompt_ids, sampling, body.model, ref,
+        return GenerationRequest(new_id("req"), prompt_ids, sampling, label, ref,
                                  self._cache_salt(tenant, body.cache_salt), grammar=grammar, constraint_param=param,
                                  tenant=tenant, weight=self.tenants.weight(tenant))
 

@@ -126,9 +126,12 @@ class ServeSettings(EngineSettings):
     the data folder's adapters/ and fine_tuning/)."""
     training_threads: int | None = Field(1, gt=0)
     """CPU threads of a training process; 1 leaves the other cores to serving (None: torch's default)."""
+    max_pinned_adapters: int | None = Field(None, ge=0)
+    """Adapters that may be pinned (never evicted) at once; a registration past it is a 409. Default:
+    --max-resident-adapters minus one, so one device slot always serves the others."""
     keep_versions: int = Field(5, ge=1)
     """Versions of each adapter kept in the store (its newest included), addressable as `NAME@N`; older ones
-    are kept too while an alias points at them or a request uses them."""
+    are kept too while an alias points at them, or a request here runs on one or resolved it in the last minute."""
     max_upload_mb: int = Field(1024, gt=0)
     """Largest adapter archive accepted, packed or unpacked."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -196,6 +196,35 @@ def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def running(metrics: dict[tuple[str, tuple], float], model: str) -> float:
+    """Requests of `model` generating tokens, in a scrape: whichever version of it serves them."""
+    return sum(value for (name, labels), value in metrics.items()
+               if name == "swapyard_requests_running" and ("model", model) in labels)
+
+
+# The Gateway API Inference Extension's model-server protocol, under the names its endpoint picker reads (vLLM's):
+# each family's type and label names, as docs/proposals/003-model-server-protocol states them.
+GATEWAY_PROTOCOL = {
+    "vllm:num_requests_waiting": ("gauge", set()), "vllm:num_requests_running": ("gauge", set()),
+    "vllm:kv_cache_usage_perc": ("gauge", set()),
+    "vllm:lora_requests_info": ("gauge", {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}),
+}
+
+
+def gateway_load(http: httpx.Client) -> dict[str, dict]:
+    """The protocol's families on /metrics, checked for type and labels: {name: labels and value of its newest
+    sample (the LoRA info gauge's value is when it was seen)}."""
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    load = {}
+    for name, (kind, labels) in GATEWAY_PROTOCOL.items():
+        family = families[name]
+        assert family.type == kind and family.samples, name
+        newest = max(family.samples, key=lambda sample: sample.value if labels else 0)
+        assert labels <= set(newest.labels), (name, newest.labels)
+        load[name] = {**newest.labels, "value": newest.value}
+    return load
+
+
 def ask(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 

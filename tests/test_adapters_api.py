@@ -207,6 +207,11 @@ def test_bad_names_are_refused(http, adapter_dirs, name):
     assert response.status_code == 400 and response.json()["error"]["param"] == "name"
 
 
+def _registered(http) -> list[dict]:
+    """The adapter cards but where each is now (the device, host memory or only the store)."""
+    return [{k: v for k, v in card.items() if k != "residency"} for card in http.get(ADAPTERS).json()["data"]]
+
+
 def test_lru_capacity_pinning_and_restart(tmp_path, adapter_root, adapter_dirs):
     """Two device slots, four adapters: loads and evictions happen on demand, a pinned one stays,
     every answer stays right, and the registry survives a restart."""
@@ -222,10 +227,11 @@ def test_lru_capacity_pinning_and_restart(tmp_path, adapter_root, adapter_dirs):
             metrics = scrape(http)
             assert metrics[("swapyard_adapter_evictions_total", (("model", "cap-prefix"),))] >= 1
             assert ("swapyard_adapter_evictions_total", (("model", "cap-lora"),)) not in metrics  # pinned
-            assert metrics[("swapyard_adapters_resident", ())] == 2
+            assert metrics[("swapyard_adapters_resident", (("tier", "device"),))] == 2
             assert metrics[("swapyard_adapter_load_seconds_count", (("model", "cap-prompt"),))] >= 2
-            listed = http.get(ADAPTERS).json()
+            listed = _registered(http)
     with running_server(data_dir=data, adapter_roots=[adapter_root], max_resident_adapters=2) as url:
         with httpx.Client(base_url=url, timeout=120) as http:
-            assert http.get(ADAPTERS).json() == listed
+            assert _registered(http) == listed
+            assert {card["residency"] for card in http.get(ADAPTERS).json()["data"]} == {"disk"}  # none read yet
             assert {name: _answer(http, name) for name in names} == first

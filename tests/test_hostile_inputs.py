@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from adapter_factory import KINDS
-from conftest import MODEL, ask, running_server, scrape, start_serve_process, until_generating
+from conftest import MODEL, ask, running, running_server, scrape, start_serve_process, until_generating
 
 ADAPTERS = "/v1/adapters"
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
@@ -264,7 +264,7 @@ def test_a_replace_the_engine_refuses_changes_nothing(http, adapter_dirs, adapte
 
 def test_registered_while_every_slot_is_pinned_is_a_201(tmp_path, adapter_dirs, adapter_root):
     with running_server(data_dir=tmp_path / "data", adapter_roots=[adapter_root],
-                        max_resident_adapters=1) as url:
+                        max_resident_adapters=1, max_pinned_adapters=1) as url:
         with httpx.Client(base_url=url, timeout=60) as http:
             assert _register(http, "pinned", adapter_dirs["lora"], pinned=True).status_code == 201
             waiting = _register(http, "waiting", adapter_dirs["lora2"])
@@ -287,7 +287,7 @@ def test_an_adapter_deleted_while_its_request_waits_for_a_slot_is_a_404(tmp_path
             long = {"model": "busy", "messages": ask("Count from one to a hundred."), "max_tokens": 160,
                     "temperature": 0, "ignore_eos": True}
             busy = pool.submit(http.post, "/v1/chat/completions", json=long)
-            while scrape(http).get(("swapyard_requests_running", (("model", "busy"), ("version", "busy@1"))), 0) < 1:
+            while running(scrape(http), "busy") < 1:
                 time.sleep(0.05)
             cold = pool.submit(http.post, "/v1/chat/completions", json={**long, "model": "cold", "max_tokens": 4})
             while scrape(http).get(("swapyard_adapter_queue_length", ()), 0) < 1:  # in line for the slot

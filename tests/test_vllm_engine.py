@@ -25,7 +25,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from adapter_factory import make_adapter, make_peft_adapter
-from conftest import MODEL, MODEL_PATH, ask, scrape, start_serve_process, until_generating
+from conftest import MODEL, MODEL_PATH, ask, gateway_load, running, scrape, start_serve_process, until_generating
 from training.config import TrainConfig
 from training.recipe import train
 
@@ -136,6 +136,23 @@ def test_lora_hot_add_swap_and_remove(vllm, http, adapter_dirs):
     assert "vllm:" in metrics  # vLLM's own metrics stay intact beside ours
 
 
+def test_the_gateway_protocol_metrics_move_as_requests_run(vllm, adapter_dirs):
+    """vLLM exports the inference gateway's model-server protocol itself, under the names its endpoint picker
+    reads; they move as a request on a LoRA runs (the torch engine's own are in test_gateway_protocol.py)."""
+    assert vllm.post("/v1/adapters", json={"name": "gw-lora", "path": str(adapter_dirs["lora"])}).status_code == 201
+    body = {**_body("gw-lora", QUESTIONS[1]), "max_tokens": 96, "ignore_eos": True, "stream": True}
+    with vllm.stream("POST", "/v1/chat/completions", json=body) as stream:
+        until_generating(stream.iter_lines())
+        running = gateway_load(vllm)
+    assert running["vllm:num_requests_running"]["value"] >= 1 and running["vllm:kv_cache_usage_perc"]["value"] > 0
+    assert "gw-lora" in running["vllm:lora_requests_info"]["running_lora_adapters"]
+    assert running["vllm:lora_requests_info"]["max_lora"] == str(MAX_LORAS)
+    deadline = time.monotonic() + 10
+    while gateway_load(vllm)["vllm:num_requests_running"]["value"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_soft_prompt_runs_as_prompt_embeddings(vllm, http, adapter_dirs):
     for client in (vllm, http):
         registered = client.post("/v1/adapters", json={"name": "v-prompt", "path": str(adapter_dirs["prompt"]),
@@ -218,7 +235,7 @@ def test_a_merge_holds_new_requests_no_longer_than_the_swap_timeout(vllm, adapte
     long = {"model": MODEL, "messages": ask(QUESTIONS[1]), "max_tokens": 700, "ignore_eos": True, "temperature": 0}
     with ThreadPoolExecutor(2) as pool:
         stream = pool.submit(vllm.post, "/v1/chat/completions", json=long)
-        while scrape(vllm).get(("swapyard_requests_running", (("model", MODEL),)), 0) < 1:
+        while running(scrape(vllm), MODEL) < 1:
             time.sleep(0.05)
         merge = pool.submit(vllm.post, "/v1/adapters/st-lora/merge")
         time.sleep(0.5)  # the merge holds new requests now
@@ -284,8 +301,12 @@ def test_an_old_version_evicted_from_vllms_lora_cache_answers_when_its_turn_come
     long = {"messages": ask(QUESTIONS[1]), "max_tokens": 300, "ignore_eos": True, "temperature": 0}
     with ThreadPoolExecutor(MAX_LORAS + 1) as pool:
         streams = [pool.submit(vllm.post, "/v1/chat/completions", json={**long, "model": name}) for name in busy]
+        def busy_running() -> float:
+            metrics = scrape(vllm)
+            return sum(running(metrics, n) for n in busy)
+
         deadline = time.monotonic() + 60
-        while sum(scrape(vllm).get(("swapyard_requests_running", (("model", n),)), 0) for n in busy) < MAX_LORAS:
+        while busy_running() < MAX_LORAS:
             assert time.monotonic() < deadline, "the busy streams did not start"
             time.sleep(0.05)
         waiting = pool.submit(vllm.post, "/v1/chat/completions", json=_body("ev-old", QUESTIONS[0]))

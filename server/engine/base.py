@@ -75,7 +75,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    model: str  # the name the client asked for; labels the metrics
+    model: str  # the name the client asked for (a pinned version as `name@N`); labels the metrics
     adapter: "AdapterRef | None" = None  # the adapter version it was routed to, None for the base model
     cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
     arrival_time: float = field(default_factory=time.monotonic)
@@ -192,6 +192,10 @@ class Engine(Protocol):
 
     async def remove_adapter(self, name: str) -> None:
         """`name` was deleted: its versions leave once their running requests end."""
+        ...
+
+    def tier(self, ref: "AdapterRef") -> str:
+        """Where `ref`'s version is now: "device", "host" (parsed in host memory) or "disk" (the store only)."""
         ...
 
     async def merge_adapter(self, ref: "AdapterRef") -> None:

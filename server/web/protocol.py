@@ -183,7 +183,7 @@ class SamplingFields(_Request):
     repetition_penalty, stop_token_ids, min_tokens, ignore_eos. Sampling fields left out take the model's
     defaults (its generation_config.json) where the server applies them, else OpenAI's."""
 
-    model: str
+    model: str = Field(max_length=256)
     """The base model's name, a registered adapter's (its newest version), a pinned version (`NAME@N`,
     `NAME@sha256:HEX`) or an alias (`GET /v1/models` lists names and aliases)."""
     temperature: float | None = Field(None, ge=0.0, le=2.0)

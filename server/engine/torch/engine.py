@@ -15,11 +15,11 @@ from adapters.loading import Adapter
 from server.engine.base import FailureWindow, GenerationOutput, GenerationRequest, check_exact_merge
 from server.engine.torch.engine_core import EngineCore
 from server.engine.torch.model_runner import ModelRunner
-from server.engine.residency import AdapterReader, AdapterRef
+from server.engine.residency import AdapterReader, AdapterRef, tier
 from server.engine.torch.scheduler import Scheduler
 from server.engine.torch.residency import TorchResidency
 from server.host import ENGINE_TORCH_THREADS, set_torch_threads
-from server.metrics import ENGINE_FAILURES
+from server.metrics import ENGINE_FAILURES, GATEWAY_PROTOCOL
 from server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ IDLE_WAKE_S = 0.5  # while sequences wait for adapters and none runs: how often 
 
 class TorchEngine:
     def __init__(self, settings: EngineSettings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
-                 max_model_len: int):
+                 max_model_len: int, *, exports_load: bool = True):
+        """`exports_load`: publish the gateway protocol's metrics (not for an engine beside vLLM, which does)."""
         self.max_model_len = max_model_len
         self._allow_inexact_merge = settings.allow_inexact_merge
         runner = ModelRunner(model_path, device=settings.device, dtype=settings.dtype, max_model_len=max_model_len,
@@ -53,6 +54,7 @@ class TorchEngine:
             enable_prefix_caching=settings.enable_prefix_caching,
         )
         self._core = EngineCore(self._scheduler, runner, tokenizer.backend_tokenizer)
+        self._core.exports_load = exports_load
         # Everything the event loop asks of the scheduler goes through this queue: one thread owns its state.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="swapyard-torch-engine", daemon=True)
@@ -68,6 +70,11 @@ class TorchEngine:
     async def shutdown(self) -> None:
         self._inbox.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+        if self._core.exports_load:
+            GATEWAY_PROTOCOL.load = None
+
+    def tier(self, ref: AdapterRef) -> str:
+        return tier(self._residency.slots, self._reader, ref)
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Every kind runs here."""
@@ -197,6 +204,8 @@ class TorchEngine:
                 except Exception:
                     log.exception("engine work failed")
             ran = scheduler.has_work and self._core.step()
+            if not ran:  # a step observes itself; an abort or a read that ran nothing is observed here
+                self._core.observe()
 
     def _next_message(self, has_work: bool):
         try:

@@ -46,7 +46,7 @@ from adapters.loading import Adapter
 from adapters.lora import LoraAdapter, LoraWeights, save_lora
 from server.engine.base import (FailureWindow, GenerationOutput, GenerationRequest, OutputConstraint, SamplingParams,
                                 TokenLogprob, check_exact_merge)
-from server.engine.residency import FAIR_WAIT_S, AdapterReader, AdapterRef, SlotTable
+from server.engine.residency import FAIR_WAIT_S, AdapterReader, AdapterRef, SlotTable, tier
 from server.engine.vllm.bottleneck import LAYERS
 from server.engine.vllm.kinds import BASE, KINDS, Served
 from server.host import detect_host, dtype_name, resolve_dtype
@@ -304,6 +304,9 @@ class VLLMEngine:
         except AdapterCapacityError:
             pass
         self._reader.keep(ref, adapter)
+
+    def tier(self, ref: AdapterRef) -> str:
+        return tier(self._slots, self._reader, ref)
 
     async def remove_adapter(self, name: str) -> None:
         self._reader.forget(name)
