@@ -10,11 +10,12 @@ from contextlib import ExitStack
 
 import pytest
 
-from conftest import CHAT, ask, scrape
+from conftest import CHAT, ask, running, scrape
 
 ADAPTERS, ALIASES = "/v1/adapters", "/v1/aliases"
 VERSION = "x-swapyard-version"
 QUESTION = ask("Write a short poem about the sea.")
+STREAM_TOKENS = 96  # a stream outlasts the registrations made while it runs (about 25 ms a token here)
 
 
 def _register(http, name, folder, **extra):
@@ -84,7 +85,7 @@ def test_streams_finish_on_the_version_they_started_with_across_three_replaces(h
     contents = [adapter_dirs["lora"], adapter_dirs["lora2"]]
     for i, folder in enumerate(contents):
         _register(http, f"flip-cold{i}", folder)
-    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 48, "ignore_eos": True}
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": STREAM_TOKENS, "ignore_eos": True}
     cold = [http.post(CHAT, json={**body, "model": f"flip-cold{i}"}).json()["choices"][0]["message"]["content"]
             for i in range(2)]
     assert cold[0] != cold[1]
@@ -104,11 +105,11 @@ def test_streams_finish_on_the_version_they_started_with_across_three_replaces(h
     assert [served for served, _ in texts] == ["flip@1", "flip@2", "flip@3"]
     assert [text for _, text in texts] == [cold[0], cold[1], cold[0]]
     before = _hits(http)
-    assert _ask(http, "flip", 48, ignore_eos=True) == ("flip@4", cold[1])
+    assert _ask(http, "flip", STREAM_TOKENS, ignore_eos=True) == ("flip@4", cold[1])
     assert _hits(http) == before  # version 4's first request: no block of versions 1-3 (same prompt) served
-    assert _ask(http, "flip", 48, ignore_eos=True) == ("flip@4", cold[1])
+    assert _ask(http, "flip", STREAM_TOKENS, ignore_eos=True) == ("flip@4", cold[1])
     assert _hits(http) > before  # its own blocks are (so the counter above could have moved)
-    assert _ask(http, "flip@1", 48, ignore_eos=True) == ("flip@1", cold[0])
+    assert _ask(http, "flip@1", STREAM_TOKENS, ignore_eos=True) == ("flip@1", cold[0])
 
 
 def test_an_alias_moves_atomically_under_load_and_rolls_back(http, oai, adapter_dirs):
@@ -184,7 +185,7 @@ def test_a_split_keeps_each_user_on_one_version_in_its_shares(http, adapter_dirs
 def test_old_versions_are_pruned_past_the_limit_but_never_under_a_request(http, adapter_dirs):
     contents = [adapter_dirs["lora"], adapter_dirs["lora2"]]
     _register(http, "old", contents[0])
-    body = {"model": "old@1", "messages": QUESTION, "temperature": 0, "max_tokens": 64, "ignore_eos": True,
+    body = {"model": "old@1", "messages": QUESTION, "temperature": 0, "max_tokens": 800, "ignore_eos": True,
             "stream": True}
     with http.stream("POST", CHAT, json=body) as response:
         lines = response.iter_lines()
@@ -192,13 +193,14 @@ def test_old_versions_are_pruned_past_the_limit_but_never_under_a_request(http, 
         for version in range(2, 7):  # the server keeps 5 (--keep-versions): version 1 would go, but runs
             _register(http, "old", contents[version % 2], replace=True)
         assert [v["version"] for v in http.get(f"{ADAPTERS}/old/versions").json()["data"]] == [1, 2, 3, 4, 5, 6]
-        assert _rest_of(lines)
+        assert running(scrape(http), "old@1") == 1  # leaving the stream then ends it
     _register(http, "old", contents[1], replace=True)
-    assert [v["version"] for v in http.get(f"{ADAPTERS}/old/versions").json()["data"]] == [3, 4, 5, 6, 7]
-    assert http.post(CHAT, json={**body, "stream": False}).status_code == 404
+    # Version 2, never asked for, goes; version 1 stays a minute after its request resolved it (a request may
+    # still be between resolving its version and running on it).
+    assert [v["version"] for v in http.get(f"{ADAPTERS}/old/versions").json()["data"]] == [1, 3, 4, 5, 6, 7]
+    assert http.post(CHAT, json={**body, "model": "old@2", "stream": False}).status_code == 404
     events = http.get(f"{ADAPTERS}/old/events").json()["data"]
-    assert [e["version"] for e in events if e["action"] == "pruned"] == [2, 1]
-    assert not [labels for _, labels in scrape(http) if ("version", "old@1") in labels]  # its series went
+    assert [e["version"] for e in events if e["action"] == "pruned"] == [2]
 
 
 @pytest.mark.parametrize("alias, body, status, param", [

@@ -2,6 +2,7 @@
 adapter answers as PEFT's add_weighted_adapter composes the same versions and PEFT serves it, its version records
 where it came from, and an incompatible set is refused naming the adapter."""
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -18,12 +19,12 @@ METHODS = [("ties", 0.5), ("linear", None)]
 
 
 @pytest.fixture(scope="module")
-def sources(http, adapter_dirs, adapter_root):
+def sources(base_url, adapter_dirs, adapter_root):
     """Two LoRAs of one rank, registered as mix-a and mix-b: their folders."""
     second = make_adapter("lora", MODEL_PATH, adapter_root / "compose-second", seed=2)  # rank 4, as adapter_dirs'
     folders = {"mix-a": adapter_dirs["lora"], "mix-b": second}
-    for name, folder in folders.items():
-        if http.get(f"/v1/adapters/{name}").status_code == 404:
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        for name, folder in folders.items():
             assert http.post("/v1/adapters", json={"name": name, "path": str(folder)}).status_code == 201
     return folders
 

@@ -11,7 +11,8 @@ import httpx
 
 from conftest import CHAT, ask, gateway_load, running_server, scrape, until_generating
 
-LONG = {"messages": ask("Count from one to a hundred."), "temperature": 0, "max_tokens": 96, "ignore_eos": True}
+# Long enough to outlast the checks made while it runs (its client leaves then, which aborts it).
+LONG = {"messages": ask("Count from one to a hundred."), "temperature": 0, "max_tokens": 900, "ignore_eos": True}
 
 
 def _register(http, name, folder, **extra) -> httpx.Response:
@@ -29,7 +30,8 @@ def test_protocol_metrics_move_as_requests_queue_and_run(tmp_path, adapter_dirs,
         idle = gateway_load(http)
         assert idle["vllm:num_requests_running"]["value"] == idle["vllm:num_requests_waiting"]["value"] == 0
         with http.stream("POST", CHAT, json={**LONG, "model": "gw-prod", "stream": True}) as stream:
-            until_generating(stream.iter_lines())
+            lines = stream.iter_lines()  # held: a generator let go closes the stream
+            until_generating(lines)
             queued = pool.submit(http.post, CHAT, json={**LONG, "model": "gw-b", "max_tokens": 4})
             deadline = time.monotonic() + 30
             while (load := gateway_load(http))["vllm:num_requests_waiting"]["value"] < 1:

@@ -142,7 +142,8 @@ def test_the_gateway_protocol_metrics_move_as_requests_run(vllm, adapter_dirs):
     assert vllm.post("/v1/adapters", json={"name": "gw-lora", "path": str(adapter_dirs["lora"])}).status_code == 201
     body = {**_body("gw-lora", QUESTIONS[1]), "max_tokens": 96, "ignore_eos": True, "stream": True}
     with vllm.stream("POST", "/v1/chat/completions", json=body) as stream:
-        until_generating(stream.iter_lines())
+        lines = stream.iter_lines()  # held: a generator let go closes the stream
+        until_generating(lines)
         running = gateway_load(vllm)
     assert running["vllm:num_requests_running"]["value"] >= 1 and running["vllm:kv_cache_usage_perc"]["value"] > 0
     assert "gw-lora" in running["vllm:lora_requests_info"]["running_lora_adapters"]
