@@ -45,7 +45,8 @@ def build(root: Path, args) -> AdapterRegistry:
         if n % 2:
             targets.append(AliasTarget(adapter=f"a{n}", version=2, weight=10))
         aliases[f"alias{n}"] = AliasRecord(name=f"alias{n}", targets=targets, updated_at=now, updated_by=None)
-    registry._publish((1, RegistryView(adapters, versions, aliases)))
+    registry.snapshot()  # the database's (empty) registry, at its version: the watcher sees no change to reload
+    registry._cache = (registry._cache[0], RegistryView(adapters, versions, aliases))
     return registry
 
 
