@@ -255,6 +255,8 @@ class AdapterRegistry:
             for file in ADAPTER_FILES:
                 shutil.copyfile(files / file, staging / file)
             folder = f"{BLOBS}/{content_hash(staging)}"
+            if (self.store / folder).is_dir() and not all((self.store / folder / f).is_file() for f in ADAPTER_FILES):
+                shutil.rmtree(self.store / folder, ignore_errors=True)  # a removal cut short (kill -9) left it
             try:
                 staging.rename(self.store / folder)
             except OSError:  # stored already: keep one copy, fresh for the sweep until committed

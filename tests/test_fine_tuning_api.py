@@ -92,7 +92,8 @@ def test_openai_workflow_with_auto_hyperparameters_teaches_a_lora(oai, http):
     assert registered.status_code == 201, registered.text
     assert http.delete("/v1/adapters/mascot-epoch-9").status_code == 200
     data_dir = earlier.parents[4]  # DATA/fine_tuning/jobs/JOB/checkpoints/epoch-N
-    (stored,) = (data_dir / "adapters" / "store" / job.fine_tuned_model).iterdir()
+    sha256 = http.get(f"/v1/adapters/{job.fine_tuned_model}").json()["sha256"]
+    stored = data_dir / "adapters" / "store" / "sha256" / sha256
     assert sorted(f.name for f in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     (results,) = job.result_files

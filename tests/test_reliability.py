@@ -115,8 +115,10 @@ def test_kill_9_mid_registration_leaves_a_whole_version(tmp_path):
         source = sources[int(record.source) % 2]
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             assert (stored / name).read_bytes() == (source / name).read_bytes(), f"trial {trial}: {name}"
-        leftovers = [p.name for p in registry.store.iterdir() if p.name != "victim"]
-        assert leftovers == [] and [p.name for p in (registry.store / "victim").iterdir()] == [stored.name]
+        # The sweep left only the files of kept versions (staged copies and pruned versions' files are gone).
+        assert [p.name for p in registry.store.iterdir()] == ["sha256"]
+        assert {f"sha256/{p.name}" for p in (registry.store / "sha256").iterdir()} == \
+            {version.folder for version in registry.snapshot().versions["victim"].values()}
 
 
 def test_corrupt_stored_adapter_fails_only_its_own_requests(tmp_path, adapter_dirs, adapter_root):
@@ -127,7 +129,8 @@ def test_corrupt_stored_adapter_fails_only_its_own_requests(tmp_path, adapter_di
         for name, kind in (("c-a", "lora"), ("c-b", "lora2")):  # c-b's load evicts c-a
             registered = httpx.post(f"{url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[kind])})
             assert registered.status_code == 201
-        (weights,) = (data / "adapters" / "store" / "c-a").glob("*/adapter_model.safetensors")
+        sha256 = httpx.get(f"{url}/v1/adapters/c-a").json()["sha256"]
+        weights = data / "adapters" / "store" / "sha256" / sha256 / "adapter_model.safetensors"
         weights.write_bytes(b"\0garbage" * 64)
 
         broken = _chat(url, "c-a")

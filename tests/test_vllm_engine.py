@@ -262,6 +262,8 @@ def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_it(vllm,
         return len(list(newest.iterdir()))
 
     register = {"name": "gone-prefix", "path": str(adapter_dirs["prefix"]), "replace": True}
+    # The new version's files differ (the same files again would be the same content, and stay loaded once).
+    other = make_adapter("prefix", MODEL_PATH, Path(adapter_dirs["prefix"]).parent / "prefix-seed1", seed=1)
     before_bytes, before_files = held(), files()
     assert vllm.post("/v1/adapters", json=register).status_code == 201
     one_version = (held() - before_bytes, files() - before_files)
@@ -272,7 +274,7 @@ def test_a_client_gone_from_the_last_stream_of_a_replaced_version_frees_it(vllm,
     with vllm.stream("POST", "/v1/chat/completions", json=body) as stream:
         lines = stream.iter_lines()  # held: a dropped iterator closes the response (the client goes)
         until_generating(lines)
-        assert vllm.post("/v1/adapters", json=register).status_code == 201
+        assert vllm.post("/v1/adapters", json={**register, "path": str(other)}).status_code == 201
         assert (held(), files()) == (before_bytes + 2 * one_version[0], before_files + 2 * one_version[1])
     # The response closed mid-stream: the client is gone.
     deadline = time.monotonic() + 20
