@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapters.base import AdapterError
+from adapters.base import AdapterError, AdapterGone
 
 Combination = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                       "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
@@ -42,6 +42,9 @@ def check_sources(sources: list[Source], method: str, density: float | None) -> 
     for source, config in zip(sources[1:], configs[1:]):
         if isinstance(config.target_modules, str) != isinstance(first.target_modules, str):
             raise AdapterError(source.field, "target_modules is a pattern in one adapter and a list in another")
+        for setting in ("layers_to_transform", "layers_pattern", "exclude_modules"):  # PEFT places the result by
+            if getattr(config, setting) != getattr(first, setting):                   # the first one's only
+                raise AdapterError(source.field, f"{setting} differs from the first adapter's")
         if method in SAME_RANK and (config.r, config.rank_pattern) != (first.r, first.rank_pattern):
             raise AdapterError(source.field, f"rank {config.r} differs from the first adapter's {first.r}; {method} "
                                              f"adds the LoRAs rank by rank (cat or an *_svd method composes them)")
@@ -53,15 +56,24 @@ def compose_loras(base: Path, sources: list[Source], method: str, density: float
     drops are seeded, so a composition is reproducible."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, low_cpu_mem_usage=True)
     names = [f"source{i}" for i in range(len(sources))]
-    peft = PeftModel.from_pretrained(model, sources[0].folder, adapter_name=names[0])
-    for name, source in zip(names[1:], sources[1:]):
-        peft.load_adapter(source.folder, adapter_name=name)
-    with torch.random.fork_rng():
+    peft = None
+    for name, source in zip(names, sources):
+        try:
+            if peft is None:
+                peft = PeftModel.from_pretrained(model, source.folder, adapter_name=name)
+            else:
+                peft.load_adapter(source.folder, adapter_name=name)
+        except (OSError, ValueError) as exc:  # its files went (a delete on another replica) or do not load
+            raise AdapterGone(source.field, f"its files could not be read: {exc}") from exc
+    with torch.random.fork_rng(devices=[]):  # on the CPU: the process's CUDA generators stay as they are
         torch.manual_seed(0)
         try:
             peft.add_weighted_adapter(names, [s.weight for s in sources], COMPOSED, combination_type=method,
                                       density=density)
         except ValueError as exc:
             raise AdapterError("compose", str(exc)) from exc
+    # PEFT copies the first source's config with lora_alpha = r: the sources' scalings are folded into the
+    # weights, so the result's scaling must be 1, which rsLoRA's alpha / sqrt(r) is not.
+    peft.peft_config[COMPOSED].use_rslora = False
     peft.save_pretrained(out, selected_adapters=[COMPOSED])  # a named adapter goes to its own subfolder
     return out / COMPOSED

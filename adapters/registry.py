@@ -166,6 +166,7 @@ class AdapterRegistry:
         self._reading = threading.Lock()  # one reload at a time, so a slower older one cannot overwrite a newer
         self._closed = threading.Event()
         self._sweep()
+        self._view()  # the copy a server answers from, read before it serves (the watcher reads it later)
 
     def watch(self) -> None:
         """Keep the cached copy current from now on, in a thread of its own, until close()."""
@@ -246,9 +247,7 @@ class AdapterRegistry:
         """Copy the adapter in `files` (its config and weights: a trainer's checkpoints and metrics stay
         behind) into the store under its content hash, not yet committed (nothing serves it; the sweep
         removes it after a crash unless a version holds it). Returns the folder, relative to the store."""
-        _check_name("name", name)
-        if taken := self._taken(None, name, replace):
-            raise taken
+        self.check_name(name, replace)
         with self._lock:
             staging = self.store / f".staging-{uuid.uuid4().hex}"
             staging.mkdir()
@@ -260,10 +259,20 @@ class AdapterRegistry:
             try:
                 staging.rename(self.store / folder)
             except OSError:  # stored already: keep one copy, fresh for the sweep until committed
-                shutil.rmtree(staging, ignore_errors=True)
-                os.utime(self.store / folder)
+                try:
+                    os.utime(self.store / folder)
+                    shutil.rmtree(staging, ignore_errors=True)
+                except FileNotFoundError:  # another replica removed it just now: this copy takes its place
+                    staging.rename(self.store / folder)
             self._staged[folder] += 1  # no removal here takes it until it is committed or discarded
         return folder
+
+    def check_name(self, name: str, replace: bool) -> None:
+        """Refuse a name of the wrong form, or taken (by another adapter or an alias, or by this one unless
+        `replace`), as the registry's copy has it."""
+        _check_name("name", name)
+        if taken := self._taken(None, name, replace):
+            raise taken
 
     def commit(self, name: str, kind: str, num_virtual_tokens: int, folder: str, *, source: str, replace: bool,
                is_pinned: bool, actor: str | None = None, provenance: dict | None = None,

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from adapters.base import AdapterError, AdapterGone, AdapterLimit
@@ -169,11 +169,7 @@ class AdapterManager:
         """Validate, stage, hand to the engine, then commit. All or nothing: an adapter the engine refuses
         leaves the registry as it was, and a replaced version's files go only once the new one serves.
         Requests already running finish on the old version."""
-        self._not_the_base("name", name)
-        if is_pinned and len(pinned := {n for n, r in (await self._read()).adapters.items()
-                                        if r.is_pinned and n != name}) >= self.max_pinned:
-            raise AdapterLimit("pinned", f"{len(pinned)} adapters are pinned, this server's limit "
-                                         f"(--max-pinned-adapters); register one of them again unpinned first")
+        await self._check_registration(name, replace=replace, is_pinned=is_pinned)
         adapter = await self.engine.read_adapter(folder)
         self.engine.check_adapter(adapter)
         current = await self.get(name)
@@ -202,8 +198,9 @@ class AdapterManager:
                       replace: bool, is_pinned: bool, actor: str | None) -> AdapterRecord:
         """Register, as `name`, the LoRA PEFT's add_weighted_adapter composes from `parts` (the request field
         naming each, a name or pinned version, its weight) by `method`; its version records where it came from."""
+        await self._check_registration(name, replace=replace, is_pinned=is_pinned)  # before the base loads
         view = await self._read()
-        sources, provenance = [], []
+        sources, provenance, refs = [], [], []
         for field, model, weight in parts:
             found = None if model in view.aliases else self._lookup(view, model, None)
             if found is None:
@@ -212,11 +209,14 @@ class AdapterManager:
             if ref.kind != "lora":
                 raise AdapterError(field, f"`{model}` is a {ref.kind} adapter; only LoRAs compose")
             sources.append(Source(field, ref.folder, weight))
+            refs.append(ref)
             provenance.append({"adapter": ref.adapter, "version": ref.version, "weight": weight,
                                "sha256": view.versions[ref.adapter][ref.version].sha256})
         await asyncio.to_thread(check_sources, sources, method, density)
         async with self._composing:
-            with tempfile.TemporaryDirectory(prefix="swapyard-compose-") as tmp:
+            with ExitStack() as holding, tempfile.TemporaryDirectory(prefix="swapyard-compose-") as tmp:
+                for ref in refs:  # not pruned while it is read
+                    holding.enter_context(self.using(ref))
                 folder = await asyncio.to_thread(compose_loras, self.base_path, sources, method, density, Path(tmp))
                 return await self.register(name, folder, source=f"compose:{method}", replace=replace,
                                            is_pinned=is_pinned, actor=actor,
@@ -232,6 +232,16 @@ class AdapterManager:
         if record is not None:
             forget_model(name)
         return record
+
+    async def _check_registration(self, name: str, *, replace: bool, is_pinned: bool) -> None:
+        """What refuses a registration before its files are read: the name (its form, the base's, taken) and
+        the pin limit. The registry checks the name again when it commits."""
+        self._not_the_base("name", name)
+        await asyncio.to_thread(self.registry.check_name, name, replace)
+        if is_pinned and len(pinned := {n for n, r in (await self._read()).adapters.items()
+                                        if r.is_pinned and n != name}) >= self.max_pinned:
+            raise AdapterLimit("pinned", f"{len(pinned)} adapters are pinned, this server's limit "
+                                         f"(--max-pinned-adapters); register one of them again unpinned first")
 
     def _not_the_base(self, field: str, name: str) -> None:
         if name.casefold() == self.base_model.casefold():

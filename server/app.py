@@ -97,7 +97,9 @@ async def load_model(app: FastAPI, settings: ServeSettings, path: Path, name: st
     app.state.engine = engine
     await engine.start()
     registry_db, jobs_db = app.state.databases = await asyncio.to_thread(databases, settings)
-    registry = AdapterRegistry(settings.adapters_dir, registry_db, keep_versions=settings.keep_versions)
+    # Its start-up sweep takes the database's writers' lock and removes files: off the event loop.
+    registry = await asyncio.to_thread(AdapterRegistry, settings.adapters_dir, registry_db,
+                                       keep_versions=settings.keep_versions)
     max_pinned = settings.max_pinned_adapters
     if max_pinned is None:
         max_pinned = settings.max_resident_adapters - 1

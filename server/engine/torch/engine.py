@@ -189,6 +189,7 @@ class TorchEngine:
 
     def _serve(self) -> None:
         scheduler, ran = self._scheduler, True
+        self._core.observe()  # an idle engine's load is there for the first scrape
         while True:
             # Blocks while nothing can run: no work, or only sequences waiting for their adapter's read (which
             # arrives here). The timeout lets a wait for a slot turn to draining another adapter.
