@@ -155,13 +155,18 @@ class SlotTable(Generic[Handle]):
     def serves(self, ref: AdapterRef) -> Handle | None:
         """The resident handle a request routed to `ref` runs with (a newer version registered since serves
         it too), else None: it must be loaded."""
-        slot = self._slots.get(ref.name)
+        slot = self.slot_serving(ref)
         if slot is None:
-            return None
-        if slot.ref.key != ref.key and slot.ref.registered_at <= ref.registered_at:  # an older one is resident
             return None
         self._slots.move_to_end(ref.name)
         return slot.handle
+
+    def slot_serving(self, ref: AdapterRef) -> _Slot[Handle] | None:
+        """The slot whose version answers `ref` (its own, or one registered after it), leaving the LRU order."""
+        slot = self._slots.get(ref.name)
+        if slot is None or (slot.ref.key != ref.key and slot.ref.registered_at <= ref.registered_at):
+            return None  # none, or an older version is resident
+        return slot
 
     def renamed(self, ref: AdapterRef) -> bool:
         """Whether `ref`'s files are resident already (placed while staged, under the version the registry
@@ -235,7 +240,6 @@ class SlotTable(Generic[Handle]):
 def tier(slots: SlotTable, reader: AdapterReader, ref: AdapterRef) -> str:
     """Where `ref`'s version is: on the device, in the host tier, or only in the store on disk. A read from
     outside the engine's thread: a report, not a decision."""
-    slot = slots.get(ref.name)
-    if slot is not None and (slot.ref.key == ref.key or slot.ref.registered_at >= ref.registered_at):
+    if slots.slot_serving(ref) is not None:
         return "device"
     return "host" if reader.holds(ref) else "disk"
